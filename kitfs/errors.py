@@ -1,0 +1,59 @@
+"""The error types every layer raises.
+
+The CLI prints `str(error)` as one line and exits with `exit_code`; anything
+that is not a `KitfsError` is a bug and gets a traceback in the log. Each
+layer turns the failures of what it wraps (httpx, YAML, the file system) into
+one of these so that no foreign exception reaches a user or a FUSE handler.
+"""
+
+from __future__ import annotations
+
+
+class KitfsError(Exception):
+    """Base of every error kitfs reports to a user."""
+
+    exit_code: int = 1
+
+
+class UsageError(KitfsError):
+    """The command line itself is wrong."""
+
+    exit_code = 2
+
+
+class BadReferenceError(KitfsError):
+    """A ModelKit reference that `kit` would not accept either."""
+
+    exit_code = 2
+
+
+class KitfileError(KitfsError):
+    """A Kitfile that `kit pack` would reject."""
+
+
+class FormatError(KitfsError):
+    """A manifest, config, tar stream or table of contents that is not what it claims."""
+
+
+class RegistryError(KitfsError):
+    """The registry answered, but not with what was asked for."""
+
+
+class NotFoundError(RegistryError):
+    """The registry has no such repository, manifest, tag or blob."""
+
+
+class AuthError(RegistryError):
+    """Credentials are missing, wrong or not enough for the operation."""
+
+
+class UnreachableError(RegistryError):
+    """The registry could not be reached, or stopped answering within the deadline."""
+
+
+class IntegrityError(KitfsError):
+    """Bytes did not match the digest or length that vouches for them."""
+
+
+class LocalStorageError(KitfsError):
+    """kit's local storage (or a file kitfs writes) could not be read or written."""
