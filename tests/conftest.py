@@ -1,0 +1,39 @@
+"""Session fixtures: real registries on loopback, started once per test session."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from registry import RegistryServer, running_registry  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """An anonymous Distribution registry (the common case: a local or in-cluster mirror)."""
+    with running_registry(tmp_path_factory.mktemp("registry")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """A registry behind htpasswd basic auth."""
+    with running_registry(
+        tmp_path_factory.mktemp("auth-registry"), username="kitfs", password="s3cret-pw"
+    ) as server:
+        yield server
+
+
+@pytest.fixture
+def kitops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated $KITOPS_HOME (and Docker config) so no test reads the user's credentials."""
+    home = tmp_path / "kitops-home"
+    home.mkdir()
+    monkeypatch.setenv("KITOPS_HOME", str(home))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+    return home

@@ -1,0 +1,124 @@
+"""A real CNCF Distribution registry on a free loopback port, for tests and benchmarks.
+
+Debian ships it as `docker-registry`. Each instance keeps its storage in a
+directory the caller owns, so a test session never touches system state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REGISTRY_BINARY = shutil.which("docker-registry") or shutil.which("registry")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class RegistryServer:
+    host: str
+    root: Path
+    process: subprocess.Popen[bytes]
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _write_config(root: Path, port: int, htpasswd: Path | None) -> Path:
+    auth = ""
+    if htpasswd is not None:
+        auth = f"auth:\n  htpasswd:\n    realm: kitfs-test\n    path: {htpasswd}\n"
+    config = root / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+        + auth
+    )
+    return config
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"registry exited early: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + "/v2/", timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # 401 from an auth-protected registry still means it is up
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("registry did not become ready within 20 s")
+
+
+def start_registry(
+    root: Path, *, username: str | None = None, password: str | None = None
+) -> RegistryServer:
+    if REGISTRY_BINARY is None:
+        raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
+    root.mkdir(parents=True, exist_ok=True)
+    htpasswd = None
+    if username is not None and password is not None:
+        import bcrypt
+
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+        htpasswd = root / "htpasswd"
+        htpasswd.write_text(f"{username}:{hashed}\n")
+    port = free_port()
+    config = _write_config(root, port, htpasswd)
+    log = root / "registry.log"
+    env = dict(os.environ, OTEL_TRACES_EXPORTER="none")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [REGISTRY_BINARY, "serve", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    server = RegistryServer(f"127.0.0.1:{port}", root, process, username, password)
+    try:
+        _wait_ready(server.url, process, log)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def running_registry(
+    root: Path, *, username: str | None = None, password: str | None = None
+) -> Iterator[RegistryServer]:
+    server = start_registry(root, username=username, password=password)
+    try:
+        yield server
+    finally:
+        server.stop()
