@@ -97,9 +97,9 @@ def parse_reference(text: str) -> Reference:
     tag: str | None = None
     digest: str | None = None
     if "@" in rest:
+        # kit drops a tag given beside a digest: the digest alone names the version
         repo, digest = rest.split("@", 1)
-        if ":" in repo:
-            repo, tag = repo.split(":", 1)
+        repo = repo.split(":", 1)[0]
     elif ":" in rest:
         repo, tag = rest.split(":", 1)
     else:
