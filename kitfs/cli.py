@@ -1,0 +1,202 @@
+"""The `kitfs` command line.
+
+Every failure a user can cause or meet (bad input, registry trouble, a full
+disk) reaches the user as one line on stderr and a non-zero exit status; a
+traceback means a bug in kitfs and is shown only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kitfs import __version__
+from kitfs.errors import KitfsError
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+MAIN_HELP = """\
+Mount, pack and inspect KitOps ModelKits straight from OCI registries.
+
+A reference is what `kit` takes: REGISTRY/REPO[:TAG][@DIGEST]. A first
+path segment without '.' or ':' means kit's local storage (the ModelKits
+`kit list` shows), e.g. `mymodel:v1`; `localhost:5000/mymodel:v1` and
+`ghcr.io/org/model:v1` are registries. Registries on loopback are spoken to
+over plain HTTP; others over HTTPS unless --plain-http.
+
+examples:
+  kitfs pack ./my-model -t registry.example.com/team/llama:v1
+  kitfs inspect registry.example.com/team/llama:v1
+  kitfs ls registry.example.com/team/llama:v1 --filter model
+  echo "$TOKEN" | kitfs login registry.example.com -u me --password-stdin
+"""
+
+
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("registry connection")
+    g.add_argument("--plain-http", action="store_true",
+                   help="talk HTTP, not HTTPS (automatic for loopback registries)")
+    g.add_argument("--tls-verify", choices=("true", "false"), default="true",
+                   help="verify the registry's TLS certificate (default: true)")
+    g.add_argument("--ca-file", metavar="PEM", help="trust these CA certificates too")
+    g.add_argument("--cert", metavar="PEM", help="client certificate for mutual TLS")
+    g.add_argument("--key", metavar="PEM", help="private key for --cert")
+    g.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give up on a registry that stays silent this long (default: 30)")
+
+
+def _add_global_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="DIR", dest="kitops_home",
+                   help="kit's home directory (credentials, local storage); default "
+                        "$KITOPS_HOME, else ~/.local/share/kitops")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kitfs", description=MAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"kitfs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_global_options(p)
+        return p
+
+    p = command("pack", "pack a directory into a ModelKit and push or store it", """\
+Pack DIR (which holds a Kitfile) into a ModelKit that `kit` reads, exactly as
+`kit pack` lays it out, and push it to REF's registry; a REF without a
+registry (e.g. `mymodel:v1`) goes to kit's local storage, where `kit list`
+sees it. The same directory always packs to the same layer digests.
+
+kitfs also stores a table of contents (file offsets, per-chunk sha256) with
+the ModelKit, as an OCI referrer, so that `kitfs mount` starts at once and
+verifies every chunk it reads. `kit` ignores it.
+
+examples:
+  kitfs pack . -t localhost:5000/demo/llm:v1
+  kitfs pack ./model-dir -t registry.example.com/llm:v1,latest --compression zstd
+""")
+    p.add_argument("directory", type=Path, metavar="DIR",
+                   help="the pack context (holds the Kitfile)")
+    p.add_argument("-t", "--tag", required=True, metavar="REF",
+                   help="where to put it: [REGISTRY/]REPO:TAG[,TAG2...]")
+    p.add_argument("-f", "--file", type=Path, metavar="KITFILE",
+                   help="Kitfile to use (default: DIR/Kitfile)")
+    p.add_argument("--compression", choices=("none", "gzip", "zstd"), default="none",
+                   help="layer compression (default: none; weights barely compress and "
+                        "uncompressed layers are fastest to mount)")
+    p.add_argument("--work-dir", type=Path, metavar="DIR",
+                   help="where layers are staged before a push (default: $TMPDIR); needs "
+                        "room for the packed model")
+    p.add_argument("--jobs", type=int, default=4, metavar="N",
+                   help="blobs pushed in parallel (default: 4)")
+    _add_network_options(p)
+    p.set_defaults(handler="kitfs.commands:cmd_pack")
+
+    p = command("inspect", "show a ModelKit's manifest, Kitfile and layers", """\
+Fetch only the manifest and config of REF and show what it holds: its digest,
+the Kitfile, and every layer with its type, path, format and size. Works for
+ModelKits made by kitfs and by every generation of `kit`, and for ModelPack
+manifests.
+
+examples:
+  kitfs inspect localhost:5000/demo/llm:v1
+  kitfs inspect mymodel:v1 --json | jq .layers
+""")
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("--json", action="store_true", help="print everything as one JSON document")
+    _add_network_options(p)
+    p.set_defaults(handler="kitfs.commands:cmd_inspect")
+
+    p = command("ls", "list the files a mount (or `kit unpack`) of a ModelKit would show", """\
+List every file of REF with its size and the layer it comes from, without
+downloading file data: kitfs reads its table of contents where one exists,
+otherwise the tar headers of each layer with range requests.
+
+examples:
+  kitfs ls localhost:5000/demo/llm:v1
+  kitfs ls localhost:5000/demo/llm:v1 --filter model --long
+""")
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("--filter", action="append", metavar="FILTER", default=[],
+                   help="as `kit unpack --filter`: TYPES[:IDS], TYPES from kitfile, model, "
+                        "datasets, code, docs, prompts (repeatable)")
+    p.add_argument("-l", "--long", action="store_true", help="show mode and layer too")
+    p.add_argument("--json", action="store_true", help="print the listing as JSON")
+    _add_network_options(p)
+    p.set_defaults(handler="kitfs.commands:cmd_ls")
+
+    p = command("login", "log in to a registry (writes the credentials `kit` reads)", """\
+Check USERNAME and the password against REGISTRY and, if they work, save them
+in $KITOPS_HOME/credentials.json, the file `kit login` writes.
+
+examples:
+  echo "$TOKEN" | kitfs login ghcr.io -u me --password-stdin
+""")
+    p.add_argument("registry", metavar="REGISTRY")
+    p.add_argument("-u", "--username", required=True)
+    p.add_argument("-p", "--password", help="the password (prefer --password-stdin)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    _add_network_options(p)
+    p.set_defaults(handler="kitfs.commands:cmd_login")
+
+    p = command("logout", "forget the credentials saved for a registry", """\
+Remove REGISTRY from $KITOPS_HOME/credentials.json.
+""")
+    p.add_argument("registry", metavar="REGISTRY")
+    p.set_defaults(handler="kitfs.commands:cmd_logout")
+    return parser
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="kitfs: %(levelname)s: %(name)s: %(message)s")
+
+
+def _load_handler(spec: str) -> Callable[[argparse.Namespace], int]:
+    import importlib
+
+    module_name, func_name = spec.split(":")
+    handler: Callable[[argparse.Namespace], int] = getattr(
+        importlib.import_module(module_name), func_name
+    )
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    if args.kitops_home:
+        os.environ["KITOPS_HOME"] = str(Path(args.kitops_home).expanduser())
+    try:
+        return _load_handler(args.handler)(args)
+    except KitfsError as exc:
+        print(f"kitfs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kitfs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.debug:
+            raise
+        log.debug("internal error", exc_info=True)
+        print(f"kitfs: internal error: {type(exc).__name__}: {exc} (rerun with --debug "
+              "for a traceback, and please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
