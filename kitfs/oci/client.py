@@ -1,0 +1,871 @@
+"""The OCI distribution API as kitfs uses it: manifests, blobs, ranges, uploads, tags.
+
+Every byte that leaves this module either was checked against its digest
+(manifests, whole blobs, streams) or is a range the caller asked for and will
+check itself (`read_range`). Failures come out as kitfs errors with one-line
+messages that name the registry, the repository and what was being done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urljoin
+
+import httpx
+import trio
+
+from kitfs.errors import (
+    IntegrityError,
+    KitfsError,
+    LocalStorageError,
+    NotFoundError,
+    RegistryError,
+    UsageError,
+)
+from kitfs.oci.auth import Credential, pull_scope, push_scope
+from kitfs.oci.credentials import lookup_credential
+from kitfs.oci.digest import DigestVerifier, digest_of, short, split_digest
+from kitfs.oci.reference import is_digest
+from kitfs.oci.retry import RetryBudget
+from kitfs.oci.session import (
+    RegistrySession,
+    describe_transport_error,
+    retryable_transport_error,
+)
+from kitfs.oci.transport import ClientOptions
+
+__all__ = [
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "INDEX_MEDIA_TYPES",
+    "MODELKIT_ARTIFACT_TYPES",
+    "MODELKIT_CONFIG_TYPES",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "ClientOptions",
+    "RegistryClient",
+]
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_MEDIA_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
+MODELKIT_ARTIFACT_TYPES = (
+    "application/vnd.kitops.modelkit.manifest.v1+json",
+    "application/vnd.cncf.model.manifest.v1+json",
+)
+MODELKIT_CONFIG_TYPES = (
+    "application/vnd.kitops.modelkit.config.v1+json",
+    "application/vnd.cncf.model.config.v1+json",
+)
+
+MAX_MANIFEST_SIZE = 4 << 20
+"""Registries cap manifests at 4 MiB; a bigger answer is not a manifest."""
+MONOLITHIC_UPLOAD_LIMIT = 8 << 20
+"""Blobs up to this size go up in one PUT; bigger ones in PATCH chunks."""
+UPLOAD_CHUNK_SIZE = 64 << 20
+"""One PATCH: big enough to amortise a request, small enough to resume cheaply."""
+FILE_READ_SIZE = 1 << 20
+LOCATION_TTL = 300.0
+"""Seconds a blob's storage redirect is reused; presigned URLs live longer (S3: 20 min)
+and a stale one is re-resolved on the first error anyway."""
+_THREADED_HASH_MIN = 16 << 20
+_ACCEPT_MANIFESTS = ", ".join((*MANIFEST_MEDIA_TYPES, *INDEX_MEDIA_TYPES))
+_IDENTITY = {"Accept-Encoding": "identity"}
+
+
+@dataclass
+class _Location:
+    url: str
+    expires: float
+
+
+class _Progress:
+    """Reports bytes sent once each, even when a retry sends some of them again."""
+
+    def __init__(self, callback: Callable[[int], None] | None) -> None:
+        self._callback = callback
+        self._high = 0
+
+    def at(self, position: int) -> None:
+        if self._callback is not None and position > self._high:
+            self._callback(position - self._high)
+            self._high = position
+
+
+class RegistryClient:
+    """A connection to one registry, shared by every concurrent fetch of a mount.
+
+    Use as an async context manager (or call `aclose`). All methods are safe
+    to call concurrently from many tasks.
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        options: ClientOptions = ClientOptions(),  # noqa: B008 - frozen, so sharing is safe
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        credential: Credential | None = None,
+    ) -> None:
+        self.registry = registry
+        self.options = options
+
+        async def credentials() -> Credential | None:
+            if credential is not None:
+                return credential
+            return await lookup_credential(registry, options.kitops_home)
+
+        self._session = RegistrySession(registry, options, transport, credentials)
+        self._locations: dict[str, _Location] = {}
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._session.aclose()
+
+    def _url(self, repo: str, tail: str) -> str:
+        return self._session.url(f"/v2/{repo}/{tail}")
+
+    def _name(self, repo: str, ref: str | None = None) -> str:
+        text = f"{self.registry}/{repo}"
+        if ref is not None:
+            text += ("@" if is_digest(ref) else ":") + ref
+        return text
+
+    # -- registry --------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Check the registry answers and accepts our credentials (what `login` needs)."""
+        await self._session.send(
+            "GET", self._session.url("/v2/"), what=f"contacting registry {self.registry}"
+        )
+
+    # -- manifests -------------------------------------------------------------------
+
+    async def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str, str]:
+        """(body, media type, digest); the digest is always computed from the body."""
+        what = f"fetching manifest {self._name(repo, ref)}"
+        response = await self._session.send(
+            "GET",
+            self._url(repo, f"manifests/{ref}"),
+            what=what,
+            scopes=(pull_scope(repo),),
+            headers={"Accept": _ACCEPT_MANIFESTS},
+            stream=True,
+        )
+        body = await self._read_limited(response, MAX_MANIFEST_SIZE, what)
+        algorithm = split_digest(ref)[0] if is_digest(ref) else "sha256"
+        digest = digest_of(body, algorithm)
+        if is_digest(ref) and digest != ref:
+            raise IntegrityError(
+                f"{what}: content does not match the digest asked for (got {short(digest)})"
+            )
+        claimed = response.headers.get("docker-content-digest", "")
+        if claimed.startswith(algorithm + ":") and claimed != digest:
+            raise IntegrityError(
+                f"{what}: registry says digest {short(claimed)} but the content is {short(digest)}"
+            )
+        return body, _manifest_media_type(response, body), digest
+
+    async def resolve_modelkit(self, repo: str, ref: str) -> tuple[bytes, str, str]:
+        """Like get_manifest, but an index is resolved to the ModelKit manifest it holds."""
+        body, media_type, digest = await self.get_manifest(repo, ref)
+        if media_type not in INDEX_MEDIA_TYPES:
+            return body, media_type, digest
+        what = f"resolving ModelKit in index {self._name(repo, ref)}"
+        descriptors = _descriptors(body, what)
+        for d in descriptors:
+            if d.get("artifactType") in MODELKIT_ARTIFACT_TYPES:
+                return await self._child(repo, d, what)
+        seen: list[str] = []
+        for d in descriptors:
+            child_type = d.get("mediaType")
+            if child_type is not None and child_type not in MANIFEST_MEDIA_TYPES:
+                seen.append(str(child_type))
+                continue
+            child = await self._child(repo, d, what)
+            parsed = _json_object(child[0], what)
+            config = parsed.get("config")
+            config_type = config.get("mediaType") if isinstance(config, dict) else None
+            if (
+                parsed.get("artifactType") in MODELKIT_ARTIFACT_TYPES
+                or config_type in MODELKIT_CONFIG_TYPES
+            ):
+                return child
+            seen.append(str(parsed.get("artifactType") or config_type or child[1]))
+        kinds = ", ".join(sorted(set(seen))) or "none"
+        raise NotFoundError(
+            f"{what}: no ModelKit manifest among its {len(descriptors)} entries (found: {kinds})"
+        )
+
+    async def _child(self, repo: str, d: dict[str, Any], what: str) -> tuple[bytes, str, str]:
+        digest = d.get("digest")
+        if not isinstance(digest, str) or not is_digest(digest):
+            raise RegistryError(f"{what}: index entry has no valid digest")
+        body, media_type, got = await self.get_manifest(repo, digest)
+        size = d.get("size")
+        if isinstance(size, int) and size != len(body):
+            raise IntegrityError(
+                f"{what}: manifest {short(digest)} is {len(body)} bytes, the index says {size}"
+            )
+        return body, media_type, got
+
+    async def put_manifest(
+        self, repo: str, ref: str, body: bytes, media_type: str
+    ) -> tuple[str, bool]:
+        """(digest, whether the registry processed a `subject`, i.e. sent OCI-Subject)."""
+        what = f"pushing manifest {self._name(repo, ref)}"
+        algorithm = split_digest(ref)[0] if is_digest(ref) else "sha256"
+        digest = digest_of(body, algorithm)
+        if is_digest(ref) and ref != digest:
+            raise IntegrityError(f"{what}: manifest content has digest {short(digest)}")
+        response = await self._session.send(
+            "PUT",
+            self._url(repo, f"manifests/{ref}"),
+            what=what,
+            scopes=(push_scope(repo),),
+            headers={"Content-Type": media_type},
+            content=body,
+            ok=(200, 201, 202, 204),
+        )
+        claimed = response.headers.get("docker-content-digest", "")
+        if claimed.startswith(algorithm + ":") and claimed != digest:
+            raise IntegrityError(
+                f"{what}: registry stored it as {short(claimed)}, expected {short(digest)}"
+            )
+        return digest, "oci-subject" in response.headers
+
+    # -- blobs -----------------------------------------------------------------------
+
+    async def head_blob(self, repo: str, digest: str) -> int | None:
+        """The blob's size, or None when the repository does not have it."""
+        split_digest(digest)
+        response = await self._session.send(
+            "HEAD",
+            self._url(repo, f"blobs/{digest}"),
+            what=f"checking blob {short(digest)} in {self._name(repo)}",
+            scopes=(pull_scope(repo),),
+            ok=(200, 404),
+        )
+        if response.status_code == 404:
+            return None
+        length = response.headers.get("content-length")
+        try:
+            return int(length) if length is not None else None
+        except ValueError:
+            raise RegistryError(
+                f"checking blob {short(digest)} in {self._name(repo)}: bad Content-Length"
+            ) from None
+
+    async def get_blob(self, repo: str, digest: str, max_size: int = 64 << 20) -> bytes:
+        """The whole blob, verified; refuses blobs over `max_size` before reading them."""
+        parts: list[bytes] = []
+        total = 0
+        async with self._stream(repo, digest, max_size=max_size) as chunks:
+            async for chunk in chunks:
+                total += len(chunk)
+                parts.append(chunk)
+        return b"".join(parts)
+
+    def stream_blob(
+        self, repo: str, digest: str
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """The blob as a stream of chunks, never held whole in memory.
+
+        The iterator raises IntegrityError at its end if the length or digest
+        is wrong, so data is trustworthy only once iteration finished cleanly.
+        A connection that drops midway is resumed with a range request.
+        """
+        return self._stream(repo, digest, max_size=None)
+
+    @asynccontextmanager
+    async def _stream(
+        self, repo: str, digest: str, *, max_size: int | None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        split_digest(digest)
+        what = f"fetching blob {short(digest)} from {self._name(repo)}"
+        body = _BlobBody(self, repo, digest, 0, None, what)
+        try:
+            await body.open()
+            size = body.total
+            if max_size is not None and size is not None and size > max_size:
+                raise RegistryError(
+                    f"{what}: blob is {size} bytes, more than the {max_size} expected here"
+                )
+            verifier = DigestVerifier(
+                digest, size, what, threaded=size is None or size >= _THREADED_HASH_MIN
+            )
+            try:
+                async with aclosing(_verified(body, verifier, max_size, what)) as chunks:
+                    yield chunks
+            finally:
+                verifier.abort()
+        finally:
+            await body.aclose()
+
+    async def read_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `offset`, or an error; never short data.
+
+        Works whether the registry answers 206 or ignores Range and sends the
+        whole blob (then the bytes before `offset` are skipped as they stream).
+        """
+        if offset < 0 or length < 0:
+            raise UsageError(f"invalid blob range offset={offset} length={length}")
+        if length == 0:
+            return b""
+        split_digest(digest)
+        what = (
+            f"reading bytes {offset}-{offset + length - 1} of blob {short(digest)} "
+            f"from {self._name(repo)}"
+        )
+        body = _BlobBody(self, repo, digest, offset, offset + length, what)
+        buf = bytearray(length)
+        view = memoryview(buf)
+        pos = 0
+        try:
+            await body.open()
+            async for chunk in body:
+                n = len(chunk)
+                view[pos : pos + n] = chunk
+                pos += n
+        finally:
+            view.release()
+            await body.aclose()
+        if pos != length:  # pragma: no cover - _BlobBody raises first
+            raise RegistryError(f"{what}: got {pos} bytes")
+        return bytes(buf)
+
+    async def _open_blob(
+        self, repo: str, digest: str, headers: dict[str, str], what: str
+    ) -> httpx.Response:
+        """GET a blob (or a range of it), reusing its storage redirect while it is fresh."""
+        headers = {**_IDENTITY, **headers}
+        cached = self._locations.get(digest)
+        if cached is not None and trio.current_time() < cached.expires:
+            try:
+                return await self._session.send(
+                    "GET",
+                    cached.url,
+                    what=what,
+                    headers=headers,
+                    ok=(200, 206),
+                    stream=True,
+                    retry=False,
+                    authenticate=False,
+                )
+            except RegistryError:
+                # Expired or revoked presigned URL: ask the registry again.
+                self._locations.pop(digest, None)
+        response = await self._session.send(
+            "GET",
+            self._url(repo, f"blobs/{digest}"),
+            what=what,
+            scopes=(pull_scope(repo),),
+            headers=headers,
+            ok=(200, 206),
+            stream=True,
+        )
+        final = response.request.url
+        if (final.scheme, final.host, final.port) != _origin(self._session.base):
+            self._locations[digest] = _Location(str(final), trio.current_time() + LOCATION_TTL)
+        return response
+
+    async def _read_limited(self, response: httpx.Response, limit: int, what: str) -> bytes:
+        try:
+            length = response.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise RegistryError(f"{what}: answer is {length} bytes, over the {limit} limit")
+            parts: list[bytes] = []
+            total = 0
+            async for chunk in response.aiter_raw():
+                total += len(chunk)
+                if total > limit:
+                    raise RegistryError(f"{what}: answer is over the {limit} byte limit")
+                parts.append(chunk)
+            body = b"".join(parts)
+            if length is not None and length.isdigit() and int(length) != len(body):
+                raise IntegrityError(f"{what}: truncated, got {len(body)} of {length} bytes")
+            return body
+        except (httpx.HTTPError, OSError) as exc:
+            raise _transport(exc, response, self.options, what) from exc
+        finally:
+            await response.aclose()
+
+    # -- uploads ---------------------------------------------------------------------
+
+    async def push_blob(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        path: str,
+        *,
+        progress: Callable[[int], None] | None = None,
+        mount_from: str | None = None,
+    ) -> bool:
+        """Upload a file as a blob; False when the registry already had it (or mounted it).
+
+        The file streams from disk (memory stays flat for any size); small blobs
+        go in one PUT, big ones in PATCH chunks that resume after a dropped
+        connection. The registry checks the digest when the upload completes.
+        """
+        split_digest(digest)
+        what = f"pushing blob {short(digest)} to {self._name(repo)}"
+        try:
+            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY)
+        except OSError as exc:
+            raise LocalStorageError(f"{what}: cannot open {path}: {exc.strerror}") from exc
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise LocalStorageError(f"{what}: {path} is {actual} bytes, expected {size}")
+            if await self.head_blob(repo, digest) is not None:
+                return False
+            location = await self._start_upload(repo, digest, what, mount_from)
+            if location is None:
+                return False
+            tracker = _Progress(progress)
+            if size <= MONOLITHIC_UPLOAD_LIMIT:
+                await self._finish_upload(
+                    repo, digest, location, what, _file_body(fd, 0, size, tracker), size
+                )
+            else:
+                location = await self._upload_chunks(repo, fd, size, location, tracker, what)
+                await self._finish_upload(repo, digest, location, what, None, 0)
+            return True
+        finally:
+            os.close(fd)
+
+    async def push_blob_bytes(self, repo: str, digest: str, data: bytes) -> bool:
+        """Upload bytes held in memory (configs, small manifests' blobs)."""
+        algorithm, _ = split_digest(digest)
+        what = f"pushing blob {short(digest)} to {self._name(repo)}"
+        if digest_of(data, algorithm) != digest:
+            raise IntegrityError(f"{what}: the data does not match its digest")
+        if await self.head_blob(repo, digest) is not None:
+            return False
+        location = await self._start_upload(repo, digest, what, None)
+        if location is None:
+            return False
+        await self._finish_upload(repo, digest, location, what, data, len(data))
+        return True
+
+    async def _start_upload(
+        self, repo: str, digest: str, what: str, mount_from: str | None
+    ) -> str | None:
+        """The upload session URL, or None when a cross-repository mount did the job."""
+        url = self._url(repo, "blobs/uploads/")
+        scopes: tuple[str, ...] = (push_scope(repo),)
+        if mount_from and mount_from != repo:
+            url += f"?mount={quote(digest)}&from={quote(mount_from, safe='/')}"
+            scopes += (pull_scope(mount_from),)
+        response = await self._session.send(
+            "POST",
+            url,
+            what=what,
+            scopes=scopes,
+            ok=(201, 202),
+            headers={"Content-Length": "0"},
+        )
+        if response.status_code == 201 and mount_from:
+            return None
+        return self._location(response, url, what)
+
+    def _location(self, response: httpx.Response, base: str, what: str) -> str:
+        location = str(response.headers.get("location") or "")
+        if not location:
+            raise RegistryError(f"{what}: registry sent no upload Location")
+        return urljoin(str(response.request.url) or base, location)
+
+    async def _upload_chunks(
+        self, repo: str, fd: int, size: int, location: str, tracker: _Progress, what: str
+    ) -> str:
+        budget = RetryBudget(self.options.retry_budget, self.options.connect_retry)
+        pos = 0
+        while pos < size:
+            n = min(UPLOAD_CHUNK_SIZE, size - pos)
+            try:
+                response = await self._session.send(
+                    "PATCH",
+                    location,
+                    what=what,
+                    scopes=(push_scope(repo),),
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{pos}-{pos + n - 1}",
+                        "Content-Length": str(n),
+                    },
+                    content=_file_body(fd, pos, n, tracker),
+                    ok=(202, 204),
+                    retry=False,
+                )
+            except RegistryError as exc:
+                # The chunk may have landed partly: ask where the upload stands and go on.
+                if not await budget.wait():
+                    raise
+                pos, location = await self._upload_status(repo, location, what, exc)
+                continue
+            location = self._location(response, location, what)
+            pos += n
+        return location
+
+    async def _upload_status(
+        self, repo: str, location: str, what: str, cause: KitfsError
+    ) -> tuple[int, str]:
+        try:
+            response = await self._session.send(
+                "GET", location, what=what, scopes=(push_scope(repo),), ok=(204,)
+            )
+        except KitfsError:
+            raise cause from None
+        got = response.headers.get("range", "")
+        try:
+            end = int(got.rsplit("-", 1)[1]) + 1 if got else 0
+        except (IndexError, ValueError):
+            raise cause from None
+        return end, self._location(response, location, what)
+
+    async def _finish_upload(
+        self,
+        repo: str,
+        digest: str,
+        location: str,
+        what: str,
+        content: bytes | Callable[[], AsyncIterator[bytes]] | None,
+        size: int,
+    ) -> None:
+        url = location + ("&" if "?" in location else "?") + "digest=" + quote(digest)
+        try:
+            response = await self._session.send(
+                "PUT",
+                url,
+                what=what,
+                scopes=(push_scope(repo),),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                content=content if size else b"",
+                ok=(201, 204),
+            )
+        except RegistryError as exc:
+            if "DIGEST_INVALID" in str(exc) or "SIZE_INVALID" in str(exc):
+                raise IntegrityError(
+                    f"{what}: the registry rejected the upload: content does not match the digest"
+                ) from exc
+            raise
+        claimed = response.headers.get("docker-content-digest", "")
+        if claimed and claimed != digest:
+            raise IntegrityError(f"{what}: registry stored it as {short(claimed)}")
+
+    # -- listing ---------------------------------------------------------------------
+
+    async def list_tags(self, repo: str) -> list[str]:
+        """Every tag of the repository, following Link pagination."""
+        what = f"listing tags of {self._name(repo)}"
+        url: str | None = self._url(repo, "tags/list?n=1000")
+        tags: list[str] = []
+        seen: set[str] = set()
+        while url is not None and url not in seen:
+            seen.add(url)
+            response = await self._session.send("GET", url, what=what, scopes=(pull_scope(repo),))
+            body = _json_object(response.content, what)
+            page = body.get("tags") or []
+            if not isinstance(page, list):
+                raise RegistryError(f"{what}: malformed tag list")
+            tags.extend(str(t) for t in page)
+            url = _next_link(response.headers.get("link"), url)
+        return tags
+
+    async def referrers(
+        self, repo: str, digest: str, artifact_type: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Descriptors of manifests whose subject is `digest` (signatures, attestations).
+
+        Uses the referrers API, falling back to the `sha256-<hex>` tag schema on
+        registries that lack it; [] when neither has anything.
+        """
+        algorithm, hexpart = split_digest(digest)
+        what = f"listing referrers of {short(digest)} in {self._name(repo)}"
+        url = self._url(repo, f"referrers/{digest}")
+        if artifact_type:
+            url += f"?artifactType={quote(artifact_type, safe='')}"
+        response = await self._session.send(
+            "GET",
+            url,
+            what=what,
+            scopes=(pull_scope(repo),),
+            headers={"Accept": OCI_INDEX},
+            ok=(200, 400, 404, 405, 501),
+        )
+        if response.status_code == 200:
+            manifests = _descriptors(response.content, what)
+        else:
+            try:
+                body, media_type, _ = await self.get_manifest(repo, f"{algorithm}-{hexpart}")
+            except NotFoundError:
+                return []
+            if media_type not in INDEX_MEDIA_TYPES:
+                return []
+            manifests = _descriptors(body, what)
+        if artifact_type:
+            manifests = [m for m in manifests if m.get("artifactType") == artifact_type]
+        return manifests
+
+
+class _BlobBody:
+    """Bytes [start, end) of a blob as a stream that survives dropped connections.
+
+    A response that ignored Range (200 with the whole blob) is skipped forward
+    as it streams; a body that ends early or a connection that drops is
+    re-requested from where it stopped, within the retry budget; a blob that
+    ends before `end` is an error, so callers never get short data.
+    """
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        repo: str,
+        digest: str,
+        start: int,
+        end: int | None,
+        what: str,
+    ) -> None:
+        self._client = client
+        self._repo = repo
+        self._digest = digest
+        self._pos = start
+        self._end = end
+        self._what = what
+        self._response: httpx.Response | None = None
+        self._skip = 0
+        self._expected_end: int | None = None
+        self._budget: RetryBudget | None = None
+        self.total: int | None = None
+        """The blob's size, when the registry told it."""
+
+    async def open(self) -> None:
+        await self._request()
+
+    async def aclose(self) -> None:
+        if self._response is not None:
+            response, self._response = self._response, None
+            await response.aclose()
+
+    async def _request(self) -> None:
+        headers: dict[str, str] = {}
+        if self._pos > 0 or self._end is not None:
+            last = "" if self._end is None else str(self._end - 1)
+            headers["Range"] = f"bytes={self._pos}-{last}"
+        response = await self._client._open_blob(self._repo, self._digest, headers, self._what)
+        self._response = response
+        length = _int_header(response, "content-length")
+        if response.status_code == 206:
+            start, stop, total = _content_range(response.headers.get("content-range"))
+            if start != self._pos:
+                await self.aclose()
+                raise RegistryError(f"{self._what}: registry sent a range starting at {start}")
+            self._skip = 0
+            self._expected_end = stop
+            if total is not None:
+                self.total = total
+        else:
+            self._skip = self._pos
+            self._expected_end = length
+            if length is not None:
+                self.total = length
+        if self.total is not None and self._end is not None and self._end > self.total:
+            await self.aclose()
+            raise RegistryError(f"{self._what}: past the end of the blob ({self.total} bytes)")
+
+    def _retry_budget(self) -> RetryBudget:
+        if self._budget is None:
+            opts = self._client.options
+            self._budget = RetryBudget(opts.retry_budget, opts.connect_retry)
+        return self._budget
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
+        while True:
+            response = self._response
+            if response is None:
+                await self._request()
+                continue
+            received = 0
+            failure: Exception | None = None
+            try:
+                async with aclosing(_raw(response)) as raws:
+                    async for raw in raws:
+                        chunk = raw
+                        received += len(chunk)
+                        if self._skip:
+                            if len(chunk) <= self._skip:
+                                self._skip -= len(chunk)
+                                continue
+                            chunk = chunk[self._skip :]
+                            self._skip = 0
+                        if self._end is not None and self._pos + len(chunk) > self._end:
+                            chunk = chunk[: self._end - self._pos]
+                        if chunk:
+                            self._pos += len(chunk)
+                            yield chunk
+                        if self._end is not None and self._pos >= self._end:
+                            await self.aclose()
+                            return
+            except (httpx.HTTPError, OSError) as exc:
+                failure = exc
+            await self.aclose()
+            body_end = self._expected_end
+            if failure is None:
+                if self._end is None and (body_end is None or self._pos >= body_end):
+                    return  # the whole blob arrived (the digest check judges it)
+                if self._end is not None and body_end is not None and body_end <= self._pos:
+                    raise RegistryError(f"{self._what}: past the end of the blob")
+            # Dropped connection or a body shorter than announced: resume from here.
+            if failure is not None and not retryable_transport_error(failure):
+                raise _transport(failure, response, self._client.options, self._what)
+            if not await self._retry_budget().wait():
+                if failure is not None:
+                    raise _transport(failure, response, self._client.options, self._what)
+                raise IntegrityError(
+                    f"{self._what}: truncated, the registry sent {received} bytes and stopped"
+                )
+            await self._request()
+
+
+async def _verified(
+    body: _BlobBody, verifier: DigestVerifier, max_size: int | None, what: str
+) -> AsyncGenerator[bytes, None]:
+    async for chunk in body:
+        if max_size is not None and verifier.received + len(chunk) > max_size:
+            raise RegistryError(f"{what}: blob is more than the {max_size} bytes expected here")
+        await verifier.update(chunk)
+        yield chunk
+    await verifier.verify()
+
+
+def _file_body(
+    fd: int, start: int, length: int, tracker: _Progress
+) -> Callable[[], AsyncIterator[bytes]]:
+    """A fresh stream of file bytes [start, start+length) for each attempt."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        pos = start
+        end = start + length
+        while pos < end:
+            n = min(FILE_READ_SIZE, end - pos)
+            try:
+                data = await trio.to_thread.run_sync(os.pread, fd, n, pos)
+            except OSError as exc:
+                raise LocalStorageError(f"cannot read blob file: {exc.strerror}") from exc
+            if not data:
+                raise LocalStorageError("blob file shrank while it was being pushed")
+            pos += len(data)
+            yield data
+            tracker.at(pos)
+
+    return chunks
+
+
+def _transport(
+    exc: Exception, response: httpx.Response, options: ClientOptions, what: str
+) -> KitfsError:
+    host = response.request.url.netloc.decode()
+    err = describe_transport_error(exc, host, options)
+    return type(err)(f"{what}: {err}")
+
+
+async def _raw(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    """Response bytes exactly as sent (blobs are requested with identity encoding)."""
+    async for chunk in response.aiter_raw():
+        yield chunk
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = httpx.URL(url)
+    return u.scheme, u.host, u.port
+
+
+def _int_header(response: httpx.Response, name: str) -> int | None:
+    value = response.headers.get(name)
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def _content_range(value: str | None) -> tuple[int, int, int | None]:
+    """(start, end exclusive, total or None) of `bytes start-end/total`."""
+    if not value:
+        raise RegistryError("registry sent 206 without Content-Range")
+    try:
+        unit, _, spec = value.strip().partition(" ")
+        span, _, total = spec.partition("/")
+        first, _, last = span.partition("-")
+        if unit != "bytes":
+            raise ValueError(unit)
+        return int(first), int(last) + 1, None if total in ("", "*") else int(total)
+    except ValueError:
+        raise RegistryError(f"registry sent a malformed Content-Range {value!r}") from None
+
+
+def _manifest_media_type(response: httpx.Response, body: bytes) -> str:
+    header = str(response.headers.get("content-type", "")).split(";")[0].strip()
+    if header in MANIFEST_MEDIA_TYPES or header in INDEX_MEDIA_TYPES:
+        return header
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return header
+    if isinstance(parsed, dict):
+        declared = parsed.get("mediaType")
+        if isinstance(declared, str) and declared:
+            return declared
+        # Old kit writes no mediaType; an index is recognisable by its manifests list.
+        return OCI_INDEX if "manifests" in parsed else OCI_MANIFEST
+    return header
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(body)
+    except ValueError as exc:
+        raise RegistryError(f"{what}: registry sent malformed JSON") from exc
+    if not isinstance(parsed, dict):
+        raise RegistryError(f"{what}: registry sent JSON that is not an object")
+    return parsed
+
+
+def _descriptors(body: bytes, what: str) -> list[dict[str, Any]]:
+    manifests = _json_object(body, what).get("manifests") or []
+    if not isinstance(manifests, list):
+        raise RegistryError(f"{what}: malformed index")
+    return [m for m in manifests if isinstance(m, dict)]
+
+
+def _next_link(header: str | None, current: str) -> str | None:
+    """The rel="next" target of a Link header, resolved against the current URL."""
+    if not header:
+        return None
+    for part in header.split(","):
+        target, _, params = part.partition(";")
+        target = target.strip()
+        if target.startswith("<") and target.endswith(">") and "next" in params:
+            return urljoin(current, target[1:-1])
+    return None

@@ -1,0 +1,293 @@
+"""One registry's request engine: auth, retries, redirects and error mapping.
+
+`RegistryClient` says what to ask for; this module makes sure the asking
+survives what registries do: 401 challenges, 429 and 503 with Retry-After,
+connections that drop, 307s to object storage (followed by hand so the
+Authorization header stays with the registry), and turns every httpx failure
+into a one-line kitfs error that names the registry and what was being done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import NoReturn
+from urllib.parse import urljoin
+
+import httpx
+
+from kitfs.errors import (
+    AuthError,
+    KitfsError,
+    NotFoundError,
+    RegistryError,
+    UnreachableError,
+)
+from kitfs.oci.auth import Authenticator, Credential, CredentialSource
+from kitfs.oci.retry import RETRY_STATUSES, RetryBudget, parse_retry_after
+from kitfs.oci.transport import ClientOptions, base_url, make_http_client
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 10
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_ERROR_BODY_LIMIT = 64 << 10
+
+Content = bytes | Callable[[], AsyncIterator[bytes]] | None
+"""A request body: bytes, or a factory giving a fresh stream for every attempt."""
+
+
+def one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def describe_transport_error(exc: Exception, host: str, options: ClientOptions) -> KitfsError:
+    """The kitfs error for an httpx (or OS) failure talking to `host`."""
+    reason = one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UnreachableError(f"no connection to {host} within {options.connect_timeout:g}s")
+    if isinstance(exc, httpx.ConnectError):
+        if "CERTIFICATE_VERIFY_FAILED" in reason:
+            return UnreachableError(
+                f"TLS certificate of {host} not trusted ({reason}); pass a CA file, "
+                "or --tls-verify=false"
+            )
+        if "WRONG_VERSION_NUMBER" in reason or "record layer failure" in reason:
+            return UnreachableError(
+                f"{host} does not speak TLS; use --plain-http for a plain HTTP registry"
+            )
+        return UnreachableError(f"cannot connect to {host}: {reason}")
+    if isinstance(exc, httpx.ReadTimeout):
+        return UnreachableError(f"{host} sent nothing for {options.read_timeout:g}s")
+    if isinstance(exc, httpx.WriteTimeout):
+        return UnreachableError(f"{host} accepted nothing for {options.read_timeout:g}s")
+    if isinstance(exc, httpx.PoolTimeout):
+        return UnreachableError(f"no free connection to {host} (too many requests in flight)")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return RegistryError(f"{host} broke the HTTP exchange: {reason}")
+    if isinstance(exc, httpx.NetworkError | OSError):
+        return UnreachableError(f"connection to {host} lost: {reason}")
+    return RegistryError(f"request to {host} failed: {reason}")
+
+
+def retryable_transport_error(exc: Exception) -> bool:
+    if isinstance(exc, httpx.ConnectError):
+        text = str(exc)
+        return "CERTIFICATE" not in text and "WRONG_VERSION_NUMBER" not in text
+    return isinstance(exc, httpx.TransportError | OSError) and not isinstance(
+        exc, httpx.UnsupportedProtocol | httpx.ProxyError
+    )
+
+
+def registry_error_text(response: httpx.Response) -> str:
+    """The registry's own words from an OCI error body, if it sent any."""
+    try:
+        body = json.loads(response.content[:_ERROR_BODY_LIMIT])
+        errors = body.get("errors") or []
+        parts = []
+        for e in errors[:3]:
+            code, message = e.get("code", ""), e.get("message", "")
+            parts.append(f"{code}: {message}" if code and message else code or message)
+        text = "; ".join(p for p in parts if p)
+    except (ValueError, AttributeError, TypeError):
+        text = ""
+    return one_line(text)[:300]
+
+
+class RegistrySession:
+    """Sends requests to one registry; safe to share between concurrent tasks."""
+
+    def __init__(
+        self,
+        registry: str,
+        options: ClientOptions,
+        transport: httpx.AsyncBaseTransport | None,
+        credentials: CredentialSource,
+    ) -> None:
+        self.registry = registry
+        self.options = options
+        self.base = base_url(registry, options)
+        self._origin = httpx.URL(self.base)
+        self.http = make_http_client(options, transport)
+        self.auth = Authenticator(registry, credentials, self._send_token_request)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def _same_origin(self, url: httpx.URL) -> bool:
+        o = self._origin
+        return (url.scheme, url.host, url.port) == (o.scheme, o.host, o.port)
+
+    async def _send_token_request(self, request: httpx.Request, what: str) -> httpx.Response:
+        budget = self._budget()
+        host = request.url.host
+        while True:
+            try:
+                response = await self.http.send(request)
+            except (httpx.HTTPError, OSError) as exc:
+                if retryable_transport_error(exc) and await budget.wait(
+                    connect_error=_is_connect_error(exc)
+                ):
+                    continue
+                raise _with_context(
+                    describe_transport_error(exc, host, self.options), what
+                ) from exc
+            if response.status_code in RETRY_STATUSES and await budget.wait(
+                retry_after=parse_retry_after(response.headers.get("retry-after"))
+            ):
+                continue
+            return response
+
+    def _budget(self) -> RetryBudget:
+        return RetryBudget(self.options.retry_budget, self.options.connect_retry)
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        scopes: tuple[str, ...] = (),
+        headers: dict[str, str] | None = None,
+        content: Content = None,
+        ok: tuple[int, ...] = (200,),
+        stream: bool = False,
+        retry: bool = True,
+        authenticate: bool = True,
+    ) -> httpx.Response:
+        """Send with auth, retries and redirects; raise a kitfs error unless status is in `ok`.
+
+        With `stream`, the caller must close the returned response. `authenticate`
+        False sends to `url` (a cached storage URL) without registry credentials.
+        """
+        budget = self._budget()
+        challenged = False
+        while True:
+            try:
+                response = await self._send_following(
+                    method, url, headers or {}, content, scopes, authenticate
+                )
+            except (httpx.HTTPError, OSError) as exc:
+                if (
+                    retry
+                    and retryable_transport_error(exc)
+                    and await budget.wait(connect_error=_is_connect_error(exc))
+                ):
+                    log.debug("retrying %s after %r", what, exc)
+                    continue
+                host = httpx.URL(url).netloc.decode()
+                raise _with_context(
+                    describe_transport_error(exc, host, self.options), what
+                ) from exc
+            status = response.status_code
+            from_registry = self._same_origin(response.request.url)
+            if status == 401 and from_registry and authenticate and not challenged:
+                challenged = True
+                await response.aclose()
+                try:
+                    await self.auth.challenged(response, scopes)
+                except KitfsError as exc:
+                    raise _with_context(exc, what) from None
+                continue
+            if (
+                retry
+                and status in RETRY_STATUSES
+                and await budget.wait(
+                    retry_after=parse_retry_after(response.headers.get("retry-after"))
+                )
+            ):
+                await response.aclose()
+                log.debug("retrying %s after HTTP %d", what, status)
+                continue
+            if status in ok:
+                if not stream:
+                    try:
+                        await response.aread()
+                    except (httpx.HTTPError, OSError) as exc:
+                        await response.aclose()
+                        if retry and retryable_transport_error(exc) and await budget.wait():
+                            continue
+                        host = response.request.url.netloc.decode()
+                        raise _with_context(
+                            describe_transport_error(exc, host, self.options), what
+                        ) from exc
+                return response
+            await self._raise_for(response, what, scopes, budget.retries)
+
+    async def _send_following(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: Content,
+        scopes: tuple[str, ...],
+        authenticate: bool,
+    ) -> httpx.Response:
+        target = httpx.URL(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            sent_headers = dict(headers)
+            if authenticate and self._same_origin(target):
+                value = await self.auth.authorization(scopes)
+                if value is not None:
+                    sent_headers["Authorization"] = value
+            body: bytes | AsyncIterator[bytes] | None
+            body = content() if callable(content) else content
+            request = self.http.build_request(method, target, headers=sent_headers, content=body)
+            response = await self.http.send(request, stream=True)
+            location = response.headers.get("location")
+            if response.status_code not in _REDIRECTS or not location:
+                return response
+            await response.aclose()
+            target = httpx.URL(urljoin(str(target), location))
+            if response.status_code == 303:
+                method, content = "GET", None
+        raise RegistryError(f"{self.registry}: more than {MAX_REDIRECTS} redirects for {url}")
+
+    async def _raise_for(
+        self, response: httpx.Response, what: str, scopes: tuple[str, ...], retries: int
+    ) -> NoReturn:
+        try:
+            await response.aread()
+        except (httpx.HTTPError, OSError):
+            pass
+        finally:
+            await response.aclose()
+        status = response.status_code
+        detail = registry_error_text(response)
+        suffix = f" ({detail})" if detail else ""
+        if status == 404:
+            raise NotFoundError(f"{what}: not found{suffix}")
+        if status in (401, 403):
+            cred: Credential | None = await self.auth.credential()
+            if cred is None:
+                raise AuthError(
+                    f"{what}: access denied (HTTP {status}){suffix}; the registry may need "
+                    f"`kit login {self.registry}`"
+                )
+            if status == 401 and self.auth.scheme == "basic":
+                raise AuthError(f"wrong username or password for {self.registry}")
+            raise AuthError(
+                f"{what}: access denied (HTTP {status}) for the stored credentials{suffix}"
+            )
+        after = f" after retrying {retries} times" if retries else ""
+        if status == 429:
+            raise RegistryError(f"{what}: rate limited by {self.registry} (HTTP 429){after}")
+        reason = response.reason_phrase or ""
+        raise RegistryError(f"{what}: HTTP {status} {reason}{suffix}{after}".replace("  ", " "))
+
+
+def _is_connect_error(exc: Exception) -> bool:
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
+
+
+def _with_context(exc: KitfsError, what: str) -> KitfsError:
+    """Prefix the message with what was being done, keeping the error's class."""
+    message = str(exc)
+    if message.startswith(what):
+        return exc
+    return type(exc)(f"{what}: {message}")
