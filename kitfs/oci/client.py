@@ -395,7 +395,7 @@ class RegistryClient:
                 raise RegistryError(f"{what}: answer is {length} bytes, over the {limit} limit")
             parts: list[bytes] = []
             total = 0
-            async for chunk in response.aiter_raw():
+            async for chunk in response.aiter_bytes():
                 total += len(chunk)
                 if total > limit:
                     raise RegistryError(f"{what}: answer is over the {limit} byte limit")
@@ -536,11 +536,14 @@ class RegistryClient:
             )
         except KitfsError:
             raise cause from None
-        got = response.headers.get("range", "")
+        got = str(response.headers.get("range", "")).removeprefix("bytes=")
         try:
-            end = int(got.rsplit("-", 1)[1]) + 1 if got else 0
+            last = int(got.rsplit("-", 1)[1]) if got else 0
         except (IndexError, ValueError):
             raise cause from None
+        # Distribution says "0-0" for an empty upload as well as a 1-byte one;
+        # chunks are far bigger than a byte, so "0-0" means nothing landed.
+        end = last + 1 if last > 0 else 0
         return end, self._location(response, location, what)
 
     async def _finish_upload(
@@ -793,8 +796,8 @@ def _transport(
 
 
 async def _raw(response: httpx.Response) -> AsyncGenerator[bytes, None]:
-    """Response bytes exactly as sent (blobs are requested with identity encoding)."""
-    async for chunk in response.aiter_raw():
+    """Response bytes (blobs are requested with identity encoding, so as sent)."""
+    async for chunk in response.aiter_bytes():
         yield chunk
 
 

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from typing import Any
 
+import httpx
 import trio
 
 from kitfs.errors import AuthError, LocalStorageError
@@ -310,9 +311,17 @@ def remove_login(registry: str, home: str | None = None) -> bool:
 
 
 async def login(
-    registry: str, username: str, password: str, options: ClientOptions | None = None
+    registry: str,
+    username: str,
+    password: str,
+    options: ClientOptions | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> None:
-    """Check the credentials against the registry, then store them; nothing is saved on failure."""
+    """Check the credentials against the registry, then store them; nothing is saved on failure.
+
+    `transport` replaces the network, for tests.
+    """
     from kitfs.oci.client import RegistryClient  # the client itself reads credentials
 
     options = options or ClientOptions()
@@ -321,7 +330,7 @@ async def login(
         if username
         else Credential(identity_token=password)
     )
-    async with RegistryClient(registry, options, credential=cred) as client:
+    async with RegistryClient(registry, options, credential=cred, transport=transport) as client:
         try:
             await client.ping()
         except AuthError:

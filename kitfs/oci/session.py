@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 from urllib.parse import urljoin
@@ -43,13 +44,35 @@ def one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def root_reason(exc: BaseException) -> str:
+    """The most specific message in an exception chain ("Connection refused", not
+    "all attempts to connect failed"); TLS and socket errors hide in the chain."""
+    best = one_line(str(exc))
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, BaseExceptionGroup) and current.exceptions:
+            current = current.exceptions[0]
+            continue
+        if isinstance(current, ssl.SSLError):
+            best = re.sub(r"\s*\(_ssl\.c:\d+\)$", "", one_line(str(current)))
+        elif isinstance(current, OSError) and current.strerror:
+            # trio says "Error connecting to ('h', p): Connection refused"
+            best = current.strerror.rsplit("): ", 1)[-1]
+        elif str(current).strip():
+            best = one_line(str(current))
+        current = current.__cause__ or current.__context__
+    return best or type(exc).__name__
+
+
 def describe_transport_error(exc: Exception, host: str, options: ClientOptions) -> KitfsError:
     """The kitfs error for an httpx (or OS) failure talking to `host`."""
-    reason = one_line(str(exc)) or type(exc).__name__
+    reason = root_reason(exc)
     if isinstance(exc, httpx.ConnectTimeout):
         return UnreachableError(f"no connection to {host} within {options.connect_timeout:g}s")
     if isinstance(exc, httpx.ConnectError):
-        if "CERTIFICATE_VERIFY_FAILED" in reason:
+        if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate verify failed" in reason:
             return UnreachableError(
                 f"TLS certificate of {host} not trusted ({reason}); pass a CA file, "
                 "or --tls-verify=false"
@@ -66,6 +89,8 @@ def describe_transport_error(exc: Exception, host: str, options: ClientOptions) 
     if isinstance(exc, httpx.PoolTimeout):
         return UnreachableError(f"no free connection to {host} (too many requests in flight)")
     if isinstance(exc, httpx.RemoteProtocolError):
+        if "peer closed connection" in reason:
+            return UnreachableError(f"connection to {host} lost: {reason}")
         return RegistryError(f"{host} broke the HTTP exchange: {reason}")
     if isinstance(exc, httpx.NetworkError | OSError):
         return UnreachableError(f"connection to {host} lost: {reason}")
@@ -74,8 +99,8 @@ def describe_transport_error(exc: Exception, host: str, options: ClientOptions) 
 
 def retryable_transport_error(exc: Exception) -> bool:
     if isinstance(exc, httpx.ConnectError):
-        text = str(exc)
-        return "CERTIFICATE" not in text and "WRONG_VERSION_NUMBER" not in text
+        text = root_reason(exc)
+        return not any(s in text for s in ("CERTIFICATE", "certificate", "WRONG_VERSION_NUMBER"))
     return isinstance(exc, httpx.TransportError | OSError) and not isinstance(
         exc, httpx.UnsupportedProtocol | httpx.ProxyError
     )

@@ -1,0 +1,269 @@
+"""The real network path: sockets, deadlines, TLS, big reads, dropped connections."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import httpcore
+import httpx
+import pytest
+import trio
+
+from kitfs.errors import IntegrityError, UnreachableError, UsageError
+from kitfs.oci.auth import parse_challenges
+from kitfs.oci.client import ClientOptions, RegistryClient
+from kitfs.oci.retry import parse_retry_after
+from kitfs.oci.session import describe_transport_error, retryable_transport_error
+from kitfs.oci.transport import (
+    SOCKET_READ_SIZE,
+    base_url,
+    is_loopback,
+    make_http_client,
+    ssl_context,
+)
+
+BLOB = os.urandom(3 << 20)
+DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+@dataclass
+class Served:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+@dataclass
+class MiniServer:
+    """A tiny HTTP/1.1 server on loopback that serves one blob and can misbehave."""
+
+    port: int = 0
+    requests: list[Served] = field(default_factory=list)
+    drop_after: list[int] = field(default_factory=list)  # per blob GET: close after N bytes
+    stall: bool = False
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                if self.stall:
+                    await trio.sleep_forever()
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.decode().split("\r\n")
+                method, path, _ = lines[0].split(" ")
+                headers = {k.lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
+                self.requests.append(Served(method, path, headers))
+                if path == "/v2/":
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    continue
+                start = 0
+                status = "200 OK"
+                extra = ""
+                rng = headers.get("range")
+                if rng:
+                    first, last = rng.removeprefix("bytes=").split("-")
+                    start = int(first)
+                    end = int(last) + 1 if last else len(BLOB)
+                    status = "206 Partial Content"
+                    extra = f"Content-Range: bytes {start}-{end - 1}/{len(BLOB)}\r\n"
+                else:
+                    end = len(BLOB)
+                body = BLOB[start:end]
+                await stream.send_all(
+                    f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
+                )
+                if self.drop_after:
+                    await stream.send_all(body[: self.drop_after.pop(0)])
+                    await stream.aclose()
+                    return
+                await stream.send_all(body)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
+@asynccontextmanager
+async def mini_server(
+    server: MiniServer, wrap: Callable[[trio.SocketStream], trio.abc.Stream] | None = None
+) -> AsyncIterator[MiniServer]:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, _handler(server, wrap), 0, host="127.0.0.1")
+        )
+        server.port = listeners[0].socket.getsockname()[1]
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+def _handler(
+    server: MiniServer, wrap: Callable[[trio.SocketStream], trio.abc.Stream] | None
+) -> Callable[[trio.SocketStream], object]:
+    async def handle(stream: trio.SocketStream) -> None:
+        await server.handle(wrap(stream) if wrap else stream)
+
+    return handle
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_closed_port_is_unreachable_quickly() -> None:
+    port = closed_port()
+    with trio.fail_after(4):
+        async with RegistryClient(f"127.0.0.1:{port}") as c:
+            with pytest.raises(UnreachableError) as err:
+                await c.ping()
+    assert f"127.0.0.1:{port}" in str(err.value)
+
+
+async def test_stalled_registry_times_out() -> None:
+    async with mini_server(MiniServer(stall=True)) as server:
+        options = ClientOptions(read_timeout=0.3, retry_budget=0.5)
+        with trio.fail_after(4):
+            async with RegistryClient(f"127.0.0.1:{server.port}", options) as c:
+                with pytest.raises(UnreachableError, match=r"sent nothing for 0\.3s"):
+                    await c.ping()
+
+
+async def test_dropped_connection_resumed_and_big_reads() -> None:
+    server = MiniServer(drop_after=[1 << 20, 12345])
+    async with mini_server(server), RegistryClient(f"127.0.0.1:{server.port}") as c:
+        async with c.stream_blob("org/kit", DIGEST) as chunks:
+            sizes = [len(x) async for x in chunks]
+        assert sum(sizes) == len(BLOB)
+        assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == SOCKET_READ_SIZE
+        ranges = [r.headers.get("range") for r in server.requests]
+        assert ranges == [None, f"bytes={1 << 20}-", f"bytes={(1 << 20) + 12345}-"]
+        assert server.requests[0].headers["accept-encoding"] == "identity"
+        # a range read whose connection drops midway is re-requested from where it stopped
+        server.drop_after = [100]
+        got = await c.read_range("org/kit", DIGEST, 1000, 2 << 20)
+        assert got == BLOB[1000 : 1000 + (2 << 20)]
+        assert server.requests[-1].headers["range"] == f"bytes=1100-{1000 + (2 << 20) - 1}"
+
+
+async def test_dropped_connection_beyond_budget_fails() -> None:
+    async with mini_server(MiniServer(drop_after=[10] * 1000)) as server:
+        options = ClientOptions(retry_budget=0.3)
+        async with RegistryClient(f"127.0.0.1:{server.port}", options) as c:
+            with pytest.raises((UnreachableError, IntegrityError)):
+                async with c.stream_blob("org/kit", DIGEST) as chunks:
+                    async for _ in chunks:
+                        pass
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_tls_ca_file_and_verify_off(tls_files: tuple[Path, Path]) -> None:
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(str(cert), str(key))
+
+    def wrap(s: trio.SocketStream) -> trio.abc.Stream:
+        return trio.SSLStream(s, server_ctx, server_side=True)
+
+    async with mini_server(MiniServer(), wrap) as server:
+        # Loopback registries always get plain http, so drive the TLS client directly.
+        url = f"https://127.0.0.1:{server.port}/v2/"
+        async with make_http_client(ClientOptions(), None) as http:
+            with pytest.raises(httpx.ConnectError) as err:
+                await http.get(url)
+        mapped = describe_transport_error(err.value, "127.0.0.1", ClientOptions())
+        assert isinstance(mapped, UnreachableError) and "not trusted" in str(mapped)
+        assert not retryable_transport_error(err.value)
+        for options in (ClientOptions(ca_file=str(cert)), ClientOptions(tls_verify=False)):
+            async with make_http_client(options, None) as http:
+                response = await http.get(url)
+                assert response.status_code == 200 and response.content == b"{}"
+
+
+def test_ssl_context_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="cannot load TLS files"):
+        ssl_context(ClientOptions(ca_file=str(tmp_path / "missing.pem")))
+    with pytest.raises(UsageError, match="needs a client certificate"):
+        ssl_context(ClientOptions(key_file=str(tmp_path / "k.pem")))
+    ctx = ssl_context(ClientOptions(tls_verify=False))
+    assert ctx.verify_mode == ssl.CERT_NONE and not ctx.check_hostname
+
+
+def test_scheme_choice() -> None:
+    for host in ["localhost:5000", "127.0.0.1:5000", "127.3.4.5", "[::1]:5000", "a.localhost"]:
+        assert is_loopback(host), host
+        assert base_url(host, ClientOptions()).startswith("http://")
+    for host in ["ghcr.io", "10.0.0.1:5000", "[fe80::1]:5000", "localhost.example.com"]:
+        assert not is_loopback(host), host
+        assert base_url(host, ClientOptions()).startswith("https://")
+    assert base_url("ghcr.io", ClientOptions(plain_http=True)) == "http://ghcr.io"
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412490.0) == 0.0
+
+
+def test_parse_challenges() -> None:
+    [c] = parse_challenges(
+        [
+            'Bearer realm="https://auth.io/token",service="reg.io",'
+            'scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope"'
+        ]
+    )
+    assert c.scheme == "bearer"
+    assert c.params == {
+        "realm": "https://auth.io/token",
+        "service": "reg.io",
+        "scope": "repository:a/b:pull,push repository:c:pull",
+        "error": "insufficient_scope",
+    }
+    basic, bearer = parse_challenges(['Basic realm="x", Bearer realm="y"'])
+    assert (basic.scheme, basic.params, bearer.params) == ("basic", {"realm": "x"}, {"realm": "y"})
