@@ -159,8 +159,8 @@ class LayerEntry:
     kind: EntryKind
     #: The path exactly as written in the Kitfile (`./model` stays `./model`).
     path: str
-    #: The entry's `name` where its section has one (model, parts, datasets, prompts,
-    #: mcpServers), else None.
+    #: The entry's `name` when set (model, parts, datasets, prompts and mcpServers have
+    #: one), else None.
     name: str | None
     #: Position within its own section (`code[2]` has index 2; the model has 0).
     index: int
@@ -214,26 +214,34 @@ class Kitfile:
         if model is not None:
             if model.path and not is_modelkit_reference(model.path):
                 out.append(
-                    LayerEntry("model", model.path, model.name, 0, model.digest, model.diff_id)
+                    LayerEntry(
+                        "model", model.path, model.name or None, 0, model.digest, model.diff_id
+                    )
                 )
             for i, part in enumerate(model.parts):
                 out.append(
-                    LayerEntry("modelpart", part.path, part.name, i, part.digest, part.diff_id)
+                    LayerEntry(
+                        "modelpart", part.path, part.name or None, i, part.digest, part.diff_id
+                    )
                 )
         for i, code in enumerate(self.code):
             out.append(LayerEntry("code", code.path, None, i, code.digest, code.diff_id))
         for i, ds in enumerate(self.datasets):
             if ds.remote_path:
                 continue
-            out.append(LayerEntry("dataset", ds.path, ds.name, i, ds.digest, ds.diff_id))
+            out.append(LayerEntry("dataset", ds.path, ds.name or None, i, ds.digest, ds.diff_id))
         for i, doc in enumerate(self.docs):
             out.append(LayerEntry("docs", doc.path, None, i, doc.digest, doc.diff_id))
         for i, prompt in enumerate(self.prompts):
             out.append(
-                LayerEntry("prompt", prompt.path, prompt.name, i, prompt.digest, prompt.diff_id)
+                LayerEntry(
+                    "prompt", prompt.path, prompt.name or None, i, prompt.digest, prompt.diff_id
+                )
             )
         for i, srv in enumerate(self.mcp_servers):
-            out.append(LayerEntry("mcpserver", srv.path, srv.name, i, srv.digest, srv.diff_id))
+            out.append(
+                LayerEntry("mcpserver", srv.path, srv.name or None, i, srv.digest, srv.diff_id)
+            )
         return out
 
     def with_layer_digests(self, digests: Sequence[tuple[str, str]]) -> Kitfile:
