@@ -59,7 +59,7 @@ def make_tree(root: Path) -> Path:
         "models/v1..2/inside": (b"dropped by kit", 0o644),
         "models/a..b.bin": (b"dropped by kit", 0o644),
         "models/odd name #1 [x] {y} (z) $v +w.txt": (b"odd", 0o644),
-        "models/ünïcödé/ファイル.txt": ("unicode".encode(), 0o644),
+        "models/ünïcödé/ファイル.txt": (b"unicode", 0o644),
         f"models/{LONG_NAME}": (b"150-character name", 0o644),
         f"models/{'m' * 94}": (b"101-character path", 0o644),
         f"models/{DEEP_FILE}": (b"307-character path", 0o644),
