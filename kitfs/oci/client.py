@@ -337,21 +337,17 @@ class RegistryClient:
             f"from {self._name(repo)}"
         )
         body = _BlobBody(self, repo, digest, offset, offset + length, what)
-        buf = bytearray(length)
-        view = memoryview(buf)
-        pos = 0
+        parts: list[bytes] = []
         try:
             await body.open()
             async for chunk in body:
-                n = len(chunk)
-                view[pos : pos + n] = chunk
-                pos += n
+                parts.append(chunk)
         finally:
-            view.release()
             await body.aclose()
-        if pos != length:  # pragma: no cover - _BlobBody raises first
-            raise RegistryError(f"{what}: got {pos} bytes")
-        return bytes(buf)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(data) != length:  # pragma: no cover - _BlobBody raises first
+            raise RegistryError(f"{what}: got {len(data)} bytes")
+        return data
 
     async def _open_blob(
         self, repo: str, digest: str, headers: dict[str, str], what: str
@@ -370,6 +366,7 @@ class RegistryClient:
                     stream=True,
                     retry=False,
                     authenticate=False,
+                    blob=True,
                 )
             except RegistryError:
                 # Expired or revoked presigned URL: ask the registry again.
@@ -382,6 +379,7 @@ class RegistryClient:
             headers=headers,
             ok=(200, 206),
             stream=True,
+            blob=True,
         )
         final = response.request.url
         if (final.scheme, final.host, final.port) != _origin(self._session.base):

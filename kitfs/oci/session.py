@@ -27,6 +27,7 @@ from kitfs.errors import (
     UnreachableError,
 )
 from kitfs.oci.auth import Authenticator, Credential, CredentialSource
+from kitfs.oci.blobtransport import BLOB_EXTENSION
 from kitfs.oci.retry import RETRY_STATUSES, RetryBudget, parse_retry_after
 from kitfs.oci.transport import ClientOptions, base_url, make_http_client
 
@@ -184,18 +185,20 @@ class RegistrySession:
         stream: bool = False,
         retry: bool = True,
         authenticate: bool = True,
+        blob: bool = False,
     ) -> httpx.Response:
         """Send with auth, retries and redirects; raise a kitfs error unless status is in `ok`.
 
         With `stream`, the caller must close the returned response. `authenticate`
         False sends to `url` (a cached storage URL) without registry credentials.
+        `blob` sends a GET down the lean blob-body path (see blobtransport).
         """
         budget = self._budget()
         challenged = False
         while True:
             try:
                 response = await self._send_following(
-                    method, url, headers or {}, content, scopes, authenticate
+                    method, url, headers or {}, content, scopes, authenticate, blob
                 )
             except (httpx.HTTPError, OSError) as exc:
                 if (
@@ -252,8 +255,10 @@ class RegistrySession:
         content: Content,
         scopes: tuple[str, ...],
         authenticate: bool,
+        blob: bool,
     ) -> httpx.Response:
         target = httpx.URL(url)
+        extensions = {BLOB_EXTENSION: True} if blob else None
         for _ in range(MAX_REDIRECTS + 1):
             sent_headers = dict(headers)
             if authenticate and self._same_origin(target):
@@ -262,7 +267,9 @@ class RegistrySession:
                     sent_headers["Authorization"] = value
             body: bytes | AsyncIterator[bytes] | None
             body = content() if callable(content) else content
-            request = self.http.build_request(method, target, headers=sent_headers, content=body)
+            request = self.http.build_request(
+                method, target, headers=sent_headers, content=body, extensions=extensions
+            )
             response = await self.http.send(request, stream=True)
             location = response.headers.get("location")
             if response.status_code not in _REDIRECTS or not location:

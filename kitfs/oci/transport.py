@@ -17,6 +17,7 @@ import httpcore
 import httpx
 
 from kitfs.errors import UsageError
+from kitfs.oci.blobtransport import BlobTransport
 
 # httpcore reads a socket 64 KiB at a time (AsyncHTTP11Connection.READ_NUM_BYTES),
 # which caps one blob stream near 0.45 GB/s on these machines because every read
@@ -24,6 +25,9 @@ from kitfs.errors import UsageError
 # it; the socket hands back whatever is buffered, so a big value costs nothing on
 # small responses. benchmarks/blob_download.py measured the choice.
 SOCKET_READ_SIZE = 1 << 20
+
+BLOB_READ_SIZE = 1 << 20
+"""Socket read size on the blob path (blobtransport), where each read is handed on as is."""
 
 
 @dataclass(frozen=True)
@@ -122,14 +126,25 @@ class _BigReadHTTP11:
 
 
 def make_transport(options: ClientOptions) -> httpx.AsyncBaseTransport:
-    """The real network transport: HTTP/1.1, TLS per options, big socket reads."""
+    """The real network transport: HTTP/1.1, TLS per options, big socket reads.
+
+    Blob bodies take the lean path in `blobtransport`; everything else is httpx's.
+    """
     _BigReadHTTP11.ensure()
-    return httpx.AsyncHTTPTransport(
-        verify=ssl_context(options),
+    tls = ssl_context(options)
+    inner = httpx.AsyncHTTPTransport(
+        verify=tls,
         http1=True,
         http2=False,
         limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         trust_env=False,
+    )
+    return BlobTransport(
+        inner,
+        tls,
+        connect_timeout=options.connect_timeout,
+        read_timeout=options.read_timeout,
+        read_size=BLOB_READ_SIZE,
     )
 
 

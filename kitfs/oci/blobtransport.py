@@ -1,0 +1,336 @@
+"""A lean HTTP/1.1 GET path for blob bodies, beside httpx's own transport.
+
+Why it exists: through httpx, h11 and httpcore every received buffer is
+copied three times (into h11's receive buffer, out of it as an event, into a
+`bytes` for httpx) and walks a state machine; on these machines that caps one
+stream near 1 GB/s of CPU-bound Python while curl does 2 GB/s. Blob GETs are
+the one request kitfs makes by the gigabyte, so they get this path: the body
+is handed to the caller as the very `bytes` objects the socket read
+returned, in reads of `read_size`.
+
+Everything else (auth, redirects, retries, error mapping) stays in
+`RegistrySession`, which marks blob GETs with the `BLOB_EXTENSION` request
+extension; unmarked requests, and every other method, go to the wrapped
+httpx transport. The exceptions raised here are httpx's, so the session maps
+them exactly as it maps httpx's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+BLOB_EXTENSION = "kitfs.blob"
+_MAX_HEAD = 64 << 10
+_IDLE_EXPIRY = 15.0
+_MAX_IDLE_PER_HOST = 16
+
+
+@dataclass
+class _Connection:
+    stream: trio.abc.Stream
+    key: tuple[str, str, int]
+    idle_since: float = 0.0
+    reused: bool = False
+    buffered: bytearray = field(default_factory=bytearray)
+
+
+class BlobTransport(httpx.AsyncBaseTransport):
+    """Serves marked GETs over its own keep-alive connections; delegates the rest."""
+
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        ssl_context: ssl.SSLContext,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        read_size: int,
+    ) -> None:
+        self._inner = inner
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._read_size = read_size
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                await trio.aclose_forcefully(conn.stream)
+        await self._inner.aclose()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method != "GET" or not request.extensions.get(BLOB_EXTENSION):
+            return await self._inner.handle_async_request(request)
+        if request.url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {request.url.scheme!r}")
+        for _ in range(2):
+            conn = await self._checkout(request.url)
+            try:
+                await self._send_head(conn, request)
+                status, reason, headers = await self._read_head(conn)
+            except _StaleConnection:
+                # A kept-alive connection the server had closed: try once on a new one.
+                await trio.aclose_forcefully(conn.stream)
+                continue
+            except BaseException:
+                await trio.aclose_forcefully(conn.stream)
+                raise
+            body = _Body(self, conn, _framing(status, headers), self._read_size, self._read_timeout)
+            return httpx.Response(
+                status,
+                headers=headers,
+                stream=body,
+                extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason},
+            )
+        raise httpx.ConnectError("server closed the kept-alive connection twice")
+
+    # -- connections ------------------------------------------------------------------
+
+    async def _checkout(self, url: httpx.URL) -> _Connection:
+        port = url.port or (443 if url.scheme == "https" else 80)
+        key = (url.scheme, url.host, port)
+        idle = self._idle.get(key, [])
+        now = trio.current_time()
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < _IDLE_EXPIRY:
+                conn.reused = True
+                return conn
+            await trio.aclose_forcefully(conn.stream)
+        return _Connection(await self._connect(url.scheme, url.host, port), key)
+
+    async def _connect(self, scheme: str, host: str, port: int) -> trio.abc.Stream:
+        try:
+            with trio.fail_after(self._connect_timeout):
+                tcp = await trio.open_tcp_stream(host, port)
+                if scheme == "http":
+                    return tcp
+                tls = trio.SSLStream(tcp, self._ssl, server_hostname=host, https_compatible=True)
+                try:
+                    await tls.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(tcp)
+                    raise
+                return tls
+        except trio.TooSlowError:
+            raise httpx.ConnectTimeout(f"no connection to {host}:{port}") from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+
+    async def _release(self, conn: _Connection) -> None:
+        """Keep a connection whose response was read to the end, for the next request."""
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= _MAX_IDLE_PER_HOST:
+            await trio.aclose_forcefully(idle.pop(0).stream)
+        conn.idle_since = trio.current_time()
+        conn.reused = False
+        idle.append(conn)
+
+    # -- the exchange -----------------------------------------------------------------
+
+    async def _send_head(self, conn: _Connection, request: httpx.Request) -> None:
+        lines = [b"GET " + request.url.raw_path + b" HTTP/1.1"]
+        lines.extend(k + b": " + v for k, v in request.headers.raw)
+        try:
+            with trio.fail_after(self._read_timeout):
+                await conn.stream.send_all(b"\r\n".join(lines) + b"\r\n\r\n")
+        except trio.TooSlowError:
+            raise httpx.WriteTimeout("sending the request timed out") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if conn.reused:
+                raise _StaleConnection from exc
+            raise httpx.WriteError(str(exc) or "connection lost") from exc
+
+    async def _read_head(self, conn: _Connection) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        buf = conn.buffered
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buf) > _MAX_HEAD:
+                raise httpx.RemoteProtocolError("response headers too long")
+            data = await _receive(conn.stream, 65536, self._read_timeout)
+            if not data:
+                if conn.reused and not buf:
+                    raise _StaleConnection
+                raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            buf += data
+        head = bytes(buf[:end])
+        del buf[: end + 4]
+        status_line, *header_lines = head.split(b"\r\n")
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise httpx.RemoteProtocolError(f"malformed status line {status_line[:80]!r}")
+        headers: list[tuple[bytes, bytes]] = []
+        for line in header_lines:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise httpx.RemoteProtocolError("malformed response header")
+            headers.append((name.strip(), value.strip()))
+        status = int(parts[1])
+        if 100 <= status < 200:  # an interim response: the real one follows
+            return await self._read_head(conn)
+        reason = parts[2] if len(parts) > 2 else b""
+        return status, reason, headers
+
+
+class _StaleConnection(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Framing:
+    length: int | None  # bytes of body; None: until the connection closes
+    chunked: bool
+    keep_alive: bool
+
+
+def _framing(status: int, headers: list[tuple[bytes, bytes]]) -> _Framing:
+    values = {k.lower(): v for k, v in headers}
+    keep_alive = values.get(b"connection", b"").lower() != b"close"
+    if status in (204, 304):
+        return _Framing(0, False, keep_alive)
+    if b"chunked" in values.get(b"transfer-encoding", b"").lower():
+        return _Framing(None, True, keep_alive)
+    length = values.get(b"content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise httpx.RemoteProtocolError("malformed Content-Length")
+        return _Framing(int(length), False, keep_alive)
+    return _Framing(None, False, False)
+
+
+async def _receive(stream: trio.abc.Stream, max_bytes: int, timeout: float) -> bytes:
+    try:
+        with trio.fail_after(timeout):
+            return bytes(await stream.receive_some(max_bytes))
+    except trio.TooSlowError:
+        raise httpx.ReadTimeout(f"no data for {timeout:g}s") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise httpx.ReadError(str(exc) or "connection lost") from exc
+
+
+class _Body(httpx.AsyncByteStream):
+    """The response body; the connection goes back to the pool only if read to the end."""
+
+    def __init__(
+        self,
+        transport: BlobTransport,
+        conn: _Connection,
+        framing: _Framing,
+        read_size: int,
+        timeout: float,
+    ) -> None:
+        self._transport = transport
+        self._conn: _Connection | None = conn
+        self._framing = framing
+        self._read_size = read_size
+        self._timeout = timeout
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            return
+        if self._framing.chunked:
+            async for chunk in self._chunked(conn):
+                yield chunk
+            await self._done()
+            return
+        length = self._framing.length
+        received = 0
+        if conn.buffered:
+            first = bytes(conn.buffered if length is None else conn.buffered[:length])
+            del conn.buffered[: len(first)]
+            received += len(first)
+            if length is not None and received == length:
+                await self._done()  # before the last yield: callers often stop right there
+            if first:
+                yield first
+        while length is None or received < length:
+            want = self._read_size if length is None else min(self._read_size, length - received)
+            data = await _receive(conn.stream, want, self._timeout)
+            if not data:
+                if length is None:
+                    await self.aclose()
+                    return
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body "
+                    f"(received {received} bytes, expected {length})"
+                )
+            received += len(data)
+            if received == length:
+                await self._done()
+            yield data
+
+    async def _done(self) -> None:
+        """The whole body arrived: the connection can serve another request."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._framing.keep_alive and not conn.buffered:
+            await self._transport._release(conn)
+        else:
+            await trio.aclose_forcefully(conn.stream)
+
+    async def _chunked(self, conn: _Connection) -> AsyncIterator[bytes]:
+        while True:
+            line = await self._line(conn)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise httpx.RemoteProtocolError("malformed chunk header") from None
+            if size == 0:
+                while await self._line(conn):  # trailers, then the blank line
+                    pass
+                return
+            async for piece in self._exact(conn, size):
+                yield piece
+            if await self._line(conn):
+                raise httpx.RemoteProtocolError("chunk not followed by CRLF")
+
+    async def _exact(self, conn: _Connection, size: int) -> AsyncIterator[bytes]:
+        received = 0
+        if conn.buffered:
+            first = bytes(conn.buffered[:size])
+            del conn.buffered[: len(first)]
+            received = len(first)
+            yield first
+        while received < size:
+            data = await _receive(conn.stream, min(self._read_size, size - received), self._timeout)
+            if not data:
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body"
+                )
+            received += len(data)
+            yield data
+
+    async def _line(self, conn: _Connection) -> bytes:
+        buf = conn.buffered
+        while True:
+            end = buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(buf[:end])
+                del buf[: end + 2]
+                return line
+            if len(buf) > _MAX_HEAD:
+                raise httpx.RemoteProtocolError("chunk header too long")
+            data = await _receive(conn.stream, 65536, self._timeout)
+            if not data:
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body"
+                )
+            buf += data
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                await trio.aclose_forcefully(conn.stream)
