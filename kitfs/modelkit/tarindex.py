@@ -25,7 +25,7 @@ directories), `mode` the permission bits (`& 0o7777`).
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import Protocol
 
 from kitfs.errors import FormatError
 from kitfs.modelkit.kitignore import go_clean
@@ -377,7 +377,13 @@ def _clean_name(raw: bytes) -> str | None:
     return clean
 
 
-def index_tar_stream(fileobj: BinaryIO, *, read_size: int = 1 << 20) -> list[TocEntry]:
+class Readable(Protocol):
+    """Anything with a file-like `read`: a file, `gzip.GzipFile`, a zstd stream reader."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+def index_tar_stream(fileobj: Readable, *, read_size: int = 1 << 20) -> list[TocEntry]:
     """Index a tar read sequentially (e.g. from a gzip or zstd decompressor)."""
     walker = TarWalker()
     pos = 0
