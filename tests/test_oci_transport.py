@@ -51,8 +51,12 @@ class MiniServer:
     requests: list[Served] = field(default_factory=list)
     drop_after: list[int] = field(default_factory=list)  # per blob GET: close after N bytes
     stall: bool = False
+    chunked: bool = False  # send bodies with Transfer-Encoding: chunked
+    close_silently: bool = False  # close after each response without saying so
+    connections: int = 0
 
     async def handle(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
         buf = b""
         try:
             while True:
@@ -84,6 +88,15 @@ class MiniServer:
                 else:
                     end = len(BLOB)
                 body = BLOB[start:end]
+                if self.chunked:
+                    await stream.send_all(
+                        f"HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n{extra}\r\n".encode()
+                    )
+                    for i in range(0, len(body), 300_000):
+                        piece = body[i : i + 300_000]
+                        await stream.send_all(b"%x;ext=1\r\n%s\r\n" % (len(piece), piece))
+                    await stream.send_all(b"0\r\nX-Trailer: y\r\n\r\n")
+                    continue
                 await stream.send_all(
                     f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
                 )
@@ -92,6 +105,9 @@ class MiniServer:
                     await stream.aclose()
                     return
                 await stream.send_all(body)
+                if self.close_silently:
+                    await stream.aclose()
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
@@ -137,10 +153,12 @@ async def test_closed_port_is_unreachable_quickly() -> None:
 async def test_stalled_registry_times_out() -> None:
     async with mini_server(MiniServer(stall=True)) as server:
         options = ClientOptions(read_timeout=0.3, retry_budget=0.5)
-        with trio.fail_after(4):
+        with trio.fail_after(6):
             async with RegistryClient(f"127.0.0.1:{server.port}", options) as c:
                 with pytest.raises(UnreachableError, match=r"sent nothing for 0\.3s"):
                     await c.ping()
+                with pytest.raises(UnreachableError, match=r"sent nothing for 0\.3s"):
+                    await c.read_range("org/kit", DIGEST, 0, 10)
 
 
 async def test_dropped_connection_resumed_and_big_reads() -> None:
@@ -158,6 +176,32 @@ async def test_dropped_connection_resumed_and_big_reads() -> None:
         got = await c.read_range("org/kit", DIGEST, 1000, 2 << 20)
         assert got == BLOB[1000 : 1000 + (2 << 20)]
         assert server.requests[-1].headers["range"] == f"bytes=1100-{1000 + (2 << 20) - 1}"
+
+
+async def test_blob_connections_kept_alive() -> None:
+    server = MiniServer()
+    async with mini_server(server), RegistryClient(f"127.0.0.1:{server.port}") as c:
+        for offset in (0, 10, 1 << 20):
+            assert (
+                await c.read_range("org/kit", DIGEST, offset, 1000) == BLOB[offset : offset + 1000]
+            )
+        async with c.stream_blob("org/kit", DIGEST) as chunks:
+            assert sum([len(x) async for x in chunks]) == len(BLOB)
+        assert server.connections == 1
+        # a server that hangs up after each answer: the next request reconnects
+        server.close_silently = True
+        for offset in (5, 50, 500):
+            assert await c.read_range("org/kit", DIGEST, offset, 10) == BLOB[offset : offset + 10]
+        assert len(server.requests) == 7
+
+
+async def test_chunked_blob_body() -> None:
+    server = MiniServer(chunked=True)
+    async with mini_server(server), RegistryClient(f"127.0.0.1:{server.port}") as c:
+        async with c.stream_blob("org/kit", DIGEST) as chunks:
+            assert b"".join([x async for x in chunks]) == BLOB
+        assert await c.read_range("org/kit", DIGEST, 299_990, 20) == BLOB[299_990:300_010]
+        assert server.connections == 1  # the trailer was consumed and the connection reused
 
 
 async def test_dropped_connection_beyond_budget_fails() -> None:
