@@ -336,3 +336,20 @@ def test_index_truncated_stream(models: list[PlannedEntry]) -> None:
     toc, blob = _layer(models)
     with pytest.raises(FormatError, match="truncated"):
         index_tar_stream(io.BytesIO(blob[: toc.entries[-1].offset + 3]))
+
+
+@pytest.mark.parametrize("window", [512, 1000, 4096, 65536])
+def test_windows_that_split_headers(tmp_path: Path, window: int) -> None:
+    src = tmp_path / "s.txt"
+    src.write_bytes(b"q" * 700)
+    entries = [PlannedEntry("d", "dir", 0o755, 0, tmp_path)] + [
+        PlannedEntry(f"d/{'x' * (i % 150)}{i:04}", "file", 0o644, 700, src) for i in range(300)
+    ]
+    toc, blob = _layer(entries)
+    assert len(blob) > 300_000
+    got, reader = walk(blob, known_size=False, window=window)
+    assert got == list(toc.entries)
+    # Ranges continue one another: nothing is fetched twice.
+    ends = [o + n for o, n in reader.requests]
+    assert all(o >= e for o, e in zip([o for o, _ in reader.requests[1:]], ends, strict=False))
+    assert index_tar_stream(io.BytesIO(blob), read_size=window) == list(toc.entries)

@@ -409,3 +409,10 @@ def test_bad_arguments() -> None:
         _write([], chunk_size=1000)
     with pytest.raises(ValueError):
         _write([], "brotli")
+
+
+def test_raw_unbuffered_output(models: list[PlannedEntry], tmp_path: Path) -> None:
+    path = tmp_path / "raw.tar"
+    with open(path, "wb", buffering=0) as raw:
+        toc = write_layer(models, raw, compression="zstd", media_type=MEDIA_TYPE)
+    assert "sha256:" + _sha(path.read_bytes()) == toc.digest

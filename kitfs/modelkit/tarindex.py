@@ -174,7 +174,7 @@ class TarWalker:
         self._window = window
         self._min_request = min_request
         self._pos = 0  # offset of the next header block
-        self._buf = b""  # bytes known from _pos on
+        self._buf = memoryview(b"")  # bytes known from _pos on
         self._need = BLOCK_SIZE  # bytes needed from _pos to make progress
         self._small = True
         self._requested: tuple[int, int] | None = None
@@ -183,17 +183,28 @@ class TarWalker:
         self._gnu_link: bytes | None = None
 
     def next_request(self) -> tuple[int, int] | None:
-        """The next (offset, length) to fetch, or None when the walk is over."""
+        """The next (offset, length) to fetch, or None when the walk is over.
+
+        The range starts where the bytes fed so far end (or at the next header,
+        when file data is being jumped over).
+        """
         if self.done:
             return None
-        length = max(self._need, self._window if self._small else self._min_request)
+        start = self._pos + len(self._buf)
+        missing = max(self._need - len(self._buf), 0)
+        length = max(missing, self._window if self._small else self._min_request)
         if self._eof is not None:
-            length = min(length, self._eof - self._pos)
-        self._requested = (self._pos, length)
+            length = max(0, min(length, self._eof - start))
+        self._requested = (start, length)
         return self._requested
 
     def feed(self, offset: int, data: bytes) -> None:
-        """Give the walker bytes at `offset`; they must cover the next header's offset."""
+        """Give the walker bytes at `offset`.
+
+        They must cover the next header's offset, or continue the bytes fed
+        before (as `next_request` asks). Fewer bytes than requested mean the
+        blob ends there.
+        """
         if self.done:
             return
         if self._requested is not None and self._requested[0] == offset:
@@ -201,13 +212,18 @@ class TarWalker:
                 end = offset + len(data)
                 self._eof = end if self._eof is None else min(self._eof, end)
             self._requested = None
-        if not offset <= self._pos <= offset + len(data):
+        end = self._pos + len(self._buf)
+        if self._pos < offset <= end:
+            if offset + len(data) > end:
+                self._buf = memoryview(bytes(self._buf[: offset - self._pos]) + data)
+        elif offset <= self._pos <= offset + len(data):
+            fresh = memoryview(data)[self._pos - offset :]
+            if len(fresh) > len(self._buf):
+                self._buf = fresh
+        else:
             raise ValueError(
                 f"fed bytes {offset}..{offset + len(data)} miss the next header at {self._pos}"
             )
-        fresh = data[self._pos - offset :]
-        if len(fresh) > len(self._buf):
-            self._buf = fresh
         self._parse()
 
     # -- parsing -------------------------------------------------------------------------
@@ -215,7 +231,7 @@ class TarWalker:
     def _end(self, at: int) -> None:
         self.done = True
         self.archive_end = at
-        self._buf = b""
+        self._buf = memoryview(b"")
 
     def _at_eof(self, n: int) -> bool:
         """True when the blob is known to end before _pos + n."""
@@ -240,7 +256,7 @@ class TarWalker:
                     raise FormatError(f"tar stream truncated inside a header at {self._pos}")
                 self._need = BLOCK_SIZE
                 return
-            block = self._buf[:BLOCK_SIZE]
+            block = bytes(self._buf[:BLOCK_SIZE])
             if block == _ZERO_BLOCK:
                 if len(self._buf) < 2 * BLOCK_SIZE:
                     if self._eof is not None and self._pos + BLOCK_SIZE == self._eof:
@@ -250,7 +266,7 @@ class TarWalker:
                         raise FormatError(f"tar stream truncated at {self._pos}")
                     self._need = 2 * BLOCK_SIZE
                     return
-                if self._buf[BLOCK_SIZE : 2 * BLOCK_SIZE] != _ZERO_BLOCK:
+                if bytes(self._buf[BLOCK_SIZE : 2 * BLOCK_SIZE]) != _ZERO_BLOCK:
                     raise FormatError(f"zero block followed by a header at {self._pos}")
                 self._end(self._pos + 2 * BLOCK_SIZE)
                 return
@@ -284,7 +300,7 @@ class TarWalker:
                     raise FormatError(f"tar stream truncated inside {_display(name)!r}")
                 self._need = total + BLOCK_SIZE  # and the header it applies to
                 return False
-            data = self._buf[BLOCK_SIZE : BLOCK_SIZE + size]
+            data = bytes(self._buf[BLOCK_SIZE : BLOCK_SIZE + size])
             if typeflag == ord("x"):
                 try:
                     self._pax = parse_pax_records(data)
@@ -389,6 +405,8 @@ def index_tar_stream(fileobj: Readable, *, read_size: int = 1 << 20) -> list[Toc
     pos = 0
     while (req := walker.next_request()) is not None:
         offset, length = req
+        if offset < pos:
+            raise ValueError("tar walker asked to go back in a sequential stream")
         while pos < offset:  # read through file data
             skipped = fileobj.read(min(read_size, offset - pos))
             if not skipped:

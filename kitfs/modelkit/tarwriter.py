@@ -336,7 +336,15 @@ class _ChunkedOutput:
         if self._blob_hash is not None:
             self._blob_hash.update(blob)
         try:
-            self._out.write(blob)
+            written = self._out.write(blob)
+            # A raw (unbuffered) file may take less than asked for.
+            if written is not None and written < len(blob):
+                view = memoryview(blob)[written:]
+                while view:
+                    n = self._out.write(view)
+                    if not n:
+                        raise LocalStorageError("cannot write layer: the output took no bytes")
+                    view = view[n:]
         except OSError as exc:
             raise LocalStorageError(f"cannot write layer: {exc}") from None
         self.chunks.append(TocChunk(offset, size, digest, self._blob_pos, len(blob)))
@@ -360,7 +368,12 @@ class _ChunkedOutput:
 
 
 def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    """Threads for hashing and compressing chunks: one per usable CPU, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
 
 def write_layer(
