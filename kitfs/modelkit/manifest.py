@@ -409,6 +409,8 @@ def _modelpack_diff_ids(config: bytes | None, count: int) -> list[str] | None:
 
 def _derive_kitfile(
     layers: list[tuple[Descriptor, mt.LayerType]],
+    positions: list[int],
+    diff_ids: list[str] | None,
 ) -> tuple[Kitfile, list[tuple[str, int]]]:
     """A Kitfile built from the layers' `org.cncf.model.filepath` annotations, as newer `kit`
     does for ModelPacks without one: the first weight layer is the model, further weights
@@ -433,27 +435,28 @@ def _derive_kitfile(
             )
         kind = _entry_kind(layer_type, desc.annotations)
         digest = desc.digest
+        diff_id = diff_ids[positions[i]] if diff_ids is not None else ""
         if kind == "model" and model is None:
-            model = Model(path=path, digest=digest)
+            model = Model(path=path, digest=digest, diff_id=diff_id)
             placed.append(("model", 0))
         elif kind in ("model", "modelpart"):
             placed.append(("modelpart", len(parts)))
-            parts.append(ModelPart(path=path, digest=digest))
+            parts.append(ModelPart(path=path, digest=digest, diff_id=diff_id))
         elif kind == "code":
             placed.append(("code", len(code)))
-            code.append(Code(path=path, digest=digest))
+            code.append(Code(path=path, digest=digest, diff_id=diff_id))
         elif kind == "dataset":
             placed.append(("dataset", len(datasets)))
-            datasets.append(Dataset(path=path, digest=digest))
+            datasets.append(Dataset(path=path, digest=digest, diff_id=diff_id))
         elif kind == "docs":
             placed.append(("docs", len(docs)))
-            docs.append(Docs(path=path, digest=digest))
+            docs.append(Docs(path=path, digest=digest, diff_id=diff_id))
         elif kind == "prompt":
             placed.append(("prompt", len(prompts)))
-            prompts.append(Prompt(path=path, digest=digest))
+            prompts.append(Prompt(path=path, digest=digest, diff_id=diff_id))
         else:
             placed.append(("mcpserver", len(servers)))
-            servers.append(McpServer(path=path, digest=digest))
+            servers.append(McpServer(path=path, digest=digest, diff_id=diff_id))
     if parts:
         model = replace(model or Model(), parts=tuple(parts))
     kitfile = Kitfile(
@@ -542,6 +545,8 @@ def parse_modelkit(
 
     source: KitfileSource
     diff_ids: list[str] | None = None
+    if config_desc.media_type == mt.MODELPACK_CONFIG:
+        diff_ids = _modelpack_diff_ids(config, len(descs))
     placed: list[tuple[str, int]] | None = None
     if config is not None and config_desc.media_type == mt.KITOPS_CONFIG:
         kitfile = kitfile_from_config(config)
@@ -553,10 +558,8 @@ def parse_modelkit(
             raise FormatError(f"{mt.ANNOTATION_KITFILE} annotation: {exc}") from None
         source = "annotation"
     else:
-        kitfile, placed = _derive_kitfile(typed)
+        kitfile, placed = _derive_kitfile(typed, positions, diff_ids)
         source = "derived"
-    if config_desc.media_type == mt.MODELPACK_CONFIG:
-        diff_ids = _modelpack_diff_ids(config, len(descs))
 
     layers = _place_layers(kitfile, typed, positions, source, diff_ids, placed)
     return ModelKitView(
