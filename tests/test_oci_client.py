@@ -211,6 +211,7 @@ async def test_bearer_challenge_then_cached_token(fake: FakeRegistry, home: Path
     assert tokens[0].headers["authorization"] == "Basic " + base64.b64encode(b"alice:pw").decode()
     assert tokens[0].url.params.get_list("scope") == ["repository:org/kit:pull"]
     assert tokens[0].url.params["service"] == REGISTRY
+    assert tokens[0].headers["user-agent"].startswith("kitfs/")
     statuses = [r.status for r in fake.requests if r.host == REGISTRY]
     assert statuses == [401, 200, 200, 200]
 

@@ -150,6 +150,9 @@ class RegistrySession:
         return (url.scheme, url.host, url.port) == (o.scheme, o.host, o.port)
 
     async def _send_token_request(self, request: httpx.Request, what: str) -> httpx.Response:
+        # Built outside the client: give it the client's deadlines and User-Agent.
+        request.extensions.setdefault("timeout", self.http.timeout.as_dict())
+        request.headers.setdefault("User-Agent", self.http.headers["User-Agent"])
         budget = self._budget()
         host = request.url.host
         while True:
