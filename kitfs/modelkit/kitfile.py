@@ -12,6 +12,13 @@ because users compare our bytes with `kit`'s:
   timestamps or strings; unknown keys are errors);
 - `kitfile_to_yaml`: the yaml.v3 encoder with `SetIndent(2)` (what `kit unpack` writes as
   `<dir>/Kitfile`).
+
+Where `kit` versions differ, the strictest rule wins when loading (a Kitfile we accept is
+one every `kit` packs): manifestVersion must be exactly "1.0.0" (newer kit; <= v1.7 did not
+check), duplicate paths compare cleaned (newer kit) and include prompts and mcpServers.
+Newer keys (prompts with names, mcpServers, datasets' remotePath/remoteHash) are accepted.
+Plain YAML timestamps in `parameters` become `Timestamp` (Go `time.Time`), written as RFC
+3339 strings in JSON, as yaml.v3 + encoding/json do.
 """
 
 from __future__ import annotations
@@ -1529,7 +1536,7 @@ def _json_struct(obj: Any, spec: _Spec, where: str) -> dict[str, Any]:
     return out
 
 
-def parse_json_object(data: bytes | str, what: str) -> _JsonObject:
+def _parse_json_object(data: bytes | str, what: str) -> _JsonObject:
     """Parse a JSON object as Go does (invalid UTF-8 replaced, NaN/Infinity refused)."""
     text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
     try:
@@ -1554,7 +1561,7 @@ def kitfile_from_config(data: bytes | str) -> Kitfile:
     case-insensitively, a wrong type is a FormatError, numbers inside `parameters` become
     floats (Go float64). Digests and diffIds are kept. Nothing else is validated.
     """
-    obj = parse_json_object(data, "config")
+    obj = _parse_json_object(data, "config")
     return _build(_json_struct(obj, _JSON_SPECS["kitfile"], "config"))
 
 
