@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from registry import RegistryServer, running_registry  # noqa: E402
+from registry import RegistryServer, running_registry
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,8 @@ def _write_config(root: Path, port: int, htpasswd: Path | None) -> Path:
     config.write_text(
         "version: 0.1\n"
         "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        "  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
         + auth
     )

@@ -1,0 +1,206 @@
+"""The handlers behind each `kitfs` subcommand: parse arguments, run, print.
+
+Each returns the exit status; failures are raised as KitfsError and turned
+into one line by cli.main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import stat
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from kitfs.errors import UsageError
+from kitfs.inspection import Inspection, build_file_tree, inspect
+from kitfs.modelkit.filters import FilterSet
+from kitfs.modelkit.kitfile import kitfile_to_yaml
+from kitfs.modelkit.tree import Tree
+from kitfs.oci.client import ClientOptions
+from kitfs.oci.reference import parse_reference
+from kitfs.oci.source import open_source
+from kitfs.progress import human_bytes
+
+T = TypeVar("T")
+
+
+def client_options(args: argparse.Namespace) -> ClientOptions:
+    timeout = float(getattr(args, "timeout", 30.0))
+    if timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    return ClientOptions(
+        plain_http=bool(getattr(args, "plain_http", False)),
+        tls_verify=getattr(args, "tls_verify", "true") == "true",
+        ca_file=getattr(args, "ca_file", None),
+        cert_file=getattr(args, "cert", None),
+        key_file=getattr(args, "key", None),
+        read_timeout=timeout,
+        retry_budget=timeout,
+        kitops_home=getattr(args, "kitops_home", None),
+    )
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    return trio.run(fn)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from kitfs.pack import PackRequest, pack
+
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    ref = parse_reference(args.tag)
+    req = PackRequest(
+        context=Path(args.directory), reference=ref, kitfile=args.file,
+        compression=args.compression, work_dir=args.work_dir, jobs=args.jobs,
+    )
+    options = client_options(args)
+    result = run_async(lambda: pack(req, options))
+    size = sum(layer.blob_size for layer in result.layers)
+    where = "kit local storage" if ref.is_local else ref.registry
+    print(f"packed {len(result.layers)} layers ({human_bytes(size)}) to {where}")
+    for tag in ref.tags:
+        print(f"{ref.name}:{tag}@{result.digest}")
+    return 0
+
+
+async def _inspect(args: argparse.Namespace, tree_filters: FilterSet | None
+                   ) -> tuple[Inspection, Tree | None]:
+    ref = parse_reference(args.reference)
+    source = open_source(ref, client_options(args))
+    try:
+        result = await inspect(source)
+        tree = None
+        if tree_filters is not None:
+            tree = await build_file_tree(source, result, tree_filters)
+        return result, tree
+    finally:
+        await source.aclose()
+
+
+def _layer_rows(ins: Inspection) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for layer in ins.view.layers:
+        toc = ins.toc.layer(layer.digest) if ins.toc is not None else None
+        rows.append({
+            "type": layer.kind, "path": layer.path, "name": layer.name,
+            "mediaType": layer.media_type, "format": layer.fmt,
+            "compression": layer.compression, "digest": layer.digest, "size": layer.size,
+            "diffId": layer.diff_id, "files": None if toc is None else sum(
+                1 for e in toc.entries if e.kind == "file"),
+            "chunks": None if toc is None else len(toc.chunks),
+        })
+    return rows
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ins, _ = run_async(lambda: _inspect(args, None))
+    view = ins.view
+    kitfile_yaml = kitfile_to_yaml(view.kitfile.without_layer_digests())
+    if args.json:
+        doc = {
+            "reference": args.reference,
+            "digest": ins.digest,
+            "manifest": ins.manifest_json,
+            "config": json.loads(ins.config) if ins.config and view.family == "kitops"
+            else None,
+            "kitfile": kitfile_yaml,
+            "kitfileSource": view.kitfile_source,
+            "layers": _layer_rows(ins),
+            "tableOfContents": view.annotations.get("dev.kitfs.toc.digest"),
+        }
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+        return 0
+    pkg = view.kitfile.package
+    print(f"ModelKit    {args.reference}")
+    print(f"Digest      {ins.digest}")
+    kind = f"{view.family}" + (f", made by kit {view.cli_version}" if view.cli_version else "")
+    print(f"Format      {kind}")
+    if view.created:
+        print(f"Created     {view.created}")
+    if pkg.name or pkg.version:
+        print(f"Package     {pkg.name} {pkg.version}".rstrip())
+    total = sum(layer.size for layer in view.layers)
+    print(f"Size        {human_bytes(total)} in {len(view.layers)} layers")
+    toc = view.annotations.get("dev.kitfs.toc.digest")
+    print("Index       " + (f"kitfs table of contents {toc}" if ins.toc else
+                           "none (mounts read tar headers on demand)"))
+    print("\nKitfile:")
+    for line in kitfile_yaml.rstrip("\n").splitlines():
+        print(f"  {line}")
+    print("\nLayers:")
+    rows = _layer_rows(ins)
+    width = max([len(str(r["path"])) for r in rows] + [4])
+    print(f"  {'TYPE':<9} {'PATH':<{width}} {'FORMAT':<9} {'SIZE':>10}  DIGEST")
+    for r in rows:
+        fmt = str(r["format"]) + ("" if r["compression"] == "none" else f"+{r['compression']}")
+        print(f"  {r['type']!s:<9} {r['path']!s:<{width}} {fmt:<9} "
+              f"{human_bytes(int(str(r['size']))):>10}  {str(r['digest'])[:19]}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    filters = FilterSet.parse(args.filter)
+    _, tree = run_async(lambda: _inspect(args, filters))
+    assert tree is not None
+    if args.json:
+        doc = [
+            {"path": n.path, "type": n.kind, "mode": oct(n.mode), "size": n.size,
+             "layer": n.layer, "offset": n.offset}
+            for n in tree.walk()
+        ]
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+        return 0
+    for node in tree.walk():
+        name = node.path + ("/" if node.kind == "dir" else "")
+        if args.long:
+            mode = stat.filemode((stat.S_IFDIR if node.kind == "dir" else stat.S_IFREG)
+                                 | node.mode)
+            layer = (node.layer or ("config" if node.inline is not None else ""))[:19]
+            print(f"{mode} {node.size:>14} {layer:<19} {name}")
+        else:
+            size = "" if node.kind == "dir" else human_bytes(node.size)
+            print(f"{size:>10}  {name}")
+    files = sum(1 for _ in tree.files())
+    print(f"{files} files, {human_bytes(tree.total_size)}")
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from kitfs.oci.credentials import login
+
+    if args.password_stdin and args.password is not None:
+        raise UsageError("give either --password or --password-stdin, not both")
+    if args.password_stdin:
+        password = sys.stdin.read().rstrip("\r\n")
+    elif args.password is not None:
+        password = args.password
+    else:
+        import getpass
+
+        if not sys.stdin.isatty():
+            raise UsageError("no password: use --password-stdin to read it from a pipe")
+        password = getpass.getpass(f"Password for {args.username}@{args.registry}: ")
+    if not password:
+        raise UsageError("empty password")
+    options = client_options(args)
+    run_async(lambda: login(args.registry, args.username, password, options))
+    print(f"Login succeeded: credentials for {args.registry} saved")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from kitfs.oci.credentials import remove_login
+
+    if remove_login(args.registry, getattr(args, "kitops_home", None)):
+        print(f"Removed credentials for {args.registry}")
+    else:
+        print(f"No credentials were saved for {args.registry}")
+    return 0

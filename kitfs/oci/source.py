@@ -1,0 +1,118 @@
+"""Where a ModelKit's bytes come from: a registry, or `kit`'s local storage.
+
+Commands above this module (inspect, ls, mount) ask for manifests, blobs and
+byte ranges without caring which; a reference without a registry means kit's
+local storage, exactly as it does for `kit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from kitfs.errors import IntegrityError
+from kitfs.oci.client import ClientOptions, RegistryClient
+from kitfs.oci.credentials import kitops_home
+from kitfs.oci.layout import LocalStorage
+from kitfs.oci.reference import Reference
+
+STREAM_PIECE = 1 << 20
+
+
+class BlobSource(Protocol):
+    """The read operations every consumer of a ModelKit needs."""
+
+    reference: Reference
+
+    async def resolve(self) -> tuple[bytes, str, str]:
+        """(manifest bytes, media type, digest) of the ModelKit the reference names."""
+        ...
+
+    async def get_blob(self, digest: str, max_size: int = 64 << 20) -> bytes: ...
+
+    async def read_range(self, digest: str, offset: int, length: int) -> bytes: ...
+
+    def stream_blob(
+        self, digest: str
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RegistrySource:
+    def __init__(self, reference: Reference, client: RegistryClient) -> None:
+        self.reference = reference
+        self.client = client
+
+    async def resolve(self) -> tuple[bytes, str, str]:
+        return await self.client.resolve_modelkit(self.reference.repository, self.reference.target)
+
+    async def get_blob(self, digest: str, max_size: int = 64 << 20) -> bytes:
+        return await self.client.get_blob(self.reference.repository, digest, max_size)
+
+    async def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        return await self.client.read_range(self.reference.repository, digest, offset, length)
+
+    def stream_blob(
+        self, digest: str
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self.client.stream_blob(self.reference.repository, digest)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class LocalSource:
+    """kit's local storage; blob reads go to a thread so a big read never stalls the loop."""
+
+    def __init__(self, reference: Reference, storage: LocalStorage) -> None:
+        self.reference = reference
+        self.storage = storage
+
+    async def resolve(self) -> tuple[bytes, str, str]:
+        return await trio.to_thread.run_sync(
+            self.storage.resolve, self.reference.name, self.reference.target
+        )
+
+    async def get_blob(self, digest: str, max_size: int = 64 << 20) -> bytes:
+        return await trio.to_thread.run_sync(self.storage.read_blob, digest)
+
+    async def read_range(self, digest: str, offset: int, length: int) -> bytes:
+        def read() -> bytes:
+            with self.storage.open_blob(digest) as f:
+                f.seek(offset)
+                data = f.read(length)
+            if len(data) != length:
+                raise IntegrityError(
+                    f"blob {digest} in kit's local storage is shorter than expected"
+                )
+            return data
+
+        return await trio.to_thread.run_sync(read)
+
+    @contextlib.asynccontextmanager
+    async def stream_blob(self, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        async def pieces() -> AsyncIterator[bytes]:
+            with self.storage.open_blob(digest) as f:
+                while True:
+                    piece = await trio.to_thread.run_sync(f.read, STREAM_PIECE)
+                    if not piece:
+                        return
+                    yield piece
+
+        yield pieces()
+
+    async def aclose(self) -> None:
+        return None
+
+
+def open_source(reference: Reference, options: ClientOptions) -> BlobSource:
+    """The source for `reference`; the caller must `aclose()` it."""
+    if reference.is_local:
+        home = Path(kitops_home(options.kitops_home))
+        return LocalSource(reference, LocalStorage.for_home(home))
+    return RegistrySource(reference, RegistryClient(reference.registry, options))
