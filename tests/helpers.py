@@ -1,0 +1,58 @@
+"""Small builders shared by the integration tests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+LONG_NAME = "ünïcødé-" + "x" * 120 + ".bin"
+
+
+def make_project(root: Path, *, weight_bytes: int = 3 << 20) -> Path:
+    """A small but awkward project: shards, configs, a dataset, docs, odd names, ignored files."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model").mkdir()
+    rnd = os.urandom(weight_bytes)
+    (root / "model" / "model.safetensors").write_bytes(rnd)
+    (root / "model" / "config.json").write_text('{"hidden_size": 64}\n')
+    (root / "model" / "empty.txt").write_bytes(b"")
+    (root / "model" / "scratch.tmp").write_text("ignored by .kitignore\n")
+    (root / "model" / "nested" / "deeper").mkdir(parents=True)
+    (root / "model" / "nested" / "deeper" / LONG_NAME).write_bytes(b"long name\n" * 100)
+    (root / "data").mkdir()
+    (root / "data" / "train.csv").write_text("a,b\n1,2\n" * 1000)
+    (root / "README.md").write_text("# tiny model\n")
+    # kit matches .kitignore like .dockerignore: patterns are anchored at the context root
+    (root / ".kitignore").write_text("**/*.tmp\n")
+    (root / "Kitfile").write_text(
+        "manifestVersion: 1.0.0\n"
+        "package:\n  name: tiny\n  version: 0.1.0\n  authors: [Ada, Grace]\n"
+        "model:\n  name: tiny-llm\n  path: ./model\n  format: safetensors\n"
+        "datasets:\n  - name: train\n    path: ./data/train.csv\n"
+        "docs:\n  - path: ./README.md\n    description: model card\n"
+    )
+    return root
+
+
+def source_files(root: Path, kitignore_suffix: str = ".tmp") -> dict[str, str]:
+    """sha256 of every file a mount/unpack must show (relative path -> hex)."""
+    out: dict[str, str] = {}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not rel.endswith(kitignore_suffix) and rel not in (
+            "Kitfile", ".kitignore"
+        ):
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def kitfs(*args: str, home: Path | None = None, stdin: str | None = None,
+          timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real `kitfs` command line in a subprocess."""
+    cmd = [sys.executable, "-m", "kitfs.cli", *args]
+    if home is not None:
+        cmd += ["--config", str(home)]
+    return subprocess.run(cmd, capture_output=True, text=True, input=stdin, timeout=timeout)
