@@ -319,3 +319,14 @@ def test_go_path_helpers() -> None:
     assert go_rel("x", ".") == "../."  # sic: Go's filepath.Rel("x", ".")
     assert go_rel("a", "a") == "."
     assert go_rel("/a", "b") is None
+
+
+def test_symlinked_layer_path_is_not_followed(ctx: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # os.Stat says it exists, but filepath.Walk only Lstat()s: kit packs no content.
+    (ctx / "models" / "alias").symlink_to("sub")
+    with caplog.at_level(logging.WARNING):
+        entries = plan_layer(ctx, "models/alias", [], KitIgnore.from_context(ctx))
+    assert _names(entries) == ["models"]
+    assert any("symlink models/alias" in r.getMessage() for r in caplog.records)
+    with pytest.raises(KitfileError, match="neither a file nor a directory"):
+        plan_layer(ctx, "models/fifo", [], KitIgnore())
