@@ -1,0 +1,189 @@
+"""ModelKits as every generation of `kit` (and ModelPack tools) wrote them, read from a registry.
+
+Each case is pushed as raw blobs and a hand-written manifest: no kitfs table
+of contents, so `ls` must walk tar headers with range requests, stream
+compressed layers, or read raw-layer annotations.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import zstandard
+
+from helpers import kitfs, make_project
+from kitfs.modelkit import mediatypes as mt
+from kitfs.modelkit.kitfile import config_json, load_kitfile
+from kitfs.modelkit.kitignore import KitIgnore
+from kitfs.modelkit.layers import plan_layer
+from kitfs.modelkit.tarwriter import write_layer
+from kitfs.oci.client import ClientOptions, RegistryClient
+from registry import RegistryServer
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def kit_tar(context: Path, path: str, others: list[str]) -> bytes:
+    """The uncompressed tar `kit pack` writes for one layer."""
+    buf = io.BytesIO()
+    entries = plan_layer(context, path, others, KitIgnore.from_context(context))
+    write_layer(entries, buf, compression="none", media_type="x")
+    return buf.getvalue()
+
+
+async def push(
+    registry: RegistryServer, repo: str, manifest: dict[str, object], blobs: list[bytes]
+) -> str:
+    async with RegistryClient(registry.host, ClientOptions()) as client:
+        for blob in blobs:
+            await client.push_blob_bytes(repo, sha(blob), blob)
+        body = json.dumps(manifest).encode()
+        digest, _ = await client.put_manifest(repo, "v1", body, mt.OCI_MANIFEST)
+        return digest
+
+
+def desc(media_type: str, blob: bytes, annotations: dict[str, str] | None = None
+         ) -> dict[str, object]:
+    d: dict[str, object] = {"mediaType": media_type, "digest": sha(blob), "size": len(blob)}
+    if annotations:
+        d["annotations"] = annotations
+    return d
+
+
+def ls(ref: str) -> dict[str, int]:
+    proc = kitfs("ls", ref, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return {e["path"]: e["size"] for e in json.loads(proc.stdout) if e["type"] == "file"}
+
+
+async def test_kit_1_7_uncompressed_without_media_type(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    project = make_project(tmp_path / "p")
+    paths = ["./model", "./data/train.csv", "./README.md"]
+    tars = [kit_tar(project, p, paths) for p in paths]
+    kf = load_kitfile((project / "Kitfile").read_bytes())
+    config = config_json(kf.with_layer_digests([(sha(t), sha(t)) for t in tars]))
+    kinds = ["model", "dataset", "docs"]
+    manifest = {  # kit <= 1.7: no mediaType, no artifactType
+        "schemaVersion": 2,
+        "config": desc(mt.KITOPS_CONFIG, config),
+        "layers": [desc(mt.layer_media_type(k), t) for k, t in zip(kinds, tars, strict=True)],
+        "annotations": {mt.ANNOTATION_CLI_VERSION: "1.7.0"},
+    }
+    await push(registry, "gen/kit17", manifest, [config, *tars])
+    files = ls(f"{registry.host}/gen/kit17:v1")
+    assert files["model/model.safetensors"] == 3 << 20
+    assert files["data/train.csv"] == len("a,b\n1,2\n" * 1000)
+    assert files["README.md"] == len("# tiny model\n")
+    assert "Kitfile" in files and "model/scratch.tmp" not in files
+
+
+async def test_newer_kit_gzip_zstd_raw_and_prompts(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    project = tmp_path / "p"
+    (project / "weights").mkdir(parents=True)
+    (project / "weights" / "a.bin").write_bytes(b"A" * 70000)
+    (project / "data").mkdir()
+    (project / "data" / "x.txt").write_text("x" * 5000)
+    (project / "prompts").mkdir()
+    (project / "prompts" / "system.md").write_text("be kind\n")
+    raw = b"R" * 12345
+    (project / "model.gguf").write_bytes(raw)
+    (project / "Kitfile").write_text(
+        "manifestVersion: 1.0.0\n"
+        "model:\n  name: m\n  path: ./model.gguf\n"
+        "  parts:\n    - name: w\n      path: ./weights\n"
+        "datasets:\n  - name: d\n    path: ./data\n"
+        "prompts:\n  - name: sys\n    path: ./prompts\n"
+    )
+    others = ["./model.gguf", "./weights", "./data", "./prompts"]
+    part = gzip.compress(kit_tar(project, "./weights", others), mtime=0)
+    data = zstandard.ZstdCompressor().compress(kit_tar(project, "./data", others))
+    prompts = kit_tar(project, "./prompts", others)
+    kf = load_kitfile((project / "Kitfile").read_bytes())
+    config = config_json(kf.with_layer_digests(
+        [(sha(raw), sha(raw)), (sha(part), sha(gzip.decompress(part))),
+         (sha(data), sha(zstandard.ZstdDecompressor().decompress(data))),
+         (sha(prompts), sha(prompts))]))
+    meta = json.dumps({"name": "model.gguf", "mode": 0o640, "uid": 0, "gid": 0,
+                       "size": len(raw), "mtime": "1970-01-01T00:00:00Z", "typeflag": 48})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "artifactType": mt.KITOPS_ARTIFACT_TYPE,
+        "config": desc(mt.KITOPS_CONFIG, config),
+        "layers": [
+            desc(mt.layer_media_type("model", "raw"), raw,
+                 {mt.ANNOTATION_FILEPATH: "model.gguf", mt.ANNOTATION_FILE_METADATA: meta}),
+            desc(mt.layer_media_type("modelpart", "tar", "gzip"), part,
+                 {mt.ANNOTATION_FILEPATH: "weights"}),
+            desc(mt.layer_media_type("dataset", "tar", "zstd"), data,
+                 {mt.ANNOTATION_FILEPATH: "data"}),
+            desc(mt.layer_media_type("code"), prompts,
+                 {mt.ANNOTATION_FILEPATH: "prompts",
+                  mt.ANNOTATION_LAYER_SUBTYPE: mt.LAYER_SUBTYPE_PROMPT}),
+        ],
+        "annotations": {mt.ANNOTATION_CLI_VERSION: "1.9.0",
+                        mt.ANNOTATION_CREATED: "2026-01-01T00:00:00Z"},
+    }
+    await push(registry, "gen/newer", manifest, [config, raw, part, data, prompts])
+    ref = f"{registry.host}/gen/newer:v1"
+    assert ls(ref) == {"Kitfile": ls(ref)["Kitfile"], "model.gguf": len(raw),
+                       "weights/a.bin": 70000, "data/x.txt": 5000, "prompts/system.md": 8}
+    proc = kitfs("ls", ref, "--json", "--filter", "prompts")
+    assert [e["path"] for e in json.loads(proc.stdout) if e["type"] == "file"] == [
+        "prompts/system.md"]
+    listing = json.loads(kitfs("ls", ref, "--json").stdout)
+    assert {e["path"]: e["mode"] for e in listing}["model.gguf"] == oct(0o640)
+
+
+async def test_modelpack_with_kitfile_annotation(registry: RegistryServer, tmp_path: Path) -> None:
+    weights = b"W" * 4096
+    cfg = b'{"architectures": ["X"]}'
+    kitfile = {"manifestVersion": "1.0.0", "package": {"name": "mp"},
+               "model": {"name": "mp", "path": "model.safetensors",
+                         "parts": [{"path": "config.json"}]}}
+    model_config = json.dumps({"descriptor": {"name": "mp"},
+                               "modelfs": {"type": "layers",
+                                           "diffIds": [sha(weights), sha(cfg)]}}).encode()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "artifactType": mt.MODELPACK_ARTIFACT_TYPE,
+        "config": desc(mt.MODELPACK_CONFIG, model_config),
+        "layers": [
+            desc("application/vnd.cncf.model.weight.v1.raw", weights,
+                 {mt.ANNOTATION_FILEPATH: "model.safetensors"}),
+            desc("application/vnd.cncf.model.weight.config.v1.raw", cfg,
+                 {mt.ANNOTATION_FILEPATH: "config.json"}),
+        ],
+        "annotations": {mt.ANNOTATION_KITFILE: json.dumps(kitfile)},
+    }
+    await push(registry, "gen/modelpack", manifest, [model_config, weights, cfg])
+    files = ls(f"{registry.host}/gen/modelpack:v1")
+    assert files["model.safetensors"] == 4096 and files["config.json"] == len(cfg)
+
+
+async def test_pre_v0_5_layers_are_rooted_at_the_parent(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    project = tmp_path / "p"
+    (project / "models").mkdir(parents=True)
+    (project / "models" / "bert.pkl").write_bytes(b"B" * 3000)
+    # entries relative to the parent of the layer path, as kit < 0.5 wrote them
+    tar = kit_tar(project / "models", "./bert.pkl", ["./bert.pkl"])
+    config = json.dumps({"manifestVersion": "1.0.0", "package": {},
+                         "model": {"name": "bert", "path": "models/bert.pkl"}}).encode()
+    manifest = {"schemaVersion": 2, "config": desc(mt.KITOPS_CONFIG, config),
+                "layers": [desc(mt.layer_media_type("model"), tar)]}
+    await push(registry, "gen/legacy", manifest, [config, tar])
+    files = ls(f"{registry.host}/gen/legacy:v1")
+    assert files["models/bert.pkl"] == 3000
