@@ -21,6 +21,7 @@ import trio
 
 from kitfs.errors import IntegrityError, UnreachableError, UsageError
 from kitfs.oci.auth import parse_challenges
+from kitfs.oci.blobtransport import BLOB_EXTENSION
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.retry import parse_retry_after
 from kitfs.oci.session import describe_transport_error, retryable_transport_error
@@ -266,6 +267,11 @@ async def test_tls_ca_file_and_verify_off(tls_files: tuple[Path, Path]) -> None:
             async with make_http_client(options, None) as http:
                 response = await http.get(url)
                 assert response.status_code == 200 and response.content == b"{}"
+                # the lean blob path speaks TLS too, and reuses its connection
+                blob_url = f"https://127.0.0.1:{server.port}/v2/org/kit/blobs/{DIGEST}"
+                for _ in range(2):
+                    blob = await http.get(blob_url, extensions={BLOB_EXTENSION: True})
+                    assert blob.status_code == 200 and blob.content == BLOB
 
 
 def test_ssl_context_errors(tmp_path: Path) -> None:
