@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-from registry import RegistryServer
 
 from kitfs.errors import AuthError, NotFoundError
 from kitfs.oci import client as client_module
 from kitfs.oci.client import OCI_INDEX, OCI_MANIFEST, ClientOptions, RegistryClient
 from kitfs.oci.credentials import login, lookup_credential
+from registry import RegistryServer
 
 pytestmark = pytest.mark.registry
 
