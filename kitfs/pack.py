@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -40,7 +40,12 @@ from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.kitfile import Kitfile, LayerEntry, config_json, load_kitfile
 from kitfs.modelkit.kitignore import KitIgnore
 from kitfs.modelkit.layers import PlannedEntry, plan_layer
-from kitfs.modelkit.manifest import LayerDescriptorInput, build_manifest, sha256_digest
+from kitfs.modelkit.manifest import (
+    LayerDescriptorInput,
+    build_manifest,
+    created_timestamp,
+    sha256_digest,
+)
 from kitfs.modelkit.tarwriter import Compression, write_layer
 from kitfs.modelkit.toc import (
     DEFAULT_CHUNK_SIZE,
@@ -214,13 +219,46 @@ def _finish_manifest(
         for e, t in zip(entries, tocs, strict=True)
     ]
     annotations = {TOC_ANNOTATION: toc_digest, ANNOTATION_KITFS_VERSION: __version__}
-    created = os.environ.get("SOURCE_DATE_EPOCH")
-    if created:
-        from kitfs.modelkit.manifest import created_timestamp
-
+    # A creation time only when the builder pins one: otherwise the same directory
+    # would give a new manifest digest on every pack.
+    if os.environ.get("SOURCE_DATE_EPOCH"):
         annotations[mt.ANNOTATION_CREATED] = created_timestamp()
     manifest = build_manifest(config, layers, annotations)
     return config, manifest, toc_blob, toc_digest
+
+
+async def _write_layers(
+    req: PackRequest,
+    plans: list[tuple[LayerEntry, list[PlannedEntry]]],
+    progress: Progress,
+    open_staging: Callable[[int], tuple[BinaryIO, Path]],
+    publish: Callable[[LayerToc, Path], Awaitable[None]],
+) -> list[LayerToc]:
+    """Write every layer (two at a time) and publish each as soon as it is complete.
+
+    Publishing (a rename into kit's storage, or a push) overlaps with writing
+    the next layer; the staging file is removed whatever happens.
+    """
+    tocs: list[LayerToc | None] = [None] * len(plans)
+    limiter = trio.CapacityLimiter(WRITE_JOBS)
+
+    async def one(i: int) -> None:
+        entry, entries = plans[i]
+        out, path = open_staging(i)
+        try:
+            async with limiter:
+                toc = await trio.to_thread.run_sync(
+                    _write_layer_file, entries, out, path, entry, req, progress.update)
+            await publish(toc, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        tocs[i] = toc
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(plans)):
+            nursery.start_soon(one, i)
+    return [t for t in tocs if t is not None]
 
 
 async def _pack_local(
@@ -231,32 +269,17 @@ async def _pack_local(
     progress: Progress,
 ) -> PackResult:
     storage = LocalStorage.for_home(Path(kitops_home(options.kitops_home)))
-    tocs: list[LayerToc | None] = [None] * len(plans)
-    limiter = trio.CapacityLimiter(WRITE_JOBS)
 
-    async def one(i: int) -> None:
-        entry, entries = plans[i]
-        out, path = storage.staging_file()
-        try:
-            async with limiter:
-                toc = await trio.to_thread.run_sync(
-                    _write_layer_file, entries, out, path, entry, req, progress.update)
-            storage.adopt_blob(path, toc.digest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        tocs[i] = toc
+    async def adopt(toc: LayerToc, path: Path) -> None:
+        storage.adopt_blob(path, toc.digest)
 
-    async with trio.open_nursery() as nursery:
-        for i in range(len(plans)):
-            nursery.start_soon(one, i)
-    done = [t for t in tocs if t is not None]
+    tocs = await _write_layers(req, plans, progress, lambda _: storage.staging_file(), adopt)
     config, manifest, toc_blob, toc_digest = _finish_manifest(
-        kitfile, [e for e, _ in plans], done)
+        kitfile, [e for e, _ in plans], tocs)
     storage.put_blob_bytes(config)
     storage.put_blob_bytes(toc_blob)
     digest = storage.add_manifest(req.reference.name, manifest, req.reference.tags)
-    return PackResult(req.reference, digest, manifest, tuple(done), toc_digest, 0)
+    return PackResult(req.reference, digest, manifest, tuple(tocs), toc_digest, 0)
 
 
 async def _pack_remote(
@@ -268,51 +291,43 @@ async def _pack_remote(
 ) -> PackResult:
     ref = req.reference
     repo = ref.repository
-    tocs: list[LayerToc | None] = [None] * len(plans)
-    write_limit = trio.CapacityLimiter(WRITE_JOBS)
     push_limit = trio.CapacityLimiter(max(1, req.jobs))
     uploaded = 0
 
     async with RegistryClient(ref.registry, options) as client:
         # Fail on a bad reference, registry or password before packing gigabytes.
         await client.ping()
+
+        async def push(toc: LayerToc, path: Path) -> None:
+            nonlocal uploaded
+            progress.add_total(toc.blob_size)
+            async with push_limit:
+                if await client.push_blob(repo, toc.digest, toc.blob_size, str(path),
+                                          progress=progress.update):
+                    uploaded += toc.blob_size
+                else:
+                    progress.update(toc.blob_size)
+
         with _staging_dir(req.work_dir) as staging:
 
-            async def one(i: int) -> None:
-                nonlocal uploaded
-                entry, entries = plans[i]
+            def open_staging(i: int) -> tuple[BinaryIO, Path]:
                 path = staging / f"layer-{i}"
                 try:
-                    out = path.open("w+b")
+                    return path.open("w+b"), path
                 except OSError as exc:
                     raise LocalStorageError(f"cannot stage a layer in {staging}: {exc}") from None
-                async with write_limit:
-                    toc = await trio.to_thread.run_sync(
-                        _write_layer_file, entries, out, path, entry, req, progress.update)
-                progress.add_total(toc.blob_size)
-                async with push_limit:
-                    if await client.push_blob(repo, toc.digest, toc.blob_size, str(path),
-                                              progress=progress.update):
-                        uploaded += toc.blob_size
-                    else:
-                        progress.update(toc.blob_size)
-                path.unlink()
-                tocs[i] = toc
 
-            async with trio.open_nursery() as nursery:
-                for i in range(len(plans)):
-                    nursery.start_soon(one, i)
+            tocs = await _write_layers(req, plans, progress, open_staging, push)
 
-        done = [t for t in tocs if t is not None]
         config, manifest, toc_blob, toc_digest = _finish_manifest(
-            kitfile, [e for e, _ in plans], done)
+            kitfile, [e for e, _ in plans], tocs)
         await client.push_blob_bytes(repo, sha256_digest(config), config)
         await client.push_blob_bytes(repo, toc_digest, toc_blob)
         digest = ""
         for tag in ref.tags:
             digest, _ = await client.put_manifest(repo, tag, manifest, mt.OCI_MANIFEST)
         await attach_toc(client, repo, manifest, digest, toc_blob, toc_digest)
-    return PackResult(ref.with_digest(digest), digest, manifest, tuple(done), toc_digest, uploaded)
+    return PackResult(ref.with_digest(digest), digest, manifest, tuple(tocs), toc_digest, uploaded)
 
 
 async def attach_toc(
