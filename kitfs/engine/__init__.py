@@ -1,0 +1,1 @@
+"""The read path: file ranges to chunk reads, cache lookups, fetches, verification, prefetch."""

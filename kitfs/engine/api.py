@@ -1,0 +1,32 @@
+"""What the filesystem adapter needs from the engine, and nothing more.
+
+`fs/` depends on this protocol, not on the engine's classes, so the adapter
+stays a thin translation of FUSE requests and the engine can be exercised
+without a mount.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from kitfs.modelkit.tree import Node
+
+
+class FileReader(Protocol):
+    async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
+        """Bytes [offset, offset+size) of `node` (fewer only at end of file).
+
+        Raises KitfsError subclasses on failure: IntegrityError for a poisoned
+        layer, UnreachableError when the registry cannot deliver in time.
+        """
+        ...
+
+    def opened(self, node: Node) -> None:
+        """A file handle was opened: its chunks are evicted last, prefetch may start."""
+        ...
+
+    def released(self, node: Node) -> None: ...
+
+    def status(self) -> dict[str, Any]:
+        """Counters for `kitfs status` (JSON-serialisable)."""
+        ...
