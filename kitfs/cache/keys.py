@@ -1,0 +1,67 @@
+"""Cache keys: the names chunks are stored under, and the check that keeps them inside the cache.
+
+A key becomes a file name, and digests come from registries, so every key is
+validated before it touches a path: lowercase hex, `-`, `_` and `.` only,
+starting with two hex digits (the shard directory), at most 200 characters
+(room for the temporary-name decoration under NAME_MAX). No `/`, and no key
+can be `.`/`..` or start with a dot (the prefix of temporary files).
+
+Two kinds of key, which never collide (a position key contains `-`):
+
+- `chunk_key_for_digest`: the chunk's own sha256, where a table of contents
+  vouches for it; the same bytes in two layers or two ModelKits share a file.
+- `chunk_key_for_position`: `<layer hex>-<chunk size>-<index>` for layers
+  without per-chunk digests; the chunk size is part of the key so two mounts
+  configured with different chunk sizes cannot read each other's chunks as
+  their own. All chunks of one layer share a shard, so a poisoned layer's
+  chunks are found by listing one directory.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kitfs.cache.fileformat import CacheError
+
+MAX_KEY_LENGTH = 200
+_KEY_RE = re.compile(r"[0-9a-f]{2}[0-9a-f._-]*")
+_DIGEST_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})|(?:sha512:)?([0-9a-f]{128})")
+
+
+class BadKeyError(CacheError, ValueError):
+    """A key or digest that must not become a file name; always a caller's bug or bad input."""
+
+
+def validate_key(key: str) -> str:
+    """`key` unchanged if it is safe to use as a chunk file name; BadKeyError otherwise."""
+    if len(key) > MAX_KEY_LENGTH or _KEY_RE.fullmatch(key) is None:
+        raise BadKeyError(f"invalid cache key {key[:80]!r}")
+    return key
+
+
+def digest_hex(digest: str) -> str:
+    """The hex part of a sha256/sha512 digest (`sha256:<hex>` or bare hex)."""
+    m = _DIGEST_RE.fullmatch(digest)
+    if m is None:
+        raise BadKeyError(f"invalid digest {digest[:80]!r}")
+    return m.group(1) or m.group(2)
+
+
+def chunk_key_for_digest(sha256_hex: str) -> str:
+    """Key of a chunk addressed by its own sha256 (`sha256:` prefix optional)."""
+    hexpart = digest_hex(sha256_hex)
+    if len(hexpart) != 64:
+        raise BadKeyError(f"not a sha256 digest: {sha256_hex[:80]!r}")
+    return hexpart
+
+
+def chunk_key_for_position(layer_digest: str, chunk_size: int, index: int) -> str:
+    """Key of chunk `index` of a layer's uncompressed stream cut into `chunk_size` pieces."""
+    if chunk_size <= 0 or index < 0:
+        raise BadKeyError(f"invalid chunk position: size {chunk_size}, index {index}")
+    return f"{digest_hex(layer_digest)}-{chunk_size}-{index}"
+
+
+def layer_key_prefix(layer_digest: str) -> str:
+    """The prefix every position key of `layer_digest` starts with."""
+    return f"{digest_hex(layer_digest)}-"

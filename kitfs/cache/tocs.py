@@ -1,0 +1,105 @@
+"""Per-layer records kept next to the chunks: tables of contents and verified-layer digests.
+
+- `<root>/tocs/<layer hex>.json`: a layer's table of contents, so a second
+  mount of the same ModelKit does no tar header walk.
+- `<root>/verified/<layer hex>.json`: the per-chunk digests the engine
+  recorded once it verified a layer end to end, so later mounts verify chunk
+  by chunk instead of trusting bytes until the whole layer is hashed.
+
+Both use the chunk store's frame (32-byte header with length and xxh3, see
+`fileformat`; the JSON starts at byte 32) and the same temp + fdatasync +
+rename write, so a torn or bit-rotted record reads as absent and is rebuilt,
+never parsed half. Unlike chunks, a record may be replaced (a table of
+contents from a kitfs-packed referrer supersedes one built by walking
+headers); the rename makes that atomic too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from kitfs.cache.fileformat import (
+    TOC_MAGIC,
+    VERIFIED_MAGIC,
+    BadFrame,
+    CacheError,
+    as_bytes_view,
+    read_frame,
+    write_frame,
+)
+from kitfs.cache.keys import digest_hex
+
+logger = logging.getLogger(__name__)
+
+
+class TocCache:
+    """Tables of contents and verified-layer records by layer digest. Thread- and process-safe."""
+
+    def __init__(self, root: Path, *, sync: bool = True) -> None:
+        self.root = Path(root)
+        self._sync = sync
+        self._dirs = {TOC_MAGIC: self.root / "tocs", VERIFIED_MAGIC: self.root / "verified"}
+
+    def get(self, layer_digest: str) -> bytes | None:
+        return self._get(TOC_MAGIC, layer_digest)
+
+    def put(self, layer_digest: str, data: bytes) -> None:
+        self._put(TOC_MAGIC, layer_digest, data)
+
+    def remove(self, layer_digest: str) -> bool:
+        return self._remove(TOC_MAGIC, layer_digest)
+
+    def get_verified(self, layer_digest: str) -> bytes | None:
+        return self._get(VERIFIED_MAGIC, layer_digest)
+
+    def put_verified(self, layer_digest: str, data: bytes) -> None:
+        self._put(VERIFIED_MAGIC, layer_digest, data)
+
+    def remove_verified(self, layer_digest: str) -> bool:
+        """Forget a layer's verification (its digest turned out wrong: the layer is poisoned)."""
+        return self._remove(VERIFIED_MAGIC, layer_digest)
+
+    def _path(self, magic: bytes, layer_digest: str) -> Path:
+        return self._dirs[magic] / f"{digest_hex(layer_digest)}.json"
+
+    def _get(self, magic: bytes, layer_digest: str) -> bytes | None:
+        path = self._path(magic, layer_digest)
+        try:
+            payload, _ = read_frame(path, magic)
+        except FileNotFoundError:
+            return None
+        except BadFrame as bad:
+            logger.warning("cached record %s is corrupt (%s): dropped", path, bad)
+            try:
+                if os.lstat(path).st_ino == bad.inode:
+                    os.unlink(path)
+            except OSError:
+                pass  # gone already, or not ours to delete: it still reads as absent
+            return None
+        except OSError as exc:
+            raise CacheError(f"cannot read cached record {path}: {exc.strerror or exc}") from exc
+        return payload
+
+    def _put(self, magic: bytes, layer_digest: str, data: bytes) -> None:
+        path = self._path(magic, layer_digest)
+        view = as_bytes_view(data)
+        try:
+            try:
+                write_frame(path.parent, path.name, magic, view, sync=self._sync)
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_frame(path.parent, path.name, magic, view, sync=self._sync)
+        except OSError as exc:
+            raise CacheError(f"cannot write cached record {path}: {exc.strerror or exc}") from exc
+
+    def _remove(self, magic: bytes, layer_digest: str) -> bool:
+        path = self._path(magic, layer_digest)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise CacheError(f"cannot remove cached record {path}: {exc.strerror or exc}") from exc
+        return True
