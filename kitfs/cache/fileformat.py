@@ -54,6 +54,18 @@ class CacheError(LocalStorageError):
     """The cache directory could not be read or written (not: a chunk was corrupt)."""
 
 
+def describe_oserror(exc: OSError) -> str:
+    """One line for an OSError: its message and errno name, without the repr noise."""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    text = exc.strerror or str(exc)
+    return f"{text} ({name})" if name else text
+
+
+def cache_error(what: str, exc: OSError) -> CacheError:
+    """CacheError("<what>: <reason> (<ERRNO>)"): one line, no repr of the OSError."""
+    return CacheError(f"{what}: {describe_oserror(exc)}")
+
+
 class BadFrame(Exception):
     """A cache file whose header, length or checksum is wrong; `str()` says which.
 

@@ -54,6 +54,8 @@ from kitfs.cache.fileformat import (
     BadFrame,
     CacheError,
     as_bytes_view,
+    cache_error,
+    describe_oserror,
     is_temp_name,
     read_frame,
     write_frame,
@@ -140,7 +142,7 @@ class ChunkStore:
         try:
             self._chunks.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CacheError(f"cannot create cache directory {self._chunks}: {_why(exc)}") from exc
+            raise cache_error(f"cannot create cache directory {self._chunks}", exc) from exc
         self._lock = threading.Lock()
         self._gc_lock = threading.Lock()
         self._usage_bytes = 0
@@ -176,7 +178,7 @@ class ChunkStore:
             self._count(misses=1)
             return None
         except OSError as exc:
-            raise CacheError(f"cannot read cache chunk {path}: {_why(exc)}") from exc
+            raise cache_error(f"cannot read cache chunk {path}", exc) from exc
         self._count(hits=1)
         self.touch(key)
         return payload
@@ -200,7 +202,7 @@ class ChunkStore:
             self._write(path, view)
         except OSError as exc:
             if exc.errno not in DISK_FULL_ERRNOS:
-                raise CacheError(f"cannot write cache chunk {path}: {_why(exc)}") from exc
+                raise cache_error(f"cannot write cache chunk {path}", exc) from exc
             self._count(disk_full=1)
             usage = self.usage()
             logger.warning(
@@ -216,9 +218,9 @@ class ChunkStore:
                 if again.errno in DISK_FULL_ERRNOS:
                     raise CacheError(
                         f"cache disk full: cannot store a {size}-byte chunk in {self.root} "
-                        f"even after eviction ({_why(again)})"
+                        f"even after eviction ({describe_oserror(again)})"
                     ) from again
-                raise CacheError(f"cannot write cache chunk {path}: {_why(again)}") from again
+                raise cache_error(f"cannot write cache chunk {path}", again) from again
         now = time.time_ns()
         with self._lock:
             self._usage_bytes += size
@@ -253,7 +255,7 @@ class ChunkStore:
         except FileNotFoundError:
             return 0
         except OSError as exc:
-            raise CacheError(f"cannot list cache directory {shard}: {_why(exc)}") from exc
+            raise cache_error(f"cannot list cache directory {shard}", exc) from exc
         return sum(self.remove(name) for name in names if _KEY_RE.fullmatch(name))
 
     # -- recency and pins -------------------------------------------------------------
@@ -372,7 +374,9 @@ class ChunkStore:
             except OSError as exc:
                 checked += 1
                 bad += 1
-                logger.warning("cache verify: removing unreadable chunk %s: %s", f.path, _why(exc))
+                logger.warning(
+                    "cache verify: removing unreadable chunk %s: %s", f.path, describe_oserror(exc)
+                )
                 removed += self.remove(f.name)
                 continue
             checked += 1
@@ -404,7 +408,7 @@ class ChunkStore:
         except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as exc:
-            raise CacheError(f"cannot stat cache chunk {path}: {_why(exc)}") from exc
+            raise cache_error(f"cannot stat cache chunk {path}", exc) from exc
         return True
 
     def _write(self, path: Path, view: memoryview) -> None:
@@ -521,7 +525,7 @@ class ChunkStore:
                 else:
                     strays.append(f)
         except OSError as exc:
-            raise CacheError(f"cannot list cache directory {self._chunks}: {_why(exc)}") from exc
+            raise cache_error(f"cannot list cache directory {self._chunks}", exc) from exc
         return chunks, temps, strays
 
     def _drop_bad(self, key: str, path: Path, bad: BadFrame) -> bool:
@@ -534,7 +538,7 @@ class ChunkStore:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            logger.warning("cannot remove corrupt cache chunk %s: %s", path, _why(exc))
+            logger.warning("cannot remove corrupt cache chunk %s: %s", path, describe_oserror(exc))
         with self._lock:
             self._stats = _bump(self._stats, corrupt=1)
             self._uses.pop(key, None)
@@ -554,7 +558,7 @@ class ChunkStore:
             with self._lock:
                 self._uses.pop(key, None)
         except OSError as exc:
-            logger.debug("cannot record use of cache chunk %s: %s", path, _why(exc))
+            logger.debug("cannot record use of cache chunk %s: %s", path, describe_oserror(exc))
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -592,7 +596,7 @@ def _unlink(path: Path | str) -> int | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise CacheError(f"cannot remove cache file {path}: {_why(exc)}") from exc
+        raise cache_error(f"cannot remove cache file {path}", exc) from exc
     return size
 
 
@@ -602,7 +606,7 @@ def _flock(path: Path, *, blocking: bool) -> Iterator[bool]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise CacheError(f"cannot open cache lock {path}: {_why(exc)}") from exc
+        raise cache_error(f"cannot open cache lock {path}", exc) from exc
     try:
         locked = True
         try:
@@ -612,14 +616,7 @@ def _flock(path: Path, *, blocking: bool) -> Iterator[bool]:
         except OSError as exc:
             # A file system without locks: run unlocked, a double gc only over-evicts.
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
-                raise CacheError(f"cannot lock {path}: {_why(exc)}") from exc
+                raise cache_error(f"cannot lock {path}", exc) from exc
         yield locked
     finally:
         os.close(fd)
-
-
-def _why(exc: OSError) -> str:
-    """One line for an OSError: its message and errno name, without the repr noise."""
-    name = errno.errorcode.get(exc.errno or 0, "")
-    text = exc.strerror or str(exc)
-    return f"{text} ({name})" if name else text

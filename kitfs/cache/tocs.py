@@ -24,8 +24,8 @@ from kitfs.cache.fileformat import (
     TOC_MAGIC,
     VERIFIED_MAGIC,
     BadFrame,
-    CacheError,
     as_bytes_view,
+    cache_error,
     read_frame,
     write_frame,
 )
@@ -79,7 +79,7 @@ class TocCache:
                 pass  # gone already, or not ours to delete: it still reads as absent
             return None
         except OSError as exc:
-            raise CacheError(f"cannot read cached record {path}: {exc.strerror or exc}") from exc
+            raise cache_error(f"cannot read cached record {path}", exc) from exc
         return payload
 
     def _put(self, magic: bytes, layer_digest: str, data: bytes) -> None:
@@ -92,7 +92,7 @@ class TocCache:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_frame(path.parent, path.name, magic, view, sync=self._sync)
         except OSError as exc:
-            raise CacheError(f"cannot write cached record {path}: {exc.strerror or exc}") from exc
+            raise cache_error(f"cannot write cached record {path}", exc) from exc
 
     def _remove(self, magic: bytes, layer_digest: str) -> bool:
         path = self._path(magic, layer_digest)
@@ -101,5 +101,5 @@ class TocCache:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise CacheError(f"cannot remove cached record {path}: {exc.strerror or exc}") from exc
+            raise cache_error(f"cannot remove cached record {path}", exc) from exc
         return True
