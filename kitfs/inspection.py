@@ -13,6 +13,7 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -22,7 +23,15 @@ from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.kitfile import kitfile_to_yaml
 from kitfs.modelkit.manifest import LayerInfo, ModelKitView, parse_modelkit, sha256_digest
 from kitfs.modelkit.tarindex import TarWalker
-from kitfs.modelkit.toc import TOC_ANNOTATION, ModelKitToc, TocEntry, load_toc
+from kitfs.modelkit.toc import (
+    TOC_ANNOTATION,
+    LayerToc,
+    ModelKitToc,
+    TocEntry,
+    layer_from_json,
+    layer_to_json,
+    load_toc,
+)
 from kitfs.modelkit.tree import Placement, Tree, build_tree
 from kitfs.oci.source import BlobSource
 
@@ -132,8 +141,17 @@ async def stream_tar_headers(source: BlobSource, layer: LayerInfo) -> tuple[TocE
     return tuple(walker.entries)
 
 
+class EntryCache(Protocol):
+    """Where walked tables of contents are kept by layer digest (kitfs.cache.tocs.TocCache)."""
+
+    def get(self, layer_digest: str) -> bytes | None: ...
+
+    def put(self, layer_digest: str, data: bytes) -> None: ...
+
+
 async def layer_entries(
-    source: BlobSource, inspection: Inspection, layer: LayerInfo
+    source: BlobSource, inspection: Inspection, layer: LayerInfo,
+    cache: EntryCache | None = None,
 ) -> tuple[TocEntry, ...]:
     if inspection.toc is not None:
         known = inspection.toc.layer(layer.digest)
@@ -141,9 +159,26 @@ async def layer_entries(
             return known.entries
     if layer.fmt == "raw":
         return raw_layer_entries(layer)
+    if cache is not None:
+        cached = await trio.to_thread.run_sync(cache.get, layer.digest)
+        if cached is not None:
+            try:
+                return layer_from_json(json.loads(cached)).entries
+            except (ValueError, KitfsError) as exc:
+                log.warning("ignoring cached table of contents of %s: %s", layer.digest, exc)
     if layer.compression == "none":
-        return await walk_tar_headers(source, layer)
-    return await stream_tar_headers(source, layer)
+        entries = await walk_tar_headers(source, layer)
+    else:
+        entries = await stream_tar_headers(source, layer)
+    if cache is not None:
+        walked = LayerToc(layer.digest, layer.diff_id or "", layer.media_type, layer.size,
+                          -1, entries)
+        data = json.dumps(layer_to_json(walked), separators=(",", ":")).encode()
+        try:
+            await trio.to_thread.run_sync(cache.put, layer.digest, data)
+        except KitfsError as exc:
+            log.warning("cannot cache the table of contents of %s: %s", layer.digest, exc)
+    return entries
 
 
 def placement_prefix(layer: LayerInfo) -> str:
@@ -152,7 +187,8 @@ def placement_prefix(layer: LayerInfo) -> str:
 
 
 async def build_file_tree(
-    source: BlobSource, inspection: Inspection, filters: FilterSet
+    source: BlobSource, inspection: Inspection, filters: FilterSet,
+    cache: EntryCache | None = None,
 ) -> Tree:
     """The tree `kit unpack` (with these filters) would write, from metadata alone."""
     chosen = [
@@ -162,7 +198,7 @@ async def build_file_tree(
     results: dict[str, tuple[TocEntry, ...]] = {}
 
     async def load(layer: LayerInfo) -> None:
-        results[layer.digest] = await layer_entries(source, inspection, layer)
+        results[layer.digest] = await layer_entries(source, inspection, layer, cache)
 
     async with trio.open_nursery() as nursery:
         for layer in chosen:

@@ -1,0 +1,118 @@
+"""How a layer's uncompressed stream is cut into chunks, and where each chunk's bytes are.
+
+Three shapes, decided once per layer when the mount starts:
+
+- `ranged`: uncompressed tar or raw layers; chunk i is bytes
+  [i*C, (i+1)*C) of the blob itself, fetched with one range request.
+- `seekable`: kitfs-packed gzip/zstd layers; the table of contents says
+  where each chunk's independent member or frame sits in the blob.
+- `stream`: gzip/zstd layers `kit` wrote; no random access, so the layer is
+  streamed once from its start and cut into chunks as it decompresses.
+
+A chunk carries its sha256 when a table of contents (or an earlier,
+verified mount) gives one; its cache key is then that digest, so identical
+chunks of different layers or ModelKits share one cache entry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from kitfs.cache.keys import chunk_key_for_digest, chunk_key_for_position
+from kitfs.errors import FormatError
+from kitfs.modelkit.manifest import LayerInfo
+from kitfs.modelkit.toc import LayerToc, TocChunk
+
+Shape = Literal["ranged", "seekable", "stream"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    offset: int  # in the uncompressed stream
+    size: int
+    blob_offset: int
+    blob_size: int
+    sha256: str | None
+    key: str
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    digest: str
+    shape: Shape
+    compression: str
+    chunk_size: int
+    stream_size: int | None  # None until a streamed layer has been read to its end
+    chunks: tuple[Chunk, ...]  # empty for `stream` layers: their chunks are found as they come
+
+    @property
+    def verified_by_chunk(self) -> bool:
+        """True when every chunk can be checked on its own as it arrives."""
+        return bool(self.chunks) and all(c.sha256 is not None for c in self.chunks)
+
+    def chunk_index(self, stream_offset: int) -> int:
+        return stream_offset // self.chunk_size
+
+    def position_key(self, index: int) -> str:
+        return chunk_key_for_position(self.digest, self.chunk_size, index)
+
+
+def _from_toc_chunks(layer: LayerInfo, toc_chunks: tuple[TocChunk, ...], chunk_size: int,
+                     shape: Shape, stream_size: int) -> LayerGeometry:
+    chunks = []
+    for i, c in enumerate(toc_chunks):
+        if c.offset != i * chunk_size:
+            raise FormatError(f"table of contents of {layer.digest}: chunk {i} is misplaced")
+        chunks.append(Chunk(i, c.offset, c.size, c.blob_offset, c.blob_size, c.sha256,
+                            chunk_key_for_digest(c.sha256)))
+    return LayerGeometry(layer.digest, shape, layer.compression, chunk_size, stream_size,
+                         tuple(chunks))
+
+
+def plan_layer(layer: LayerInfo, toc: LayerToc | None, chunk_size: int,
+               verified: bytes | None = None) -> LayerGeometry:
+    """The geometry of one layer, from the best information there is.
+
+    `verified` is the record an earlier mount wrote after checking the whole
+    layer against its digest: per-chunk sha256 for the same chunk size.
+    """
+    if toc is not None and toc.chunks:
+        shape: Shape = "ranged" if layer.compression == "none" else "seekable"
+        return _from_toc_chunks(layer, toc.chunks, toc.chunk_size, shape, toc.stream_size)
+    if layer.compression != "none":
+        return LayerGeometry(layer.digest, "stream", layer.compression, chunk_size, None, ())
+    digests = parse_verified(verified, chunk_size) if verified is not None else None
+    count = (layer.size + chunk_size - 1) // chunk_size
+    if digests is not None and len(digests) != count:
+        digests = None
+    chunks = []
+    for i in range(count):
+        offset = i * chunk_size
+        size = min(chunk_size, layer.size - offset)
+        sha = digests[i] if digests is not None else None
+        key = chunk_key_for_digest(sha) if sha else chunk_key_for_position(
+            layer.digest, chunk_size, i)
+        chunks.append(Chunk(i, offset, size, offset, size, sha, key))
+    return LayerGeometry(layer.digest, "ranged", "none", chunk_size, layer.size, tuple(chunks))
+
+
+def verified_record(chunk_size: int, digests: list[str]) -> bytes:
+    return json.dumps({"chunkSize": chunk_size, "sha256": digests},
+                      separators=(",", ":")).encode()
+
+
+def parse_verified(data: bytes, chunk_size: int) -> list[str] | None:
+    try:
+        doc = json.loads(data)
+        if doc.get("chunkSize") != chunk_size:
+            return None
+        digests = doc["sha256"]
+        if isinstance(digests, list) and all(isinstance(d, str) and len(d) == 64
+                                             for d in digests):
+            return digests
+    except (ValueError, KeyError, AttributeError, TypeError):
+        pass
+    return None

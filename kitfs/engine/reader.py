@@ -1,0 +1,614 @@
+"""The read path: "file F, offset O, size S" to chunks from memory, disk or the registry.
+
+Order of lookups for a chunk: the in-memory tier, the shared disk cache, a
+fetch already in flight for it (single-flight), and only then a new range
+request, which also takes the chunks right after it that nobody has yet
+(adjacent misses merge into one request up to a cap). Requests in flight are
+bounded; background work (readahead beyond the current read, prefetch,
+verification) holds at most half of the slots, so a foreground read always
+finds one soon.
+
+Integrity: a chunk with a known sha256 (kitfs table of contents, or a layer
+verified end to end by an earlier mount) is checked before anyone sees it.
+Layers without per-chunk digests are served as fetched and verified in the
+background against the layer digest; a mismatch poisons the layer: every
+later read fails with EIO, its chunks are purged, `status` says why. In
+strict mode such a layer serves nothing until that verification passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import trio
+
+from kitfs.cache.fileformat import CacheError as _CacheErrorBase
+from kitfs.cache.memory import MemoryTier
+from kitfs.cache.store import ChunkStore
+from kitfs.cache.tocs import TocCache
+from kitfs.engine.geometry import Chunk, LayerGeometry, plan_layer, verified_record
+from kitfs.engine.prefetch import prefetch_plan
+from kitfs.errors import IntegrityError, KitfsError, UnreachableError
+from kitfs.modelkit.decompress import StreamDecompressor
+from kitfs.modelkit.manifest import LayerInfo
+from kitfs.modelkit.toc import DEFAULT_CHUNK_SIZE, LayerToc
+from kitfs.modelkit.tree import Node, Tree
+from kitfs.oci.source import BlobSource
+
+log = logging.getLogger(__name__)
+
+PrefetchMode = Literal["none", "model", "all"]
+VerifyMode = Literal["lazy", "strict"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_requests: int = 4
+    merge_limit: int = 32 << 20
+    readahead_chunks: int = 8
+    memory_bytes: int = 256 << 20
+    prefetch: PrefetchMode = "model"
+    verify: VerifyMode = "lazy"
+    read_timeout: float = 30.0
+    stream_timeout: float = 600.0
+
+
+class _Flight:
+    """One fetch of one chunk that any number of readers wait for."""
+
+    __slots__ = ("data", "error", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.data: bytes | None = None
+        self.error: KitfsError | None = None
+
+    def done(self, data: bytes | None, error: KitfsError | None = None) -> None:
+        self.data, self.error = data, error
+        self.event.set()
+
+
+@dataclass
+class _Layer:
+    info: LayerInfo
+    geo: LayerGeometry
+    state: str = "unverified"  # unverified | verifying | verified | poisoned
+    reason: str = ""
+    verified_event: trio.Event = field(default_factory=trio.Event)
+    fetched: set[int] = field(default_factory=set)
+    verify_started: bool = False
+    # stream-shaped layers
+    stream_running: bool = False
+    stream_next: int = 0  # index of the next chunk the stream task will produce
+    stream_chunks: int | None = None  # known once the stream reached its end
+    stream_digests: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class _Counters:
+    bytes_fetched: int = 0
+    bytes_served: int = 0
+    reads: int = 0
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    requests: int = 0
+    in_flight: int = 0
+    prefetch_total: int = 0
+    prefetch_done: int = 0
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=8))
+
+
+class Engine:
+    """Implements kitfs.engine.api.FileReader over a BlobSource and the chunk caches."""
+
+    def __init__(
+        self,
+        source: BlobSource,
+        layers: Sequence[LayerInfo],
+        tocs: Mapping[str, LayerToc],
+        tree: Tree,
+        store: ChunkStore,
+        config: EngineConfig | None = None,
+        *,
+        toc_cache: TocCache | None = None,
+    ) -> None:
+        config = config or EngineConfig()
+        self.source = source
+        self.store = store
+        self.config = config
+        self.tree = tree
+        self.toc_cache = toc_cache
+        self.memory = MemoryTier(config.memory_bytes)
+        self.layers: dict[str, _Layer] = {}
+        for info in layers:
+            verified = toc_cache.get_verified(info.digest) if toc_cache is not None else None
+            geo = plan_layer(info, tocs.get(info.digest), config.chunk_size, verified)
+            layer = _Layer(info, geo)
+            if geo.verified_by_chunk:
+                layer.state = "verified"
+                layer.verified_event.set()
+            self.layers[info.digest] = layer
+        self._flights: dict[tuple[str, int], _Flight] = {}
+        self._slots = trio.CapacityLimiter(max(1, config.max_requests))
+        self._disk = trio.CapacityLimiter(2)
+        self._pending_writes = 0
+        self._writes_done = trio.Event()
+        self._background = trio.CapacityLimiter(max(1, config.max_requests // 2))
+        self._nursery: trio.Nursery | None = None
+        self._readahead: dict[str, tuple[int, int]] = {}  # path -> (next offset, window)
+        self._open: dict[str, int] = {}
+        self.counters = _Counters()
+        self.started = time.time()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start background work (prefetch, verification) in the caller's nursery."""
+        self._nursery = nursery
+        if self.config.prefetch != "none":
+            nursery.start_soon(self._prefetch)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
+
+    # -- FileReader -------------------------------------------------------------------
+
+    def opened(self, node: Node) -> None:
+        self._open[node.path] = self._open.get(node.path, 0) + 1
+
+    def released(self, node: Node) -> None:
+        left = self._open.get(node.path, 0) - 1
+        if left > 0:
+            self._open[node.path] = left
+        else:
+            self._open.pop(node.path, None)
+            self._readahead.pop(node.path, None)
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
+        self.counters.reads += 1
+        if node.inline is not None:
+            return node.inline[offset : offset + size]
+        end = min(node.size, offset + size)
+        if offset >= end or node.layer is None:
+            return b""
+        layer = self.layers[node.layer]
+        limit = self.config.stream_timeout if layer.geo.shape == "stream" else (
+            self.config.read_timeout)
+        try:
+            with trio.fail_after(limit):
+                data = await self._read_range(layer, node.offset + offset, end - offset)
+        except trio.TooSlowError:
+            msg = f"{node.path}: no data from the registry within {limit:.0f} s"
+            self._note_error(msg)
+            raise UnreachableError(msg) from None
+        self.counters.bytes_served += len(data)
+        self._schedule_readahead(node, layer, offset, end)
+        return data
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        lookups = c.memory_hits + c.disk_hits + c.misses
+        return {
+            "bytes_fetched": c.bytes_fetched,
+            "bytes_served": c.bytes_served,
+            "bytes_cached_memory": self.memory.nbytes,
+            "reads": c.reads,
+            "hit_rate": (c.memory_hits + c.disk_hits) / lookups if lookups else None,
+            "memory_hits": c.memory_hits,
+            "disk_hits": c.disk_hits,
+            "misses": c.misses,
+            "requests": c.requests,
+            "requests_in_flight": c.in_flight,
+            "prefetch": {"mode": self.config.prefetch, "total_bytes": c.prefetch_total,
+                         "done_bytes": c.prefetch_done},
+            "layers": [
+                {"digest": d, "kind": layer.info.kind, "path": layer.info.path,
+                 "shape": layer.geo.shape, "state": layer.state, "reason": layer.reason,
+                 "streamed_chunks": layer.stream_next if layer.geo.shape == "stream" else None}
+                for d, layer in self.layers.items()
+            ],
+            "errors": list(c.errors),
+        }
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def _read_range(self, layer: _Layer, start: int, length: int) -> bytes | memoryview:
+        self._check_poison(layer)
+        if self.config.verify == "strict" and layer.state != "verified":
+            self._ensure_verification(layer)
+            await layer.verified_event.wait()
+            self._check_poison(layer)
+        size = layer.geo.chunk_size
+        first, last = start // size, (start + length - 1) // size
+        if first == last:
+            data = await self._chunk(layer, first, background=False)
+            lo = start - first * size
+            return memoryview(data)[lo : lo + length]
+        self._prefetch_run(layer, range(first + 1, last + 1))
+        parts = []
+        for index in range(first, last + 1):
+            data = await self._chunk(layer, index, background=False)
+            lo = max(start - index * size, 0)
+            hi = min(start + length - index * size, len(data))
+            parts.append(memoryview(data)[lo:hi])
+        return b"".join(parts)
+
+    def _check_poison(self, layer: _Layer) -> None:
+        if layer.state == "poisoned":
+            raise IntegrityError(f"layer {layer.info.digest} failed verification: {layer.reason}")
+
+    def _key(self, layer: _Layer, index: int) -> str:
+        if layer.geo.chunks:
+            return layer.geo.chunks[index].key
+        return layer.geo.position_key(index)
+
+    def _cached(self, layer: _Layer, index: int) -> bytes | None:
+        data = self.memory.get(self._key(layer, index))
+        if data is not None:
+            self.counters.memory_hits += 1
+        return data
+
+    async def _chunk(self, layer: _Layer, index: int, *, background: bool) -> bytes:
+        """One chunk's verified bytes, from wherever they are cheapest."""
+        data = self._cached(layer, index)
+        if data is not None:
+            return data
+        flight = self._flights.get((layer.info.digest, index))
+        if flight is None:
+            data = await self._from_disk(layer, index)
+            if data is not None:
+                return data
+            flight = self._flights.get((layer.info.digest, index))
+        if flight is None:
+            self.counters.misses += 1
+            if layer.geo.shape == "stream":
+                flight = self._flights.setdefault((layer.info.digest, index), _Flight())
+                self._ensure_stream(layer, index)
+            else:
+                run = self._claim_run(layer, index, merge=background)
+                flight = self._flights[(layer.info.digest, index)]
+                if background:
+                    async with self._background:
+                        await self._fetch_run(layer, run)
+                else:
+                    await self._fetch_run(layer, run)
+        await flight.event.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.data is not None
+        return flight.data
+
+    async def _from_disk(self, layer: _Layer, index: int) -> bytes | None:
+        key = self._key(layer, index)
+        if not self.store.contains(key):
+            return None
+        try:
+            data = await trio.to_thread.run_sync(self.store.get, key)
+        except _CacheErrorBase as exc:
+            self._note_error(str(exc))
+            return None
+        if data is None:
+            return None
+        chunk = layer.geo.chunks[index] if layer.geo.chunks else None
+        if chunk is not None and len(data) != chunk.size:
+            log.warning("cached chunk %s has the wrong size: dropped", key)
+            await trio.to_thread.run_sync(self.store.remove, key)
+            return None
+        self.counters.disk_hits += 1
+        self.memory.put(key, data)
+        layer.fetched.add(index)
+        return data
+
+    def _claim_run(self, layer: _Layer, index: int, *, merge: bool = True) -> list[Chunk]:
+        """Chunk `index` and (with `merge`) the missing chunks after it, up to the merge limit.
+
+        A reader waiting now gets just its chunk: merging would make it wait for
+        bytes it may never read (random tensor access); readahead and prefetch merge.
+        """
+        chunks = layer.geo.chunks
+        run = [chunks[index]]
+        self._flights[(layer.info.digest, index)] = _Flight()
+        total = chunks[index].blob_size
+        nxt = index + 1
+        limit = self.config.merge_limit if merge else 0
+        while nxt < len(chunks) and total + chunks[nxt].blob_size <= limit:
+            key = chunks[nxt].key
+            if ((layer.info.digest, nxt) in self._flights or self.memory.get(key) is not None
+                    or self.store.contains(key)):
+                break
+            self._flights[(layer.info.digest, nxt)] = _Flight()
+            run.append(chunks[nxt])
+            total += chunks[nxt].blob_size
+            nxt += 1
+        return run
+
+    async def _fetch_run(self, layer: _Layer, run: list[Chunk]) -> None:
+        """Fetch consecutive chunks with one range request and settle their flights."""
+        digest = layer.info.digest
+        start = run[0].blob_offset
+        length = run[-1].blob_offset + run[-1].blob_size - start
+        pending = {c.index for c in run}
+        try:
+            async with self._slots:
+                self.counters.in_flight += 1
+                self.counters.requests += 1
+                try:
+                    blob = await self.source.read_range(digest, start, length)
+                finally:
+                    self.counters.in_flight -= 1
+            self.counters.bytes_fetched += len(blob)
+            view = memoryview(blob)
+            for chunk in run:
+                raw = view[chunk.blob_offset - start : chunk.blob_offset - start + chunk.blob_size]
+                data = await trio.to_thread.run_sync(self._decode, layer, chunk, raw)
+                self._deliver(layer, chunk.index, chunk.key, data)
+                pending.discard(chunk.index)
+        except KitfsError as exc:
+            if isinstance(exc, IntegrityError):
+                self._poison(layer, str(exc))
+            self._note_error(str(exc))
+            for index in pending:
+                self._fail(layer, index, exc)
+        except BaseException:
+            err = UnreachableError(f"fetch of layer {digest[:19]} was cancelled")
+            for index in pending:
+                self._fail(layer, index, err)
+            raise
+        if not layer.geo.verified_by_chunk and len(layer.fetched) == len(layer.geo.chunks):
+            self._ensure_verification(layer)
+
+    def _decode(self, layer: _Layer, chunk: Chunk, raw: memoryview) -> bytes:
+        """Decompress (seekable layers) and check the chunk's digest; runs in a thread."""
+        if layer.geo.shape == "seekable":
+            d = StreamDecompressor(layer.geo.compression)
+            data = d.decompress(bytes(raw))
+            d.finish()
+        else:
+            data = bytes(raw)
+        if len(data) != chunk.size:
+            raise IntegrityError(
+                f"chunk {chunk.index} of layer {layer.info.digest} is {len(data)} bytes, "
+                f"expected {chunk.size}")
+        if chunk.sha256 is not None and hashlib.sha256(data).hexdigest() != chunk.sha256:
+            raise IntegrityError(
+                f"chunk {chunk.index} of layer {layer.info.digest} does not match its sha256")
+        return data
+
+    def _deliver(self, layer: _Layer, index: int, key: str, data: bytes) -> None:
+        self.memory.put(key, data)
+        layer.fetched.add(index)
+        flight = self._flights.pop((layer.info.digest, index), None)
+        if flight is not None:
+            flight.done(data)
+        if self._nursery is not None:
+            self._pending_writes += 1  # counted now, so flush() sees a write not yet started
+            self._nursery.start_soon(self._store, key, data)
+
+    def _fail(self, layer: _Layer, index: int, error: KitfsError) -> None:
+        flight = self._flights.pop((layer.info.digest, index), None)
+        if flight is not None:
+            flight.done(None, error)
+
+    async def _store(self, key: str, data: bytes) -> None:
+        try:
+            async with self._disk:
+                await trio.to_thread.run_sync(self.store.put, key, data)
+        except _CacheErrorBase as exc:
+            self._note_error(str(exc))
+        finally:
+            self._pending_writes -= 1
+            if not self._pending_writes:
+                self._writes_done.set()
+
+    async def flush(self) -> None:
+        """Wait until every fetched chunk is on disk: call before cancelling the nursery."""
+        while self._pending_writes:
+            self._writes_done = trio.Event()
+            await self._writes_done.wait()
+
+    def _note_error(self, message: str) -> None:
+        if not self.counters.errors or self.counters.errors[-1] != message:
+            log.warning("%s", message)
+            self.counters.errors.append(message)
+
+    # -- readahead and prefetch -------------------------------------------------------
+
+    def _schedule_readahead(self, node: Node, layer: _Layer, offset: int, end: int) -> None:
+        """Sequential readers get a window of chunks ahead that doubles up to a cap."""
+        expected, window = self._readahead.get(node.path, (0, 0))
+        window = min(max(window * 2, 1), self.config.readahead_chunks) if offset == expected \
+            else 0
+        self._readahead[node.path] = (end, window)
+        if not window or layer.geo.shape == "stream":
+            return
+        size = layer.geo.chunk_size
+        first = (node.offset + end) // size
+        last = min((node.offset + node.size - 1) // size, first + window - 1)
+        self._prefetch_run(layer, range(first, last + 1))
+
+    def _prefetch_run(self, layer: _Layer, indexes: Iterable[int]) -> None:
+        """Start fetching chunks not yet here, without waiting for them."""
+        if layer.geo.shape == "stream" or self._nursery is None:
+            return
+        for index in indexes:
+            if index >= len(layer.geo.chunks):
+                return
+            key = layer.geo.chunks[index].key
+            if ((layer.info.digest, index) in self._flights or self.memory.get(key) is not None
+                    or self.store.contains(key)):
+                continue
+            self._spawn(self._fetch_run, layer, self._claim_run(layer, index))
+
+    async def _prefetch(self) -> None:
+        """Load what model loaders read first, in the order they read it, in the background."""
+        plan = prefetch_plan(self.tree, {d: layer.info for d, layer in self.layers.items()},
+                             {d: layer.geo for d, layer in self.layers.items()},
+                             self.config.prefetch)
+        self.counters.prefetch_total = sum(
+            self._chunk_bytes(self.layers[d], i) for d, i in plan)
+        todo = iter(plan)
+
+        async def worker() -> None:
+            for digest, index in todo:
+                layer = self.layers[digest]
+                if layer.state != "poisoned":
+                    try:
+                        await self._chunk(layer, index, background=True)
+                    except KitfsError as exc:
+                        self._note_error(f"prefetch: {exc}")
+                        await trio.sleep(1)
+                self.counters.prefetch_done += self._chunk_bytes(layer, index)
+
+        async with trio.open_nursery() as workers:
+            for _ in range(int(self._background.total_tokens)):
+                workers.start_soon(worker)
+        for layer in self.layers.values():
+            if self.config.prefetch == "all" or layer.info.kind in ("model", "modelpart"):
+                self._ensure_verification(layer)
+
+    def _chunk_bytes(self, layer: _Layer, index: int) -> int:
+        if layer.geo.chunks:
+            return layer.geo.chunks[index].size
+        return layer.geo.chunk_size
+
+    # -- streamed (non-seekable) layers -------------------------------------------------
+
+    def _ensure_stream(self, layer: _Layer, index: int) -> None:
+        if layer.stream_running and index >= layer.stream_next:
+            return
+        layer.stream_running = True
+        self._spawn(self._stream, layer)
+
+    async def _stream(self, layer: _Layer) -> None:
+        """Read a gzip/zstd layer from its start, cutting chunks as they decompress."""
+        digest = layer.info.digest
+        size = layer.geo.chunk_size
+        decomp = StreamDecompressor(layer.geo.compression)
+        buf = bytearray()
+        index = 0
+        hashes: dict[int, str] = {}
+
+        def emit(data: bytes) -> None:
+            nonlocal index
+            key = layer.geo.position_key(index)
+            hashes[index] = hashlib.sha256(data).hexdigest()
+            layer.stream_next = index + 1
+            self._deliver(layer, index, key, data)
+            index += 1
+
+        try:
+            async with self._slots:
+                self.counters.in_flight += 1
+                self.counters.requests += 1
+                try:
+                    async with self.source.stream_blob(digest) as pieces:
+                        async for piece in pieces:
+                            self.counters.bytes_fetched += len(piece)
+                            buf += await trio.to_thread.run_sync(decomp.decompress, piece)
+                            while len(buf) >= size:
+                                emit(bytes(buf[:size]))
+                                del buf[:size]
+                    decomp.finish()
+                finally:
+                    self.counters.in_flight -= 1
+            if buf or index == 0:
+                emit(bytes(buf))
+            layer.stream_chunks = index
+            layer.stream_digests = hashes
+            # stream_blob checked the blob digest at its end: the layer is verified.
+            self._mark_verified(layer, [hashes[i] for i in range(index)])
+        except KitfsError as exc:
+            if isinstance(exc, IntegrityError):
+                self._poison(layer, str(exc))
+            self._note_error(str(exc))
+            for (d, i) in list(self._flights):
+                if d == digest:
+                    self._fail(layer, i, exc)
+        finally:
+            layer.stream_running = False
+        # Readers waiting for chunks past the end of the stream get nothing more.
+        for (d, i) in list(self._flights):
+            if d == digest:
+                self._fail(layer, i, IntegrityError(f"layer {digest} has no chunk {i}"))
+
+    # -- verification -----------------------------------------------------------------
+
+    def _ensure_verification(self, layer: _Layer) -> None:
+        if layer.state in ("verified", "poisoned") or layer.verify_started:
+            return
+        layer.verify_started = True
+        if layer.geo.shape == "stream":
+            if not layer.stream_running:
+                layer.stream_running = True
+                self._spawn(self._stream, layer)
+            return
+        self._spawn(self._verify, layer)
+
+    async def _verify(self, layer: _Layer) -> None:
+        """Hash the whole layer in order (fetching what is missing) against its digest."""
+        layer.state = "verifying"
+        whole = hashlib.sha256()
+        digests: list[str] = []
+
+        def update(data: bytes) -> None:
+            whole.update(data)
+            digests.append(hashlib.sha256(data).hexdigest())
+
+        try:
+            for chunk in layer.geo.chunks:
+                data = await self._chunk(layer, chunk.index, background=True)
+                await trio.to_thread.run_sync(update, data)
+        except KitfsError as exc:
+            layer.state = "unverified"
+            layer.verify_started = False
+            self._note_error(f"verification of {layer.info.digest[:19]} postponed: {exc}")
+            return
+        if "sha256:" + whole.hexdigest() != layer.info.digest:
+            self._poison(layer, "the layer's bytes do not match its digest")
+            return
+        self._mark_verified(layer, digests)
+
+    def _mark_verified(self, layer: _Layer, digests: list[str]) -> None:
+        layer.state = "verified"
+        layer.verified_event.set()
+        log.info("layer %s verified end to end", layer.info.digest)
+        if self.toc_cache is not None and layer.geo.shape == "ranged":
+            try:
+                self.toc_cache.put_verified(
+                    layer.info.digest, verified_record(layer.geo.chunk_size, digests))
+            except _CacheErrorBase as exc:
+                self._note_error(str(exc))
+
+    def _poison(self, layer: _Layer, reason: str) -> None:
+        if layer.state == "poisoned":
+            return
+        layer.state = "poisoned"
+        layer.reason = reason
+        layer.verified_event.set()
+        log.error("layer %s poisoned: %s; every read of it fails from now on",
+                  layer.info.digest, reason)
+        self.counters.errors.append(f"layer {layer.info.digest[:19]} poisoned: {reason}")
+        keys = [c.key for c in layer.geo.chunks if c.sha256 is None]
+        for key in keys:
+            self.memory.discard(key)
+        if layer.geo.shape == "stream":
+            for i in range(layer.stream_next):
+                self.memory.discard(layer.geo.position_key(i))
+        self._spawn(self._purge, layer)
+
+    async def _purge(self, layer: _Layer) -> None:
+        try:
+            await trio.to_thread.run_sync(self.store.remove_layer, layer.info.digest)
+            if self.toc_cache is not None:
+                await trio.to_thread.run_sync(self.toc_cache.remove_verified, layer.info.digest)
+        except _CacheErrorBase as exc:
+            self._note_error(str(exc))

@@ -1,0 +1,213 @@
+"""The read path against a real registry: every byte right, caches shared, lies caught."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from helpers import kitfs, make_project
+from kitfs.engine.reader import EngineConfig
+from kitfs.engine.session import OpenedKit, open_kit
+from kitfs.errors import IntegrityError, KitfsError
+from kitfs.modelkit import mediatypes as mt
+from kitfs.oci.client import ClientOptions, RegistryClient
+from kitfs.oci.reference import parse_reference
+from registry import RegistryServer
+
+SMALL_CHUNKS = EngineConfig(chunk_size=1 << 20, prefetch="none", read_timeout=10)
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def pack(project: Path, ref: str, home: Path, *extra: str) -> None:
+    proc = kitfs("pack", str(project), "-t", ref, *extra, home=home)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_project(tmp_path_factory.mktemp("eng") / "p", weight_bytes=(5 << 20) + 12345)
+
+
+async def read_all(kit: OpenedKit, node_path: str, piece: int = 128 << 10) -> bytes:
+    node = kit.tree.nodes[node_path]
+    out = bytearray()
+    while len(out) < node.size:
+        out += await kit.engine.read(node, len(out), piece)
+    return bytes(out)
+
+
+@contextlib.asynccontextmanager
+async def opened(ref: str, cache: Path, config: EngineConfig = SMALL_CHUNKS
+                 ) -> AsyncIterator[OpenedKit]:
+    async with open_kit(parse_reference(ref), ClientOptions(read_timeout=5, retry_budget=3),
+                        cache, config=config) as kit, trio.open_nursery() as nursery:
+        await kit.engine.start(nursery)
+        yield kit
+        await kit.engine.flush()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+async def test_random_reads_match_the_source(
+    registry: RegistryServer, project: Path, tmp_path: Path, compression: str
+) -> None:
+    ref = f"{registry.host}/engine/{compression}:v1"
+    pack(project, ref, tmp_path / "home", "--compression", compression)
+    source = (project / "model" / "model.safetensors").read_bytes()
+    rng = random.Random(7)
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        for _ in range(60):
+            off = rng.randrange(0, len(source))
+            size = rng.choice([1, 511, 4096, 131072, 1 << 20, 3 << 20])
+            got = await kit.engine.read(node, off, size)
+            assert bytes(got) == source[off : off + size]
+        assert await read_all(kit, "model/config.json") == (
+            project / "model" / "config.json").read_bytes()
+        status = kit.engine.status()
+        assert status["bytes_fetched"] > 0
+        assert all(layer["state"] == "verified" for layer in status["layers"])  # per chunk
+
+
+async def test_second_mount_reads_from_the_shared_cache(
+    registry: RegistryServer, project: Path, tmp_path: Path
+) -> None:
+    ref = f"{registry.host}/engine/shared:v1"
+    pack(project, ref, tmp_path / "home")
+    cache = tmp_path / "cache"
+    want = (project / "model" / "model.safetensors").read_bytes()
+    async with opened(ref, cache) as kit:
+        assert await read_all(kit, "model/model.safetensors") == want
+    async with opened(ref, cache) as kit:
+        assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
+        st = kit.engine.status()
+        assert st["disk_hits"] > 0, (st, sorted(p.name for p in cache.rglob("*")))
+
+
+async def test_prefetch_loads_the_model_before_it_is_read(
+    registry: RegistryServer, project: Path, tmp_path: Path
+) -> None:
+    ref = f"{registry.host}/engine/prefetch:v1"
+    pack(project, ref, tmp_path / "home")
+    config = EngineConfig(chunk_size=1 << 20, prefetch="model")
+    async with opened(ref, tmp_path / "cache", config) as kit:
+        with trio.fail_after(20):
+            while kit.engine.status()["prefetch"]["done_bytes"] < kit.engine.status()[
+                    "prefetch"]["total_bytes"] or not kit.engine.status()["prefetch"][
+                    "total_bytes"]:
+                await trio.sleep(0.05)
+        fetched = kit.engine.status()["bytes_fetched"]
+        assert fetched >= 5 << 20
+        await read_all(kit, "model/model.safetensors")
+        assert kit.engine.status()["bytes_fetched"] == fetched  # all served from cache
+
+
+def corrupt_blob(registry: RegistryServer, digest: str, offset: int) -> None:
+    """Make the registry lie: flip a byte of the blob in its own storage."""
+    hexd = digest.split(":")[1]
+    path = (registry.root / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256"
+            / hexd[:2] / hexd / "data")
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+async def test_lying_registry_with_chunk_digests_is_caught_before_serving(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    # A project of its own: the registry stores each blob once, so corrupting a shared
+    # layer would make other tests' registries lie too.
+    project = make_project(tmp_path / "lying", weight_bytes=20 << 20)
+    ref = f"{registry.host}/engine/lying-toc:v1"
+    pack(project, ref, tmp_path / "home")
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        corrupt_blob(registry, node.layer or "", node.offset + (10 << 20) + 5)
+        assert bytes(await kit.engine.read(node, 0, 4096))  # an intact chunk still reads
+        with pytest.raises(IntegrityError):  # the 8 MiB chunk holding the flipped byte
+            await kit.engine.read(node, 10 << 20, 4096)
+        with pytest.raises(IntegrityError):  # the layer stays poisoned
+            await kit.engine.read(node, 0, 4096)
+        assert kit.engine.status()["layers"][0]["state"] == "poisoned"
+
+
+async def push_kit_made(registry: RegistryServer, project: Path, repo: str,
+                        compress: bool) -> str:
+    """A ModelKit as kit wrote it: no kitfs table of contents, optionally one gzip stream."""
+    import io
+
+    from kitfs.modelkit.kitfile import config_json, load_kitfile
+    from kitfs.modelkit.kitignore import KitIgnore
+    from kitfs.modelkit.layers import plan_layer
+    from kitfs.modelkit.tarwriter import write_layer
+
+    buf = io.BytesIO()
+    entries = plan_layer(project, "./model", ["./model"], KitIgnore.from_context(project))
+    write_layer(entries, buf, compression="none", media_type="x")
+    tar = buf.getvalue()
+    blob = gzip.compress(tar, mtime=0) if compress else tar
+    (project / "Kitfile.min").write_text(
+        "manifestVersion: 1.0.0\nmodel:\n  name: m\n  path: ./model\n")
+    kf = load_kitfile((project / "Kitfile.min").read_bytes())
+    config = config_json(kf.with_layer_digests([(sha(blob), sha(tar))]))
+    manifest = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+                "config": {"mediaType": mt.KITOPS_CONFIG, "digest": sha(config),
+                           "size": len(config)},
+                "layers": [{"mediaType": mt.layer_media_type(
+                    "model", "tar", "gzip" if compress else "none"),
+                    "digest": sha(blob), "size": len(blob)}]}
+    async with RegistryClient(registry.host, ClientOptions()) as client:
+        await client.push_blob_bytes(repo, sha(config), config)
+        await client.push_blob_bytes(repo, sha(blob), blob)
+        await client.put_manifest(repo, "v1", json.dumps(manifest).encode(), mt.OCI_MANIFEST)
+    return sha(blob)
+
+
+async def test_kit_gzip_layer_streams_once(
+    registry: RegistryServer, project: Path, tmp_path: Path
+) -> None:
+    await push_kit_made(registry, project, "engine/kitgzip", compress=True)
+    want = (project / "model" / "model.safetensors").read_bytes()
+    async with opened(f"{registry.host}/engine/kitgzip:v1", tmp_path / "cache") as kit:
+        tail = await kit.engine.read(kit.tree.nodes["model/model.safetensors"],
+                                     len(want) - 1000, 1000)
+        assert bytes(tail) == want[-1000:]
+        assert await read_all(kit, "model/model.safetensors") == want
+        st = kit.engine.status()
+        assert st["requests"] == 1  # one streamed GET served every chunk
+        with trio.fail_after(10):
+            while st["layers"][0]["state"] != "verified":
+                await trio.sleep(0.05)
+                st = kit.engine.status()
+
+
+@pytest.mark.parametrize("verify", ["lazy", "strict"])
+async def test_lying_registry_without_chunk_digests_poisons_the_layer(
+    registry: RegistryServer, tmp_path: Path, verify: str
+) -> None:
+    project = make_project(tmp_path / "lying", weight_bytes=5 << 20)  # a layer of its own
+    digest = await push_kit_made(registry, project, f"engine/kitlie-{verify}", compress=False)
+    corrupt_blob(registry, digest, 3 << 20)
+    config = EngineConfig(chunk_size=1 << 20, prefetch="model", verify=verify,  # type: ignore[arg-type]
+                          read_timeout=10)
+    async with opened(f"{registry.host}/engine/kitlie-{verify}:v1", tmp_path / "c", config) as kit:
+        node = kit.tree.nodes["model/config.json"]
+        if verify == "strict":
+            with pytest.raises(IntegrityError):
+                await kit.engine.read(node, 0, 100)
+        with trio.fail_after(15):
+            while kit.engine.status()["layers"][0]["state"] != "poisoned":
+                await trio.sleep(0.05)
+        with pytest.raises(KitfsError, match="failed verification"):
+            await kit.engine.read(node, 0, 100)
