@@ -211,3 +211,24 @@ async def test_lying_registry_without_chunk_digests_poisons_the_layer(
                 await trio.sleep(0.05)
         with pytest.raises(KitfsError, match="failed verification"):
             await kit.engine.read(node, 0, 100)
+
+
+async def test_registry_stopped_mid_read(tmp_path: Path) -> None:
+    """Cached bytes keep flowing; the rest fails within the read bound, never hangs."""
+    from registry import running_registry
+
+    project = make_project(tmp_path / "p", weight_bytes=20 << 20)
+    want = (project / "model" / "model.safetensors").read_bytes()
+    with running_registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/engine/stopped:v1"
+        pack(project, ref, tmp_path / "home")
+        config = EngineConfig(prefetch="none", read_timeout=8)
+        async with opened(ref, tmp_path / "cache", config) as kit:
+            node = kit.tree.nodes["model/model.safetensors"]
+            assert bytes(await kit.engine.read(node, 0, 1 << 20)) == want[: 1 << 20]
+            reg.stop()
+            assert bytes(await kit.engine.read(node, 4096, 4096)) == want[4096:8192]
+            start = trio.current_time()
+            with pytest.raises(KitfsError):
+                await kit.engine.read(node, 17 << 20, 4096)
+            assert trio.current_time() - start < 10
