@@ -24,7 +24,7 @@ from kitfs.modelkit.tree import Tree
 from kitfs.oci.client import ClientOptions
 from kitfs.oci.reference import parse_reference
 from kitfs.oci.source import open_source
-from kitfs.progress import human_bytes
+from kitfs.units import human_bytes
 
 T = TypeVar("T")
 

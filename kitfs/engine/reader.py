@@ -163,15 +163,30 @@ class Engine:
     # -- FileReader -------------------------------------------------------------------
 
     def opened(self, node: Node) -> None:
-        self._open[node.path] = self._open.get(node.path, 0) + 1
+        count = self._open.get(node.path, 0)
+        self._open[node.path] = count + 1
+        if count == 0:
+            for key in self._file_keys(node):
+                self.store.pin(key)  # what an open file reads is evicted last
 
     def released(self, node: Node) -> None:
         left = self._open.get(node.path, 0) - 1
         if left > 0:
             self._open[node.path] = left
-        else:
-            self._open.pop(node.path, None)
-            self._readahead.pop(node.path, None)
+            return
+        if self._open.pop(node.path, None) is not None:
+            for key in self._file_keys(node):
+                self.store.unpin(key)
+        self._readahead.pop(node.path, None)
+
+    def _file_keys(self, node: Node) -> list[str]:
+        if node.layer is None or node.size == 0:
+            return []
+        layer = self.layers[node.layer]
+        size = layer.geo.chunk_size
+        first, last = node.offset // size, (node.offset + node.size - 1) // size
+        return [self._key(layer, i) for i in range(first, last + 1)
+                if not layer.geo.chunks or i < len(layer.geo.chunks)]
 
     async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
         self.counters.reads += 1
