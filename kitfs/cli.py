@@ -157,6 +157,28 @@ Remove REGISTRY from $KITOPS_HOME/credentials.json.
 """)
     p.add_argument("registry", metavar="REGISTRY")
     p.set_defaults(handler="kitfs.commands:cmd_logout")
+
+    p = command("cache", "show, trim, check or empty the shared chunk cache", """\
+Every mount on a node shares one content-addressed chunk cache. These actions
+are safe while mounts run: a removed chunk is simply fetched again.
+
+  du       how much the cache holds
+  gc       evict least-recently-used chunks until it holds at most --max-size
+  verify   check every chunk's checksum; remove bad ones (exit 1 if any)
+  clear    remove every chunk
+
+examples:
+  kitfs cache du
+  kitfs cache gc --max-size 200G
+  kitfs cache verify --cache-dir /mnt/nvme/kitfs
+""")
+    p.add_argument("action", choices=("du", "gc", "verify", "clear"))
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="the cache (default: $KITFS_CACHE_DIR, else /var/cache/kitfs for "
+                        "root, else $XDG_CACHE_HOME/kitfs)")
+    p.add_argument("--max-size", metavar="SIZE", help="for gc: the size to trim down to")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler="kitfs.cachecmd:cmd_cache")
     return parser
 
 

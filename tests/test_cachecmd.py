@@ -1,0 +1,40 @@
+"""`kitfs cache` on a real cache directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from helpers import kitfs
+from kitfs.cache.keys import chunk_key_for_digest
+from kitfs.cache.store import ChunkStore
+
+
+def test_du_verify_gc_clear(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "c", sync=False)
+    keys = [chunk_key_for_digest(f"{i:064x}") for i in range(6)]
+    for key in keys:
+        store.put(key, bytes([len(key) % 251]) * 100_000)
+    path = store.path(keys[2])
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    cache = ["--cache-dir", str(tmp_path / "c"), "--json"]
+
+    du = json.loads(kitfs("cache", "du", *cache).stdout)
+    assert du["chunks"] == 6 and du["bytes"] >= 600_000
+
+    verify = kitfs("cache", "verify", *cache)
+    assert verify.returncode == 1
+    assert json.loads(verify.stdout)["bad"] == 1
+    assert kitfs("cache", "verify", *cache).returncode == 0
+
+    gc = json.loads(kitfs("cache", "gc", *cache, "--max-size", "250K").stdout)
+    assert gc["removed_chunks"] >= 3 and gc["bytes"] <= 250 * 1024
+
+    no_size = kitfs("cache", "gc", *cache)
+    assert no_size.returncode == 2 and "--max-size" in no_size.stderr
+
+    assert json.loads(kitfs("cache", "clear", *cache).stdout)["removed_chunks"] >= 1
+    assert json.loads(kitfs("cache", "du", *cache).stdout)["chunks"] == 0
+    assert "no kitfs cache" in kitfs("cache", "du", "--cache-dir", str(tmp_path / "x")).stdout
