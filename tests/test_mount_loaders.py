@@ -1,0 +1,135 @@
+"""Real readers through a real mount: safetensors, numpy, mmap, several processes, two daemons.
+
+Every test mounts with `kitfs mount` (a daemon process) against the session's
+Distribution registry and compares what it reads with the packed source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from helpers import kitfs
+from mounting import mounted
+from registry import RegistryServer
+
+pytestmark = pytest.mark.fuse
+
+
+def sha_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LLM-shaped project with real safetensors shards (F16/F32/I64 tensors)."""
+    root = tmp_path_factory.mktemp("llm") / "proj"
+    (root / "model").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for shard in range(3):
+        tensors = {
+            f"layers.{shard}.w{i}": rng.standard_normal((256 + i, 512)).astype(np.float16)
+            for i in range(6)
+        }
+        tensors[f"layers.{shard}.bias"] = rng.standard_normal(512).astype(np.float32)
+        tensors[f"layers.{shard}.ids"] = np.arange(1000, dtype=np.int64)
+        save_file(tensors, str(root / "model" / f"model-{shard:05d}-of-00003.safetensors"))
+    (root / "model" / "config.json").write_text(json.dumps({"hidden_size": 512}))
+    (root / "Kitfile").write_text(
+        "manifestVersion: 1.0.0\nmodel:\n  name: llm\n  path: ./model\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def llm_ref(llm: Path, registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory
+            ) -> str:
+    ref = f"{registry.host}/mount/llm:v1"
+    proc = kitfs("pack", str(llm), "-t", ref, home=tmp_path_factory.mktemp("home"))
+    assert proc.returncode == 0, proc.stderr
+    return ref
+
+
+LOADER = r"""
+import sys, hashlib
+from pathlib import Path
+from safetensors import safe_open
+out = hashlib.sha256()
+for shard in sorted(Path(sys.argv[1]).glob("*.safetensors")):
+    with safe_open(str(shard), framework="numpy") as f:
+        for name in sorted(f.keys()):
+            arr = f.get_tensor(name)
+            out.update(name.encode()); out.update(arr.tobytes())
+print(out.hexdigest())
+"""
+
+
+def load_all(model_dir: Path) -> str:
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(model_dir)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_safetensors_loads_every_tensor_through_the_mount(
+    llm: Path, llm_ref: str, tmp_path: Path
+) -> None:
+    with mounted(llm_ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        assert load_all(mnt / "model") == load_all(llm / "model")
+
+
+def test_four_reader_processes_at_once(llm: Path, llm_ref: str, tmp_path: Path) -> None:
+    script = ("import hashlib,sys,random\n"
+              "p=sys.argv[1]; rng=random.Random(int(sys.argv[2]))\n"
+              "d=open(p,'rb').read(); print(hashlib.sha256(d).hexdigest())\n")
+    shard = "model/model-00001-of-00003.safetensors"
+    want = sha_file(llm / shard)
+    with mounted(llm_ref, tmp_path / "mnt", tmp_path / "cache", "--prefetch", "none") as mnt:
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(mnt / shard), str(i)],
+                                  stdout=subprocess.PIPE, text=True) for i in range(4)]
+        outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outs == [want] * 4
+
+
+def test_numpy_memmap_and_pread_fuzz(llm: Path, llm_ref: str, tmp_path: Path) -> None:
+    shard = "model/model-00002-of-00003.safetensors"
+    src = (llm / shard).read_bytes()
+    rng = np.random.default_rng(11)
+    with mounted(llm_ref, tmp_path / "mnt", tmp_path / "cache", "--prefetch", "none") as mnt:
+        mm = np.memmap(mnt / shard, dtype=np.uint8, mode="r")
+        assert mm.shape[0] == len(src)
+        assert bytes(mm[-4097:]) == src[-4097:]
+        fd = os.open(mnt / shard, os.O_RDONLY)
+        try:
+            for _ in range(200):
+                off = int(rng.integers(0, len(src)))
+                size = int(rng.choice([1, 3, 4095, 4097, 65537, 1 << 20]))
+                assert os.pread(fd, size, off) == src[off : off + size]
+        finally:
+            os.close(fd)
+        del mm
+
+
+def test_two_daemons_share_one_cache(llm: Path, llm_ref: str, tmp_path: Path) -> None:
+    cache = tmp_path / "shared-cache"
+    shard = "model/model-00000-of-00003.safetensors"
+    want = sha_file(llm / shard)
+    with mounted(llm_ref, tmp_path / "a", cache) as a, \
+            mounted(llm_ref, tmp_path / "b", cache) as b:
+        procs = [subprocess.Popen([sys.executable, "-c",
+                                   "import hashlib,sys;print(hashlib.sha256("
+                                   "open(sys.argv[1],'rb').read()).hexdigest())", str(m / shard)],
+                                  stdout=subprocess.PIPE, text=True) for m in (a, b)]
+        assert [p.communicate(timeout=120)[0].strip() for p in procs] == [want, want]
+        assert load_all(a / "model") == load_all(b / "model")
