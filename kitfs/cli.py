@@ -158,6 +158,80 @@ Remove REGISTRY from $KITOPS_HOME/credentials.json.
     p.add_argument("registry", metavar="REGISTRY")
     p.set_defaults(handler="kitfs.commands:cmd_logout")
 
+    p = command("mount", "mount a ModelKit as a lazy, read-only directory", """\
+Mount REF at MOUNTPOINT (an existing, empty directory) and return once the
+files are there. Nothing is downloaded up front: file bytes are fetched when
+read, plus what --prefetch predicts, into a chunk cache that every mount on
+the machine shares, and checked against the ModelKit's digests. The daemon
+runs in the background until `kitfs umount`; its log sits next to its state
+(`kitfs status` shows where). Readers get EIO, never a hang, when the
+registry stops answering (--timeout).
+
+examples:
+  kitfs mount registry.example.com/team/llama:v1 /mnt/llama
+  kitfs mount localhost:5000/demo/llm:v1 /mnt/llm --filter model --prefetch none
+  kitfs mount mymodel:v1 /mnt/m --cache-dir /nvme/kitfs --cache-size 200G --allow-other
+  kitfs umount /mnt/llama
+""")
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="the shared chunk cache (default: $KITFS_CACHE_DIR, else "
+                        "/var/cache/kitfs for root, else $XDG_CACHE_HOME/kitfs)")
+    p.add_argument("--cache-size", metavar="SIZE",
+                   help="evict least-recently-used chunks beyond this much disk, e.g. 200G "
+                        "(default: no limit; trim with `kitfs cache gc`)")
+    p.add_argument("--filter", action="append", metavar="FILTER", default=[],
+                   help="show only part of the ModelKit, as `kit unpack --filter`: "
+                        "TYPES[:IDS] with TYPES from kitfile, model, datasets, code, docs, "
+                        "prompts (repeatable)")
+    p.add_argument("--prefetch", choices=("none", "model", "all"), default="model",
+                   help="fetch ahead of readers: the Kitfile, small files, then weights in "
+                        "load order (model, the default), every file (all), or only what "
+                        "is read (none)")
+    p.add_argument("--verify", choices=("lazy", "strict"), default="lazy",
+                   help="lazy (default): serve bytes as they arrive and verify each layer "
+                        "in the background (a mismatch makes later reads fail); strict: "
+                        "serve only verified bytes (a layer without per-chunk digests is "
+                        "read whole before its first byte is served)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users read the mount (non-root needs user_allow_other "
+                        "in /etc/fuse.conf)")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr; Ctrl-C unmounts")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _add_network_options(p)
+    p.set_defaults(handler="kitfs.commands:cmd_mount")
+
+    p = command("umount", "unmount a ModelKit mount and stop its daemon", """\
+Stop the daemon serving MOUNTPOINT and wait until the mount is gone. If the
+daemon died (killed, crashed), the stale mount (every access fails with
+"Transport endpoint is not connected") is detached and its state removed.
+
+examples:
+  kitfs umount /mnt/llama
+""")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the daemon to exit (default: 30)")
+    p.set_defaults(handler="kitfs.commands:cmd_umount")
+
+    p = command("status", "show kitfs mounts and what their daemons are doing", """\
+List every kitfs mount of this user (root: of the machine), or just the one
+at MOUNTPOINT: reference, digest, daemon pid and whether it is alive, and
+the engine's counters (bytes fetched and served, cache hits, prefetch
+progress, layer verification). A mount whose daemon died shows as `dead`:
+`kitfs umount` cleans it up.
+
+examples:
+  kitfs status
+  kitfs status /mnt/llama --json | jq '.[0].status.engine.hit_rate'
+""")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list with one object per mount")
+    p.set_defaults(handler="kitfs.commands:cmd_status")
+
     p = command("cache", "show, trim, check or empty the shared chunk cache", """\
 Every mount on a node shares one content-addressed chunk cache. These actions
 are safe while mounts run: a removed chunk is simply fetched again.

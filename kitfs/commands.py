@@ -7,16 +7,19 @@ into one line by cli.main.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import logging
+import os
 import stat
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from kitfs.errors import UsageError
+from kitfs.errors import KitfsError, UsageError
 from kitfs.inspection import Inspection, build_file_tree, inspect
 from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.kitfile import kitfile_to_yaml
@@ -25,6 +28,10 @@ from kitfs.oci.client import ClientOptions
 from kitfs.oci.reference import parse_reference
 from kitfs.oci.source import open_source
 from kitfs.units import human_bytes
+
+if TYPE_CHECKING:
+    from kitfs.daemon import MountConfig
+    from kitfs.mounts import MountState
 
 T = TypeVar("T")
 
@@ -203,4 +210,179 @@ def cmd_logout(args: argparse.Namespace) -> int:
         print(f"Removed credentials for {args.registry}")
     else:
         print(f"No credentials were saved for {args.registry}")
+    return 0
+
+
+def _mount_config(args: argparse.Namespace) -> MountConfig:
+    from kitfs.daemon import MountConfig
+    from kitfs.mounts import absolute_mountpoint, default_cache_dir, log_path
+    from kitfs.units import parse_size
+
+    parse_reference(args.reference)  # a bad reference fails here, before anything starts
+    FilterSet.parse(args.filter)
+    cache_size = None
+    if args.cache_size is not None and args.cache_size.lower() not in ("none", "unlimited"):
+        cache_size = parse_size(args.cache_size)
+    mountpoint = absolute_mountpoint(args.mountpoint)
+    options = client_options(args)
+    return MountConfig(
+        reference=args.reference, mountpoint=mountpoint,
+        cache_dir=Path(os.path.abspath(Path(args.cache_dir).expanduser())) if args.cache_dir
+        else default_cache_dir(),
+        client=options, filters=tuple(args.filter), prefetch=args.prefetch,
+        cache_size=cache_size, verify=args.verify, allow_other=args.allow_other,
+        foreground=bool(args.foreground),
+        request_timeout=options.read_timeout,
+        log_file=log_path(mountpoint) if args.ready_fd is not None else None,
+    )
+
+
+def _daemon_argv(args: argparse.Namespace, config: MountConfig) -> list[str]:
+    """The `kitfs mount --foreground` command line the background daemon runs."""
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else None
+
+    argv = ["mount", config.reference, str(config.mountpoint), "--foreground",
+            "--cache-dir", str(config.cache_dir), "--prefetch", config.prefetch,
+            "--verify", config.verify, "--timeout", repr(config.client.read_timeout),
+            "--tls-verify", "true" if config.client.tls_verify else "false"]
+    if config.cache_size is not None:
+        argv += ["--cache-size", str(config.cache_size)]
+    for text in config.filters:
+        argv += ["--filter", text]
+    if config.allow_other:
+        argv.append("--allow-other")
+    if config.client.plain_http:
+        argv.append("--plain-http")
+    for flag, value in (("--ca-file", config.client.ca_file), ("--cert", config.client.cert_file),
+                        ("--key", config.client.key_file), ("--config", args.kitops_home)):
+        if value:
+            argv += [flag, str(absolute(value))]
+    if args.verbose:
+        argv.append("-" + "v" * args.verbose)
+    return argv
+
+
+def _print_mounted(state: MountState) -> None:
+    print(f"mounted {state.reference} at {state.mountpoint}")
+    print(f"  digest  {state.digest}")
+    print(f"  files   {state.files} ({human_bytes(state.size)})")
+    daemon = f"pid {state.pid}" + (f", log {state.log}" if state.log else "")
+    print(f"  daemon  {daemon}")
+    print(f"  cache   {state.cache_dir}")
+    sys.stdout.flush()
+
+
+def _daemon_logging(verbose: int) -> None:
+    """A daemon's log is for after the fact: timestamps, pid, INFO and up; no request spam."""
+    level = logging.DEBUG if verbose >= 2 else logging.INFO
+    logging.basicConfig(
+        force=True, level=level,
+        format="%(asctime)s kitfs[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "httpcore", "pyfuse3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from kitfs.mounts import ReadyPipe, check_mountpoint, start_daemon
+
+    config = _mount_config(args)
+    check_mountpoint(config.mountpoint)
+    if not (args.foreground or args.ready_fd is not None):
+        _print_mounted(start_daemon(_daemon_argv(args, config), config.mountpoint))
+        return 0
+
+    from kitfs.daemon import serve
+
+    pipe = ReadyPipe(args.ready_fd)
+    if args.ready_fd is not None:
+        _daemon_logging(args.verbose)
+
+    def ready(state: MountState) -> None:
+        if pipe.pending:
+            pipe.ready()
+        else:
+            _print_mounted(state)
+
+    try:
+        run_async(lambda: serve(config, ready))
+    except KitfsError as exc:
+        pipe.failed(exc.exit_code, str(exc))
+        raise
+    except BaseException as exc:
+        pipe.failed(70, f"internal error: {type(exc).__name__}: {exc}")
+        raise
+    pipe.failed(1, "the daemon stopped before the mount was ready")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from kitfs.mounts import absolute_mountpoint, umount
+
+    print(umount(absolute_mountpoint(args.mountpoint), timeout=args.wait))
+    return 0
+
+
+def _status_doc(state: MountState, mounted: bool) -> dict[str, object]:
+    return {
+        "mountpoint": state.mountpoint, "reference": state.reference, "digest": state.digest,
+        "pid": state.pid, "alive": state.alive, "mounted": mounted,
+        "started": _iso(state.started), "updated": _iso(state.updated) if state.updated else None,
+        "files": state.files, "size": state.size, "filters": state.filters,
+        "cacheDir": state.cache_dir, "log": state.log, "status": state.status,
+    }
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _flatten(prefix: str, value: object, out: list[str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    elif isinstance(value, list):
+        if value and not all(isinstance(v, dict) for v in value):
+            out.append(f"{prefix}={','.join(map(str, value))}")
+    elif value is not None:
+        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        out.append(f"{prefix}={shown}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from kitfs.mounts import MountError, absolute_mountpoint, all_states, mount_table, read_state
+
+    mounted = {m.mountpoint for m in mount_table()}
+    if args.mountpoint:
+        mountpoint = absolute_mountpoint(args.mountpoint)
+        state = read_state(mountpoint)
+        if state is None:
+            raise MountError(f"no kitfs mount at {mountpoint}")
+        states = [state]
+    else:
+        states = all_states()
+    docs = [_status_doc(s, s.mountpoint in mounted) for s in states]
+    if args.json:
+        json.dump(docs, sys.stdout, indent=2)
+        print()
+        return 0
+    if not docs:
+        print("no kitfs mounts")
+        return 0
+    width = max(len("MOUNTPOINT"), *(len(str(d["mountpoint"])) for d in docs))
+    print(f"{'MOUNTPOINT':<{width}}  {'STATE':<8} {'PID':>7}  {'FILES':>6} {'SIZE':>10}  "
+          "REFERENCE")
+    for d, s in zip(docs, states, strict=True):
+        state_name = "mounted" if d["alive"] and d["mounted"] else (
+            "starting" if d["alive"] else "dead")
+        print(f"{s.mountpoint:<{width}}  {state_name:<8} {s.pid:>7}  {s.files:>6} "
+              f"{human_bytes(s.size):>10}  {s.reference}")
+    for s in states:
+        counters: list[str] = []
+        _flatten("", s.status, counters)
+        print(f"\n{s.mountpoint}  {s.digest}")
+        for line in counters:
+            print(f"  {line}")
     return 0

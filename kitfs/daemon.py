@@ -1,0 +1,258 @@
+"""The composition root of a mount: build every object, mount, serve, unmount.
+
+One daemon process serves one mountpoint. `serve` owns the root nursery;
+everything that runs in the background (pyfuse3's workers, the engine's
+prefetch and verification, the state file refresher, the signal watcher)
+lives there, so stopping is one cancel. The order on the way out is the one
+design.md asks for: the FUSE loop returns (SIGTERM/SIGINT/SIGHUP call
+`pyfuse3.terminate`, or someone ran `umount`), the kernel mount goes, the
+root scope is cancelled, the registry client closes, the cache is flushed.
+
+A signal that arrives before the mount exists just abandons the start-up;
+one that arrives after `pyfuse3.init` always ends in an unmount, so a daemon
+stopped by anything but SIGKILL never leaves a dead mount behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from kitfs.engine.api import FileReader
+from kitfs.engine.reader import Engine, EngineConfig, PrefetchMode, VerifyMode
+from kitfs.engine.session import open_kit
+from kitfs.fs.operations import FsConfig, KitfsOperations
+from kitfs.inspection import Inspection
+from kitfs.modelkit.filters import FilterSet
+from kitfs.mounts import (
+    MountError,
+    MountState,
+    find_mount,
+    process_start_time,
+    remove_state,
+    write_state,
+)
+from kitfs.oci.client import ClientOptions
+from kitfs.oci.reference import parse_reference
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STATE_INTERVAL_S = 1.0
+# Writing fetched chunks out on the way down must not hold `kitfs umount` for long.
+FLUSH_TIMEOUT_S = 10.0
+READ_BOUND_MARGIN_S = 5.0
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    reference: str
+    mountpoint: Path  # absolute
+    cache_dir: Path
+    client: ClientOptions = dataclasses.field(default_factory=ClientOptions)
+    filters: tuple[str, ...] = ()
+    prefetch: PrefetchMode = "model"
+    cache_size: int | None = None  # bytes; None: no budget
+    verify: VerifyMode = "lazy"
+    allow_other: bool = False
+    foreground: bool = False
+    #: Kernel readahead for the mount; sets the size of FUSE read requests (design.md).
+    read_ahead_kb: int = 1024
+    #: Bound on one FUSE request: past it the reader gets EIO.
+    request_timeout: float = 30.0
+    log_file: Path | None = None
+
+
+class _Stopper:
+    """What a stop signal means depends on how far start-up got."""
+
+    def __init__(self, scope: trio.CancelScope) -> None:
+        self._scope = scope
+        self.fuse_running = False
+        self.signalled: int | None = None
+
+    def stop(self, signum: int) -> None:
+        self.signalled = signum
+        if self.fuse_running:
+            pyfuse3.terminate()  # the loop returns; serve unmounts and cleans up
+        else:
+            self._scope.cancel()
+
+
+async def _watch_signals(signals: Any, stopper: _Stopper) -> None:
+    async for signum in signals:
+        log.info("%s: unmounting", signal.Signals(signum).name)
+        stopper.stop(signum)
+
+
+async def serve(config: MountConfig, ready: Callable[[MountState], None]) -> None:
+    """Mount `config.reference` at `config.mountpoint` and serve it until stopped.
+
+    `ready` is called once the mount answers requests. Errors before that are
+    raised as KitfsError (nothing is left mounted); a stop signal before it
+    raises MountError.
+    """
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as root:
+            stopper = _Stopper(root.cancel_scope)
+            root.start_soon(_watch_signals, signals, stopper)
+            await _serve(config, ready, root, stopper)
+            root.cancel_scope.cancel()
+    if stopper.signalled is not None and not stopper.fuse_running:
+        name = signal.Signals(stopper.signalled).name
+        raise MountError(f"interrupted ({name}) before {config.mountpoint} was mounted")
+
+
+async def _serve(
+    config: MountConfig, ready: Callable[[MountState], None], root: trio.Nursery,
+    stopper: _Stopper,
+) -> None:
+    reference = parse_reference(config.reference)
+    filters = FilterSet.parse(list(config.filters))
+    engine_config = EngineConfig(
+        prefetch=config.prefetch, verify=config.verify, read_timeout=config.request_timeout,
+    )
+    async with open_kit(
+        reference, config.client, config.cache_dir, filters=filters, config=engine_config,
+        cache_budget=config.cache_size,
+    ) as kit:
+        await kit.engine.start(root)
+        ops = KitfsOperations(kit.tree, kit.engine, FsConfig(
+            uid=os.getuid(), gid=os.getgid(), time_ns=_tree_time_ns(kit.inspection),
+            request_timeout=config.request_timeout,
+            read_timeout=_read_bound(kit.engine, engine_config),
+        ))
+        state = MountState(
+            pid=os.getpid(), start_time=process_start_time(os.getpid()),
+            reference=config.reference, digest=kit.inspection.digest,
+            mountpoint=str(config.mountpoint), cache_dir=str(config.cache_dir),
+            log=str(config.log_file) if config.log_file is not None else None,
+            started=time.time(), files=sum(1 for _ in kit.tree.files()),
+            size=kit.tree.total_size, filters=list(config.filters),
+        )
+        await _mount_and_run(config, ops, kit.engine, state, ready, stopper)
+        with trio.move_on_after(FLUSH_TIMEOUT_S):
+            await kit.engine.flush()  # before the cancel: the engine's writes run in `root`
+        root.cancel_scope.cancel()
+
+
+def _read_bound(engine: Engine, config: EngineConfig) -> float:
+    """The FUSE-side bound on a read: the engine's own bound plus a margin.
+
+    The engine turns a silent registry into UnreachableError after its read
+    timeout (longer for gzip/zstd layers `kit` wrote, which readers wait on
+    while the layer streams); this outer bound only catches an engine that
+    hangs, so it must never fire first.
+    """
+    streams = any(layer.geo.shape == "stream" for layer in engine.layers.values())
+    bound: float = config.stream_timeout if streams else config.read_timeout
+    return bound + READ_BOUND_MARGIN_S
+
+
+def _tree_time_ns(inspection: Inspection) -> int:
+    """Timestamps of every node: when the ModelKit was made if it says, else now.
+
+    Tar entries `kit` writes all carry mtime 0, which would show as 1970 and
+    tell nobody anything; the ModelKit's creation time is the truth that is
+    stable across remounts.
+    """
+    created = inspection.view.created
+    if created:
+        with contextlib.suppress(ValueError):
+            stamp = datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
+            if stamp.tzinfo is None:
+                stamp = stamp.replace(tzinfo=datetime.UTC)
+            return int(stamp.timestamp()) * 1_000_000_000
+    return time.time_ns()
+
+
+# -- mounting -----------------------------------------------------------------------
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = {"fsname=kitfs", "subtype=kitfs", "ro", "default_permissions"}
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def _mount_and_run(
+    config: MountConfig, ops: KitfsOperations, reader: FileReader, state: MountState,
+    ready: Callable[[MountState], None], stopper: _Stopper,
+) -> None:
+    mountpoint = str(config.mountpoint)
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_options(config))
+    except RuntimeError:
+        hint = " (allow_other needs user_allow_other in /etc/fuse.conf)" \
+            if config.allow_other and os.geteuid() != 0 else ""
+        raise MountError(f"the kernel refused to mount {mountpoint}{hint}") from None
+    stopper.fuse_running = True
+    log.info("mounted %s (%s) at %s", config.reference, state.digest, mountpoint)
+    try:
+        async with trio.open_nursery() as mount_tasks:
+            mount_tasks.start_soon(_announce, config, ops, reader, state, ready)
+            await pyfuse3.main()
+            mount_tasks.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        remove_state(config.mountpoint, state.pid)
+        log.info("unmounted %s", mountpoint)
+
+
+async def _announce(
+    config: MountConfig, ops: KitfsOperations, reader: FileReader, state: MountState,
+    ready: Callable[[MountState], None],
+) -> None:
+    """Tune the mount, prove it answers, publish its state, then keep the state fresh."""
+    with trio.fail_after(max(config.request_timeout, 10.0)):
+        await trio.to_thread.run_sync(os.stat, config.mountpoint)  # served by our own loop
+    # Only now: the kernel lowers the readahead to what FUSE_INIT negotiated, and
+    # INIT has certainly been answered once a request has come through.
+    set_read_ahead(config.mountpoint, config.read_ahead_kb)
+    _refresh(state, ops, reader)
+    ready(state)
+    while True:
+        await trio.sleep(STATE_INTERVAL_S)
+        _refresh(state, ops, reader)
+
+
+def _refresh(state: MountState, ops: KitfsOperations, reader: FileReader) -> None:
+    try:
+        engine = reader.status()
+    except Exception:
+        log.exception("engine status failed")
+        engine = {}
+    state.status = {"fs": ops.status(), "engine": engine}
+    state.updated = time.time()
+    write_state(state)
+
+
+def set_read_ahead(mountpoint: Path, kb: int) -> bool:
+    """Set the kernel readahead of the mount: at the default 128 KiB FUSE reads crawl."""
+    info = find_mount(mountpoint)
+    if info is None:
+        log.warning("cannot set readahead: %s is not in the mount table", mountpoint)
+        return False
+    path = Path("/sys/class/bdi") / info.device / "read_ahead_kb"
+    try:
+        path.write_text(f"{kb}\n")
+    except OSError as exc:
+        level = logging.WARNING if os.geteuid() == 0 else logging.INFO
+        log.log(level, "could not set readahead of %s to %d KiB (%s): reads stay small",
+                mountpoint, kb, exc.strerror)
+        return False
+    log.info("readahead of %s (bdi %s): %d KiB", mountpoint, info.device, kb)
+    return True

@@ -1,0 +1,455 @@
+"""Mount bookkeeping shared by the daemon and the CLI: state files, mount table, unmount.
+
+Each daemon writes one JSON state file, named by a hash of its absolute
+mountpoint, under `/run/kitfs/` (root) or `$XDG_RUNTIME_DIR/kitfs/`. It says
+who serves the mount (pid and process start time, so a recycled pid is not
+mistaken for the daemon), what is mounted, and the engine's counters,
+refreshed about every second. `kitfs status` reads these files; `kitfs
+umount` uses them to find the daemon to stop, and cleans up after a daemon
+that was killed (its mount is left dead: every access says ENOTCONN).
+
+The kernel's mount table (`/proc/self/mountinfo`) is read directly rather
+than stat()ing mountpoints: a stat of a dead FUSE mount fails, and a stat of
+a live one from inside the daemon before its loop runs would deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kitfs.errors import KitfsError
+
+log = logging.getLogger(__name__)
+
+FS_TYPE = "fuse.kitfs"
+STATE_SUFFIX = ".json"
+LOG_SUFFIX = ".log"
+
+
+class MountError(KitfsError):
+    """A mountpoint that cannot be mounted on or unmounted, or a daemon that failed."""
+
+
+# -- where things live --------------------------------------------------------------
+
+
+def state_dir() -> Path:
+    """Per-user runtime directory: tmpfs, gone at reboot along with every mount."""
+    if os.geteuid() == 0:
+        return Path("/run/kitfs")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "kitfs"
+    return Path(tempfile.gettempdir()) / f"kitfs-{os.geteuid()}"
+
+
+def default_cache_dir() -> Path:
+    """`$KITFS_CACHE_DIR`, else the node-wide cache for root, else the user's cache."""
+    env = os.environ.get("KITFS_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    if os.geteuid() == 0:
+        return Path("/var/cache/kitfs")
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "kitfs"
+
+
+def absolute_mountpoint(path: str | os.PathLike[str]) -> Path:
+    """The canonical absolute mountpoint; the last component is never resolved.
+
+    Resolving it would stat the mountpoint itself, which fails on a dead FUSE
+    mount (ENOTCONN) exactly when `umount` needs the path.
+    """
+    p = Path(os.path.abspath(os.fspath(path)))
+    if p.parent == p:
+        return p
+    return Path(os.path.realpath(p.parent)) / p.name
+
+
+def state_key(mountpoint: Path) -> str:
+    return hashlib.sha256(os.fsencode(str(mountpoint))).hexdigest()[:20]
+
+
+def state_path(mountpoint: Path) -> Path:
+    return state_dir() / (state_key(mountpoint) + STATE_SUFFIX)
+
+
+def log_path(mountpoint: Path) -> Path:
+    return state_dir() / (state_key(mountpoint) + LOG_SUFFIX)
+
+
+# -- processes ----------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (None if it is gone or a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and parentheses: fields resume after the last ')'
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    if not fields or fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def daemon_alive(pid: int, start_time: int | None) -> bool:
+    started = process_start_time(pid)
+    return started is not None and (start_time is None or started == start_time)
+
+
+# -- the mount table ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    device: str  # "major:minor": names the mount's backing device info in /sys/class/bdi
+    fstype: str
+    source: str
+
+
+def _unescape(field_: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    if "\\" not in field_:
+        return field_
+    raw = field_.encode()
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def mount_table() -> list[MountInfo]:
+    try:
+        text = Path("/proc/self/mountinfo").read_text(errors="surrogateescape")
+    except OSError as exc:
+        raise MountError(f"cannot read the mount table: {exc.strerror}") from None
+    mounts: list[MountInfo] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        parts, rparts = left.split(), right.split()
+        if not sep or len(parts) < 5 or len(rparts) < 2:
+            continue
+        mounts.append(MountInfo(_unescape(parts[4]), parts[2], rparts[0], _unescape(rparts[1])))
+    return mounts
+
+
+def find_mount(mountpoint: Path) -> MountInfo | None:
+    """The topmost mount at exactly `mountpoint`, if any."""
+    found = None
+    for info in mount_table():
+        if info.mountpoint == str(mountpoint):
+            found = info
+    return found
+
+
+# -- checks before mounting ---------------------------------------------------------
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """Refuse, in one line, every mountpoint a mount would fail on or hide data behind."""
+    existing = find_mount(mountpoint)
+    if existing is not None:
+        what = "a kitfs mount" if existing.fstype == FS_TYPE else f"a {existing.fstype} mount"
+        hint = f" (unmount it first: kitfs umount {mountpoint})" if existing.fstype == FS_TYPE \
+            else ""
+        raise MountError(f"{mountpoint} is already a mount point: {what}{hint}")
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mountpoint} does not exist (create it first)") from None
+    except OSError as exc:
+        raise MountError(f"cannot use mountpoint {mountpoint}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    try:
+        with os.scandir(mountpoint) as it:
+            if next(it, None) is not None:
+                raise MountError(
+                    f"mountpoint {mountpoint} is not empty (a mount would hide its files)"
+                )
+    except PermissionError:
+        raise MountError(f"cannot read mountpoint {mountpoint}: permission denied") from None
+    if not os.access(mountpoint, os.W_OK | os.X_OK) and os.geteuid() != 0:
+        raise MountError(f"mountpoint {mountpoint} is not writable by you (FUSE needs that)")
+
+
+# -- state files --------------------------------------------------------------------
+
+
+@dataclass
+class MountState:
+    pid: int
+    start_time: int | None  # of the daemon process, in clock ticks since boot
+    reference: str
+    digest: str
+    mountpoint: str
+    cache_dir: str
+    log: str | None
+    started: float  # Unix time
+    files: int = 0
+    size: int = 0
+    filters: list[str] = field(default_factory=list)
+    updated: float = 0.0
+    status: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> MountState:
+        known = {k: doc[k] for k in cls.__dataclass_fields__ if k in doc}
+        return cls(**known)
+
+    @property
+    def alive(self) -> bool:
+        return daemon_alive(self.pid, self.start_time)
+
+
+def write_state(state: MountState) -> None:
+    """Atomically (temp + rename): a reader sees the old or the new file, never half."""
+    path = state_path(Path(state.mountpoint))
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state.to_json(), separators=(",", ":")))
+    os.replace(tmp, path)
+
+
+def read_state(mountpoint: Path) -> MountState | None:
+    return _load(state_path(mountpoint))
+
+
+def _load(path: Path) -> MountState | None:
+    try:
+        doc = json.loads(path.read_text())
+        return MountState.from_json(doc) if isinstance(doc, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def remove_state(mountpoint: Path, pid: int | None = None) -> None:
+    """Remove the state file (only if it is `pid`'s, when given: a newer mount may own it)."""
+    path = state_path(mountpoint)
+    if pid is not None:
+        current = _load(path)
+        if current is not None and current.pid != pid:
+            return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def all_states() -> list[MountState]:
+    directory = state_dir()
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    states = []
+    for name in names:
+        if name.endswith(STATE_SUFFIX) and not name.startswith("."):
+            state = _load(directory / name)
+            if state is not None:
+                states.append(state)
+    return sorted(states, key=lambda s: s.mountpoint)
+
+
+# -- unmounting ---------------------------------------------------------------------
+
+
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def detach(mountpoint: Path) -> None:
+    """Unmount without a daemon: fusermount3 -u, then lazily (-z) if something holds it."""
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    attempts: list[list[str]] = []
+    if tool is not None:
+        attempts = [[tool, "-u", "-q", str(mountpoint)], [tool, "-u", "-z", "-q", str(mountpoint)]]
+    elif os.geteuid() == 0:
+        attempts = [["umount", str(mountpoint)], ["umount", "-l", str(mountpoint)]]
+    last = "no fusermount3 found"
+    for cmd in attempts:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if proc.returncode == 0 or find_mount(mountpoint) is None:
+            return
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+    raise MountError(f"cannot unmount {mountpoint}: {last}")
+
+
+def _is_kitfs(info: MountInfo | None) -> bool:
+    return info is not None and info.fstype == FS_TYPE
+
+
+def umount(mountpoint: Path, timeout: float = 20.0) -> str:
+    """Stop the daemon serving `mountpoint` (or clean up after a dead one); a one-line report."""
+    state = read_state(mountpoint)
+    info = find_mount(mountpoint)
+    if info is not None and not _is_kitfs(info):
+        raise MountError(f"{mountpoint} is not a kitfs mount (it is {info.fstype})")
+    if state is not None and state.alive:
+        try:
+            os.kill(state.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            raise MountError(
+                f"not allowed to stop the kitfs daemon (pid {state.pid}) serving {mountpoint}"
+            ) from None
+        if not _wait(lambda: not state.alive, timeout):
+            raise MountError(
+                f"the kitfs daemon (pid {state.pid}) did not exit within {timeout:g}s; "
+                f"see {state.log or 'its log'}"
+            )
+        if _is_kitfs(find_mount(mountpoint)):  # it died without unmounting
+            detach(mountpoint)
+        remove_state(mountpoint, state.pid)
+        return f"unmounted {mountpoint}"
+    if info is None and state is None:
+        raise MountError(f"nothing is mounted at {mountpoint}")
+    if info is not None:
+        detach(mountpoint)
+    remove_state(mountpoint)
+    if state is not None:
+        return f"unmounted {mountpoint} (its daemon, pid {state.pid}, had died; cleaned up)"
+    return f"unmounted {mountpoint} (no daemon was serving it)"
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def ensure_state_dir() -> Path:
+    directory = state_dir()
+    try:
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MountError(f"cannot create {directory}: {exc.strerror}") from None
+    return directory
+
+
+# -- starting a daemon --------------------------------------------------------------
+
+READY = "ready"
+
+
+class ReadyPipe:
+    """The daemon's half of the start-up handshake: one line, `ready` or `error CODE TEXT`.
+
+    The parent (`kitfs mount`) waits on it, so the command returns only once
+    the mount answers, and relays a failure before mounting as its own
+    one-line error with the same exit status.
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    @property
+    def pending(self) -> bool:
+        return self._fd is not None
+
+    def ready(self) -> None:
+        self._send(READY)
+
+    def failed(self, exit_code: int, message: str) -> None:
+        self._send(f"error {exit_code} {message}")
+
+    def _send(self, line: str) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.write(fd, (" ".join(line.split("\n")) + "\n").encode())
+        except OSError:
+            pass  # the parent is gone (Ctrl-C): nobody to tell
+        finally:
+            os.close(fd)
+
+
+def _read_line(fd: int) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        piece = os.read(fd, 4096)
+        if not piece:
+            break
+        data += piece
+    return data.decode(errors="replace").strip()
+
+
+def start_daemon(argv: Sequence[str], mountpoint: Path) -> MountState:
+    """Run `python -m kitfs.cli mount --foreground ...` detached; return once it is mounted."""
+    ensure_state_dir()
+    logfile = log_path(mountpoint)
+    r, w = os.pipe()
+    try:
+        with open(logfile, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kitfs.cli", *argv, "--ready-fd", str(w)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(w,),
+                start_new_session=True, cwd="/",
+            )
+    except OSError as exc:
+        os.close(r)
+        raise MountError(f"cannot start the kitfs daemon: {exc.strerror}") from None
+    finally:
+        os.close(w)
+    try:
+        line = _read_line(r)
+    except BaseException:
+        proc.terminate()  # Ctrl-C while waiting: the daemon unmounts if it got that far
+        raise
+    finally:
+        os.close(r)
+    if line == READY:
+        state = read_state(mountpoint)
+        if state is None:
+            raise MountError(f"the kitfs daemon reported ready but wrote no state; see {logfile}")
+        return state
+    if line.startswith("error "):
+        _, code, message = [*line.split(" ", 2), ""][:3]
+        error = MountError(message or "the kitfs daemon failed")
+        error.exit_code = int(code) if code.isdigit() else 1
+        raise error
+    try:
+        status = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        status = None
+    tail = _log_tail(logfile)
+    raise MountError(
+        f"the kitfs daemon exited (status {status}) before the mount was ready"
+        + (f": {tail}" if tail else "") + f" (log: {logfile})"
+    )
