@@ -31,7 +31,7 @@ from kitfs.units import human_bytes
 
 if TYPE_CHECKING:
     from kitfs.daemon import MountConfig
-    from kitfs.mounts import MountState
+    from kitfs.mounts import MountState, ReadyPipe
 
 T = TypeVar("T")
 
@@ -286,7 +286,23 @@ def _daemon_logging(verbose: int) -> None:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from kitfs.mounts import ReadyPipe, check_mountpoint, start_daemon
+    from kitfs.mounts import ReadyPipe
+
+    # A daemon (--ready-fd) reports every failure, even a bad argument, on the pipe
+    # too, so that `kitfs mount` relays it as its own one-line error.
+    pipe = ReadyPipe(args.ready_fd)
+    try:
+        return _mount(args, pipe)
+    except KitfsError as exc:
+        pipe.failed(exc.exit_code, str(exc))
+        raise
+    except BaseException as exc:
+        pipe.failed(70, f"internal error: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _mount(args: argparse.Namespace, pipe: ReadyPipe) -> int:
+    from kitfs.mounts import check_mountpoint, start_daemon
 
     config = _mount_config(args)
     check_mountpoint(config.mountpoint)
@@ -296,7 +312,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     from kitfs.daemon import serve
 
-    pipe = ReadyPipe(args.ready_fd)
     if args.ready_fd is not None:
         _daemon_logging(args.verbose)
 
@@ -306,14 +321,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         else:
             _print_mounted(state)
 
-    try:
-        run_async(lambda: serve(config, ready))
-    except KitfsError as exc:
-        pipe.failed(exc.exit_code, str(exc))
-        raise
-    except BaseException as exc:
-        pipe.failed(70, f"internal error: {type(exc).__name__}: {exc}")
-        raise
+    run_async(lambda: serve(config, ready))
     pipe.failed(1, "the daemon stopped before the mount was ready")
     return 0
 

@@ -33,6 +33,7 @@ import trio
 from kitfs.engine.api import FileReader
 from kitfs.engine.reader import Engine, EngineConfig, PrefetchMode, VerifyMode
 from kitfs.engine.session import open_kit
+from kitfs.errors import KitfsError
 from kitfs.fs.operations import FsConfig, KitfsOperations
 from kitfs.inspection import Inspection
 from kitfs.modelkit.filters import FilterSet
@@ -104,15 +105,43 @@ async def serve(config: MountConfig, ready: Callable[[MountState], None]) -> Non
     raised as KitfsError (nothing is left mounted); a stop signal before it
     raises MountError.
     """
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        async with trio.open_nursery() as root:
-            stopper = _Stopper(root.cancel_scope)
-            root.start_soon(_watch_signals, signals, stopper)
-            await _serve(config, ready, root, stopper)
-            root.cancel_scope.cancel()
+    try:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async with trio.open_nursery() as root:
+                stopper = _Stopper(root.cancel_scope)
+                root.start_soon(_watch_signals, signals, stopper)
+                await _serve(config, ready, root, stopper)
+                root.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _cause(group) from None
     if stopper.signalled is not None and not stopper.fuse_running:
         name = signal.Signals(stopper.signalled).name
         raise MountError(f"interrupted ({name}) before {config.mountpoint} was mounted")
+
+
+def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a user should see out of nested nurseries' exception groups.
+
+    A KitfsError (what the user can act on) wins over anything else; the rest
+    is logged, so nothing disappears.
+    """
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    collect(group)
+    if not leaves:
+        return group
+    chosen = next((e for e in leaves if isinstance(e, KitfsError)), leaves[0])
+    for other in leaves:
+        if other is not chosen:
+            log.error("also failed: %r", other, exc_info=other)
+    return chosen
 
 
 async def _serve(

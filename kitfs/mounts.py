@@ -449,7 +449,10 @@ def start_daemon(argv: Sequence[str], mountpoint: Path) -> MountState:
     except subprocess.TimeoutExpired:
         status = None
     tail = _log_tail(logfile)
-    raise MountError(
+    error = MountError(
         f"the kitfs daemon exited (status {status}) before the mount was ready"
         + (f": {tail}" if tail else "") + f" (log: {logfile})"
     )
+    if status:
+        error.exit_code = status if status > 0 else 1
+    raise error

@@ -1,0 +1,131 @@
+"""Mount bookkeeping without FUSE: the mount table, mountpoint checks, state files, daemons."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kitfs import mounts
+from kitfs.mounts import MountError, MountState
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    directory = tmp_path / "run"
+    monkeypatch.setattr(mounts, "state_dir", lambda: directory)
+    return directory
+
+
+def state(mountpoint: Path, pid: int | None = None) -> MountState:
+    pid = os.getpid() if pid is None else pid
+    return MountState(pid=pid, start_time=mounts.process_start_time(pid), reference="r/x:v1",
+                      digest="sha256:" + "0" * 64, mountpoint=str(mountpoint),
+                      cache_dir="/c", log=None, started=1.0)
+
+
+def test_mountinfo_escapes_and_lookup() -> None:
+    assert mounts._unescape(r"/mnt/with\040space\011tab\134back") == "/mnt/with space\ttab\\back"
+    assert mounts._unescape("/plain") == "/plain"
+    table = mounts.mount_table()
+    assert any(m.mountpoint == "/" for m in table)
+    proc = mounts.find_mount(Path("/proc"))
+    assert proc is not None and proc.fstype == "proc" and ":" in proc.device
+
+
+def test_absolute_mountpoint_does_not_touch_the_last_component(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert mounts.absolute_mountpoint(tmp_path / "link" / "mnt") == tmp_path / "real" / "mnt"
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert mounts.absolute_mountpoint("real/mnt") == tmp_path / "real" / "mnt"
+    finally:
+        os.chdir(here)
+
+
+def test_mountpoint_checks(tmp_path: Path) -> None:
+    with pytest.raises(MountError, match="does not exist"):
+        mounts.check_mountpoint(tmp_path / "absent")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MountError, match="not a directory"):
+        mounts.check_mountpoint(tmp_path / "file")
+    with pytest.raises(MountError, match="not empty"):
+        mounts.check_mountpoint(tmp_path)
+    with pytest.raises(MountError, match="already a mount point: a proc mount"):
+        mounts.check_mountpoint(Path("/proc"))
+    (tmp_path / "empty").mkdir()
+    mounts.check_mountpoint(tmp_path / "empty")
+
+
+def test_state_files_round_trip(state_dir: Path, tmp_path: Path) -> None:
+    mp = tmp_path / "mnt"
+    assert mounts.read_state(mp) is None and mounts.all_states() == []
+    s = state(mp)
+    s.status = {"engine": {"reads": 3}}
+    mounts.write_state(s)
+    assert mounts.state_path(mp).parent == state_dir
+    loaded = mounts.read_state(mp)
+    assert loaded == s and loaded.alive
+    assert [x.mountpoint for x in mounts.all_states()] == [str(mp)]
+    assert not list(state_dir.glob(".*"))  # no temp files left behind
+    mounts.remove_state(mp, pid=os.getpid() + 1)  # someone else's: kept
+    assert mounts.read_state(mp) is not None
+    mounts.remove_state(mp, pid=os.getpid())
+    assert mounts.read_state(mp) is None
+    (state_dir / "junk.json").write_text("{not json")
+    assert mounts.all_states() == []
+
+
+def test_dead_and_recycled_pids_are_not_alive() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert mounts.process_start_time(child.pid) is None
+    assert not mounts.daemon_alive(child.pid, None)
+    me = mounts.process_start_time(os.getpid())
+    assert me is not None and mounts.daemon_alive(os.getpid(), me)
+    assert not mounts.daemon_alive(os.getpid(), me + 1)  # same pid, another process
+
+
+def test_umount_of_nothing_and_of_a_stale_state(state_dir: Path, tmp_path: Path) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    with pytest.raises(MountError, match="nothing is mounted"):
+        mounts.umount(mp)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = state(mp)
+    stale.pid, stale.start_time = child.pid, 1
+    mounts.write_state(stale)
+    assert "died" in mounts.umount(mp)
+    assert mounts.read_state(mp) is None
+    with pytest.raises(MountError, match="not a kitfs mount"):
+        mounts.umount(Path("/proc"))
+
+
+def test_ready_pipe_protocol(state_dir: Path, tmp_path: Path) -> None:
+    r, w = os.pipe()
+    mounts.ReadyPipe(w).failed(3, "registry said no\nreally")
+    assert mounts._read_line(r) == "error 3 registry said no really"
+    os.close(r)
+    r, w = os.pipe()
+    pipe = mounts.ReadyPipe(w)
+    pipe.ready()
+    pipe.failed(1, "ignored: the line is sent once")
+    assert not pipe.pending
+    assert mounts._read_line(r) == "ready"
+    os.close(r)
+
+
+def test_start_daemon_relays_the_daemons_error(state_dir: Path, tmp_path: Path) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    # the child is the real CLI: a bad reference fails in it exactly as in the parent
+    with pytest.raises(MountError, match="UPPER") as info:
+        mounts.start_daemon(["mount", "127.0.0.1:1/UPPER:v1", str(mp), "--foreground"], mp)
+    assert info.value.exit_code == 2
+    assert mounts.read_state(mp) is None
