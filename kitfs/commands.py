@@ -274,12 +274,16 @@ def _print_mounted(state: MountState) -> None:
     sys.stdout.flush()
 
 
-def _daemon_logging(verbose: int) -> None:
-    """A daemon's log is for after the fact: timestamps, pid, INFO and up; no request spam."""
+def _daemon_logging(verbose: int, *, to_file: bool) -> None:
+    """A daemon's log is for after the fact: INFO and up (mounts, unmounts, failures).
+
+    Its own log file gets timestamps and the pid; stderr (a terminal, or the
+    journal under systemd, which stamps lines itself) does not.
+    """
     level = logging.DEBUG if verbose >= 2 else logging.INFO
+    stamp = "%(asctime)s kitfs[%(process)d] " if to_file else "kitfs: "
     logging.basicConfig(
-        force=True, level=level,
-        format="%(asctime)s kitfs[%(process)d] %(levelname)s %(name)s: %(message)s",
+        force=True, level=level, format=stamp + "%(levelname)s: %(name)s: %(message)s",
     )
     for noisy in ("httpx", "httpcore", "pyfuse3"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -312,8 +316,7 @@ def _mount(args: argparse.Namespace, pipe: ReadyPipe) -> int:
 
     from kitfs.daemon import serve
 
-    if args.ready_fd is not None:
-        _daemon_logging(args.verbose)
+    _daemon_logging(args.verbose, to_file=args.ready_fd is not None)
 
     def ready(state: MountState) -> None:
         if pipe.pending:

@@ -21,6 +21,7 @@ import datetime
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class _Stopper:
 
     def stop(self, signum: int) -> None:
         self.signalled = signum
+        notify_systemd("STOPPING=1")
         if self.fuse_running:
             pyfuse3.terminate()  # the loop returns; serve unmounts and cleans up
         else:
@@ -253,6 +255,7 @@ async def _announce(
     set_read_ahead(config.mountpoint, config.read_ahead_kb)
     _refresh(state, ops, reader)
     ready(state)
+    notify_systemd(f"READY=1\nSTATUS=serving {state.reference} at {state.mountpoint}")
     while True:
         await trio.sleep(STATE_INTERVAL_S)
         _refresh(state, ops, reader)
@@ -285,3 +288,22 @@ def set_read_ahead(mountpoint: Path, kb: int) -> bool:
         return False
     log.info("readahead of %s (bdi %s): %d KiB", mountpoint, info.device, kb)
     return True
+
+
+def notify_systemd(message: str) -> None:
+    """Tell systemd (Type=notify units) that the mount is ready or going away.
+
+    The protocol is one datagram to $NOTIFY_SOCKET; without that variable
+    this does nothing. A unit can then order services that read the mount
+    after it is really mounted, not merely after the daemon started.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as exc:
+        log.warning("could not notify systemd at %s: %s", os.environ["NOTIFY_SOCKET"], exc)

@@ -15,6 +15,7 @@ import mmap
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -313,22 +314,32 @@ def test_sigterm_unmounts_cleanly(kit: Kit, mounts: Mounts) -> None:
     assert "unmounted" in log_path(m.path).read_text()
 
 
-def test_foreground_mount_stops_on_ctrl_c(kit: Kit, mounts: Mounts) -> None:
+def test_foreground_mount_notifies_systemd_and_stops_on_ctrl_c(
+    kit: Kit, mounts: Mounts
+) -> None:
+    """What kitfs-mount@.service runs: `--foreground` as a Type=notify service."""
     path = mounts.mountpoint("fg")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(mounts.tmp / "notify.sock"))
+    notify.settimeout(30)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kitfs.cli", "mount", kit.ref, str(path), "--foreground",
          "--cache-dir", str(mounts.tmp / "cache"), "--config", str(kit.home)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, NOTIFY_SOCKET=str(mounts.tmp / "notify.sock")),
     )
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.startswith("mounted "), first + proc.stderr.read()
+        assert notify.recv(4096).startswith(b"READY=1\n")
         assert sha256(path / "data" / "train.csv") == kit.files["data/train.csv"]
         proc.send_signal(signal.SIGINT)
+        assert notify.recv(4096) == b"STOPPING=1"
         assert proc.wait(timeout=20) == 0
         assert find_mount(path) is None
     finally:
+        notify.close()
         if proc.poll() is None:
             proc.kill()
 
