@@ -164,8 +164,9 @@ files are there. Nothing is downloaded up front: file bytes are fetched when
 read, plus what --prefetch predicts, into a chunk cache that every mount on
 the machine shares, and checked against the ModelKit's digests. The daemon
 runs in the background until `kitfs umount`; its log sits next to its state
-(`kitfs status` shows where). Readers get EIO, never a hang, when the
-registry stops answering (--timeout).
+(`kitfs status` shows where) and is kept after it exits only if something
+went wrong. Readers get EIO, never a hang, when the registry stops
+answering (--timeout).
 
 examples:
   kitfs mount registry.example.com/team/llama:v1 /mnt/llama

@@ -107,6 +107,8 @@ async def serve(config: MountConfig, ready: Callable[[MountState], None]) -> Non
     raised as KitfsError (nothing is left mounted); a stop signal before it
     raises MountError.
     """
+    troubles = _WarningCounter()
+    logging.getLogger().addHandler(troubles)
     try:
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async with trio.open_nursery() as root:
@@ -116,9 +118,24 @@ async def serve(config: MountConfig, ready: Callable[[MountState], None]) -> Non
                 root.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _cause(group) from None
+    finally:
+        logging.getLogger().removeHandler(troubles)
     if stopper.signalled is not None and not stopper.fuse_running:
         name = signal.Signals(stopper.signalled).name
         raise MountError(f"interrupted ({name}) before {config.mountpoint} was mounted")
+    if config.log_file is not None and not troubles.count:
+        # Mounted, served, unmounted, nothing went wrong: nobody needs this log,
+        # and /run would otherwise collect one per mountpoint ever used.
+        config.log_file.unlink(missing_ok=True)
+
+
+class _WarningCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
 
 
 def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:

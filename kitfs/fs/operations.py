@@ -68,8 +68,9 @@ class ErrorLog:
     """Log each cause of failure once, then a count at most every ERROR_LOG_INTERVAL_S.
 
     A dead registry fails every read of every reader; logging each would bury
-    the one line that says why. Causes are keyed by exception type and layer,
-    not by message, because messages carry offsets.
+    the one line that says why. Causes are keyed by kind and operation, not
+    by message, because messages carry paths and offsets; integrity failures,
+    whose message names the poisoned layer, are keyed by it.
     """
 
     def __init__(self) -> None:
@@ -121,8 +122,8 @@ def _guard(fn: Handler[P, R], *, read: bool) -> Guarded[P, R]:
                 "timeout", op,
                 f"{op}: no answer within {limit:g}s (reader gets EIO)",
             )
-        except IntegrityError as exc:
-            self.errors.report("integrity", op, f"{op}: integrity failure, reader gets EIO: {exc}")
+        except IntegrityError as exc:  # one line per poisoned layer (the message names it)
+            self.errors.report("integrity", str(exc), f"{op}: integrity failure, EIO: {exc}")
         except UnreachableError as exc:
             self.errors.report("unreachable", op, f"{op}: registry unreachable, EIO: {exc}")
         except KitfsError as exc:
