@@ -15,13 +15,14 @@ from pathlib import Path
 
 import zstandard
 
-from helpers import kitfs, make_project
+from helpers import kitfs, make_project, source_files
 from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.kitfile import config_json, load_kitfile
 from kitfs.modelkit.kitignore import KitIgnore
 from kitfs.modelkit.layers import plan_layer
 from kitfs.modelkit.tarwriter import write_layer
 from kitfs.oci.client import ClientOptions, RegistryClient
+from mounting import mounted
 from registry import RegistryServer
 
 
@@ -56,6 +57,16 @@ def desc(media_type: str, blob: bytes, annotations: dict[str, str] | None = None
     return d
 
 
+def check_mount(ref: str, tmp_path: Path, want: dict[str, str]) -> None:
+    """Mount `ref` for real and compare every expected file's sha256 (and the file set)."""
+    with mounted(ref, tmp_path / "mnt", tmp_path / "cache") as mnt:
+        got = {p.relative_to(mnt).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in mnt.rglob("*") if p.is_file()}
+    assert "Kitfile" in got
+    del got["Kitfile"]
+    assert got == want
+
+
 def ls(ref: str) -> dict[str, int]:
     proc = kitfs("ls", ref, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -83,6 +94,7 @@ async def test_kit_1_7_uncompressed_without_media_type(
     assert files["data/train.csv"] == len("a,b\n1,2\n" * 1000)
     assert files["README.md"] == len("# tiny model\n")
     assert "Kitfile" in files and "model/scratch.tmp" not in files
+    check_mount(f"{registry.host}/gen/kit17:v1", tmp_path, source_files(project))
 
 
 async def test_newer_kit_gzip_zstd_raw_and_prompts(
@@ -143,6 +155,9 @@ async def test_newer_kit_gzip_zstd_raw_and_prompts(
         "prompts/system.md"]
     listing = json.loads(kitfs("ls", ref, "--json").stdout)
     assert {e["path"]: e["mode"] for e in listing}["model.gguf"] == oct(0o640)
+    want = {p.relative_to(project).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in project.rglob("*") if p.is_file() and p.name != "Kitfile"}
+    check_mount(ref, tmp_path, want)
 
 
 async def test_modelpack_with_kitfile_annotation(registry: RegistryServer, tmp_path: Path) -> None:
@@ -170,6 +185,8 @@ async def test_modelpack_with_kitfile_annotation(registry: RegistryServer, tmp_p
     await push(registry, "gen/modelpack", manifest, [model_config, weights, cfg])
     files = ls(f"{registry.host}/gen/modelpack:v1")
     assert files["model.safetensors"] == 4096 and files["config.json"] == len(cfg)
+    check_mount(f"{registry.host}/gen/modelpack:v1", tmp_path,
+                {"model.safetensors": sha(weights)[7:], "config.json": sha(cfg)[7:]})
 
 
 async def test_pre_v0_5_layers_are_rooted_at_the_parent(
@@ -187,3 +204,35 @@ async def test_pre_v0_5_layers_are_rooted_at_the_parent(
     await push(registry, "gen/legacy", manifest, [config, tar])
     files = ls(f"{registry.host}/gen/legacy:v1")
     assert files["models/bert.pkl"] == 3000
+    check_mount(f"{registry.host}/gen/legacy:v1", tmp_path,
+                {"models/bert.pkl": hashlib.sha256(b"B" * 3000).hexdigest()})
+
+
+async def test_four_hundred_small_files_and_long_names(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Many tiny files (one tar-header window each) and PAX names, kit-made and kitfs-made."""
+    project = tmp_path / "p"
+    data = project / "data"
+    for i in range(400):
+        sub = data / f"shard-{i % 7}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"row-{i:04d}.json").write_text(json.dumps({"i": i, "pad": "x" * (i % 900)}))
+    deep = data / ("d" * 90) / ("é" * 60)
+    deep.mkdir(parents=True)
+    (deep / ("n" * 120 + ".txt")).write_text("deep\n")
+    (project / "Kitfile").write_text(
+        "manifestVersion: 1.0.0\ndatasets:\n  - name: rows\n    path: ./data\n")
+    want = source_files(project)
+    tar = kit_tar(project, "./data", ["./data"])
+    kf = load_kitfile((project / "Kitfile").read_bytes())
+    config = config_json(kf.with_layer_digests([(sha(tar), sha(tar))]))
+    manifest = {"schemaVersion": 2, "config": desc(mt.KITOPS_CONFIG, config),
+                "layers": [desc(mt.layer_media_type("dataset"), tar)]}
+    await push(registry, "gen/small-files", manifest, [config, tar])
+    check_mount(f"{registry.host}/gen/small-files:v1", tmp_path / "kit", want)
+    ref = f"{registry.host}/gen/small-files-kitfs:v1"
+    proc = kitfs("pack", str(project), "-t", ref, "--compression", "gzip",
+                 home=tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    check_mount(ref, tmp_path / "kitfs", want)
