@@ -133,3 +133,33 @@ def test_two_daemons_share_one_cache(llm: Path, llm_ref: str, tmp_path: Path) ->
                                   stdout=subprocess.PIPE, text=True) for m in (a, b)]
         assert [p.communicate(timeout=120)[0].strip() for p in procs] == [want, want]
         assert load_all(a / "model") == load_all(b / "model")
+
+
+def test_registry_stopped_mid_read_gives_eio_not_a_hang(tmp_path: Path) -> None:
+    import errno
+    import time
+
+    from helpers import make_project
+    from registry import running_registry
+
+    project = make_project(tmp_path / "p", weight_bytes=24 << 20)
+    src = (project / "model" / "model.safetensors").read_bytes()
+    with running_registry(tmp_path / "reg") as reg:
+        ref = f"{reg.host}/mount/stopped:v1"
+        assert kitfs("pack", str(project), "-t", ref, home=tmp_path / "h").returncode == 0
+        with mounted(ref, tmp_path / "mnt", tmp_path / "cache", "--prefetch", "none",
+                     "--timeout", "5") as mnt:
+            path = mnt / "model" / "model.safetensors"
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                assert os.pread(fd, 1 << 20, 0) == src[: 1 << 20]
+                reg.stop()
+                assert os.pread(fd, 4096, 8192) == src[8192:12288]  # cached chunk
+                start = time.monotonic()
+                with pytest.raises(OSError) as info:
+                    os.pread(fd, 4096, 20 << 20)
+                assert info.value.errno == errno.EIO
+                assert time.monotonic() - start < 30
+                assert (mnt / "Kitfile").read_bytes()  # metadata keeps working
+            finally:
+                os.close(fd)
