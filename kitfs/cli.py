@@ -33,6 +33,7 @@ over plain HTTP; others over HTTPS unless --plain-http.
 
 examples:
   kitfs pack ./my-model -t registry.example.com/team/llama:v1
+  kitfs mount registry.example.com/team/llama:v1 /mnt/llama
   kitfs inspect registry.example.com/team/llama:v1
   kitfs ls registry.example.com/team/llama:v1 --filter model
   echo "$TOKEN" | kitfs login registry.example.com -u me --password-stdin

@@ -355,8 +355,12 @@ def _flatten(prefix: str, value: object, out: list[str]) -> None:
         for key, inner in value.items():
             _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
     elif isinstance(value, list):
-        if value and not all(isinstance(v, dict) for v in value):
-            out.append(f"{prefix}={','.join(map(str, value))}")
+        for i, item in enumerate(value):
+            if isinstance(item, dict):  # e.g. one line per layer
+                fields = " ".join(f"{k}={v}" for k, v in item.items() if v not in (None, ""))
+                out.append(f"{prefix}[{i}] {fields}")
+            else:
+                out.append(f"{prefix}[{i}]={item}")
     elif value is not None:
         shown = f"{value:.2f}" if isinstance(value, float) else str(value)
         out.append(f"{prefix}={shown}")

@@ -56,6 +56,8 @@ STATE_INTERVAL_S = 1.0
 # Writing fetched chunks out on the way down must not hold `kitfs umount` for long.
 FLUSH_TIMEOUT_S = 10.0
 READ_BOUND_MARGIN_S = 5.0
+# After a stop signal, how long requests in flight may take before they are abandoned.
+STOP_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -82,22 +84,32 @@ class _Stopper:
 
     def __init__(self, scope: trio.CancelScope) -> None:
         self._scope = scope
+        self.fuse_scope = trio.CancelScope()  # around pyfuse3.main()
         self.fuse_running = False
         self.signalled: int | None = None
 
-    def stop(self, signum: int) -> None:
+    async def stop(self, signum: int) -> None:
         self.signalled = signum
         notify_systemd("STOPPING=1")
-        if self.fuse_running:
-            pyfuse3.terminate()  # the loop returns; serve unmounts and cleans up
-        else:
+        if not self.fuse_running:
             self._scope.cancel()
+            return
+        # The loop returns once the requests being served are answered. A read
+        # waiting on a dead registry could hold it for the whole read bound, so
+        # after a grace period the stragglers are cancelled: closing the session
+        # then fails them with ENOTCONN instead of keeping `kitfs umount` waiting.
+        pyfuse3.terminate()
+        await trio.sleep(STOP_GRACE_S)
+        if not self.fuse_scope.cancel_called:
+            log.warning("requests still running %gs after the stop signal: abandoning them",
+                        STOP_GRACE_S)
+            self.fuse_scope.cancel()
 
 
 async def _watch_signals(signals: Any, stopper: _Stopper) -> None:
     async for signum in signals:
         log.info("%s: unmounting", signal.Signals(signum).name)
-        stopper.stop(signum)
+        await stopper.stop(signum)
 
 
 async def serve(config: MountConfig, ready: Callable[[MountState], None]) -> None:
@@ -252,7 +264,9 @@ async def _mount_and_run(
     try:
         async with trio.open_nursery() as mount_tasks:
             mount_tasks.start_soon(_announce, config, ops, reader, state, ready)
-            await pyfuse3.main()
+            with stopper.fuse_scope:
+                await pyfuse3.main()
+            stopper.fuse_scope.cancel()  # the loop is done: the grace timer has nothing to do
             mount_tasks.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)

@@ -359,3 +359,27 @@ def test_dead_registry_gives_eio_within_seconds(kit: Kit, mounts: Mounts,
         assert info.value.errno == errno.EIO
         assert time.monotonic() - start < 15
         assert sha256(m.path / "README.md") == kit.files["README.md"]  # cached pages still serve
+
+
+def test_umount_does_not_wait_for_a_hung_registry(kit: Kit, mounts: Mounts,
+                                                  tmp_path: Path) -> None:
+    """A registry that accepts and never answers: the blocked reader fails, umount is prompt."""
+    with running_registry(tmp_path / "reg") as private:
+        ref = f"{private.host}/hangs/tiny:v1"
+        packed = kitfs("pack", str(kit.project), "-t", ref, home=kit.home)
+        assert packed.returncode == 0, packed.stderr
+        m = mounts.mount(ref, "--prefetch", "none", "--timeout", "60")
+        os.kill(private.process.pid, signal.SIGSTOP)
+        try:
+            reader = subprocess.Popen(["cat", str(m.path / "model" / "model.safetensors")],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.5)
+            assert reader.poll() is None  # stuck in the daemon, waiting for the registry
+            start = time.monotonic()
+            done = kitfs("umount", str(m.path))
+            assert done.returncode == 0, done.stderr
+            assert time.monotonic() - start < 10
+            assert reader.wait(timeout=10) != 0  # failed (ENOTCONN), did not hang
+            assert find_mount(m.path) is None and pid_gone(m.pid)
+        finally:
+            os.kill(private.process.pid, signal.SIGCONT)
