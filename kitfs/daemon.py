@@ -3,10 +3,10 @@
 One daemon process serves one mountpoint. `serve` owns the root nursery;
 everything that runs in the background (pyfuse3's workers, the engine's
 prefetch and verification, the state file refresher, the signal watcher)
-lives there, so stopping is one cancel. The order on the way out is the one
-design.md asks for: the FUSE loop returns (SIGTERM/SIGINT/SIGHUP call
-`pyfuse3.terminate`, or someone ran `umount`), the kernel mount goes, the
-root scope is cancelled, the registry client closes, the cache is flushed.
+lives there, so stopping is one cancel. On the way out: the FUSE loop
+returns (SIGTERM/SIGINT/SIGHUP call `pyfuse3.terminate`, or someone ran
+`umount`), the kernel mount goes, the engine's pending cache writes finish
+(bounded), the root scope is cancelled, the registry client closes.
 
 A signal that arrives before the mount exists just abandons the start-up;
 one that arrives after `pyfuse3.init` always ends in an unmount, so a daemon
