@@ -1,0 +1,400 @@
+"""What every contender in the harness is made to do, and how its cost is counted.
+
+The readers here are the model loader's access pattern, written once so that
+every contender (local disk, a pulled copy, ratarmount, rclone, kitfs) gets
+exactly the same reads: parse a safetensors header with two preads, map the
+shard and copy every BF16 tensor out of the mapping (safetensors' numpy
+framework cannot do BF16, and what matters is that every byte comes through
+mmap, as it does for safetensors/vLLM/transformers), read shards front to back
+in big buffers, and read a seeded sample of whole tensors in random order.
+
+A shard is addressed as (path, base): base is 0 for a file, or the offset of
+the file's data inside a layer blob when a contender (rclone) only exposes
+blobs, so the blob is read exactly where the tar entry lies.
+
+Costs are counted outside the contender where possible: bytes the registry
+served come from its access log, CPU seconds and peak RSS from the kernel
+(`wait4` for commands that exit, `/proc/<pid>` for daemons).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import random
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+READ_BUFFER = 8 << 20
+PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    start: int  # absolute offset of the data within the shard file (header included)
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """Where a contender shows one shard: `path` holds its bytes from `base` on."""
+
+    name: str
+    path: Path
+    base: int
+    size: int
+
+
+def read_header(fd: int, base: int) -> list[Tensor]:
+    """The safetensors header, two preads, tensors in data order (the order loaders touch)."""
+    (n,) = np.frombuffer(os.pread(fd, 8, base), dtype="<u8")
+    header = json.loads(os.pread(fd, int(n), base + 8))
+    data = 8 + int(n)
+    tensors = [
+        Tensor(name, data + int(meta["data_offsets"][0]),
+               int(meta["data_offsets"][1]) - int(meta["data_offsets"][0]))
+        for name, meta in header.items() if name != "__metadata__"
+    ]
+    return sorted(tensors, key=lambda t: t.start)
+
+
+@contextlib.contextmanager
+def mapped(shard: ShardRef) -> Iterator[tuple[mmap.mmap, int]]:
+    """mmap of the shard's bytes (page-aligned below `base`), and where the shard starts in it."""
+    fd = os.open(shard.path, os.O_RDONLY)
+    try:
+        aligned = shard.base - shard.base % PAGE
+        mm = mmap.mmap(fd, shard.base - aligned + shard.size, prot=mmap.PROT_READ,
+                       offset=aligned)
+        try:
+            yield mm, shard.base - aligned
+        finally:
+            mm.close()
+    finally:
+        os.close(fd)
+
+
+def _copy_out(mm: mmap.mmap, at: int, t: Tensor) -> int:
+    """Copy one BF16 tensor out of the mapping, as a loader builds a tensor from it."""
+    arr = np.frombuffer(mm, dtype=np.uint16, count=t.nbytes // 2, offset=at + t.start)
+    out = arr.copy()
+    return int(out.nbytes)
+
+
+def first_tensor(shard: ShardRef) -> tuple[str, int]:
+    """Open a shard, read its header, and load its first tensor through mmap."""
+    fd = os.open(shard.path, os.O_RDONLY)
+    try:
+        tensors = read_header(fd, shard.base)
+    finally:
+        os.close(fd)
+    with mapped(shard) as (mm, at):
+        return tensors[0].name, _copy_out(mm, at, tensors[0])
+
+
+def load_all(shards: list[ShardRef]) -> int:
+    """Load every tensor of every shard through mmap; returns the bytes copied."""
+    total = 0
+    for shard in shards:
+        fd = os.open(shard.path, os.O_RDONLY)
+        try:
+            tensors = read_header(fd, shard.base)
+        finally:
+            os.close(fd)
+        with mapped(shard) as (mm, at):
+            for t in tensors:
+                total += _copy_out(mm, at, t)
+    return total
+
+
+def sequential(shards: list[ShardRef]) -> int:
+    """Read every shard front to back in 8 MiB preads (what cp or a hash does)."""
+    buf = bytearray(READ_BUFFER)
+    view = memoryview(buf)
+    total = 0
+    for shard in shards:
+        fd = os.open(shard.path, os.O_RDONLY)
+        try:
+            pos, end = shard.base, shard.base + shard.size
+            while pos < end:
+                n = os.preadv(fd, [view[: min(READ_BUFFER, end - pos)]], pos)
+                if n <= 0:
+                    raise OSError(f"short read in {shard.path} at {pos}")
+                pos += n
+                total += n
+        finally:
+            os.close(fd)
+    return total
+
+
+@dataclass(frozen=True)
+class Pick:
+    shard: int
+    tensor: Tensor
+
+
+def pick_random(shards: list[ShardRef], fraction: float, seed: int = 11) -> list[Pick]:
+    """A seeded sample of whole tensors, about `fraction` of the weight bytes, shuffled."""
+    everything: list[Pick] = []
+    for i, shard in enumerate(shards):
+        fd = os.open(shard.path, os.O_RDONLY)
+        try:
+            everything += [Pick(i, t) for t in read_header(fd, shard.base)]
+        finally:
+            os.close(fd)
+    rng = random.Random(seed)
+    rng.shuffle(everything)
+    want = fraction * sum(s.size for s in shards)
+    picks: list[Pick] = []
+    got = 0
+    for p in everything:
+        if got >= want:
+            break
+        picks.append(p)
+        got += p.tensor.nbytes
+    return picks
+
+
+def random_reads(shards: list[ShardRef], picks: list[Pick]) -> int:
+    """pread each picked tensor whole, in the shuffled order; returns the bytes read."""
+    fds = [os.open(s.path, os.O_RDONLY) for s in shards]
+    total = 0
+    try:
+        for p in picks:
+            data = os.pread(fds[p.shard], p.tensor.nbytes, shards[p.shard].base + p.tensor.start)
+            if len(data) != p.tensor.nbytes:
+                raise OSError(f"short read of {p.tensor.name}")
+            total += len(data)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return total
+
+
+# -- the machine ----------------------------------------------------------------------
+
+
+def drop_caches() -> str | None:
+    """Drop the page cache (root only); returns why it failed, or None."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        return f"drop_caches failed: {e.strerror}"
+    return None
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "kernel": os.uname().release,
+        "python": ".".join(map(str, os.sys.version_info[:3])),  # type: ignore[attr-defined]
+    }
+
+
+# -- processes ------------------------------------------------------------------------
+
+
+@dataclass
+class Usage:
+    """CPU seconds and peak RSS of the process that served a contender."""
+
+    cpu_s: float = 0.0
+    peak_rss: int = 0
+    rss_anon: int = 0  # at the end: heap and buffers
+    rss_file: int = 0  # at the end: mapped file pages (counted in RSS, reclaimable)
+
+    def add(self, other: Usage) -> None:
+        self.cpu_s += other.cpu_s
+        self.peak_rss = max(self.peak_rss, other.peak_rss)
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """The memory lines of /proc/<pid>/status, in bytes."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _hwm(pid: int) -> int:
+    """VmHWM: the peak RSS of the process's current image (not of the parent it forked from)."""
+    return _proc_status(pid).get("VmHWM", 0)
+
+
+def run_measured(cmd: list[str], **kw: object) -> Usage:
+    """Run a command to completion: its CPU time (wait4, exact) and peak RSS (VmHWM, polled).
+
+    wait4's ru_maxrss is no use here: Linux carries the high-water mark across
+    exec, so every child would report the harness's own RSS at fork time.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+    peak = 0
+    stop = threading.Event()
+
+    def poll() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _hwm(proc.pid))
+            stop.wait(0.01)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    _, status, ru = os.wait4(proc.pid, 0)
+    stop.set()
+    poller.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {err[-1500:]}")
+    return Usage(ru.ru_utime + ru.ru_stime, peak)
+
+
+def daemon_usage(pid: int) -> Usage:
+    """CPU seconds (its own and its reaped children's) and memory of a live daemon."""
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return Usage()
+    mem = _proc_status(pid)
+    return Usage(t.user + t.system + t.children_user + t.children_system,
+                 mem.get("VmHWM", 0), mem.get("RssAnon", 0), mem.get("RssFile", 0))
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise TimeoutError(f"{what} not ready within {timeout:.0f} s")
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def fusermount_u(path: Path) -> None:
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+
+
+# -- the registry ---------------------------------------------------------------------
+
+_LOG_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
+
+
+@dataclass
+class Registry:
+    """A Distribution registry on loopback whose access log counts every byte it serves.
+
+    tests/registry.py disables the access log (tests don't need it); here it
+    is the neutral meter every contender is measured with.
+    """
+
+    host: str
+    root: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def mark(self) -> int:
+        return self.log.stat().st_size
+
+    def served(self, since: int, settle: float = 0.2) -> Served:
+        """Bytes served since `mark()`; waits briefly: a line is written when a response ends."""
+        time.sleep(settle)
+        out = Served()
+        with self.log.open("rb") as f:
+            f.seek(since)
+            for raw in f:
+                m = _LOG_LINE.search(raw.decode(errors="replace"))
+                if not m or m.group(1) != "GET" or m.group(4) == "-":
+                    continue
+                n = int(m.group(4))
+                out.total += n
+                out.requests += 1
+                digest = m.group(2).rsplit("/", 1)[-1]
+                if "/blobs/" in m.group(2):
+                    out.by_blob[digest] = out.by_blob.get(digest, 0) + n
+                    out.sizes.setdefault(digest, []).append(n)
+        return out
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Served:
+    total: int = 0
+    requests: int = 0
+    by_blob: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, list[int]] = field(default_factory=dict)  # each response's bytes, by blob
+
+
+def start_registry(root: Path, port: int) -> Registry:
+    binary = shutil.which("docker-registry") or shutil.which("registry")
+    if binary is None:
+        raise SystemExit("docker-registry is not installed (bash scripts/setup)")
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: error\n  formatter: text\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    log = root / "access.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([binary, "serve", str(config)], stdout=out,
+                                stderr=subprocess.STDOUT,
+                                env=dict(os.environ, OTEL_TRACES_EXPORTER="none"))
+    reg = Registry(f"127.0.0.1:{port}", root, proc, log)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise SystemExit("registry exited: " + log.read_text()[-2000:])
+        try:
+            urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=1)
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    wait_for(up, 20, "registry")
+    return reg
