@@ -32,7 +32,7 @@ import pyfuse3
 import trio
 
 from kitfs.engine.api import FileReader
-from kitfs.engine.reader import Engine, EngineConfig, PrefetchMode, VerifyMode
+from kitfs.engine.reader import EngineConfig, PrefetchMode, VerifyMode
 from kitfs.engine.session import open_kit
 from kitfs.errors import KitfsError
 from kitfs.fs.operations import FsConfig, KitfsOperations
@@ -192,7 +192,8 @@ async def _serve(
         ops = KitfsOperations(kit.tree, kit.engine, FsConfig(
             uid=os.getuid(), gid=os.getgid(), time_ns=_tree_time_ns(kit.inspection),
             request_timeout=config.request_timeout,
-            read_timeout=_read_bound(kit.engine, engine_config),
+            # Only catches an engine that hangs: it must never fire before the engine's own.
+            read_timeout=kit.engine.longest_wait + READ_BOUND_MARGIN_S,
         ))
         state = MountState(
             pid=os.getpid(), start_time=process_start_time(os.getpid()),
@@ -206,19 +207,6 @@ async def _serve(
         with trio.move_on_after(FLUSH_TIMEOUT_S):
             await kit.engine.flush()  # before the cancel: the engine's writes run in `root`
         root.cancel_scope.cancel()
-
-
-def _read_bound(engine: Engine, config: EngineConfig) -> float:
-    """The FUSE-side bound on a read: the engine's own bound plus a margin.
-
-    The engine turns a silent registry into UnreachableError after its read
-    timeout (longer for gzip/zstd layers `kit` wrote, which readers wait on
-    while the layer streams); this outer bound only catches an engine that
-    hangs, so it must never fire first.
-    """
-    streams = any(layer.geo.shape == "stream" for layer in engine.layers.values())
-    bound: float = config.stream_timeout if streams else config.read_timeout
-    return bound + READ_BOUND_MARGIN_S
 
 
 def _tree_time_ns(inspection: Inspection) -> int:

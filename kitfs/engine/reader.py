@@ -160,6 +160,16 @@ class Engine:
         if self._nursery is not None:
             self._nursery.start_soon(fn, *args)
 
+    @property
+    def longest_wait(self) -> float:
+        """The longest a read may wait before the engine itself gives up with an error.
+
+        Layers `kit` compressed are streamed from their start, so a reader near
+        their end waits for the stream: those get the longer stream timeout.
+        """
+        streams = any(layer.geo.shape == "stream" for layer in self.layers.values())
+        return self.config.stream_timeout if streams else self.config.read_timeout
+
     # -- FileReader -------------------------------------------------------------------
 
     def opened(self, node: Node) -> None:
