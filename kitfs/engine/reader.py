@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import trio
@@ -42,6 +43,9 @@ from kitfs.modelkit.tree import Node, Tree
 from kitfs.oci.source import BlobSource
 
 log = logging.getLogger(__name__)
+
+#: Chunks fetched but not yet on disk before background fetching pauses (bounds memory).
+MAX_PENDING_WRITES = 16
 
 PrefetchMode = Literal["none", "model", "all"]
 VerifyMode = Literal["lazy", "strict"]
@@ -140,7 +144,7 @@ class Engine:
         self._slots = trio.CapacityLimiter(max(1, config.max_requests))
         self._disk = trio.CapacityLimiter(2)
         self._pending_writes = 0
-        self._writes_done = trio.Event()
+        self._write_finished = trio.Event()
         self._background = trio.CapacityLimiter(max(1, config.max_requests // 2))
         self._nursery: trio.Nursery | None = None
         self._readahead: dict[str, tuple[int, int]] = {}  # path -> (next offset, window)
@@ -303,9 +307,9 @@ class Engine:
                 flight = self._flights[(layer.info.digest, index)]
                 if background:
                     async with self._background:
-                        await self._fetch_run(layer, run)
+                        await self._fetch_run(layer, run, background=True)
                 else:
-                    await self._fetch_run(layer, run)
+                    await self._fetch_run(layer, run, background=False)
         await flight.event.wait()
         if flight.error is not None:
             raise flight.error
@@ -356,8 +360,16 @@ class Engine:
             nxt += 1
         return run
 
-    async def _fetch_run(self, layer: _Layer, run: list[Chunk]) -> None:
-        """Fetch consecutive chunks with one range request and settle their flights."""
+    async def _fetch_run(self, layer: _Layer, run: list[Chunk], *, background: bool) -> None:
+        """Fetch consecutive chunks with one range request and settle their flights.
+
+        Background fetches (readahead, prefetch, verification) first wait for the
+        disk writes behind them to drain, so memory holds a bounded backlog of
+        fetched chunks whatever the model size; a reader waiting now never waits
+        for the disk.
+        """
+        if background:
+            await self._disk_backpressure()
         digest = layer.info.digest
         start = run[0].blob_offset
         length = run[-1].blob_offset + run[-1].blob_size - start
@@ -431,14 +443,19 @@ class Engine:
             self._note_error(str(exc))
         finally:
             self._pending_writes -= 1
-            if not self._pending_writes:
-                self._writes_done.set()
+            self._write_finished.set()
+
+    async def _writes_at_most(self, count: int) -> None:
+        while self._pending_writes > count:
+            self._write_finished = trio.Event()
+            await self._write_finished.wait()
+
+    async def _disk_backpressure(self) -> None:
+        await self._writes_at_most(MAX_PENDING_WRITES)
 
     async def flush(self) -> None:
         """Wait until every fetched chunk is on disk: call before cancelling the nursery."""
-        while self._pending_writes:
-            self._writes_done = trio.Event()
-            await self._writes_done.wait()
+        await self._writes_at_most(0)
 
     def _note_error(self, message: str) -> None:
         if not self.counters.errors or self.counters.errors[-1] != message:
@@ -448,16 +465,26 @@ class Engine:
     # -- readahead and prefetch -------------------------------------------------------
 
     def _schedule_readahead(self, node: Node, layer: _Layer, offset: int, end: int) -> None:
-        """Sequential readers get a window of chunks ahead that doubles up to a cap."""
-        expected, window = self._readahead.get(node.path, (0, 0))
-        window = min(max(window * 2, 1), self.config.readahead_chunks) if offset == expected \
-            else 0
-        self._readahead[node.path] = (end, window)
-        if not window or layer.geo.shape == "stream":
-            return
+        """Read ahead in proportion to how far a reader has gone sequentially, as Linux does.
+
+        A reader that jumps (random tensor access) starts a new run and gets no
+        readahead until the run spans two chunks; then the window is a quarter
+        of the run, up to the cap. So a tensor read front to back costs at most
+        a quarter more than its size, while a shard streamed by a loader soon
+        has the full window in flight.
+        """
+        run_start, expected = self._readahead.get(node.path, (offset, offset))
+        if offset != expected:
+            run_start = offset
+        self._readahead[node.path] = (run_start, end)
         size = layer.geo.chunk_size
+        run = end - run_start
+        if run < 2 * size or layer.geo.shape == "stream":
+            return
+        ahead = min(run // 4, self.config.readahead_chunks * size)
         first = (node.offset + end) // size
-        last = min((node.offset + node.size - 1) // size, first + window - 1)
+        last = min((node.offset + node.size - 1) // size,
+                   (node.offset + end + ahead - 1) // size)
         self._prefetch_run(layer, range(first, last + 1))
 
     def _prefetch_run(self, layer: _Layer, indexes: Iterable[int]) -> None:
@@ -468,10 +495,28 @@ class Engine:
             if index >= len(layer.geo.chunks):
                 return
             key = layer.geo.chunks[index].key
-            if ((layer.info.digest, index) in self._flights or self.memory.get(key) is not None
-                    or self.store.contains(key)):
+            if (layer.info.digest, index) in self._flights or key in self.memory:
                 continue
-            self._spawn(self._fetch_run, layer, self._claim_run(layer, index))
+            if self.store.contains(key):
+                # On disk: load it into memory ahead of the reader, as a flight others join.
+                flight = self._flights[(layer.info.digest, index)] = _Flight()
+                self._spawn(self._load_ahead, layer, index, flight)
+                continue
+            self._spawn(partial(self._fetch_run, background=True), layer,
+                        self._claim_run(layer, index))
+
+    async def _load_ahead(self, layer: _Layer, index: int, flight: _Flight) -> None:
+        try:
+            async with self._disk:
+                data = await self._from_disk(layer, index)
+        finally:
+            if self._flights.get((layer.info.digest, index)) is flight:
+                del self._flights[(layer.info.digest, index)]
+        if data is None:  # vanished or corrupt since contains(): fetch it for those waiting
+            self._flights[(layer.info.digest, index)] = flight
+            await self._fetch_run(layer, [layer.geo.chunks[index]], background=True)
+            return
+        flight.done(data)
 
     async def _prefetch(self) -> None:
         """Load what model loaders read first, in the order they read it, in the background."""
@@ -542,6 +587,7 @@ class Engine:
                             while len(buf) >= size:
                                 emit(bytes(buf[:size]))
                                 del buf[:size]
+                            await self._disk_backpressure()
                     decomp.finish()
                 finally:
                     self.counters.in_flight -= 1
