@@ -44,6 +44,8 @@ from kitfs.oci.source import BlobSource
 
 log = logging.getLogger(__name__)
 
+#: A sequential run shorter than this gets no readahead (a tensor read by a random reader).
+READAHEAD_MIN_RUN = 4 << 20
 #: Chunks fetched but not yet on disk before background fetching pauses (bounds memory).
 MAX_PENDING_WRITES = 16
 
@@ -56,7 +58,7 @@ class EngineConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_requests: int = 4
     merge_limit: int = 32 << 20
-    readahead_chunks: int = 8
+    readahead_bytes: int = 64 << 20
     memory_bytes: int = 256 << 20
     prefetch: PrefetchMode = "model"
     verify: VerifyMode = "lazy"
@@ -383,12 +385,15 @@ class Engine:
                 finally:
                     self.counters.in_flight -= 1
             self.counters.bytes_fetched += len(blob)
-            view = memoryview(blob)
-            for chunk in run:
-                raw = view[chunk.blob_offset - start : chunk.blob_offset - start + chunk.blob_size]
-                data = await trio.to_thread.run_sync(self._decode, layer, chunk, raw)
-                self._deliver(layer, chunk.index, chunk.key, data)
+            # One thread hop for the whole run: hashing a run of small chunks one hop
+            # each spent more time switching threads than hashing.
+            good, bad = await trio.to_thread.run_sync(self._decode_run, layer, run, blob, start)
+            for chunk, data in zip(run, good, strict=False):
+                self._deliver(layer, chunk.index, chunk.key, data, store=False)
                 pending.discard(chunk.index)
+            self._store_later([(c.key, d) for c, d in zip(run, good, strict=False)])
+            if bad is not None:
+                raise bad
         except KitfsError as exc:
             if isinstance(exc, IntegrityError):
                 self._poison(layer, str(exc))
@@ -402,6 +407,19 @@ class Engine:
             raise
         if not layer.geo.verified_by_chunk and len(layer.fetched) == len(layer.geo.chunks):
             self._ensure_verification(layer)
+
+    def _decode_run(self, layer: _Layer, run: list[Chunk], blob: bytes, start: int
+                    ) -> tuple[list[bytes], IntegrityError | None]:
+        """Every chunk of a run that checks out, in order, and the error that stopped it."""
+        view = memoryview(blob)
+        good: list[bytes] = []
+        for chunk in run:
+            raw = view[chunk.blob_offset - start : chunk.blob_offset - start + chunk.blob_size]
+            try:
+                good.append(self._decode(layer, chunk, raw))
+            except IntegrityError as exc:
+                return good, exc
+        return good, None
 
     def _decode(self, layer: _Layer, chunk: Chunk, raw: memoryview) -> bytes:
         """Decompress (seekable layers) and check the chunk's digest; runs in a thread."""
@@ -420,29 +438,38 @@ class Engine:
                 f"chunk {chunk.index} of layer {layer.info.digest} does not match its sha256")
         return data
 
-    def _deliver(self, layer: _Layer, index: int, key: str, data: bytes) -> None:
+    def _deliver(self, layer: _Layer, index: int, key: str, data: bytes, *,
+                 store: bool = True) -> None:
         self.memory.put(key, data)
         layer.fetched.add(index)
         flight = self._flights.pop((layer.info.digest, index), None)
         if flight is not None:
             flight.done(data)
-        if self._nursery is not None:
-            self._pending_writes += 1  # counted now, so flush() sees a write not yet started
-            self._nursery.start_soon(self._store, key, data)
+        if store:
+            self._store_later([(key, data)])
+
+    def _store_later(self, items: list[tuple[str, bytes]]) -> None:
+        if self._nursery is not None and items:
+            self._pending_writes += len(items)  # counted now: flush() sees writes not started
+            self._nursery.start_soon(self._store, items)
 
     def _fail(self, layer: _Layer, index: int, error: KitfsError) -> None:
         flight = self._flights.pop((layer.info.digest, index), None)
         if flight is not None:
             flight.done(None, error)
 
-    async def _store(self, key: str, data: bytes) -> None:
+    async def _store(self, items: list[tuple[str, bytes]]) -> None:
+        def put_all() -> None:
+            for key, data in items:
+                self.store.put(key, data)
+
         try:
             async with self._disk:
-                await trio.to_thread.run_sync(self.store.put, key, data)
+                await trio.to_thread.run_sync(put_all)
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
         finally:
-            self._pending_writes -= 1
+            self._pending_writes -= len(items)
             self._write_finished.set()
 
     async def _writes_at_most(self, count: int) -> None:
@@ -479,9 +506,9 @@ class Engine:
         self._readahead[node.path] = (run_start, end)
         size = layer.geo.chunk_size
         run = end - run_start
-        if run < 2 * size or layer.geo.shape == "stream":
+        if run < max(2 * size, READAHEAD_MIN_RUN) or layer.geo.shape == "stream":
             return
-        ahead = min(run // 4, self.config.readahead_chunks * size)
+        ahead = min(run // 4, self.config.readahead_bytes)
         first = (node.offset + end) // size
         last = min((node.offset + node.size - 1) // size,
                    (node.offset + end + ahead - 1) // size)

@@ -22,7 +22,7 @@ TOC_MEDIA_TYPE = "application/vnd.kitfs.toc.v1+json"
 TOC_ARTIFACT_TYPE = "application/vnd.kitfs.toc.v1"
 TOC_ANNOTATION = "dev.kitfs.toc.digest"
 TOC_VERSION = 1
-DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 2 * 1024 * 1024
 
 EntryKind = Literal["file", "dir"]
 
