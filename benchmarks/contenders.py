@@ -28,7 +28,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,8 @@ class Scenario:
     random_fraction: float
     picks: list[w.Pick] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    artifacts: Path | None = None  # where stall dumps go: <artifacts>-kitfs-stall-N.txt
+    stalls: int = 0
 
     @property
     def ref(self) -> str:
@@ -112,11 +115,22 @@ class Contender:
 
     def __init__(self, sc: Scenario) -> None:
         self.sc = sc
+        self.phase = ""
+
+    def phases(self) -> list[Callable[[], Result]]:
+        return [self.load, self.seq, self.random, self.warm]
 
     def run_round(self) -> Result:
+        """Every phase; one that fails is recorded as `error_<phase>` and the others still run."""
         out: Result = {}
-        for phase in (self.load, self.seq, self.random, self.warm):
-            out.update(phase())
+        for phase in self.phases():
+            self.phase = phase.__name__
+            try:
+                out.update(phase())
+            except Exception as e:
+                traceback.print_exc()
+                out[f"error_{phase.__name__}"] = NA(f"{type(e).__name__}: "
+                                                    f"{str(e).splitlines()[0][:200]}")
         return out
 
     # Each phase returns figures; the defaults say the contender cannot do it.
@@ -193,8 +207,8 @@ class Curl(Contender):
                 "amplification": na, "weights_at_ready": na, "cpu_s": use.cpu_s,
                 "peak_rss": use.peak_rss, "served": served.total}
 
-    def run_round(self) -> Result:
-        return self.seq()
+    def phases(self) -> list[Callable[[], Result]]:
+        return [self.seq]
 
 
 # -- skopeo copy + untar: a full pull, as `kit pull && kit unpack` --------------------
@@ -381,13 +395,8 @@ class Kitfs(Mounter):
         self.last_pid = 0
         self.engine_counters = True
 
-    def run_round(self) -> Result:
-        if self.prefetch is None:
-            return super().run_round()
-        out: Result = {}
-        for phase in (self.load, self.seq):
-            out.update(phase())
-        return out
+    def phases(self) -> list[Callable[[], Result]]:
+        return super().phases() if self.prefetch is None else [self.load, self.seq]
 
     def key(self) -> str:
         return "kitfs"
@@ -411,7 +420,8 @@ class Kitfs(Mounter):
             self._ready(m)
             m.pid = self.daemon_pid(mnt)
             self.last_pid = m.pid
-            yield m
+            with self.watchdog(mnt, m.pid):
+                yield m
             m.usage = w.daemon_usage(m.pid)
             if self.engine_counters:
                 m.extra.update(self.engine_status(mnt, time.time()))
@@ -421,6 +431,57 @@ class Kitfs(Mounter):
                 w.fusermount_u(mnt)
             with contextlib.suppress(OSError):
                 mnt.rmdir()
+
+    @contextlib.contextmanager
+    def watchdog(self, mnt: Path, pid: int, stall_s: float = 8.0) -> Iterator[None]:
+        """Catch the daemon stalled: no progress in the reader and none in the daemon's
+        counters for `stall_s`; then `py-spy dump` its threads once, for the report."""
+        from kitfs.mounts import read_state
+
+        stop = threading.Event()
+
+        def counters() -> tuple[object, ...]:
+            state = read_state(mnt)
+            if state is None:
+                return ()
+            fs, eng = state.status.get("fs", {}), state.status.get("engine", {})
+            return (fs.get("readBytes"), eng.get("bytes_fetched"), eng.get("bytes_served"))
+
+        def watch() -> None:
+            last = (w.PROGRESS[0], counters())
+            since = time.monotonic()
+            while not stop.wait(1.0):
+                now = (w.PROGRESS[0], counters())
+                if now != last:
+                    last, since = now, time.monotonic()
+                    continue
+                if time.monotonic() - since >= stall_s:
+                    self.dump_stall(pid, time.monotonic() - since)
+                    return
+
+        t = threading.Thread(target=watch, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+
+    def dump_stall(self, pid: int, idle: float) -> None:
+        self.sc.stalls += 1
+        where = (f"{self.sc.artifacts}-kitfs-stall-{self.sc.stalls}.txt"
+                 if self.sc.artifacts else None)
+        dump = "py-spy is not installed"
+        if (TOOLS / "py-spy").exists():
+            done = subprocess.run([str(TOOLS / "py-spy"), "dump", "--pid", str(pid)],
+                                  capture_output=True, text=True, timeout=60)
+            dump = done.stdout + done.stderr
+        note = (f"kitfs stalled ({self.name}, phase {self.phase}): no read progress and no "
+                f"daemon counter change for {idle:.0f} s")
+        if where:
+            Path(where).write_text(note + "\n\n" + dump)
+            note += f"; py-spy dump of the daemon: `{Path(where).name}`"
+        self.sc.notes.append(note)
 
     @staticmethod
     def engine_status(mnt: Path, after: float) -> Result:

@@ -19,7 +19,6 @@ recorded next to them, so the table says not only that it is slow but why.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -78,20 +77,22 @@ def kitfs_json(*args: str) -> object:
     return json.loads(done.stdout)
 
 
-def build_scenario(scratch: Path, size: int, fraction: float) -> tuple[Scenario, dict[str, float]]:
+def build_scenario(scratch: Path, size: int, fraction: float, *, registry: w.Registry | None = None,
+                   tag: str = TAG) -> tuple[Scenario, dict[str, float]]:
     """Registry up, project written, packed and pushed; where every shard lies in its layer."""
     setup: dict[str, float] = {}
-    reg = w.start_registry(scratch / "registry", free_port())
+    reg = registry or w.start_registry(scratch / "registry", free_port())
     t0 = time.perf_counter()
-    project = make_model(scratch / "project", size)
+    project = make_model(scratch / f"project-{tag}", size)
     setup["make_model_s"] = time.perf_counter() - t0
-    ref = f"{reg.host}/{REPO}:{TAG}"
+    ref = f"{reg.host}/{REPO}:{tag}"
     t0 = time.perf_counter()
     done = subprocess.run([*KITFS, "pack", str(project), "-t", ref,
                            "--config", str(scratch / "home"), "--work-dir", str(scratch / "work")],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        reg.stop()
+        if registry is None:
+            reg.stop()
         raise SystemExit(f"kitfs pack failed: {done.stderr.strip()}")
     setup["pack_push_s"] = time.perf_counter() - t0
     inspected = kitfs_json("inspect", ref)
@@ -102,10 +103,30 @@ def build_scenario(scratch: Path, size: int, fraction: float) -> tuple[Scenario,
     shards = sorted((ShardInfo(e["path"], e["layer"], int(e["offset"]), int(e["size"]))
                      for e in listing if str(e["path"]).endswith(".safetensors")),
                     key=lambda s: s.path)
-    sc = Scenario(reg, REPO, TAG, project, layers, shards, scratch, fraction)
+    sc = Scenario(reg, REPO, tag, project, layers, shards, scratch, fraction)
     local = [w.ShardRef(s.path, project / s.path, 0, s.size) for s in shards]
     sc.picks = w.pick_random(local, fraction)
     return sc, setup
+
+
+def rss_at_size(main: Scenario, label: str) -> dict[str, float]:
+    """kitfs daemon memory on another model size, same registry, same workload as `seq`.
+
+    "Memory flat in model size" is judged within one run: the main scenario's
+    cold sequential read against the same read of a smaller and/or larger
+    ModelKit, each on a fresh mount with an empty cache.
+    """
+    sc, _ = build_scenario(main.scratch, parse_size(label), main.random_fraction,
+                           registry=main.registry, tag=f"rss-{label.lower()}")
+    shutil.rmtree(sc.project, ignore_errors=True)  # only the registry's copy is read
+    k = Kitfs(sc)
+    with k.cold() as m:
+        t0 = time.perf_counter()
+        n = w.sequential(m.shards)
+        gbps = n / (time.perf_counter() - t0) / 1e9
+    return {"peak_rss": float(m.usage.peak_rss), "rss_anon": float(m.usage.rss_anon),
+            "memory_tier": float(num(m.extra.get("engine_bytes_cached_memory")) or 0),
+            "seq_gbps": gbps}
 
 
 # -- rounds -----------------------------------------------------------------------------
@@ -122,7 +143,7 @@ def run_rounds(contenders: list[Contender], rounds: int) -> dict[str, list[Resul
                 res = c.run_round()
             except Exception as e:  # one broken contender must not sink the run
                 traceback.print_exc()
-                res = {"error": NA(f"failed: {str(e).splitlines()[0][:200]}")}
+                res = {"error_round": NA(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")}
             runs[c.name].append(res)
             log(f"round {r + 1}/{rounds} {c.name}: {time.perf_counter() - t0:.1f} s")
     return runs
@@ -216,46 +237,69 @@ def judge(med: dict[str, Result], runs: dict[str, list[Result]], size_label: str
         sizes = sorted(flat, key=parse_size)
         lo, hi = flat[sizes[0]], flat[sizes[-1]]
         shown = ", ".join(f"{s}: {flat[s] / 2**20:.0f} MiB" for s in sizes)
-        out.append(Target("daemon memory flat in model size (peak RSS within 1.25x)",
-                          shown, hi <= 1.25 * lo))
+        out.append(Target("daemon memory flat in model size (peak RSS within 1.25x, cold "
+                          "sequential read, same run)", shown, hi <= 1.25 * lo))
     else:
-        rss = num(k.get("peak_rss_max"))
+        rss = num(k.get("peak_rss_seq"))
         out.append(Target("daemon memory flat in model size",
-                          f"{size_label}: {(rss or 0) / 2**20:.0f} MiB peak RSS (one size so far:"
-                          " run another --size to judge)", None))
+                          f"{size_label}: {(rss or 0) / 2**20:.0f} MiB peak RSS (one size: "
+                          "--rss-sizes measures others in the same run)", None))
     return out
 
 
 # -- profile ----------------------------------------------------------------------------
 
 
-def profile_kitfs(sc: Scenario, out_stem: Path, what: str) -> dict[str, object]:
-    """py-spy on the kitfs daemon while it does `what` cold: a flame graph and top frames."""
+PROFILES = {
+    "cold sequential read": "cold-seq",
+    "warm sequential read": "warm-seq",
+    "cold load": "cold-load",
+}
+
+
+def profile_kitfs(sc: Scenario, out_stem: str, what: str) -> dict[str, object]:
+    """py-spy on the kitfs daemon while it does `what`: a flame graph and its top frames.
+
+    Two passes (py-spy writes one format per run): a flame graph for people and
+    collapsed stacks that the report ranks. Warm passes fill a chunk cache
+    first and drop the page cache, as the warm phase does.
+    """
     pyspy = TOOLS / "py-spy"
     if not pyspy.exists():
-        return {"error": "py-spy is not installed (bash scripts/bench installs it)"}
+        return {"workload": what, "error": "py-spy is not installed (bash scripts/bench "
+                "installs it)"}
     k = Kitfs(sc)
+    k.engine_counters = False
+    base = RESULTS / f"{out_stem}-kitfs-profile-{PROFILES[what]}"
     result: dict[str, object] = {"workload": what}
-    for fmt, path in (("flamegraph", out_stem.with_suffix(".svg")),
-                      ("raw", out_stem.with_suffix(".collapsed.txt"))):
-        with k.cold() as m:
-            spy = subprocess.Popen([str(pyspy), "record", "--pid", str(m.pid), "--rate", "200",
-                                    "--nonblocking", "--format", fmt, "-o", str(path)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(0.5)  # py-spy attaches
-            t0 = time.perf_counter()
-            if what == "load":
-                w.load_all(m.shards)
+    cache = sc.tempdir("kitfs-profile-")
+    try:
+        for fmt, path in (("flamegraph", base.with_suffix(".svg")),
+                          ("raw", base.with_suffix(".collapsed.txt"))):
+            if what.startswith("warm"):
+                with k.mounted(cache) as m:
+                    w.sequential(m.shards)
             else:
-                w.sequential(m.shards)
-            result[f"{fmt}_elapsed_s"] = time.perf_counter() - t0
-            spy.send_signal(signal.SIGINT)
-            try:
-                spy.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                spy.kill()
-        result[fmt] = path.name
-    collapsed = out_stem.with_suffix(".collapsed.txt")
+                shutil.rmtree(cache, ignore_errors=True)
+                cache.mkdir()
+            sc.drop()
+            with k.mounted(cache) as m:
+                spy = subprocess.Popen([str(pyspy), "record", "--pid", str(m.pid), "--rate",
+                                        "200", "--nonblocking", "--format", fmt, "-o", str(path)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                time.sleep(0.5)  # py-spy attaches
+                t0 = time.perf_counter()
+                n = w.load_all(m.shards) if what == "cold load" else w.sequential(m.shards)
+                result[f"{fmt}_gbps"] = n / (time.perf_counter() - t0) / 1e9
+                spy.send_signal(signal.SIGINT)
+                try:
+                    spy.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+            result[fmt] = path.name
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    collapsed = base.with_suffix(".collapsed.txt")
     if collapsed.exists():
         result.update(top_frames(collapsed))
     return result
@@ -304,7 +348,8 @@ def top_frames(collapsed: Path, n: int = 15) -> dict[str, object]:
         total += c
         own[frames[-1]] += c
         for f in set(frames):
-            incl[f] += c
+            if "kitfs/" in f and "kitfs/cli.py" not in f and "kitfs/commands.py" not in f:
+                incl[f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")"] += c
     return {"samples": total,
             "self": [(f, c / total) for f, c in own.most_common(n)] if total else [],
             "inclusive": [(f, c / total) for f, c in incl.most_common(n)] if total else []}
@@ -365,8 +410,9 @@ def markdown(doc: dict[str, object], med: dict[str, Result], targets: list[Targe
     ]
     for c in contenders:
         r = med[c.name]
-        if "error" in r and len(r) == 1:
-            lines.append(f"| {c.name} | {fmt(r['error'], '')} | | | |")
+        if all(k.startswith("error") for k in r):
+            why = next((v for v in r.values() if isinstance(v, NA)), NA("did not run"))
+            lines.append(f"| {c.name} | {fmt(why, '')} | | | |")
             continue
         lines.append(
             f"| {c.name} | {fmt(r.get('ready_s'), 's')} | {fmt(r.get('first_tensor_s'), 's')} | "
@@ -386,7 +432,7 @@ def markdown(doc: dict[str, object], med: dict[str, Result], targets: list[Targe
     ]
     for c in contenders:
         r = med[c.name]
-        if ("error" in r and len(r) == 1) or c.name in ("curl", "pull + untar"):
+        if all(k.startswith("error") for k in r) or c.name in ("curl", "pull + untar"):
             continue
         warm_load = r.get("warm_load_s") if c.name != "local disk" else loc.get("load_all_s")
         warm_gbps = r.get("warm_gbps") if c.name != "local disk" else loc.get("seq_gbps")
@@ -411,7 +457,7 @@ def markdown(doc: dict[str, object], med: dict[str, Result], targets: list[Targe
     ]
     for c in contenders:
         r = med[c.name]
-        if "error" in r and len(r) == 1:
+        if all(k.startswith("error") for k in r):
             continue
         rss = r.get("peak_rss_max", r.get("peak_rss"))
         reqs = num(r.get("random_requests"))
@@ -436,6 +482,16 @@ def markdown(doc: dict[str, object], med: dict[str, Result], targets: list[Targe
             f"{fmt(k.get('rss_file_seq'), 'mib')} file-backed "
             f"(peak {fmt(k.get('peak_rss_seq'), 'mib')}).",
         ]
+    memory = doc.get("memory_by_size")
+    if isinstance(memory, dict) and len(memory) > 1:
+        lines += ["", "kitfs daemon memory by model size (cold sequential read, fresh mount, "
+                  "same run):", "", "| model | peak RSS | anonymous RSS at the end | memory tier "
+                  "| sequential read |", "| --- | --- | --- | --- | --- |"]
+        for label in sorted(memory, key=parse_size):
+            v = memory[label]
+            lines.append(f"| {label} | {v['peak_rss'] / 2**20:.0f} MiB | "
+                         f"{v['rss_anon'] / 2**20:.0f} MiB | {v['memory_tier'] / 2**20:.0f} MiB | "
+                         f"{v['seq_gbps']:.2f} GB/s |")
     lines += ["", "## Targets (ratios from this run)", "", "| target | measured | result |",
               "| --- | --- | --- |"]
     for t in targets:
@@ -443,19 +499,22 @@ def markdown(doc: dict[str, object], med: dict[str, Result], targets: list[Targe
         lines.append(f"| {t.name} | {t.measured} | {verdict} |")
     prof = doc.get("profile")
     if isinstance(prof, dict) and prof:
-        lines += ["", "## Profile of the kitfs daemon (py-spy)", ""]
-        if "error" in prof:
-            lines.append(str(prof["error"]))
-        else:
-            lines += [f"Workload: cold {prof['workload']} of every shard through a fresh mount "
-                      f"({prof.get('samples', 0)} samples at 200 Hz, idle threads excluded). "
-                      f"Flame graph: `{prof.get('flamegraph')}`, stacks: `{prof.get('raw')}`.",
-                      "", "| self time | function | | inclusive | function |",
+        lines += ["", "## Profiles of the kitfs daemon (py-spy, for the failed targets)"]
+        runs = prof.get("runs") or []
+        assert isinstance(runs, list)
+        for p in runs:
+            lines += ["", f"### {p['workload']}", ""]
+            if "error" in p:
+                lines.append(str(p["error"]))
+                continue
+            lines += [f"{p.get('samples', 0)} samples at 200 Hz of the daemon's busy threads "
+                      f"(idle excluded) while it read {p.get('raw_gbps', 0):.2f} GB/s. "
+                      f"Flame graph: `{p.get('flamegraph')}`, stacks: `{p.get('raw')}`.",
+                      "", "| self | function (line) | | inclusive | kitfs function |",
                       "| ---: | --- | --- | ---: | --- |"]
-            own = prof.get("self") or []
-            inc = prof.get("inclusive") or []
-            assert isinstance(own, list) and isinstance(inc, list)
-            for i in range(max(len(own), len(inc))):
+            own = p.get("self") or []
+            inc = p.get("inclusive") or []
+            for i in range(min(12, max(len(own), len(inc)))):
                 a = own[i] if i < len(own) else ("", 0.0)
                 b = inc[i] if i < len(inc) else ("", 0.0)
                 lines.append(f"| {a[1]:.0%} | `{a[0]}` | | {b[1]:.0%} | `{b[0]}` |")
@@ -467,6 +526,13 @@ def markdown(doc: dict[str, object], med: dict[str, Result], targets: list[Targe
                       "the slowest top-level imports (cold, cumulative): "
                       + ", ".join(f"`{n}` {t:.2f} s"
                                   for n, t in imports["top_imports_cold"][:6]) + "."]
+    failures = [f"{name} round {i + 1}, {k.removeprefix('error_')}: {v.why}"
+                for name, rs in doc["runs"].items()  # type: ignore[attr-defined]
+                for i, r in enumerate(rs) for k, v in r.items()
+                if k.startswith("error_") and isinstance(v, NA)]
+    if failures:
+        lines += ["", "## Failures (those rounds' figures of that phase are missing from the "
+                  "medians)", ""] + [f"- {f}" for f in failures]
     lines += ["", "## Contenders", ""]
     for c in contenders:
         lines.append(f"- **{c.name}**: {c.unavailable or c.about}")
@@ -493,17 +559,19 @@ def chart(path: Path, med: dict[str, Result], contenders: list[Contender], title
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
 
     def panel(ax: object, series: tuple[tuple[str, str], ...], xlabel: str, unit: str,
-              legend: str = "lower right") -> None:
+              legend: str = "lower right", clip: float | None = None) -> None:
         h = 0.8 / len(series)
         for i, (key, label) in enumerate(series):
             ys = [j + i * h for j in range(len(names))]
             vals = [num(med[n].get(key)) for n in names]
-            bars = ax.barh(ys, [v or 0 for v in vals], height=h, label=label)  # type: ignore[attr-defined]
-            for y, v, n in zip(ys, vals, names, strict=True):
+            shown = [min(v or 0, clip) if clip else (v or 0) for v in vals]
+            ax.barh(ys, shown, height=h, label=label)  # type: ignore[attr-defined]
+            for y, v, x, n in zip(ys, vals, shown, names, strict=True):
                 text = f" {v:.2f}{unit}" if v is not None else (
                     " n/a" if isinstance(med[n].get(key), NA) else "")
-                ax.text(v or 0, y, text, va="center", fontsize=7)  # type: ignore[attr-defined]
-            del bars
+                if v is not None and clip and v > clip:
+                    text = f" {v:.1f} (bar cut)"
+                ax.text(x, y, text, va="center", fontsize=7)  # type: ignore[attr-defined]
         ax.set_yticks([j + h * (len(series) - 1) / 2 for j in range(len(names))], names)  # type: ignore[attr-defined]
         ax.invert_yaxis()  # type: ignore[attr-defined]
         ax.set_xlabel(xlabel)  # type: ignore[attr-defined]
@@ -517,8 +585,10 @@ def chart(path: Path, med: dict[str, Result], contenders: list[Contender], title
     panel(axes[1], (("seq_gbps", "cold"), ("warm_gbps", "warm (disk cache)"),
                     ("hot_gbps", "hot (page cache)")),
           "sequential read GB/s (higher is better)", "")
+    amps = [num(med[n].get("amplification")) for n in names if n != "pull + untar"]
     panel(axes[2], (("amplification", "random tensors"),),
-          "registry bytes per byte read, random tensors (lower is better)", "")
+          "registry bytes per byte read, random tensors (lower is better)", "",
+          clip=max([3.0] + [1.5 * a for a in amps if a is not None]))
     axes[2].axvline(1.3, color="red", linestyle="--", linewidth=1)
     axes[2].text(1.3, len(names) - 0.7, " target 1.3", color="red", fontsize=8)
     fig.suptitle(title)
@@ -535,20 +605,6 @@ def jsonable(v: object) -> object:
     if isinstance(v, list | tuple):
         return [jsonable(x) for x in v]
     return v
-
-
-def rss_by_size(stem: str, size_label: str, rss: float | None) -> dict[str, float]:
-    """Peak kitfs RSS of every harness result on disk plus this run's: memory vs model size."""
-    flat: dict[str, float] = {}
-    for p in RESULTS.glob("harness-*.json"):
-        with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
-            doc = json.loads(p.read_text())
-            v = doc["medians"]["kitfs"].get("peak_rss_max")
-            if isinstance(v, int | float) and doc.get("machine", {}).get("cpus") == os.cpu_count():
-                flat[doc["size_label"]] = float(v)
-    if rss is not None:
-        flat[size_label] = rss
-    return flat
 
 
 def kitfs_version() -> str:
@@ -574,6 +630,9 @@ def main() -> None:
     parser.add_argument("--profile", choices=("auto", "always", "never"), default="auto",
                         help="py-spy the kitfs daemon: auto = when a kitfs target fails "
                              "(not with --quick)")
+    parser.add_argument("--rss-sizes", default="256M",
+                        help="other model sizes to measure the kitfs daemon's memory on, in the "
+                             "same run (e.g. 256M,8G; not with --quick)")
     parser.add_argument("--scratch", default=None, help="work directory (default: $TMPDIR)")
     parser.add_argument("--out", default=None, help="file stem under benchmarks/results")
     args = parser.parse_args()
@@ -591,6 +650,9 @@ def main() -> None:
     try:
         log(f"building a {size_label} ModelKit in {scratch}")
         sc, setup = build_scenario(scratch, size, args.random_fraction)
+        sc.artifacts = RESULTS / stem
+        for old in RESULTS.glob(f"{stem}-kitfs-*"):
+            old.unlink()  # profiles and stall dumps of an earlier run of this stem
         log(f"made in {setup['make_model_s']:.1f} s, packed + pushed in "
             f"{setup['pack_push_s']:.1f} s: {len(sc.shards)} shards")
         contenders = all_contenders(sc)
@@ -600,18 +662,39 @@ def main() -> None:
             contenders = [c for c in contenders if c.name in keep]
         runs = run_rounds(contenders, rounds)
         med = summarize(contenders, runs)
-        k_rss = num(med.get("kitfs", {}).get("peak_rss_max"))
-        flat = rss_by_size(stem, size_label, k_rss)
+        flat: dict[str, float] = {}
+        memory: dict[str, dict[str, float]] = {}
+        k_med = med.get("kitfs", {})
+        if num(k_med.get("peak_rss_seq")) is not None:
+            flat[size_label] = float(num(k_med.get("peak_rss_seq")) or 0)
+            memory[size_label] = {"peak_rss": flat[size_label],
+                                  "rss_anon": num(k_med.get("rss_anon_seq")) or 0,
+                                  "memory_tier": num(k_med.get("seq_engine_bytes_cached_memory"))
+                                  or 0, "seq_gbps": num(k_med.get("seq_gbps")) or 0}
+            for label in [x for x in args.rss_sizes.split(",") if x and not args.quick]:
+                log(f"kitfs daemon memory on a {label} ModelKit")
+                try:
+                    memory[label] = rss_at_size(sc, label)
+                    flat[label] = memory[label]["peak_rss"]
+                except Exception as e:
+                    traceback.print_exc()
+                    sc.notes.append(f"memory at {label} not measured: {e}")
         targets = judge(med, runs, size_label, flat)
         profile: dict[str, object] = {}
         failing = {t.name for t in targets if t.passed is False}
         want = args.profile == "always" or (args.profile == "auto" and not args.quick and failing)
         if want and "kitfs" in med:
-            what = "load" if any("load" in f for f in failing) and not any(
-                "sequential" in f or "warm" in f for f in failing) else "sequential read"
-            log(f"profiling the kitfs daemon during a cold {what}")
-            profile = profile_kitfs(sc, RESULTS / f"{stem}-kitfs-profile", what)
-            if any(f.startswith("mount ready") for f in failing):
+            workloads = [wl for wl, hit in (
+                ("cold sequential read", any("cold sequential" in f for f in failing)),
+                ("warm sequential read", any(f.startswith("warm") for f in failing)),
+                ("cold load", any("load every tensor" in f for f in failing)
+                 and not any("cold sequential" in f for f in failing)),
+            ) if hit or (args.profile == "always" and wl != "cold load")]
+            profile["runs"] = []
+            for wl in workloads:
+                log(f"profiling the kitfs daemon: {wl}")
+                profile["runs"].append(profile_kitfs(sc, stem, wl))  # type: ignore[attr-defined]
+            if args.profile == "always" or any(f.startswith("mount ready") for f in failing):
                 profile["imports"] = import_profile()
         weights = sc.weight_bytes()
         doc: dict[str, object] = {
@@ -621,7 +704,7 @@ def main() -> None:
             "random_fraction": args.random_fraction, "random_tensors": len(sc.picks),
             "random_bytes": sum(p.tensor.nbytes for p in sc.picks),
             "model_layer_bytes": sc.model_layer_size, "setup": setup,
-            "notes": sc.notes, "medians": med, "runs": runs, "rss_by_size": flat,
+            "notes": sc.notes, "medians": med, "runs": runs, "memory_by_size": memory,
             "targets": [t.__dict__ for t in targets], "profile": profile,
             "contenders": {c.name: c.unavailable or c.about for c in contenders},
         }

@@ -40,6 +40,8 @@ import psutil
 
 READ_BUFFER = 8 << 20
 PAGE = mmap.ALLOCATIONGRANULARITY
+# Bumped by every read below: a watchdog tells a stalled reader from a finished one.
+PROGRESS = [0]
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ def load_all(shards: list[ShardRef]) -> int:
         with mapped(shard) as (mm, at):
             for t in tensors:
                 total += _copy_out(mm, at, t)
+                PROGRESS[0] += 1
     return total
 
 
@@ -136,6 +139,7 @@ def sequential(shards: list[ShardRef]) -> int:
                     raise OSError(f"short read in {shard.path} at {pos}")
                 pos += n
                 total += n
+                PROGRESS[0] += 1
         finally:
             os.close(fd)
     return total
@@ -179,6 +183,7 @@ def random_reads(shards: list[ShardRef], picks: list[Pick]) -> int:
             if len(data) != p.tensor.nbytes:
                 raise OSError(f"short read of {p.tensor.name}")
             total += len(data)
+            PROGRESS[0] += 1
     finally:
         for fd in fds:
             os.close(fd)
