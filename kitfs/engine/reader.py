@@ -22,7 +22,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -144,7 +144,8 @@ class Engine:
             self.layers[info.digest] = layer
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._slots = trio.CapacityLimiter(max(1, config.max_requests))
-        self._disk = trio.CapacityLimiter(2)
+        self._disk = trio.CapacityLimiter(2)  # chunk writes
+        self._disk_reads = trio.CapacityLimiter(4)  # chunks read ahead from disk
         self._pending_writes = 0
         self._write_finished = trio.Event()
         self._background = trio.CapacityLimiter(max(1, config.max_requests // 2))
@@ -339,11 +340,14 @@ class Engine:
         layer.fetched.add(index)
         return data
 
-    def _claim_run(self, layer: _Layer, index: int, *, merge: bool = True) -> list[Chunk]:
+    def _claim_run(self, layer: _Layer, index: int, *, merge: bool = True,
+                   last: int | None = None) -> list[Chunk]:
         """Chunk `index` and (with `merge`) the missing chunks after it, up to the merge limit.
 
         A reader waiting now gets just its chunk: merging would make it wait for
-        bytes it may never read (random tensor access); readahead and prefetch merge.
+        bytes it may never read (random tensor access). Readahead merges only up
+        to `last`, the end of its window; prefetch, which wants whole files, merges
+        up to the limit.
         """
         chunks = layer.geo.chunks
         run = [chunks[index]]
@@ -351,7 +355,8 @@ class Engine:
         total = chunks[index].blob_size
         nxt = index + 1
         limit = self.config.merge_limit if merge else 0
-        while nxt < len(chunks) and total + chunks[nxt].blob_size <= limit:
+        end = len(chunks) if last is None else min(len(chunks), last + 1)
+        while nxt < end and total + chunks[nxt].blob_size <= limit:
             key = chunks[nxt].key
             if ((layer.info.digest, nxt) in self._flights or self.memory.get(key) is not None
                     or self.store.contains(key)):
@@ -514,10 +519,11 @@ class Engine:
                    (node.offset + end + ahead - 1) // size)
         self._prefetch_run(layer, range(first, last + 1))
 
-    def _prefetch_run(self, layer: _Layer, indexes: Iterable[int]) -> None:
+    def _prefetch_run(self, layer: _Layer, indexes: range) -> None:
         """Start fetching chunks not yet here, without waiting for them."""
-        if layer.geo.shape == "stream" or self._nursery is None:
+        if layer.geo.shape == "stream" or self._nursery is None or not indexes:
             return
+        last = indexes[-1]
         for index in indexes:
             if index >= len(layer.geo.chunks):
                 return
@@ -530,11 +536,11 @@ class Engine:
                 self._spawn(self._load_ahead, layer, index, flight)
                 continue
             self._spawn(partial(self._fetch_run, background=True), layer,
-                        self._claim_run(layer, index))
+                        self._claim_run(layer, index, last=last))
 
     async def _load_ahead(self, layer: _Layer, index: int, flight: _Flight) -> None:
         try:
-            async with self._disk:
+            async with self._disk_reads:
                 data = await self._from_disk(layer, index)
         finally:
             if self._flights.get((layer.info.digest, index)) is flight:
