@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -232,3 +233,30 @@ async def test_registry_stopped_mid_read(tmp_path: Path) -> None:
             with pytest.raises(KitfsError):
                 await kit.engine.read(node, 17 << 20, 4096)
             assert trio.current_time() - start < 10
+
+
+async def test_many_waiters_on_the_write_backlog_all_wake(tmp_path: Path) -> None:
+    """Regression: a waiter used to replace the shared event and strand earlier waiters."""
+    from kitfs.cache.store import ChunkStore
+    from kitfs.engine.reader import Engine
+    from kitfs.modelkit.tree import Tree
+
+    store = ChunkStore(tmp_path / "c", sync=False)
+    engine = Engine(None, [], {}, Tree(), store,  # type: ignore[arg-type]
+                    EngineConfig(prefetch="none"))
+    woke: list[int] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await engine.start(nursery)
+            for i in range(40):
+                engine._store_later([(f"{i:064x}", os.urandom(4096))])
+
+            async def waiter(n: int) -> None:
+                await engine._writes_at_most(0)
+                woke.append(n)
+
+            for n in range(8):
+                nursery.start_soon(waiter, n)
+            await engine.flush()
+    assert sorted(woke) == list(range(8))
+    assert store.usage().chunks == 40

@@ -475,11 +475,14 @@ class Engine:
             self._note_error(str(exc))
         finally:
             self._pending_writes -= len(items)
+            # Wake everyone waiting on this event, and give later waiters a fresh one
+            # (waiters must never replace it themselves: an earlier waiter would then
+            # sleep on an event nobody sets).
             self._write_finished.set()
+            self._write_finished = trio.Event()
 
     async def _writes_at_most(self, count: int) -> None:
         while self._pending_writes > count:
-            self._write_finished = trio.Event()
             await self._write_finished.wait()
 
     async def _disk_backpressure(self) -> None:
@@ -539,17 +542,22 @@ class Engine:
                         self._claim_run(layer, index, last=last))
 
     async def _load_ahead(self, layer: _Layer, index: int, flight: _Flight) -> None:
+        """Bring a disk-cached chunk into memory ahead of its reader (a flight others join)."""
+        key = (layer.info.digest, index)
         try:
             async with self._disk_reads:
                 data = await self._from_disk(layer, index)
+            if data is None:
+                # Vanished or corrupt since contains(): fetch it for those waiting; the
+                # flight stays registered so the fetch settles it.
+                await self._fetch_run(layer, [layer.geo.chunks[index]], background=True)
+                return
+            flight.done(data)
         finally:
-            if self._flights.get((layer.info.digest, index)) is flight:
-                del self._flights[(layer.info.digest, index)]
-        if data is None:  # vanished or corrupt since contains(): fetch it for those waiting
-            self._flights[(layer.info.digest, index)] = flight
-            await self._fetch_run(layer, [layer.geo.chunks[index]], background=True)
-            return
-        flight.done(data)
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            if not flight.event.is_set():  # cancelled: waiting readers must not hang
+                flight.done(None, UnreachableError("reading a cached chunk was interrupted"))
 
     async def _prefetch(self) -> None:
         """Load what model loaders read first, in the order they read it, in the background."""
