@@ -17,21 +17,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import trio
-
 from kitfs.errors import KitfsError, UsageError
-from kitfs.inspection import Inspection, build_file_tree, inspect
 from kitfs.modelkit.filters import FilterSet
-from kitfs.modelkit.kitfile import kitfile_to_yaml
-from kitfs.modelkit.tree import Tree
-from kitfs.oci.client import ClientOptions
+from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import parse_reference
-from kitfs.oci.source import open_source
 from kitfs.units import human_bytes
 
 if TYPE_CHECKING:
-    from kitfs.daemon import MountConfig
-    from kitfs.mounts import MountState, ReadyPipe
+    # Imported where used: `kitfs mount` starts two interpreters (the command and its
+    # daemon), and what the command alone does not need is start-up time a user waits.
+    from kitfs.inspection import Inspection
+    from kitfs.modelkit.tree import Tree
+    from kitfs.mounts import MountConfig, MountState, ReadyPipe
 
 T = TypeVar("T")
 
@@ -53,6 +50,8 @@ def client_options(args: argparse.Namespace) -> ClientOptions:
 
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    import trio
+
     return trio.run(fn)
 
 
@@ -78,6 +77,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 async def _inspect(args: argparse.Namespace, tree_filters: FilterSet | None
                    ) -> tuple[Inspection, Tree | None]:
+    from kitfs.inspection import build_file_tree, inspect
+    from kitfs.oci.source import open_source
+
     ref = parse_reference(args.reference)
     source = open_source(ref, client_options(args))
     try:
@@ -106,6 +108,8 @@ def _layer_rows(ins: Inspection) -> list[dict[str, object]]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from kitfs.modelkit.kitfile import kitfile_to_yaml
+
     ins, _ = run_async(lambda: _inspect(args, None))
     view = ins.view
     kitfile_yaml = kitfile_to_yaml(view.kitfile.without_layer_digests())
@@ -214,8 +218,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
 
 
 def _mount_config(args: argparse.Namespace) -> MountConfig:
-    from kitfs.daemon import MountConfig
-    from kitfs.mounts import absolute_mountpoint, default_cache_dir, log_path
+    from kitfs.mounts import MountConfig, absolute_mountpoint, default_cache_dir, log_path
     from kitfs.units import parse_size
 
     parse_reference(args.reference)  # a bad reference fails here, before anything starts

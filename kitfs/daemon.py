@@ -16,7 +16,6 @@ stopped by anything but SIGKILL never leaves a dead mount behind.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import logging
 import os
@@ -24,7 +23,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +30,14 @@ import pyfuse3
 import trio
 
 from kitfs.engine.api import FileReader
-from kitfs.engine.reader import EngineConfig, PrefetchMode, VerifyMode
+from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import open_kit
 from kitfs.errors import KitfsError
 from kitfs.fs.operations import FsConfig, KitfsOperations
 from kitfs.inspection import Inspection
 from kitfs.modelkit.filters import FilterSet
 from kitfs.mounts import (
+    MountConfig,
     MountError,
     MountState,
     find_mount,
@@ -46,7 +45,6 @@ from kitfs.mounts import (
     remove_state,
     write_state,
 )
-from kitfs.oci.client import ClientOptions
 from kitfs.oci.reference import parse_reference
 
 log = logging.getLogger(__name__)
@@ -58,25 +56,6 @@ FLUSH_TIMEOUT_S = 10.0
 READ_BOUND_MARGIN_S = 5.0
 # After a stop signal, how long requests in flight may take before they are abandoned.
 STOP_GRACE_S = 3.0
-
-
-@dataclass(frozen=True)
-class MountConfig:
-    reference: str
-    mountpoint: Path  # absolute
-    cache_dir: Path
-    client: ClientOptions = dataclasses.field(default_factory=ClientOptions)
-    filters: tuple[str, ...] = ()
-    prefetch: PrefetchMode = "model"
-    cache_size: int | None = None  # bytes; None: no budget
-    verify: VerifyMode = "lazy"
-    allow_other: bool = False
-    foreground: bool = False
-    #: Kernel readahead for the mount; sets the size of FUSE read requests (design.md).
-    read_ahead_kb: int = 1024
-    #: Bound on one FUSE request: past it the reader gets EIO.
-    request_timeout: float = 30.0
-    log_file: Path | None = None
 
 
 class _Stopper:

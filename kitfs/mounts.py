@@ -32,7 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.errors import KitfsError
+from kitfs.oci.options import ClientOptions
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,27 @@ class MountError(KitfsError):
 
 
 # -- where things live --------------------------------------------------------------
+
+
+# What one mount is asked to be; lives here (not in daemon.py) so that `kitfs mount`
+# can build it and start the daemon without importing pyfuse3 and the engine.
+@dataclass(frozen=True)
+class MountConfig:
+    reference: str
+    mountpoint: Path  # absolute
+    cache_dir: Path
+    client: ClientOptions = field(default_factory=ClientOptions)
+    filters: tuple[str, ...] = ()
+    prefetch: PrefetchMode = "model"
+    cache_size: int | None = None  # bytes; None: no budget
+    verify: VerifyMode = "lazy"
+    allow_other: bool = False
+    foreground: bool = False
+    #: Kernel readahead for the mount; sets the size of FUSE read requests (design.md).
+    read_ahead_kb: int = 1024
+    #: Bound on one FUSE request: past it the reader gets EIO.
+    request_timeout: float = 30.0
+    log_file: Path | None = None
 
 
 def state_dir() -> Path:

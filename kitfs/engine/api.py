@@ -7,9 +7,12 @@ without a mount.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from kitfs.modelkit.tree import Node
+
+PrefetchMode = Literal["none", "model", "all"]
+VerifyMode = Literal["lazy", "strict"]
 
 
 class FileReader(Protocol):

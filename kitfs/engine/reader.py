@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import trio
 
@@ -33,6 +33,7 @@ from kitfs.cache.fileformat import CacheError as _CacheErrorBase
 from kitfs.cache.memory import MemoryTier
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
+from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.engine.geometry import Chunk, LayerGeometry, plan_layer, verified_record
 from kitfs.engine.prefetch import prefetch_plan
 from kitfs.errors import IntegrityError, KitfsError, UnreachableError
@@ -49,8 +50,6 @@ READAHEAD_MIN_RUN = 4 << 20
 #: Chunks fetched but not yet on disk before background fetching pauses (bounds memory).
 MAX_PENDING_WRITES = 16
 
-PrefetchMode = Literal["none", "model", "all"]
-VerifyMode = Literal["lazy", "strict"]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from kitfs.inspection import Inspection, build_file_tree, inspect
 from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.toc import LayerToc
 from kitfs.modelkit.tree import Tree
-from kitfs.oci.client import ClientOptions
+from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference
 from kitfs.oci.source import BlobSource, open_source
 

@@ -31,6 +31,7 @@ from kitfs.errors import (
 from kitfs.oci.auth import Credential, pull_scope, push_scope
 from kitfs.oci.credentials import lookup_credential
 from kitfs.oci.digest import DigestVerifier, digest_of, short, split_digest
+from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import is_digest
 from kitfs.oci.retry import RetryBudget
 from kitfs.oci.session import (
@@ -38,7 +39,6 @@ from kitfs.oci.session import (
     describe_transport_error,
     retryable_transport_error,
 )
-from kitfs.oci.transport import ClientOptions
 
 __all__ = [
     "DOCKER_MANIFEST",

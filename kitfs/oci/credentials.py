@@ -25,7 +25,7 @@ import trio
 
 from kitfs.errors import AuthError, LocalStorageError
 from kitfs.oci.auth import Credential
-from kitfs.oci.transport import ClientOptions
+from kitfs.oci.options import ClientOptions
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ from kitfs.errors import (
 )
 from kitfs.oci.auth import Authenticator, Credential, CredentialSource
 from kitfs.oci.blobtransport import BLOB_EXTENSION
+from kitfs.oci.options import ClientOptions
 from kitfs.oci.retry import RETRY_STATUSES, RetryBudget, parse_retry_after
-from kitfs.oci.transport import ClientOptions, base_url, make_http_client
+from kitfs.oci.transport import base_url, make_http_client
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from dataclasses import dataclass
 
 import httpcore
 import httpx
 
 from kitfs.errors import UsageError
 from kitfs.oci.blobtransport import BlobTransport
+from kitfs.oci.options import ClientOptions
 
 # httpcore reads a socket 64 KiB at a time (AsyncHTTP11Connection.READ_NUM_BYTES),
 # which caps one blob stream near 0.45 GB/s on these machines because every read
@@ -28,30 +28,6 @@ SOCKET_READ_SIZE = 1 << 20
 
 BLOB_READ_SIZE = 1 << 20
 """Socket read size on the blob path (blobtransport), where each read is handed on as is."""
-
-
-@dataclass(frozen=True)
-class ClientOptions:
-    """How to reach one registry; mirrors `kit`'s network flags."""
-
-    plain_http: bool = False
-    """Force http://. Loopback registries (localhost, 127.x, ::1) use http without it."""
-    tls_verify: bool = True
-    ca_file: str | None = None
-    """Extra CA bundle, trusted in addition to the system CAs."""
-    cert_file: str | None = None
-    key_file: str | None = None
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
-    """Seconds one socket read may wait: a stalled stream errors within this."""
-    retry_budget: float = 30.0
-    """Total seconds spent retrying 429, 5xx and dropped connections for one call."""
-    connect_retry: float = 2.0
-    """Seconds to keep retrying a registry that refuses connections (capped by
-    retry_budget): long enough to ride out a restart, short enough that a dead
-    registry is reported within seconds rather than after the whole budget."""
-    kitops_home: str | None = None
-    """Overrides $KITOPS_HOME when looking up credentials."""
 
 
 def host_of(registry: str) -> str:

@@ -1,0 +1,36 @@
+"""How to reach a registry, as `kit`'s network flags say it.
+
+Kept apart from the HTTP machinery (transport.py, which imports httpx) so
+that commands which only parse options, such as `kitfs mount` before it
+starts its daemon, do not pay for importing an HTTP client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ClientOptions"]
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How to reach one registry; mirrors `kit`'s network flags."""
+
+    plain_http: bool = False
+    """Force http://. Loopback registries (localhost, 127.x, ::1) use http without it."""
+    tls_verify: bool = True
+    ca_file: str | None = None
+    """Extra CA bundle, trusted in addition to the system CAs."""
+    cert_file: str | None = None
+    key_file: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    """Seconds one socket read may wait: a stalled stream errors within this."""
+    retry_budget: float = 30.0
+    """Total seconds spent retrying 429, 5xx and dropped connections for one call."""
+    connect_retry: float = 2.0
+    """Seconds to keep retrying a registry that refuses connections (capped by
+    retry_budget): long enough to ride out a restart, short enough that a dead
+    registry is reported within seconds rather than after the whole budget."""
+    kitops_home: str | None = None
+    """Overrides $KITOPS_HOME when looking up credentials."""
