@@ -478,8 +478,15 @@ class Kitfs(Mounter):
             dump = done.stdout + done.stderr
         note = (f"kitfs stalled ({self.name}, phase {self.phase}): no read progress and no "
                 f"daemon counter change for {idle:.0f} s")
+        state = ""
+        with contextlib.suppress(Exception):
+            from kitfs.mounts import all_states
+
+            docs = [s.status for s in all_states() if s.pid == pid]
+            state = json.dumps(docs[0] if docs else {}, indent=1)
         if where:
-            Path(where).write_text(note + "\n\n" + dump)
+            Path(where).write_text(note + "\n\n" + dump + "\nkitfs status of the daemon:\n"
+                                   + state + "\n")
             note += f"; py-spy dump of the daemon: `{Path(where).name}`"
         self.sc.notes.append(note)
 
