@@ -644,6 +644,7 @@ def main() -> None:
     stem = args.out or ("harness-quick" if args.quick else f"harness-{size_label}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    version_at_start = kitfs_version()
     scratch = Path(tempfile.mkdtemp(prefix="kitfs-harness-", dir=args.scratch))
     sc: Scenario | None = None
     contenders: list[Contender] = []
@@ -699,7 +700,9 @@ def main() -> None:
         weights = sc.weight_bytes()
         doc: dict[str, object] = {
             "size_label": size_label, "weights_gib": weights / 2**30, "shards": len(sc.shards),
-            "rounds": rounds, "machine": w.machine(), "kitfs": kitfs_version(),
+            "rounds": rounds, "machine": w.machine(),
+            "kitfs": version_at_start if kitfs_version() == version_at_start else
+            f"{version_at_start}, changed during the run to {kitfs_version()}",
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "random_fraction": args.random_fraction, "random_tensors": len(sc.picks),
             "random_bytes": sum(p.tensor.nbytes for p in sc.picks),
