@@ -8,6 +8,7 @@ traceback means a bug in kitfs and is shown only with `--debug`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 MAIN_HELP = """\
 Mount, pack and inspect KitOps ModelKits straight from OCI registries.
@@ -287,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kitfs: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `kitfs ls ... | head`: the reader left; say nothing, as other tools do.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         if args.debug:
             raise

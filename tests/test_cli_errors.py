@@ -97,3 +97,22 @@ def test_auth_registry_login_pack_logout(
     out = kitfs("logout", host, home=home)
     assert out.returncode == 0
     assert_one_line_error(kitfs("inspect", ref, home=home), host)
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path, project: Path) -> None:
+    import subprocess
+    import sys
+
+    rows = project / "data" / "rows"
+    rows.mkdir()
+    for i in range(1500):  # a listing far bigger than a pipe's buffer
+        (rows / f"row-{i:05d}.txt").write_text("x")
+    kitfile = project / "Kitfile"
+    kitfile.write_text(kitfile.read_text().replace("./data/train.csv", "./data"))
+    home = tmp_path / "h"
+    assert kitfs("pack", str(project), "-t", "pipe/test:v1", home=home).returncode == 0
+    proc = subprocess.run(
+        f"{sys.executable} -m kitfs.cli ls pipe/test:v1 --json --config {home} | head -c 1",
+        shell=True, capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "["
+    assert proc.stderr == ""  # no "internal error: BrokenPipeError"
