@@ -24,15 +24,11 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -41,56 +37,16 @@ import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from kitfs.oci import client as client_module
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.transport import SOCKET_READ_SIZE
+from kitfs.units import parse_size
+from registry import start_registry
 
 REPO = "bench/blob"
 RESULTS = Path(__file__).resolve().parent / "results" / "blob_download.json"
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_registry(root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("docker-registry") or shutil.which("registry")
-    if binary is None:
-        sys.exit("docker-registry is not installed (apt-get install docker-registry)")
-    port = free_port()
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = (root / "registry.log").open("wb")
-    env = dict(os.environ, OTEL_TRACES_EXPORTER="none")
-    proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=log, env=env)
-    host = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://{host}/v2/", timeout=1)
-            return proc, host
-        except (urllib.error.URLError, OSError):
-            if proc.poll() is not None:
-                sys.exit("registry exited: " + (root / "registry.log").read_text()[-2000:])
-            time.sleep(0.05)
-    proc.terminate()
-    sys.exit("registry did not start within 20 s")
 
 
 def make_blob(path: Path, size: int) -> str:
@@ -238,7 +194,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="kitfs-bench-") as tmp:
         root = Path(tmp)
-        proc, host = start_registry(root)
+        server = start_registry(root)
+        proc, host = server.process, server.host
         try:
             blob = root / "blob.bin"
             print(f"generating {fmt_size(size)} random blob...", file=sys.stderr)

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # registry.py: the registry launcher tests use too
 
 from benchmarks import workload as w  # noqa: E402
 from benchmarks.contenders import (  # noqa: E402
@@ -59,13 +59,6 @@ REPO = "bench/llm"
 TAG = "v1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -81,7 +74,7 @@ def build_scenario(scratch: Path, size: int, fraction: float, *, registry: w.Reg
                    tag: str = TAG) -> tuple[Scenario, dict[str, float]]:
     """Registry up, project written, packed and pushed; where every shard lies in its layer."""
     setup: dict[str, float] = {}
-    reg = registry or w.start_registry(scratch / "registry", free_port())
+    reg = registry or w.start_registry(scratch / "registry")
     t0 = time.perf_counter()
     project = make_model(scratch / f"project-{tag}", size)
     setup["make_model_s"] = time.perf_counter() - t0

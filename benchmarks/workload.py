@@ -25,18 +25,17 @@ import mmap
 import os
 import random
 import re
-import shutil
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import psutil
+
+import registry  # tests/registry.py: the callers put tests/ on sys.path
 
 READ_BUFFER = 8 << 20
 PAGE = mmap.ALLOCATIONGRANULARITY
@@ -325,8 +324,8 @@ _LOG_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
 class Registry:
     """A Distribution registry on loopback whose access log counts every byte it serves.
 
-    tests/registry.py disables the access log (tests don't need it); here it
-    is the neutral meter every contender is measured with.
+    Started by tests/registry.py with its access log on; here the log is the
+    neutral meter every contender is measured with.
     """
 
     host: str
@@ -374,32 +373,7 @@ class Served:
     sizes: dict[str, list[int]] = field(default_factory=dict)  # each response's bytes, by blob
 
 
-def start_registry(root: Path, port: int) -> Registry:
-    binary = shutil.which("docker-registry") or shutil.which("registry")
-    if binary is None:
-        raise SystemExit("docker-registry is not installed (bash scripts/setup)")
-    root.mkdir(parents=True, exist_ok=True)
-    config = root / "config.yml"
-    config.write_text(
-        "version: 0.1\nlog:\n  level: error\n  formatter: text\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-    )
-    log = root / "access.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([binary, "serve", str(config)], stdout=out,
-                                stderr=subprocess.STDOUT,
-                                env=dict(os.environ, OTEL_TRACES_EXPORTER="none"))
-    reg = Registry(f"127.0.0.1:{port}", root, proc, log)
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise SystemExit("registry exited: " + log.read_text()[-2000:])
-        try:
-            urllib.request.urlopen(f"http://{reg.host}/v2/", timeout=1)
-            return True
-        except (urllib.error.URLError, ConnectionError):
-            return False
-
-    wait_for(up, 20, "registry")
-    return reg
+def start_registry(root: Path) -> Registry:
+    """The tests' registry launcher, with its access log on: the meter for every contender."""
+    server = registry.start_registry(root, access_log=True)
+    return Registry(server.host, server.root, server.process, server.log)

@@ -33,6 +33,7 @@ class RegistryServer:
     host: str
     root: Path
     process: subprocess.Popen[bytes]
+    log: Path
     username: str | None = None
     password: str | None = None
 
@@ -50,15 +51,17 @@ class RegistryServer:
                 self.process.wait()
 
 
-def _write_config(root: Path, port: int, htpasswd: Path | None) -> Path:
+def _write_config(root: Path, port: int, htpasswd: Path | None, access_log: bool) -> Path:
     auth = ""
     if htpasswd is not None:
         auth = f"auth:\n  htpasswd:\n    realm: kitfs-test\n    path: {htpasswd}\n"
     config = root / "config.yml"
+    log = ("log:\n  level: error\n  formatter: text\n" if access_log
+           else "log:\n  level: warn\n  accesslog:\n    disabled: true\n")
     config.write_text(
         "version: 0.1\n"
-        "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        + log
+        + f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
         "  delete:\n    enabled: true\n"
         f"http:\n  addr: 127.0.0.1:{port}\n"
         + auth
@@ -82,8 +85,10 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 def start_registry(
-    root: Path, *, username: str | None = None, password: str | None = None
+    root: Path, *, username: str | None = None, password: str | None = None,
+    access_log: bool = False,
 ) -> RegistryServer:
+    """Start a registry; with `access_log` its log (server.log) lists every response's bytes."""
     if REGISTRY_BINARY is None:
         raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
     root.mkdir(parents=True, exist_ok=True)
@@ -95,7 +100,7 @@ def start_registry(
         htpasswd = root / "htpasswd"
         htpasswd.write_text(f"{username}:{hashed}\n")
     port = free_port()
-    config = _write_config(root, port, htpasswd)
+    config = _write_config(root, port, htpasswd, access_log)
     log = root / "registry.log"
     env = dict(os.environ, OTEL_TRACES_EXPORTER="none")
     with log.open("wb") as out:
@@ -105,7 +110,7 @@ def start_registry(
             stderr=subprocess.STDOUT,
             env=env,
         )
-    server = RegistryServer(f"127.0.0.1:{port}", root, process, username, password)
+    server = RegistryServer(f"127.0.0.1:{port}", root, process, log, username, password)
     try:
         _wait_ready(server.url, process, log)
     except BaseException:
