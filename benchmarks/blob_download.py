@@ -195,7 +195,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kitfs-bench-") as tmp:
         root = Path(tmp)
         server = start_registry(root)
-        proc, host = server.process, server.host
+        host = server.host
         try:
             blob = root / "blob.bin"
             print(f"generating {fmt_size(size)} random blob...", file=sys.stderr)
@@ -247,8 +247,7 @@ def main() -> None:
                     times[name].append(fn())
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            server.stop()
 
     rates = {name: [size / t / 1e9 for t in ts] for name, ts in times.items()}
     medians = {name: statistics.median(v) for name, v in rates.items()}

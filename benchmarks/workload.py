@@ -328,10 +328,18 @@ class Registry:
     neutral meter every contender is measured with.
     """
 
-    host: str
-    root: Path
-    process: subprocess.Popen[bytes]
-    log: Path
+    server: registry.RegistryServer
+
+    @property
+    def host(self) -> str:
+        return self.server.host
+
+    @property
+    def log(self) -> Path:
+        return self.server.log
+
+    def stop(self) -> None:
+        self.server.stop()
 
     def mark(self) -> int:
         return self.log.stat().st_size
@@ -355,15 +363,6 @@ class Registry:
                     out.sizes.setdefault(digest, []).append(n)
         return out
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
 
 @dataclass
 class Served:
@@ -375,5 +374,4 @@ class Served:
 
 def start_registry(root: Path) -> Registry:
     """The tests' registry launcher, with its access log on: the meter for every contender."""
-    server = registry.start_registry(root, access_log=True)
-    return Registry(server.host, server.root, server.process, server.log)
+    return Registry(registry.start_registry(root, access_log=True))
