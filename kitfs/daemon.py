@@ -99,18 +99,22 @@ _M_ARENA_MAX = -8
 
 
 def return_freed_memory() -> None:
-    """Make freed chunk buffers go back to the system, so the daemon's memory stays flat.
+    """Keep the daemon's memory bounded without paying a page fault per chunk byte.
 
-    Chunks are megabyte-sized buffers allocated and freed by several threads;
-    glibc keeps such frees in per-thread arenas and its adaptive mmap threshold
-    soon serves them from the heap, so RSS grew with the model (313 MiB at
-    256 MiB, 822 MiB at 8 GiB, benchmarks/results/harness-2G.md) although the
-    memory tier is capped. With a fixed 1 MiB mmap threshold every chunk is its
-    own mapping, unmapped on free (the harness measured 383 MiB peak).
+    Chunks are megabyte-sized buffers allocated and freed by several threads.
+    By default glibc gives each thread its own arena and moves its mmap
+    threshold up as big blocks are freed, so RSS grew with the model (313 MiB
+    at 256 MiB, 822 MiB at 8 GiB, harness-2G.md at ee0b44d). A fixed 1 MiB
+    threshold fixed that by mapping every chunk afresh, but then every chunk
+    byte was a page fault and a zeroing: copying 2 MiB buffers ran at 1.6
+    instead of 7.5 GB/s, and cold reads were 15-30% slower. So: at most two
+    arenas (the heap a chunk returns to is one the next chunk comes from) and
+    a fixed threshold above any chunk run, so buffers are reused from the heap
+    and its size is the peak of what is alive, not of what was ever freed.
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
         libc.mallopt(_M_ARENA_MAX, 2)
     except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
         log.debug("mallopt unavailable: %s", exc)

@@ -260,3 +260,24 @@ async def test_many_waiters_on_the_write_backlog_all_wake(tmp_path: Path) -> Non
             await engine.flush()
     assert sorted(woke) == list(range(8))
     assert store.usage().chunks == 40
+
+
+async def test_sequential_reader_gets_readahead_in_few_large_requests(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A file streamed front to back is fetched ahead in growing batches, not chunk by chunk.
+
+    Topping the window up on every read asked the registry for one chunk at a
+    time; the window is now topped up only when half of it is missing.
+    """
+    project = make_project(tmp_path / "big", weight_bytes=48 << 20)
+    ref = f"{registry.host}/engine/sequential:v1"
+    pack(project, ref, tmp_path / "home")
+    want = (project / "model" / "model.safetensors").read_bytes()
+    async with opened(ref, tmp_path / "cache") as kit:
+        assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
+        status = kit.engine.status()
+    chunks = len(want) >> 20
+    assert status["misses"] <= chunks
+    assert status["requests"] <= chunks // 2, status
+    assert status["bytes_fetched"] <= len(want) + (2 << 20)

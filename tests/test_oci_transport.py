@@ -19,9 +19,9 @@ import httpx
 import pytest
 import trio
 
-from kitfs.errors import IntegrityError, UnreachableError, UsageError
+from kitfs.errors import IntegrityError, RegistryError, UnreachableError, UsageError
 from kitfs.oci.auth import parse_challenges
-from kitfs.oci.blobtransport import BLOB_EXTENSION
+from kitfs.oci.blobtransport import BLOB_EXTENSION, Sink
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.retry import parse_retry_after
 from kitfs.oci.session import describe_transport_error, retryable_transport_error
@@ -54,6 +54,8 @@ class MiniServer:
     stall: bool = False
     chunked: bool = False  # send bodies with Transfer-Encoding: chunked
     close_silently: bool = False  # close after each response without saying so
+    ignore_range: bool = False  # answer range requests with 200 and the whole blob
+    fail_with: list[int] = field(default_factory=list)  # per blob GET: answer this status first
     connections: int = 0
 
     async def handle(self, stream: trio.abc.Stream) -> None:
@@ -76,10 +78,18 @@ class MiniServer:
                 if path == "/v2/":
                     await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
                     continue
+                if self.fail_with:
+                    code = self.fail_with.pop(0)
+                    junk = b"X" * 5000  # an error body that must not land in anyone's buffers
+                    await stream.send_all(
+                        f"HTTP/1.1 {code} Busy\r\nContent-Length: {len(junk)}\r\n\r\n".encode()
+                        + junk
+                    )
+                    continue
                 start = 0
                 status = "200 OK"
                 extra = ""
-                rng = headers.get("range")
+                rng = None if self.ignore_range else headers.get("range")
                 if rng:
                     first, last = rng.removeprefix("bytes=").split("-")
                     start = int(first)
@@ -179,6 +189,60 @@ async def test_dropped_connection_resumed_and_big_reads() -> None:
         assert server.requests[-1].headers["range"] == f"bytes=1100-{1000 + (2 << 20) - 1}"
 
 
+def _scatter(sizes: list[int]) -> tuple[list[bytearray], list[int]]:
+    return [bytearray(b"?" * n) for n in sizes], []
+
+
+async def test_range_received_into_scattered_buffers() -> None:
+    """read_range_into fills uneven buffers in order whatever path the bytes take."""
+    sizes = [1, 700_000, 1 << 20, 3, 300_001]
+    offset = 12_345
+    want = BLOB[offset : offset + sum(sizes)]
+
+    def expected(bufs: list[bytearray]) -> None:
+        assert b"".join(bufs) == want
+
+    cases: list[tuple[str, MiniServer]] = [
+        ("in place", MiniServer()),
+        ("dropped twice mid-body", MiniServer(drop_after=[100, 900_000])),
+        ("range ignored: skipped forward", MiniServer(ignore_range=True)),
+        ("chunked: copied", MiniServer(chunked=True)),
+        ("busy first: error body discarded", MiniServer(fail_with=[503, 503])),
+    ]
+    for name, server in cases:
+        async with mini_server(server), RegistryClient(f"127.0.0.1:{server.port}") as c:
+            bufs, done = _scatter(sizes)
+            with trio.fail_after(20):
+                await c.read_range_into(
+                    "org/kit", DIGEST, offset, [memoryview(b) for b in bufs], done.append
+                )
+            expected(bufs)
+            assert done == list(range(len(sizes))), name
+    # nothing to read; a range past the end of the blob is an error, never short data
+    async with mini_server(MiniServer()) as server, RegistryClient(
+        f"127.0.0.1:{server.port}"
+    ) as c:
+        await c.read_range_into("org/kit", DIGEST, 0, [])
+        bufs, done = _scatter([10, 10])
+        with pytest.raises(RegistryError, match="past the end of the blob"):
+            await c.read_range_into(
+                "org/kit", DIGEST, len(BLOB) - 15, [memoryview(b) for b in bufs], done.append
+            )
+
+
+async def test_range_into_gives_up_after_the_budget_and_reports_what_arrived() -> None:
+    server = MiniServer(drop_after=[(1 << 20) + 5] + [0] * 1000)
+    async with mini_server(server):
+        options = ClientOptions(retry_budget=0.3)
+        async with RegistryClient(f"127.0.0.1:{server.port}", options) as c:
+            bufs, done = _scatter([1 << 20, 1 << 20])
+            with trio.fail_after(10), pytest.raises(UnreachableError):
+                await c.read_range_into(
+                    "org/kit", DIGEST, 0, [memoryview(b) for b in bufs], done.append
+                )
+    assert done == [0] and bufs[0] == BLOB[: 1 << 20]
+
+
 async def test_blob_connections_kept_alive() -> None:
     server = MiniServer()
     async with mini_server(server), RegistryClient(f"127.0.0.1:{server.port}") as c:
@@ -272,6 +336,14 @@ async def test_tls_ca_file_and_verify_off(tls_files: tuple[Path, Path]) -> None:
                 for _ in range(2):
                     blob = await http.get(blob_url, extensions={BLOB_EXTENSION: True})
                     assert blob.status_code == 200 and blob.content == BLOB
+                # a Sink over TLS: pieces come as bytes and are copied into its buffers
+                out = bytearray(len(BLOB))
+                sink = Sink([memoryview(out)])
+                sink.enabled = True
+                async with http.stream("GET", blob_url, extensions={BLOB_EXTENSION: sink}) as r:
+                    async for piece in r.aiter_raw():
+                        sink.place(piece)
+                assert sink.full and out == BLOB
 
 
 def test_ssl_context_errors(tmp_path: Path) -> None:

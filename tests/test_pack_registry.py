@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import LONG_NAME, kitfs, make_project, source_files
+from kitfs.errors import IntegrityError
 from kitfs.inspection import build_file_tree, inspect
 from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.filters import FilterSet
@@ -69,6 +70,31 @@ async def test_round_trip_every_byte_where_the_toc_says(
 
     if compression == "none":  # offsets are into the blob itself
         assert await _files_through_registry(ref) == expected
+
+
+async def test_local_storage_ranges_read_both_ways(project: Path, tmp_path: Path) -> None:
+    """A ModelKit in kit's local storage serves ranges as copies and into caller buffers."""
+    home = tmp_path / "home"
+    _pack(project, "org/local:v1", home)
+    source = open_source(parse_reference("org/local:v1"), ClientOptions(kitops_home=str(home)))
+    try:
+        tree = await build_file_tree(source, await inspect(source), FilterSet())
+        node = next(n for n in tree.files() if n.path == "model/model.safetensors")
+        assert node.layer is not None
+        whole = (project / node.path).read_bytes()
+        assert await source.read_range(node.layer, node.offset + 5, 100) == whole[5:105]
+        bufs = [bytearray(n) for n in (1, 1 << 20, 12345)]
+        done: list[int] = []
+        await source.read_range_into(
+            node.layer, node.offset + 7, [memoryview(b) for b in bufs], done.append
+        )
+        assert b"".join(bufs) == whole[7 : 7 + sum(len(b) for b in bufs)]
+        assert done == [0, 1, 2]
+        size = node.offset + node.size + (1 << 20)  # past the end of the layer
+        with pytest.raises(IntegrityError, match="shorter than expected"):
+            await source.read_range_into(node.layer, size, [memoryview(bytearray(10))])
+    finally:
+        await source.aclose()
 
 
 def test_inspect_shows_kitfile_layers_and_toc(

@@ -13,6 +13,10 @@ from collections import OrderedDict
 
 DEFAULT_MEMORY_TIER_BYTES = 256 * 1024 * 1024
 
+#: A chunk's bytes. A bytearray is the buffer the chunk was received into from
+#: the network (no copy); nobody writes to it once it is handed out.
+ChunkData = bytes | bytearray
+
 
 class MemoryTier:
     """LRU of chunk payloads, O(1) get/put, thread-safe; never holds more than `capacity` bytes.
@@ -25,19 +29,19 @@ class MemoryTier:
         if capacity < 0:
             raise ValueError(f"memory tier capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, ChunkData] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> ChunkData | None:
         with self._lock:
             data = self._items.get(key)
             if data is not None:
                 self._items.move_to_end(key)
             return data
 
-    def put(self, key: str, data: bytes) -> None:
-        """Keep `data` (bytes: immutable, so a later change by the caller cannot leak in)."""
+    def put(self, key: str, data: ChunkData) -> None:
+        """Keep `data`; the caller must not change it afterwards (it is served as is)."""
         size = len(data)
         with self._lock:
             old = self._items.pop(key, None)

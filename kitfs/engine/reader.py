@@ -30,7 +30,7 @@ from typing import Any
 import trio
 
 from kitfs.cache.fileformat import CacheError as _CacheErrorBase
-from kitfs.cache.memory import MemoryTier
+from kitfs.cache.memory import ChunkData, MemoryTier
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
 from kitfs.engine.api import PrefetchMode, VerifyMode
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 READAHEAD_MIN_RUN = 4 << 20
 #: Chunks fetched but not yet on disk before background fetching pauses (bounds memory).
 MAX_PENDING_WRITES = 16
+#: Fetched chunks are checked and handed out in batches of about this many bytes.
+SETTLE_BATCH_BYTES = 1 << 20
 
 
 
@@ -72,10 +74,10 @@ class _Flight:
 
     def __init__(self) -> None:
         self.event = trio.Event()
-        self.data: bytes | None = None
+        self.data: ChunkData | None = None
         self.error: KitfsError | None = None
 
-    def done(self, data: bytes | None, error: KitfsError | None = None) -> None:
+    def done(self, data: ChunkData | None, error: KitfsError | None = None) -> None:
         self.data, self.error = data, error
         self.event.set()
 
@@ -149,7 +151,8 @@ class Engine:
         self._write_finished = trio.Event()
         self._background = trio.CapacityLimiter(max(1, config.max_requests // 2))
         self._nursery: trio.Nursery | None = None
-        self._readahead: dict[str, tuple[int, int]] = {}  # path -> (next offset, window)
+        # path -> (start of the sequential run, where it goes on, last chunk requested ahead)
+        self._readahead: dict[str, tuple[int, int, int]] = {}
         self._open: dict[str, int] = {}
         self.counters = _Counters()
         self.started = time.time()
@@ -282,13 +285,13 @@ class Engine:
             return layer.geo.chunks[index].key
         return layer.geo.position_key(index)
 
-    def _cached(self, layer: _Layer, index: int) -> bytes | None:
+    def _cached(self, layer: _Layer, index: int) -> ChunkData | None:
         data = self.memory.get(self._key(layer, index))
         if data is not None:
             self.counters.memory_hits += 1
         return data
 
-    async def _chunk(self, layer: _Layer, index: int, *, background: bool) -> bytes:
+    async def _chunk(self, layer: _Layer, index: int, *, background: bool) -> ChunkData:
         """One chunk's verified bytes, from wherever they are cheapest."""
         data = self._cached(layer, index)
         if data is not None:
@@ -318,7 +321,7 @@ class Engine:
         assert flight.data is not None
         return flight.data
 
-    async def _from_disk(self, layer: _Layer, index: int) -> bytes | None:
+    async def _from_disk(self, layer: _Layer, index: int) -> ChunkData | None:
         key = self._key(layer, index)
         if not self.store.contains(key):
             return None
@@ -369,6 +372,11 @@ class Engine:
     async def _fetch_run(self, layer: _Layer, run: list[Chunk], *, background: bool) -> None:
         """Fetch consecutive chunks with one range request and settle their flights.
 
+        The response is received straight into one buffer per chunk, and each
+        batch of chunks is checked and handed out as soon as it is complete,
+        while the rest of the range still arrives: a reader waiting for the
+        first chunk of a long readahead run does not wait for the whole run.
+
         Background fetches (readahead, prefetch, verification) first wait for the
         disk writes behind them to drain, so memory holds a bounded backlog of
         fetched chunks whatever the model size; a reader waiting now never waits
@@ -378,26 +386,39 @@ class Engine:
             await self._disk_backpressure()
         digest = layer.info.digest
         start = run[0].blob_offset
-        length = run[-1].blob_offset + run[-1].blob_size - start
+        buffers: list[bytearray] = []
         pending = {c.index for c in run}
+        batch: list[int] = []
+        batch_bytes = 0
+
+        def settle_batch() -> None:
+            nonlocal batch, batch_bytes
+            if batch:
+                chunks = [run[i] for i in batch]
+                pending.difference_update(c.index for c in chunks)
+                self._spawn(self._settle, layer, chunks, [buffers[i] for i in batch])
+                batch, batch_bytes = [], 0
+
+        def filled(i: int) -> None:
+            nonlocal batch_bytes
+            self.counters.bytes_fetched += len(buffers[i])
+            batch.append(i)
+            batch_bytes += len(buffers[i])
+            if batch_bytes >= SETTLE_BATCH_BYTES:
+                settle_batch()
+
         try:
             async with self._slots:
+                # Allocated only now: runs queued for a slot must not hold memory.
+                buffers.extend(bytearray(c.blob_size) for c in run)
                 self.counters.in_flight += 1
                 self.counters.requests += 1
                 try:
-                    blob = await self.source.read_range(digest, start, length)
+                    await self.source.read_range_into(
+                        digest, start, [memoryview(b) for b in buffers], filled)
                 finally:
                     self.counters.in_flight -= 1
-            self.counters.bytes_fetched += len(blob)
-            # One thread hop for the whole run: hashing a run of small chunks one hop
-            # each spent more time switching threads than hashing.
-            good, bad = await trio.to_thread.run_sync(self._decode_run, layer, run, blob, start)
-            for chunk, data in zip(run, good, strict=False):
-                self._deliver(layer, chunk.index, chunk.key, data, store=False)
-                pending.discard(chunk.index)
-            self._store_later([(c.key, d) for c, d in zip(run, good, strict=False)])
-            if bad is not None:
-                raise bad
+                    settle_batch()  # what arrived whole is good whatever happens next
         except KitfsError as exc:
             if isinstance(exc, IntegrityError):
                 self._poison(layer, str(exc))
@@ -409,30 +430,55 @@ class Engine:
             for index in pending:
                 self._fail(layer, index, err)
             raise
+
+    async def _settle(self, layer: _Layer, chunks: list[Chunk], raws: list[bytearray]) -> None:
+        """Check fetched chunks (one thread hop for the batch), then hand them out and store them.
+
+        One hop per batch, not per chunk: hashing small chunks one hop each spent
+        more time switching threads than hashing.
+        """
+        settled = 0
+        try:
+            good, bad = await trio.to_thread.run_sync(self._decode_batch, layer, chunks, raws)
+            for chunk, data in zip(chunks, good, strict=False):
+                self._deliver(layer, chunk.index, chunk.key, data, store=False)
+            settled = len(good)
+            self._store_later([(c.key, d) for c, d in zip(chunks, good, strict=False)])
+            if bad is not None:
+                raise bad
+        except KitfsError as exc:
+            if isinstance(exc, IntegrityError):
+                self._poison(layer, str(exc))
+            self._note_error(str(exc))
+            for chunk in chunks[settled:]:
+                self._fail(layer, chunk.index, exc)
+        except BaseException:
+            err = UnreachableError(f"checking chunks of layer {layer.info.digest[:19]} "
+                                   "was cancelled")
+            for chunk in chunks[settled:]:
+                self._fail(layer, chunk.index, err)
+            raise
         if not layer.geo.verified_by_chunk and len(layer.fetched) == len(layer.geo.chunks):
             self._ensure_verification(layer)
 
-    def _decode_run(self, layer: _Layer, run: list[Chunk], blob: bytes, start: int
-                    ) -> tuple[list[bytes], IntegrityError | None]:
-        """Every chunk of a run that checks out, in order, and the error that stopped it."""
-        view = memoryview(blob)
-        good: list[bytes] = []
-        for chunk in run:
-            raw = view[chunk.blob_offset - start : chunk.blob_offset - start + chunk.blob_size]
+    def _decode_batch(self, layer: _Layer, chunks: list[Chunk], raws: list[bytearray]
+                      ) -> tuple[list[ChunkData], IntegrityError | None]:
+        """Every chunk of a batch that checks out, in order, and the error that stopped it."""
+        good: list[ChunkData] = []
+        for chunk, raw in zip(chunks, raws, strict=True):
             try:
                 good.append(self._decode(layer, chunk, raw))
             except IntegrityError as exc:
                 return good, exc
         return good, None
 
-    def _decode(self, layer: _Layer, chunk: Chunk, raw: memoryview) -> bytes:
+    def _decode(self, layer: _Layer, chunk: Chunk, raw: bytearray) -> ChunkData:
         """Decompress (seekable layers) and check the chunk's digest; runs in a thread."""
+        data: ChunkData = raw
         if layer.geo.shape == "seekable":
             d = StreamDecompressor(layer.geo.compression)
             data = d.decompress(bytes(raw))
             d.finish()
-        else:
-            data = bytes(raw)
         if len(data) != chunk.size:
             raise IntegrityError(
                 f"chunk {chunk.index} of layer {layer.info.digest} is {len(data)} bytes, "
@@ -442,7 +488,7 @@ class Engine:
                 f"chunk {chunk.index} of layer {layer.info.digest} does not match its sha256")
         return data
 
-    def _deliver(self, layer: _Layer, index: int, key: str, data: bytes, *,
+    def _deliver(self, layer: _Layer, index: int, key: str, data: ChunkData, *,
                  store: bool = True) -> None:
         self.memory.put(key, data)
         layer.fetched.add(index)
@@ -452,7 +498,7 @@ class Engine:
         if store:
             self._store_later([(key, data)])
 
-    def _store_later(self, items: list[tuple[str, bytes]]) -> None:
+    def _store_later(self, items: list[tuple[str, ChunkData]]) -> None:
         if self._nursery is not None and items:
             self._pending_writes += len(items)  # counted now: flush() sees writes not started
             self._nursery.start_soon(self._store, items)
@@ -462,7 +508,7 @@ class Engine:
         if flight is not None:
             flight.done(None, error)
 
-    async def _store(self, items: list[tuple[str, bytes]]) -> None:
+    async def _store(self, items: list[tuple[str, ChunkData]]) -> None:
         def put_all() -> None:
             for key, data in items:
                 self.store.put(key, data)
@@ -506,19 +552,31 @@ class Engine:
         of the run, up to the cap. So a tensor read front to back costs at most
         a quarter more than its size, while a shard streamed by a loader soon
         has the full window in flight.
+
+        The window is topped up only once half of it (at least a chunk) is not
+        yet requested, and then in one go: topping it up on every read asked
+        for one chunk per request (506 requests of 2 MiB for 1 GiB), and the
+        registry spends more on a request than on a megabyte.
         """
-        run_start, expected = self._readahead.get(node.path, (offset, offset))
-        if offset != expected:
-            run_start = offset
-        self._readahead[node.path] = (run_start, end)
         size = layer.geo.chunk_size
+        state = self._readahead.get(node.path)
+        # Concurrent kernel reads may finish out of order: a read a little past
+        # where the run stands still continues it.
+        if state is None or not state[0] <= offset <= state[1] + 2 * size:
+            state = (offset, offset, -1)  # a new run: nothing requested ahead yet
+        run_start, reached, requested = state
+        end = max(end, reached)
+        self._readahead[node.path] = (run_start, end, requested)
         run = end - run_start
         if run < max(2 * size, READAHEAD_MIN_RUN) or layer.geo.shape == "stream":
             return
         ahead = min(run // 4, self.config.readahead_bytes)
-        first = (node.offset + end) // size
+        first = max((node.offset + end) // size, requested + 1)
         last = min((node.offset + node.size - 1) // size,
                    (node.offset + end + ahead - 1) // size)
+        if last < first or (last - first + 1) * size < min(ahead // 2, self.config.merge_limit):
+            return
+        self._readahead[node.path] = (run_start, end, last)
         self._prefetch_run(layer, range(first, last + 1))
 
     def _prefetch_run(self, layer: _Layer, indexes: range) -> None:
@@ -670,7 +728,7 @@ class Engine:
         whole = hashlib.sha256()
         digests: list[str] = []
 
-        def update(data: bytes) -> None:
+        def update(data: ChunkData) -> None:
             whole.update(data)
             digests.append(hashlib.sha256(data).hexdigest())
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -29,6 +29,7 @@ from kitfs.errors import (
     UsageError,
 )
 from kitfs.oci.auth import Credential, pull_scope, push_scope
+from kitfs.oci.blobtransport import Sink
 from kitfs.oci.credentials import lookup_credential
 from kitfs.oci.digest import DigestVerifier, digest_of, short, split_digest
 from kitfs.oci.options import ClientOptions
@@ -349,8 +350,47 @@ class RegistryClient:
             raise RegistryError(f"{what}: got {len(data)} bytes")
         return data
 
+    async def read_range_into(
+        self,
+        repo: str,
+        digest: str,
+        offset: int,
+        buffers: Sequence[memoryview],
+        filled: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fill `buffers` in order with the blob's bytes from `offset`; never short data.
+
+        The body is received straight into the buffers (see blobtransport.Sink),
+        so a range costs one copy, kernel to buffer. `filled(i)` is called as
+        soon as buffer i is complete, so its consumer can start on it while the
+        rest of the range arrives. On an error, buffers not reported filled hold
+        unspecified bytes.
+        """
+        length = sum(len(b) for b in buffers)
+        if offset < 0:
+            raise UsageError(f"invalid blob range offset={offset}")
+        sink = Sink(buffers, filled)
+        if length == 0:
+            sink.place(b"")
+            return
+        split_digest(digest)
+        what = (
+            f"reading bytes {offset}-{offset + length - 1} of blob {short(digest)} "
+            f"from {self._name(repo)}"
+        )
+        body = _BlobBody(self, repo, digest, offset, offset + length, what, sink)
+        try:
+            await body.open()
+            async for chunk in body:
+                sink.place(chunk)
+        finally:
+            await body.aclose()
+        if not sink.full:  # pragma: no cover - _BlobBody raises first
+            raise RegistryError(f"{what}: the body ended early")
+
     async def _open_blob(
-        self, repo: str, digest: str, headers: dict[str, str], what: str
+        self, repo: str, digest: str, headers: dict[str, str], what: str,
+        sink: Sink | None = None,
     ) -> httpx.Response:
         """GET a blob (or a range of it), reusing its storage redirect while it is fresh."""
         headers = {**_IDENTITY, **headers}
@@ -366,7 +406,7 @@ class RegistryClient:
                     stream=True,
                     retry=False,
                     authenticate=False,
-                    blob=True,
+                    blob=sink or True,
                 )
             except RegistryError:
                 # Expired or revoked presigned URL: ask the registry again.
@@ -379,7 +419,7 @@ class RegistryClient:
             headers=headers,
             ok=(200, 206),
             stream=True,
-            blob=True,
+            blob=sink or True,
         )
         final = response.request.url
         if (final.scheme, final.host, final.port) != _origin(self._session.base):
@@ -646,8 +686,10 @@ class _BlobBody:
         start: int,
         end: int | None,
         what: str,
+        sink: Sink | None = None,
     ) -> None:
         self._client = client
+        self._sink = sink
         self._repo = repo
         self._digest = digest
         self._pos = start
@@ -673,7 +715,11 @@ class _BlobBody:
         if self._pos > 0 or self._end is not None:
             last = "" if self._end is None else str(self._end - 1)
             headers["Range"] = f"bytes={self._pos}-{last}"
-        response = await self._client._open_blob(self._repo, self._digest, headers, self._what)
+        if self._sink is not None:
+            self._sink.enabled = False  # an error body must not land in the caller's buffers
+        response = await self._client._open_blob(
+            self._repo, self._digest, headers, self._what, self._sink
+        )
         self._response = response
         length = _int_header(response, "content-length")
         if response.status_code == 206:
@@ -693,6 +739,9 @@ class _BlobBody:
         if self.total is not None and self._end is not None and self._end > self.total:
             await self.aclose()
             raise RegistryError(f"{self._what}: past the end of the blob ({self.total} bytes)")
+        if self._sink is not None:
+            # The body starts exactly where the sink's cursor is: receive in place.
+            self._sink.enabled = self._skip == 0
 
     def _retry_budget(self) -> RetryBudget:
         if self._budget is None:

@@ -27,7 +27,7 @@ from kitfs.errors import (
     UnreachableError,
 )
 from kitfs.oci.auth import Authenticator, Credential, CredentialSource
-from kitfs.oci.blobtransport import BLOB_EXTENSION
+from kitfs.oci.blobtransport import BLOB_EXTENSION, Sink
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.retry import RETRY_STATUSES, RetryBudget, parse_retry_after
 from kitfs.oci.transport import base_url, make_http_client
@@ -189,13 +189,14 @@ class RegistrySession:
         stream: bool = False,
         retry: bool = True,
         authenticate: bool = True,
-        blob: bool = False,
+        blob: bool | Sink = False,
     ) -> httpx.Response:
         """Send with auth, retries and redirects; raise a kitfs error unless status is in `ok`.
 
         With `stream`, the caller must close the returned response. `authenticate`
         False sends to `url` (a cached storage URL) without registry credentials.
-        `blob` sends a GET down the lean blob-body path (see blobtransport).
+        `blob` sends a GET down the lean blob-body path (see blobtransport); a
+        `Sink` there also receives the body into the sink's buffers.
         """
         budget = self._budget()
         challenged = False
@@ -259,10 +260,10 @@ class RegistrySession:
         content: Content,
         scopes: tuple[str, ...],
         authenticate: bool,
-        blob: bool,
+        blob: bool | Sink,
     ) -> httpx.Response:
         target = httpx.URL(url)
-        extensions = {BLOB_EXTENSION: True} if blob else None
+        extensions = {BLOB_EXTENSION: blob} if blob is not False else None
         for _ in range(MAX_REDIRECTS + 1):
             sent_headers = dict(headers)
             if authenticate and self._same_origin(target):

@@ -8,7 +8,8 @@ local storage, exactly as it does for `kit`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +37,16 @@ class BlobSource(Protocol):
 
     async def read_range(self, digest: str, offset: int, length: int) -> bytes: ...
 
+    async def read_range_into(
+        self,
+        digest: str,
+        offset: int,
+        buffers: Sequence[memoryview],
+        filled: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fill `buffers` in order from `offset`; `filled(i)` as soon as buffer i is whole."""
+        ...
+
     def stream_blob(
         self, digest: str
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
@@ -56,6 +67,17 @@ class RegistrySource:
 
     async def read_range(self, digest: str, offset: int, length: int) -> bytes:
         return await self.client.read_range(self.reference.repository, digest, offset, length)
+
+    async def read_range_into(
+        self,
+        digest: str,
+        offset: int,
+        buffers: Sequence[memoryview],
+        filled: Callable[[int], None] | None = None,
+    ) -> None:
+        await self.client.read_range_into(
+            self.reference.repository, digest, offset, buffers, filled
+        )
 
     def stream_blob(
         self, digest: str
@@ -93,6 +115,32 @@ class LocalSource:
             return data
 
         return await trio.to_thread.run_sync(read)
+
+    async def read_range_into(
+        self,
+        digest: str,
+        offset: int,
+        buffers: Sequence[memoryview],
+        filled: Callable[[int], None] | None = None,
+    ) -> None:
+        def read() -> None:
+            with self.storage.open_blob(digest) as f:
+                at = offset
+                for buf in buffers:
+                    done = 0
+                    while done < len(buf):
+                        n = os.preadv(f.fileno(), [buf[done:]], at)
+                        if n <= 0:  # a regular file reads short only at its end
+                            raise IntegrityError(
+                                f"blob {digest} in kit's local storage is shorter than expected"
+                            )
+                        done += n
+                        at += n
+
+        await trio.to_thread.run_sync(read)
+        if filled is not None:
+            for i in range(len(buffers)):
+                filled(i)
 
     @contextlib.asynccontextmanager
     async def stream_blob(self, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:
