@@ -106,30 +106,53 @@ def parse_header(magic: bytes, head: bytes, file_size: int) -> tuple[int, int]:
     return length, checksum
 
 
-def read_frame(path: Path | str, magic: bytes) -> tuple[bytes, int]:
+#: No cache file is bigger than this; a larger one is garbage, not something to read in.
+MAX_FRAME_PAYLOAD = 1 << 30
+
+
+def read_frame(path: Path | str, magic: bytes) -> tuple[bytearray, int]:
     """(payload, inode) of the cache file at `path`, checked end to end.
 
     Raises FileNotFoundError when absent, BadFrame when corrupt, OSError otherwise.
     The inode lets a caller that drops a bad file avoid deleting a good one
-    that another process renamed into place meanwhile.
+    that another process renamed into place meanwhile. Header and payload are
+    read with one preadv into buffers sized from the file (the header then
+    has to agree with that size), so a warm chunk costs one read and no copy.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         try:
-            head = os.pread(fd, HEADER_SIZE, 0)
-            length, checksum = parse_header(magic, head, st.st_size)
-            payload = os.pread(fd, length, HEADER_SIZE)
-            if len(payload) != length:  # pread of a regular file is short only at EOF
-                raise BadFrame(f"read {len(payload)} payload bytes of {length}")
+            if not HEADER_SIZE <= st.st_size <= HEADER_SIZE + MAX_FRAME_PAYLOAD:
+                raise BadFrame(f"file is {st.st_size} bytes, not a cache frame")
+            head = bytearray(HEADER_SIZE)
+            payload = bytearray(st.st_size - HEADER_SIZE)
+            _read_all(fd, [memoryview(head), memoryview(payload)])
+            length, checksum = parse_header(magic, bytes(head), st.st_size)
             if xxhash.xxh3_64_intdigest(payload) != checksum:
                 raise BadFrame("payload checksum mismatch")
+            del length  # parse_header checked it against the file size
         except BadFrame as bad:
             bad.inode, bad.size = st.st_ino, st.st_size
             raise
     finally:
         os.close(fd)
     return payload, st.st_ino
+
+
+def _read_all(fd: int, buffers: list[memoryview]) -> None:
+    """Fill `buffers` from the start of the file; BadFrame if it ends first (it shrank)."""
+    at = 0
+    while buffers:
+        n = os.preadv(fd, buffers, at)
+        if n <= 0:  # pread of a regular file is short only at EOF
+            raise BadFrame(f"file ended after {at} bytes")
+        at += n
+        while buffers and n >= len(buffers[0]):
+            n -= len(buffers[0])
+            buffers.pop(0)
+        if buffers and n:
+            buffers[0] = buffers[0][n:]
 
 
 def as_bytes_view(data: bytes | bytearray | memoryview) -> memoryview:

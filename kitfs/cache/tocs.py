@@ -80,7 +80,7 @@ class TocCache:
             return None
         except OSError as exc:
             raise cache_error(f"cannot read cached record {path}", exc) from exc
-        return payload
+        return bytes(payload)  # small records: immutable is worth the copy
 
     def _put(self, magic: bytes, layer_digest: str, data: bytes) -> None:
         path = self._path(magic, layer_digest)

@@ -322,9 +322,9 @@ class Engine:
         return flight.data
 
     async def _from_disk(self, layer: _Layer, index: int) -> ChunkData | None:
+        # Straight to a thread, no stat first on the event loop: after a dropped
+        # page cache that stat reads the disk while every FUSE request waits.
         key = self._key(layer, index)
-        if not self.store.contains(key):
-            return None
         try:
             data = await trio.to_thread.run_sync(self.store.get, key)
         except _CacheErrorBase as exc:
@@ -343,7 +343,7 @@ class Engine:
         return data
 
     def _claim_run(self, layer: _Layer, index: int, *, merge: bool = True,
-                   last: int | None = None) -> list[Chunk]:
+                   last: int | None = None, absent: set[int] | None = None) -> list[Chunk]:
         """Chunk `index` and (with `merge`) the missing chunks after it, up to the merge limit.
 
         A reader waiting now gets just its chunk: merging would make it wait for
@@ -360,8 +360,8 @@ class Engine:
         end = len(chunks) if last is None else min(len(chunks), last + 1)
         while nxt < end and total + chunks[nxt].blob_size <= limit:
             key = chunks[nxt].key
-            if ((layer.info.digest, nxt) in self._flights or self.memory.get(key) is not None
-                    or self.store.contains(key)):
+            on_disk = nxt not in absent if absent is not None else self.store.contains(key)
+            if (layer.info.digest, nxt) in self._flights or key in self.memory or on_disk:
                 break
             self._flights[(layer.info.digest, nxt)] = _Flight()
             run.append(chunks[nxt])
@@ -583,20 +583,39 @@ class Engine:
         """Start fetching chunks not yet here, without waiting for them."""
         if layer.geo.shape == "stream" or self._nursery is None or not indexes:
             return
-        last = indexes[-1]
-        for index in indexes:
-            if index >= len(layer.geo.chunks):
-                return
-            key = layer.geo.chunks[index].key
-            if (layer.info.digest, index) in self._flights or key in self.memory:
-                continue
-            if self.store.contains(key):
+        chunks = layer.geo.chunks
+        digest = layer.info.digest
+        todo = [i for i in indexes if i < len(chunks)
+                and (digest, i) not in self._flights and chunks[i].key not in self.memory]
+        if todo:
+            self._spawn(self._ahead, layer, todo, indexes[-1])
+
+    async def _ahead(self, layer: _Layer, todo: list[int], last: int) -> None:
+        """Bring chunks `todo` in ahead of their reader: from disk where they are, else fetch.
+
+        Which are on disk is asked in a thread, all at once: after the page
+        cache was dropped each stat may read the disk, and the event loop
+        serving every FUSE request must not wait for that.
+        """
+        chunks = layer.geo.chunks
+        keys = [chunks[i].key for i in todo]
+        try:
+            present = await trio.to_thread.run_sync(
+                lambda: [self.store.contains(k) for k in keys])
+        except _CacheErrorBase as exc:
+            self._note_error(str(exc))
+            present = [False] * len(todo)
+        absent = {i for i, here in zip(todo, present, strict=True) if not here}
+        for index in todo:
+            if (layer.info.digest, index) in self._flights or chunks[index].key in self.memory:
+                continue  # someone else got to it while we looked
+            if index not in absent:
                 # On disk: load it into memory ahead of the reader, as a flight others join.
                 flight = self._flights[(layer.info.digest, index)] = _Flight()
                 self._spawn(self._load_ahead, layer, index, flight)
                 continue
             self._spawn(partial(self._fetch_run, background=True), layer,
-                        self._claim_run(layer, index, last=last))
+                        self._claim_run(layer, index, last=last, absent=absent))
 
     async def _load_ahead(self, layer: _Layer, index: int, flight: _Flight) -> None:
         """Bring a disk-cached chunk into memory ahead of its reader (a flight others join)."""
