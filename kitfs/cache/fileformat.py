@@ -35,6 +35,7 @@ from pathlib import Path
 
 import xxhash
 
+from kitfs.buffers import new_buffer
 from kitfs.errors import LocalStorageError
 
 CHUNK_MAGIC = b"KFSC"
@@ -126,7 +127,7 @@ def read_frame(path: Path | str, magic: bytes) -> tuple[bytearray, int]:
             if not HEADER_SIZE <= st.st_size <= HEADER_SIZE + MAX_FRAME_PAYLOAD:
                 raise BadFrame(f"file is {st.st_size} bytes, not a cache frame")
             head = bytearray(HEADER_SIZE)
-            payload = bytearray(st.st_size - HEADER_SIZE)
+            payload = new_buffer(st.st_size - HEADER_SIZE)
             _read_all(fd, [memoryview(head), memoryview(payload)])
             length, checksum = parse_header(magic, bytes(head), st.st_size)
             if xxhash.xxh3_64_intdigest(payload) != checksum:

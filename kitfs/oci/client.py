@@ -357,19 +357,21 @@ class RegistryClient:
         offset: int,
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
+        prepare: Callable[[int], None] | None = None,
     ) -> None:
         """Fill `buffers` in order with the blob's bytes from `offset`; never short data.
 
         The body is received straight into the buffers (see blobtransport.Sink),
         so a range costs one copy, kernel to buffer. `filled(i)` is called as
         soon as buffer i is complete, so its consumer can start on it while the
-        rest of the range arrives. On an error, buffers not reported filled hold
-        unspecified bytes.
+        rest of the range arrives; `prepare(i)` may run before it in the worker
+        thread that received the buffer (not for every buffer: see Sink). On an
+        error, buffers not reported filled hold unspecified bytes.
         """
         length = sum(len(b) for b in buffers)
         if offset < 0:
             raise UsageError(f"invalid blob range offset={offset}")
-        sink = Sink(buffers, filled)
+        sink = Sink(buffers, filled, prepare)
         if length == 0:
             sink.place(b"")
             return

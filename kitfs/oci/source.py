@@ -43,8 +43,14 @@ class BlobSource(Protocol):
         offset: int,
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
+        prepare: Callable[[int], None] | None = None,
     ) -> None:
-        """Fill `buffers` in order from `offset`; `filled(i)` as soon as buffer i is whole."""
+        """Fill `buffers` in order from `offset`; `filled(i)` as soon as buffer i is whole.
+
+        `prepare(i)`, if given, may be called first in the worker thread that
+        read buffer i (so heavy per-buffer work stays off the event loop); a
+        buffer it was not called for must be prepared by the caller.
+        """
         ...
 
     def stream_blob(
@@ -74,9 +80,10 @@ class RegistrySource:
         offset: int,
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
+        prepare: Callable[[int], None] | None = None,
     ) -> None:
         await self.client.read_range_into(
-            self.reference.repository, digest, offset, buffers, filled
+            self.reference.repository, digest, offset, buffers, filled, prepare
         )
 
     def stream_blob(
@@ -122,11 +129,12 @@ class LocalSource:
         offset: int,
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
+        prepare: Callable[[int], None] | None = None,
     ) -> None:
         def read() -> None:
             with self.storage.open_blob(digest) as f:
                 at = offset
-                for buf in buffers:
+                for i, buf in enumerate(buffers):
                     done = 0
                     while done < len(buf):
                         n = os.preadv(f.fileno(), [buf[done:]], at)
@@ -136,6 +144,8 @@ class LocalSource:
                             )
                         done += n
                         at += n
+                    if prepare is not None:
+                        prepare(i)
 
         await trio.to_thread.run_sync(read)
         if filled is not None:
