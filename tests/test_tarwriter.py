@@ -10,16 +10,20 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 from test_layers import OTHER_LAYERS, make_tree
 
-from kitfs.errors import LocalStorageError
+from kitfs.cache.keys import chunk_key_for_digest
+from kitfs.errors import FormatError, LocalStorageError
+from kitfs.modelkit.chunkdigest import matches
 from kitfs.modelkit.kitignore import KitIgnore
 from kitfs.modelkit.layers import PlannedEntry, plan_layer
 from kitfs.modelkit.tarwriter import (
@@ -28,7 +32,7 @@ from kitfs.modelkit.tarwriter import (
     split_ustar_path,
     write_layer,
 )
-from kitfs.modelkit.toc import LayerToc
+from kitfs.modelkit.toc import LayerToc, ModelKitToc, TocChunk, dump_toc, load_toc
 
 GiB = 1 << 30
 EMPTY_TAR_DIGEST = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
@@ -323,7 +327,7 @@ def test_chunks_stand_alone(models: list[PlannedEntry], compression: str) -> Non
             assert zstandard.ZstdDecompressor().decompress(piece) == plain
         else:
             assert piece == plain and chunk.blob_offset == chunk.offset
-        assert chunk.sha256 == _sha(plain)
+        assert chunk.digest == "blake3:" + blake3.blake3(plain).hexdigest()
         next_offset += chunk.size
         next_blob += chunk.blob_size
     assert next_offset == len(stream) and next_blob == len(blob)
@@ -416,3 +420,25 @@ def test_raw_unbuffered_output(models: list[PlannedEntry], tmp_path: Path) -> No
     with open(path, "wb", buffering=0) as raw:
         toc = write_layer(models, raw, compression="zstd", media_type=MEDIA_TYPE)
     assert "sha256:" + _sha(path.read_bytes()) == toc.digest
+
+
+def test_chunk_digests_in_the_toc_old_and_new() -> None:
+    """Packs write BLAKE3 chunk digests; tables of contents with bare sha256 hex still read."""
+    data = b"x" * 5000
+    sha = hashlib.sha256(data).hexdigest()
+    b3 = blake3.blake3(data).hexdigest()
+    chunks = (TocChunk(0, 4096, "sha256:" + sha, 0, 4096),
+              TocChunk(4096, 904, "blake3:" + b3, 4096, 904))
+    layer = LayerToc("sha256:" + "a" * 64, "sha256:" + "a" * 64, "t", 5000, 5000, (), 4096, chunks)
+    doc = json.loads(dump_toc(ModelKitToc((layer,))))
+    assert [c[2] for c in doc["layers"][0]["chunks"]] == [sha, "blake3:" + b3]  # v1 form kept
+    back = load_toc(dump_toc(ModelKitToc((layer,)))).layers[0]
+    assert back == layer
+    assert chunk_key_for_digest(back.chunks[0].digest) == sha
+    assert chunk_key_for_digest(back.chunks[1].digest) == b3 + ".b3"
+    assert matches(data, "sha256:" + sha) and matches(data, "blake3:" + b3)
+    assert not matches(data + b"!", "blake3:" + b3)
+    for bad in ("md5:" + sha, "blake3:" + b3[:-1], sha.upper(), "sha256:xyz"):
+        doc["layers"][0]["chunks"][0][2] = bad
+        with pytest.raises(FormatError, match="invalid chunk digest"):
+            load_toc(json.dumps(doc).encode())

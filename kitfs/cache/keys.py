@@ -8,8 +8,9 @@ can be `.`/`..` or start with a dot (the prefix of temporary files).
 
 Two kinds of key, which never collide (a position key contains `-`):
 
-- `chunk_key_for_digest`: the chunk's own sha256, where a table of contents
-  vouches for it; the same bytes in two layers or two ModelKits share a file.
+- `chunk_key_for_digest`: the chunk's own digest (sha256 hex, or BLAKE3 hex
+  with a `.b3` suffix), where a table of contents vouches for it; the same
+  bytes in two layers or two ModelKits share a file.
 - `chunk_key_for_position`: `<layer hex>-<chunk size>-<index>` for layers
   without per-chunk digests; the chunk size is part of the key so two mounts
   configured with different chunk sizes cannot read each other's chunks as
@@ -26,6 +27,7 @@ from kitfs.cache.fileformat import CacheError
 MAX_KEY_LENGTH = 200
 _KEY_RE = re.compile(r"[0-9a-f]{2}[0-9a-f._-]*")
 _DIGEST_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})|(?:sha512:)?([0-9a-f]{128})")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class BadKeyError(CacheError, ValueError):
@@ -47,11 +49,19 @@ def digest_hex(digest: str) -> str:
     return m.group(1) or m.group(2)
 
 
-def chunk_key_for_digest(sha256_hex: str) -> str:
-    """Key of a chunk addressed by its own sha256 (`sha256:` prefix optional)."""
-    hexpart = digest_hex(sha256_hex)
+def chunk_key_for_digest(digest: str) -> str:
+    """Key of a chunk addressed by its own digest: `<hex>` for sha256, `<hex>.b3` for BLAKE3.
+
+    A bare hex digest is sha256. The suffix keeps the two hashes' keys apart.
+    """
+    if digest.startswith("blake3:"):
+        hexpart = digest.removeprefix("blake3:")
+        if _HEX64.fullmatch(hexpart) is None:
+            raise BadKeyError(f"not a BLAKE3 digest: {digest[:80]!r}")
+        return hexpart + ".b3"
+    hexpart = digest_hex(digest)
     if len(hexpart) != 64:
-        raise BadKeyError(f"not a sha256 digest: {sha256_hex[:80]!r}")
+        raise BadKeyError(f"not a sha256 digest: {digest[:80]!r}")
     return hexpart
 
 

@@ -9,7 +9,7 @@ Three shapes, decided once per layer when the mount starts:
 - `stream`: gzip/zstd layers `kit` wrote; no random access, so the layer is
   streamed once from its start and cut into chunks as it decompresses.
 
-A chunk carries its sha256 when a table of contents (or an earlier,
+A chunk carries its digest when a table of contents (or an earlier,
 verified mount) gives one; its cache key is then that digest, so identical
 chunks of different layers or ModelKits share one cache entry.
 """
@@ -35,7 +35,7 @@ class Chunk:
     size: int
     blob_offset: int
     blob_size: int
-    sha256: str | None
+    digest: str | None  # `<algorithm>:<hex>`; None: only the whole layer's digest checks it
     key: str
 
 
@@ -51,7 +51,7 @@ class LayerGeometry:
     @property
     def verified_by_chunk(self) -> bool:
         """True when every chunk can be checked on its own as it arrives."""
-        return bool(self.chunks) and all(c.sha256 is not None for c in self.chunks)
+        return bool(self.chunks) and all(c.digest is not None for c in self.chunks)
 
     def chunk_index(self, stream_offset: int) -> int:
         return stream_offset // self.chunk_size
@@ -66,8 +66,8 @@ def _from_toc_chunks(layer: LayerInfo, toc_chunks: tuple[TocChunk, ...], chunk_s
     for i, c in enumerate(toc_chunks):
         if c.offset != i * chunk_size:
             raise FormatError(f"table of contents of {layer.digest}: chunk {i} is misplaced")
-        chunks.append(Chunk(i, c.offset, c.size, c.blob_offset, c.blob_size, c.sha256,
-                            chunk_key_for_digest(c.sha256)))
+        chunks.append(Chunk(i, c.offset, c.size, c.blob_offset, c.blob_size, c.digest,
+                            chunk_key_for_digest(c.digest)))
     return LayerGeometry(layer.digest, shape, layer.compression, chunk_size, stream_size,
                          tuple(chunks))
 
@@ -92,7 +92,7 @@ def plan_layer(layer: LayerInfo, toc: LayerToc | None, chunk_size: int,
     for i in range(count):
         offset = i * chunk_size
         size = min(chunk_size, layer.size - offset)
-        sha = digests[i] if digests is not None else None
+        sha = "sha256:" + digests[i] if digests is not None else None
         key = chunk_key_for_digest(sha) if sha else chunk_key_for_position(
             layer.digest, chunk_size, i)
         chunks.append(Chunk(i, offset, size, offset, size, sha, key))

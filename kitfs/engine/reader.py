@@ -8,7 +8,7 @@ bounded; background work (readahead beyond the current read, prefetch,
 verification) holds at most half of the slots, so a foreground read always
 finds one soon.
 
-Integrity: a chunk with a known sha256 (kitfs table of contents, or a layer
+Integrity: a chunk with a known digest (kitfs table of contents, or a layer
 verified end to end by an earlier mount) is checked before anyone sees it.
 Layers without per-chunk digests are served as fetched and verified in the
 background against the layer digest; a mismatch poisons the layer: every
@@ -38,6 +38,7 @@ from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.engine.geometry import Chunk, LayerGeometry, plan_layer, verified_record
 from kitfs.engine.prefetch import prefetch_plan
 from kitfs.errors import IntegrityError, KitfsError, UnreachableError
+from kitfs.modelkit.chunkdigest import matches as chunk_digest_matches
 from kitfs.modelkit.decompress import StreamDecompressor
 from kitfs.modelkit.manifest import LayerInfo
 from kitfs.modelkit.toc import DEFAULT_CHUNK_SIZE, LayerToc
@@ -515,9 +516,10 @@ class Engine:
             raise IntegrityError(
                 f"chunk {chunk.index} of layer {layer.info.digest} is {len(data)} bytes, "
                 f"expected {chunk.size}")
-        if chunk.sha256 is not None and hashlib.sha256(data).hexdigest() != chunk.sha256:
+        if chunk.digest is not None and not chunk_digest_matches(data, chunk.digest):
+            algorithm = chunk.digest.partition(":")[0]
             raise IntegrityError(
-                f"chunk {chunk.index} of layer {layer.info.digest} does not match its sha256")
+                f"chunk {chunk.index} of layer {layer.info.digest} does not match its {algorithm}")
         return data
 
     def _deliver(self, layer: _Layer, index: int, key: str, data: ChunkData, *,
@@ -819,7 +821,7 @@ class Engine:
         log.error("layer %s poisoned: %s; every read of it fails from now on",
                   layer.info.digest, reason)
         self.counters.errors.append(f"layer {layer.info.digest[:19]} poisoned: {reason}")
-        keys = [c.key for c in layer.geo.chunks if c.sha256 is None]
+        keys = [c.key for c in layer.geo.chunks if c.digest is None]
         for key in keys:
             self.memory.discard(key)
         if layer.geo.shape == "stream":

@@ -41,6 +41,7 @@ from typing import Any, BinaryIO, Literal
 import zstandard
 
 from kitfs.errors import LocalStorageError
+from kitfs.modelkit.chunkdigest import chunk_digest
 from kitfs.modelkit.layers import PlannedEntry
 from kitfs.modelkit.toc import DEFAULT_CHUNK_SIZE, EntryKind, LayerToc, TocChunk, TocEntry
 
@@ -237,7 +238,7 @@ class _ZstdFrames:
 def _chunk_job(
     data: memoryview, compress: Callable[[memoryview], bytes] | None
 ) -> tuple[str, bytes | memoryview]:
-    digest = hashlib.sha256(data).hexdigest()
+    digest = chunk_digest(data)
     return digest, (compress(data) if compress is not None else data)
 
 

@@ -2,7 +2,7 @@
 
 A table of contents lets a mount answer `ls` and map "file F, offset O" to a
 byte range of a layer blob without reading the layer. `kitfs pack` writes one
-for every layer (with per-chunk sha256, and compressed offsets for seekable
+for every layer (with per-chunk digests, and compressed offsets for seekable
 gzip/zstd layers); for layers `kit` wrote, the same structure is built by
 walking tar headers, without chunk digests.
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kitfs.errors import FormatError
+from kitfs.modelkit.chunkdigest import parse_chunk_digest, toc_form
 
 TOC_MEDIA_TYPE = "application/vnd.kitfs.toc.v1+json"
 TOC_ARTIFACT_TYPE = "application/vnd.kitfs.toc.v1"
@@ -50,7 +51,7 @@ class TocChunk:
 
     offset: int
     size: int
-    sha256: str
+    digest: str  # `<algorithm>:<hex>` (see chunkdigest)
     blob_offset: int
     blob_size: int
 
@@ -88,7 +89,7 @@ def _entry_to_json(e: TocEntry) -> list[Any]:
 
 
 def _chunk_to_json(c: TocChunk) -> list[Any]:
-    return [c.offset, c.size, c.sha256, c.blob_offset, c.blob_size]
+    return [c.offset, c.size, toc_form(c.digest), c.blob_offset, c.blob_size]
 
 
 def layer_to_json(layer: LayerToc) -> dict[str, Any]:
@@ -111,7 +112,8 @@ def layer_from_json(obj: Any) -> LayerToc:
             for n, k, m, s, o, t in obj["entries"]
         )
         chunks = tuple(
-            TocChunk(int(o), int(s), str(h), int(bo), int(bs)) for o, s, h, bo, bs in obj["chunks"]
+            TocChunk(int(o), int(s), parse_chunk_digest(str(h)), int(bo), int(bs))
+            for o, s, h, bo, bs in obj["chunks"]
         )
         return LayerToc(
             digest=str(obj["digest"]),
