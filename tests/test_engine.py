@@ -281,3 +281,36 @@ async def test_sequential_reader_gets_readahead_in_few_large_requests(
     assert status["misses"] <= chunks
     assert status["requests"] <= chunks // 2, status
     assert status["bytes_fetched"] <= len(want) + (2 << 20)
+
+
+async def test_prefetch_stays_near_a_reader_and_finishes_when_it_stops(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A reader streaming the model holds prefetch to half a memory tier ahead of it.
+
+    Further ahead, prefetched chunks left memory before the reader got to them
+    and were read back from disk. Once the reader pauses, prefetch goes on to
+    the end of the model.
+    """
+    project = make_project(tmp_path / "p", weight_bytes=40 << 20)
+    ref = f"{registry.host}/engine/paced:v1"
+    pack(project, ref, tmp_path / "home")
+    want = (project / "model" / "model.safetensors").read_bytes()
+    config = EngineConfig(chunk_size=1 << 20, prefetch="model", memory_bytes=8 << 20,
+                          merge_limit=2 << 20, read_timeout=10)
+    async with opened(ref, tmp_path / "cache", config) as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        layer = kit.engine.layers[node.layer]  # type: ignore[index]
+        base = node.offset // (1 << 20)
+        fronts = []
+        for off in range(0, 16 << 20, 1 << 20):
+            assert bytes(await kit.engine.read(node, off, 1 << 20)) == want[off : off + (1 << 20)]
+            await trio.sleep(0.1)  # a slow reader: prefetch could run far ahead of it
+            fetched = max(layer.fetched)
+            fronts.append(fetched - (base + (off >> 20)))
+        # half the 8 MiB tier (4 chunks) + one merged run (2 chunks) + the chunk in hand
+        assert max(fronts) <= 4 + 2 + 1, fronts
+        with trio.fail_after(30):  # reader gone quiet: prefetch finishes the model
+            while (st := kit.engine.status()["prefetch"])["done_bytes"] < st["total_bytes"]:
+                await trio.sleep(0.1)
+        assert len(layer.fetched) == len(layer.geo.chunks)
