@@ -185,6 +185,9 @@ examples:
     p.add_argument("--cache-size", metavar="SIZE",
                    help="evict least-recently-used chunks beyond this much disk, e.g. 200G "
                         "(default: no limit; trim with `kitfs cache gc`)")
+    p.add_argument("--memory", metavar="SIZE", default="256M",
+                   help="chunks the daemon keeps in memory (default 256M); its whole RSS "
+                        "stays within about 3x this, whatever the model size")
     p.add_argument("--filter", action="append", metavar="FILTER", default=[],
                    help="show only part of the ModelKit, as `kit unpack --filter`: "
                         "TYPES[:IDS] with TYPES from kitfile, model, datasets, code, docs, "

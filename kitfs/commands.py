@@ -226,6 +226,9 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     cache_size = None
     if args.cache_size is not None and args.cache_size.lower() not in ("none", "unlimited"):
         cache_size = parse_size(args.cache_size)
+    memory = parse_size(args.memory)
+    if memory < 8 << 20:
+        raise UsageError(f"--memory {args.memory}: at least 8M (a few chunks) is needed")
     mountpoint = absolute_mountpoint(args.mountpoint)
     options = client_options(args)
     return MountConfig(
@@ -233,7 +236,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         cache_dir=Path(os.path.abspath(Path(args.cache_dir).expanduser())) if args.cache_dir
         else default_cache_dir(),
         client=options, filters=tuple(args.filter), prefetch=args.prefetch,
-        cache_size=cache_size, verify=args.verify, allow_other=args.allow_other,
+        cache_size=cache_size, memory=memory, verify=args.verify, allow_other=args.allow_other,
         foreground=bool(args.foreground),
         request_timeout=options.read_timeout,
         log_file=log_path(mountpoint) if args.ready_fd is not None else None,
@@ -249,6 +252,7 @@ def _daemon_argv(args: argparse.Namespace, config: MountConfig) -> list[str]:
     argv = ["mount", config.reference, str(config.mountpoint), "--foreground",
             "--cache-dir", str(config.cache_dir), "--prefetch", config.prefetch,
             "--verify", config.verify, "--timeout", repr(config.client.read_timeout),
+            "--memory", str(config.memory),
             "--tls-verify", "true" if config.client.tls_verify else "false"]
     if config.cache_size is not None:
         argv += ["--cache-size", str(config.cache_size)]

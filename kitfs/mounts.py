@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kitfs.cache.memory import DEFAULT_MEMORY_TIER_BYTES
 from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.errors import KitfsError
 from kitfs.oci.options import ClientOptions
@@ -61,6 +62,7 @@ class MountConfig:
     filters: tuple[str, ...] = ()
     prefetch: PrefetchMode = "model"
     cache_size: int | None = None  # bytes; None: no budget
+    memory: int = DEFAULT_MEMORY_TIER_BYTES  # the daemon's in-memory chunk tier, bytes
     verify: VerifyMode = "lazy"
     allow_other: bool = False
     foreground: bool = False

@@ -224,6 +224,14 @@ def test_every_write_fails_with_erofs(kit: Kit, mounts: Mounts) -> None:
     assert os.listxattr(target) == []
 
 
+def test_small_memory_tier_still_serves_every_byte(kit: Kit, mounts: Mounts) -> None:
+    m = mounts.mount(kit.ref, "--memory", "8M", "--prefetch", "all")
+    for rel, digest in kit.files.items():
+        assert sha256(m.path / rel) == digest, rel
+    state = json.loads(state_path(m.path).read_text())
+    assert state["status"]["engine"]["bytes_cached_memory"] <= 8 << 20
+
+
 def test_filter_shows_only_the_model_layer(kit: Kit, mounts: Mounts) -> None:
     m = mounts.mount(kit.ref, "--filter", "model")
     seen = {str(p.relative_to(m.path)) for p in m.path.rglob("*") if p.is_file()}
@@ -253,6 +261,7 @@ def test_errors_before_mounting_are_one_line(kit: Kit, mounts: Mounts, tmp_path:
     assert time.monotonic() - start < 20
     one_line_error(mount(f"{auth_registry.host}/secure/x:v1", empty), auth_registry.host)
     one_line_error(mount(kit.ref, empty, "--cache-size", "lots"), "lots")
+    one_line_error(mount(kit.ref, empty, "--memory", "1M"), "at least 8M")
     assert find_mount(empty) is None and not state_path(empty).exists()
 
     m = mounts.mount(kit.ref, name="busy")

@@ -55,6 +55,7 @@ class MiniServer:
     chunked: bool = False  # send bodies with Transfer-Encoding: chunked
     close_silently: bool = False  # close after each response without saying so
     ignore_range: bool = False  # answer range requests with 200 and the whole blob
+    stall_after: int | None = None  # send this many body bytes (0 on later GETs), then stall
     fail_with: list[int] = field(default_factory=list)  # per blob GET: answer this status first
     connections: int = 0
 
@@ -111,6 +112,10 @@ class MiniServer:
                 await stream.send_all(
                     f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
                 )
+                if self.stall_after is not None:
+                    n, self.stall_after = self.stall_after, 0
+                    await stream.send_all(body[:n])
+                    await trio.sleep_forever()
                 if self.drop_after:
                     await stream.send_all(body[: self.drop_after.pop(0)])
                     await stream.aclose()
@@ -241,6 +246,33 @@ async def test_range_into_gives_up_after_the_budget_and_reports_what_arrived() -
                     "org/kit", DIGEST, 0, [memoryview(b) for b in bufs], done.append
                 )
     assert done == [0] and bufs[0] == BLOB[: 1 << 20]
+
+
+async def test_range_into_a_stalled_body_times_out_or_is_cancelled_promptly() -> None:
+    """The worker thread receiving a body notices its deadline and its task's cancellation."""
+    server = MiniServer(stall_after=(1 << 20) + 100)
+    async with mini_server(server):
+        options = ClientOptions(read_timeout=0.5, retry_budget=0.5)
+        async with RegistryClient(f"127.0.0.1:{server.port}", options) as c:
+            bufs, done = _scatter([1 << 20, 1 << 20])
+            t0 = trio.current_time()
+            with trio.fail_after(10), pytest.raises(UnreachableError):
+                await c.read_range_into(
+                    "org/kit", DIGEST, 0, [memoryview(b) for b in bufs], done.append
+                )
+            assert done == [0] and bufs[0] == BLOB[: 1 << 20]
+            assert trio.current_time() - t0 < 5
+        server.stall_after = (1 << 20) + 100
+        options = ClientOptions(read_timeout=30, retry_budget=0.5)
+        async with RegistryClient(f"127.0.0.1:{server.port}", options) as c:
+            bufs, done = _scatter([1 << 20, 1 << 20])
+            t0 = trio.current_time()
+            with trio.move_on_after(0.5):
+                await c.read_range_into(
+                    "org/kit", DIGEST, 0, [memoryview(b) for b in bufs], done.append
+                )
+            assert trio.current_time() - t0 < 2  # not the 30 s read timeout
+            assert done == [0]
 
 
 async def test_blob_connections_kept_alive() -> None:

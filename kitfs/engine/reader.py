@@ -423,7 +423,7 @@ class Engine:
                 batch, batch_bytes = [], 0
 
         # Chunks the receiving thread already checked (see prepare).
-        prepared: dict[int, tuple[ChunkData | None, IntegrityError | None]] = {}
+        prepared: dict[int, tuple[ChunkData | None, KitfsError | None]] = {}
 
         def prepare(i: int) -> None:
             """In the thread that received chunk i, right away: check it.
@@ -434,7 +434,7 @@ class Engine:
             """
             try:
                 prepared[i] = (self._decode(layer, run[i], buffers[i]), None)
-            except IntegrityError as exc:
+            except KitfsError as exc:  # a bad chunk fails that chunk, not the transfer
                 prepared[i] = (None, exc)
 
         def filled(i: int) -> None:
