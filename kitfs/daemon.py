@@ -114,18 +114,23 @@ def tune_malloc() -> Callable[[], None] | None:
     threshold fixed that by mapping every chunk afresh, but then every chunk
     byte is a page fault and a zeroing: measured again at 2 GiB after the
     receive path moved to worker threads, cold reads ran at 0.27 instead of
-    0.45 GB/s and took 9.4 instead of 5.3 CPU s. So: at most two arenas, a
+    0.45 GB/s and took 9.4 instead of 5.3 CPU s. So: a single arena (below), a
     fixed threshold above any chunk run, so buffers are reused from the heap,
     and 64 MiB kept free at its top so buffers freed and allocated in turn do
     not fault their pages in each time. Reused heaps fragment, though: peak
     RSS was 631 MiB at 2 GiB and 938 MiB at 8 GiB (harness at d20b800), so
-    the free pages inside the heaps are handed back every few seconds.
+    the free pages inside the heaps are handed back every few seconds. One
+    arena, not two: buffers are allocated on the event loop (received chunks)
+    and in worker threads (chunks read from disk), and a block freed into one
+    arena could not serve the other's next allocation; at 8 GiB peak RSS went
+    905 -> 763 MiB with one arena, at the same speed (big blocks barely
+    contend for its lock).
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-        libc.mallopt(_M_ARENA_MAX, 2)
+        libc.mallopt(_M_ARENA_MAX, 1)
         malloc_trim = libc.malloc_trim
     except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
         log.debug("mallopt unavailable: %s", exc)

@@ -265,6 +265,7 @@ class Engine:
             "misses": c.misses,
             "requests": c.requests,
             "requests_in_flight": c.in_flight,
+            "pending_writes": self._pending_writes,
             "prefetch": {"mode": self.config.prefetch, "total_bytes": c.prefetch_total,
                          "done_bytes": c.prefetch_done},
             "layers": [
@@ -697,12 +698,18 @@ class Engine:
                              self.config.prefetch)
         self.counters.prefetch_total = sum(
             self._chunk_bytes(self.layers[d], i) for d, i in plan)
-        todo = iter(plan)
+        # Only the weight stream is paced: a chunk right after the plan's previous
+        # one. Headers and small files are single jumps ahead of any reader; pacing
+        # them held the whole plan behind the header of a shard far ahead (8 GiB:
+        # the reader then fetched on its own and prefetch came in behind it).
+        todo = iter([(d, i, k > 0 and plan[k - 1] == (d, i - 1))
+                     for k, (d, i) in enumerate(plan)])
 
         async def worker() -> None:
-            for digest, index in todo:
+            for digest, index, streaming in todo:
                 layer = self.layers[digest]
-                await self._prefetch_pace(layer, index)
+                if streaming:
+                    await self._prefetch_pace(layer, index)
                 if layer.state != "poisoned":
                     try:
                         await self._chunk(layer, index, background=True)
