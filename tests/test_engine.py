@@ -249,7 +249,7 @@ async def test_many_waiters_on_the_write_backlog_all_wake(tmp_path: Path) -> Non
         async with trio.open_nursery() as nursery:
             await engine.start(nursery)
             for i in range(40):
-                engine._store_later([(f"{i:064x}", os.urandom(4096))])
+                engine._store_later(f"{i:064x}", os.urandom(4096))
 
             async def waiter(n: int) -> None:
                 await engine._writes_at_most(0)

@@ -424,7 +424,7 @@ class Engine:
                 batch, batch_bytes = [], 0
 
         # Chunks the receiving thread already checked (see prepare).
-        prepared: dict[int, tuple[ChunkData | None, KitfsError | None]] = {}
+        prepared: dict[int, ChunkData | KitfsError] = {}
 
         def prepare(i: int) -> None:
             """In the thread that received chunk i, right away: check it.
@@ -433,34 +433,19 @@ class Engine:
             separate job: done here too, the disk write (which may wait for
             writeback) held up draining the socket, and cold reads got slower.
             """
-            try:
-                prepared[i] = (self._decode(layer, run[i], buffers[i]), None)
-            except KitfsError as exc:  # a bad chunk fails that chunk, not the transfer
-                prepared[i] = (None, exc)
+            prepared[i] = self._checked(layer, run[i], buffers[i])
 
         def filled(i: int) -> None:
             nonlocal batch_bytes
             self.counters.bytes_fetched += len(buffers[i])
-            done = prepared.pop(i, None)
-            if done is None:  # arrived another way: check it in a batch
-                batch.append(i)
-                batch_bytes += len(buffers[i])
-                if batch_bytes >= SETTLE_BATCH_BYTES:
-                    settle_batch()
+            if i in prepared:
+                pending.discard(run[i].index)
+                self._accept(layer, run[i], prepared.pop(i))
                 return
-            data, bad = done
-            chunk = run[i]
-            pending.discard(chunk.index)
-            if bad is not None or data is None:
-                err = bad or IntegrityError(f"chunk {chunk.index} was not checked")
-                if isinstance(err, IntegrityError):
-                    self._poison(layer, str(err))
-                self._note_error(str(err))
-                self._fail(layer, chunk.index, err)
-                return
-            self._deliver(layer, chunk.index, chunk.key, data)
-            if not layer.geo.verified_by_chunk and len(layer.fetched) == len(layer.geo.chunks):
-                self._ensure_verification(layer)
+            batch.append(i)  # arrived another way: check it in a batch
+            batch_bytes += len(buffers[i])
+            if batch_bytes >= SETTLE_BATCH_BYTES:
+                settle_batch()
 
         try:
             async with self._slots:
@@ -487,45 +472,41 @@ class Engine:
             raise
 
     async def _settle(self, layer: _Layer, chunks: list[Chunk], raws: list[bytearray]) -> None:
-        """Check fetched chunks (one thread hop for the batch), then hand them out and store them.
+        """Check fetched chunks (one thread hop for the batch), then accept each.
 
         One hop per batch, not per chunk: hashing small chunks one hop each spent
         more time switching threads than hashing.
         """
-        settled = 0
         try:
-            good, bad = await trio.to_thread.run_sync(self._decode_batch, layer, chunks, raws)
-            for chunk, data in zip(chunks, good, strict=False):
-                self._deliver(layer, chunk.index, chunk.key, data, store=False)
-            settled = len(good)
-            self._store_later([(c.key, d) for c, d in zip(chunks, good, strict=False)])
-            if bad is not None:
-                raise bad
-        except KitfsError as exc:
-            if isinstance(exc, IntegrityError):
-                self._poison(layer, str(exc))
-            self._note_error(str(exc))
-            for chunk in chunks[settled:]:
-                self._fail(layer, chunk.index, exc)
+            results = await trio.to_thread.run_sync(
+                lambda: [self._checked(layer, c, r) for c, r in zip(chunks, raws, strict=True)])
         except BaseException:
             err = UnreachableError(f"checking chunks of layer {layer.info.digest[:19]} "
                                    "was cancelled")
-            for chunk in chunks[settled:]:
+            for chunk in chunks:
                 self._fail(layer, chunk.index, err)
             raise
+        for chunk, result in zip(chunks, results, strict=True):
+            self._accept(layer, chunk, result)
+
+    def _checked(self, layer: _Layer, chunk: Chunk, raw: bytearray) -> ChunkData | KitfsError:
+        """`_decode`, with a bad chunk as a value: it fails that chunk, not its neighbours."""
+        try:
+            return self._decode(layer, chunk, raw)
+        except KitfsError as exc:
+            return exc
+
+    def _accept(self, layer: _Layer, chunk: Chunk, result: ChunkData | KitfsError) -> None:
+        """Hand out and store a checked chunk, or fail its readers (a lie poisons the layer)."""
+        if isinstance(result, KitfsError):
+            if isinstance(result, IntegrityError):
+                self._poison(layer, str(result))
+            self._note_error(str(result))
+            self._fail(layer, chunk.index, result)
+            return
+        self._deliver(layer, chunk.index, chunk.key, result)
         if not layer.geo.verified_by_chunk and len(layer.fetched) == len(layer.geo.chunks):
             self._ensure_verification(layer)
-
-    def _decode_batch(self, layer: _Layer, chunks: list[Chunk], raws: list[bytearray]
-                      ) -> tuple[list[ChunkData], IntegrityError | None]:
-        """Every chunk of a batch that checks out, in order, and the error that stopped it."""
-        good: list[ChunkData] = []
-        for chunk, raw in zip(chunks, raws, strict=True):
-            try:
-                good.append(self._decode(layer, chunk, raw))
-            except IntegrityError as exc:
-                return good, exc
-        return good, None
 
     def _decode(self, layer: _Layer, chunk: Chunk, raw: bytearray) -> ChunkData:
         """Decompress (seekable layers) and check the chunk's digest; runs in a thread."""
@@ -544,38 +525,32 @@ class Engine:
                 f"chunk {chunk.index} of layer {layer.info.digest} does not match its {algorithm}")
         return data
 
-    def _deliver(self, layer: _Layer, index: int, key: str, data: ChunkData, *,
-                 store: bool = True) -> None:
+    def _deliver(self, layer: _Layer, index: int, key: str, data: ChunkData) -> None:
         self.memory.put(key, data)
         layer.fetched.add(index)
         flight = self._flights.pop((layer.info.digest, index), None)
         if flight is not None:
             flight.done(data)
-        if store:
-            self._store_later([(key, data)])
+        self._store_later(key, data)
 
-    def _store_later(self, items: list[tuple[str, ChunkData]]) -> None:
-        if self._nursery is not None and items:
-            self._pending_writes += len(items)  # counted now: flush() sees writes not started
-            self._nursery.start_soon(self._store, items)
+    def _store_later(self, key: str, data: ChunkData) -> None:
+        if self._nursery is not None:
+            self._pending_writes += 1  # counted now: flush() sees writes not started
+            self._nursery.start_soon(self._store, key, data)
 
     def _fail(self, layer: _Layer, index: int, error: KitfsError) -> None:
         flight = self._flights.pop((layer.info.digest, index), None)
         if flight is not None:
             flight.done(None, error)
 
-    async def _store(self, items: list[tuple[str, ChunkData]]) -> None:
-        def put_all() -> None:
-            for key, data in items:
-                self.store.put(key, data)
-
+    async def _store(self, key: str, data: ChunkData) -> None:
         try:
             async with self._disk:
-                await trio.to_thread.run_sync(put_all)
+                await trio.to_thread.run_sync(self.store.put, key, data)
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
         finally:
-            self._pending_writes -= len(items)
+            self._pending_writes -= 1
             # Wake everyone waiting on this event, and give later waiters a fresh one
             # (waiters must never replace it themselves: an earlier waiter would then
             # sleep on an event nobody sets).
