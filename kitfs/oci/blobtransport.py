@@ -49,7 +49,7 @@ class Sink:
     (no event-loop work per socket read), and `prepare(i)`, when given, runs in
     that same thread right after buffer i is complete and before `filled(i)`:
     the place for per-buffer work that should not hold up the event loop
-    (hashing, storing). Buffers that arrive any other way are not prepared.
+    (hashing). Buffers that arrive any other way are not prepared.
     """
 
     def __init__(

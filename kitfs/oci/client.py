@@ -328,27 +328,11 @@ class RegistryClient:
         Works whether the registry answers 206 or ignores Range and sends the
         whole blob (then the bytes before `offset` are skipped as they stream).
         """
-        if offset < 0 or length < 0:
+        if length < 0:
             raise UsageError(f"invalid blob range offset={offset} length={length}")
-        if length == 0:
-            return b""
-        split_digest(digest)
-        what = (
-            f"reading bytes {offset}-{offset + length - 1} of blob {short(digest)} "
-            f"from {self._name(repo)}"
-        )
-        body = _BlobBody(self, repo, digest, offset, offset + length, what)
-        parts: list[bytes] = []
-        try:
-            await body.open()
-            async for chunk in body:
-                parts.append(chunk)
-        finally:
-            await body.aclose()
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if len(data) != length:  # pragma: no cover - _BlobBody raises first
-            raise RegistryError(f"{what}: got {len(data)} bytes")
-        return data
+        buf = bytearray(length)
+        await self.read_range_into(repo, digest, offset, [memoryview(buf)])
+        return bytes(buf)
 
     async def read_range_into(
         self,
@@ -371,10 +355,9 @@ class RegistryClient:
         length = sum(len(b) for b in buffers)
         if offset < 0:
             raise UsageError(f"invalid blob range offset={offset}")
-        sink = Sink(buffers, filled, prepare)
         if length == 0:
-            sink.place(b"")
             return
+        sink = Sink(buffers, filled, prepare)
         split_digest(digest)
         what = (
             f"reading bytes {offset}-{offset + length - 1} of blob {short(digest)} "

@@ -111,17 +111,9 @@ class LocalSource:
         return await trio.to_thread.run_sync(self.storage.read_blob, digest)
 
     async def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        def read() -> bytes:
-            with self.storage.open_blob(digest) as f:
-                f.seek(offset)
-                data = f.read(length)
-            if len(data) != length:
-                raise IntegrityError(
-                    f"blob {digest} in kit's local storage is shorter than expected"
-                )
-            return data
-
-        return await trio.to_thread.run_sync(read)
+        buf = bytearray(length)
+        await self.read_range_into(digest, offset, [memoryview(buf)])
+        return bytes(buf)
 
     async def read_range_into(
         self,
