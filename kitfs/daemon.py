@@ -105,26 +105,19 @@ def tune_malloc() -> Callable[[], None] | None:
     """Keep the daemon's memory bounded without paying a page fault per chunk byte.
 
     Returns the trim to run every few seconds (see `_trim_memory`), or None
-    where the C library is not glibc.
+    where the C library is not glibc. Measured on this project's harness:
 
-    Chunks are megabyte-sized buffers allocated and freed by several threads.
-    By default glibc gives each thread its own arena and moves its mmap
-    threshold up as big blocks are freed, so RSS grew with the model (313 MiB
-    at 256 MiB, 822 MiB at 8 GiB, harness-2G.md at ee0b44d). A fixed 1 MiB
-    threshold fixed that by mapping every chunk afresh, but then every chunk
-    byte is a page fault and a zeroing: measured again at 2 GiB after the
-    receive path moved to worker threads, cold reads ran at 0.27 instead of
-    0.45 GB/s and took 9.4 instead of 5.3 CPU s. So: a single arena (below), a
-    fixed threshold above any chunk run, so buffers are reused from the heap,
-    and 64 MiB kept free at its top so buffers freed and allocated in turn do
-    not fault their pages in each time. Reused heaps fragment, though: peak
-    RSS was 631 MiB at 2 GiB and 938 MiB at 8 GiB (harness at d20b800), so
-    the free pages inside the heaps are handed back every few seconds. One
-    arena, not two: buffers are allocated on the event loop (received chunks)
-    and in worker threads (chunks read from disk), and a block freed into one
-    arena could not serve the other's next allocation; at 8 GiB peak RSS went
-    905 -> 763 MiB with one arena, at the same speed (big blocks barely
-    contend for its lock).
+    - glibc's defaults (an arena per thread, an mmap threshold that rises as
+      big blocks are freed) let RSS grow with the model: 313 MiB at 256 MiB,
+      822 MiB at 8 GiB (ee0b44d).
+    - A fixed 1 MiB mmap threshold maps every chunk afresh: flat, but every
+      chunk byte is a page fault and a zeroing (2 GiB cold read 0.27 instead of
+      0.45 GB/s, 9.4 instead of 5.3 CPU s).
+    - So chunk buffers come from the heap (threshold 64 MiB, 64 MiB kept free
+      at its top), from one arena (chunks are allocated on the event loop and
+      in worker threads; with two arenas a block freed into one could not serve
+      the other: 8 GiB peak 905 -> 763 MiB), and the free pages inside the heap
+      are handed back every few seconds (8 GiB peak 938 -> 760 MiB).
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -129,10 +129,10 @@ def read_frame(path: Path | str, magic: bytes) -> tuple[bytearray, int]:
             head = bytearray(HEADER_SIZE)
             payload = new_buffer(st.st_size - HEADER_SIZE)
             _read_all(fd, [memoryview(head), memoryview(payload)])
-            length, checksum = parse_header(magic, bytes(head), st.st_size)
+            # parse_header also checks its length against the file's size
+            _, checksum = parse_header(magic, bytes(head), st.st_size)
             if xxhash.xxh3_64_intdigest(payload) != checksum:
                 raise BadFrame("payload checksum mismatch")
-            del length  # parse_header checked it against the file size
         except BadFrame as bad:
             bad.inode, bad.size = st.st_ino, st.st_size
             raise
@@ -149,11 +149,16 @@ def _read_all(fd: int, buffers: list[memoryview]) -> None:
         if n <= 0:  # pread of a regular file is short only at EOF
             raise BadFrame(f"file ended after {at} bytes")
         at += n
-        while buffers and n >= len(buffers[0]):
-            n -= len(buffers[0])
-            buffers.pop(0)
-        if buffers and n:
-            buffers[0] = buffers[0][n:]
+        _consume(buffers, n)
+
+
+def _consume(buffers: list[memoryview], n: int) -> None:
+    """Drop the first `n` bytes of a scatter/gather list (what one readv/writev moved)."""
+    while buffers and n >= len(buffers[0]):
+        n -= len(buffers[0])
+        buffers.pop(0)
+    if buffers and n:
+        buffers[0] = buffers[0][n:]
 
 
 def as_bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
@@ -202,13 +207,9 @@ def write_frame(
 
 def _write_all(fd: int, header: bytes, payload: memoryview) -> None:
     """Write header and payload with as few syscalls as the kernel allows (usually one)."""
-    buffers: list[bytes | memoryview] = [header, payload]
+    buffers = [memoryview(header), payload]
     while buffers:
         written = os.writev(fd, buffers)
         if written == 0:  # a regular file never does this; do not spin if one does
             raise OSError(errno.EIO, "write made no progress")
-        while buffers and written >= len(buffers[0]):
-            written -= len(buffers[0])
-            buffers.pop(0)
-        if buffers and written:
-            buffers[0] = memoryview(buffers[0])[written:]
+        _consume(buffers, written)

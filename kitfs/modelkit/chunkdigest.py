@@ -24,10 +24,8 @@ from kitfs.errors import FormatError
 #: What `kitfs pack` writes.
 PACK_ALGORITHM = "blake3"
 
-_FORMS = {
-    "sha256": re.compile(r"[0-9a-f]{64}"),
-    "blake3": re.compile(r"[0-9a-f]{64}"),
-}
+_ALGORITHMS = ("sha256", "blake3")  # both 256-bit: 64 hex digits
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 Buffer = bytes | bytearray | memoryview
 
@@ -46,8 +44,7 @@ def parse_chunk_digest(text: str) -> str:
     algorithm, sep, hexpart = text.partition(":")
     if not sep:
         algorithm, hexpart = "sha256", text
-    form = _FORMS.get(algorithm)
-    if form is None or form.fullmatch(hexpart) is None:
+    if algorithm not in _ALGORITHMS or _HEX.fullmatch(hexpart) is None:
         raise FormatError(f"invalid chunk digest {text[:80]!r}")
     return f"{algorithm}:{hexpart}"
 
