@@ -332,13 +332,22 @@ class Engine:
                 flight = self._flights.setdefault((layer.info.digest, index), _Flight())
                 self._ensure_stream(layer, index)
             else:
-                run = self._claim_run(layer, index, merge=background)
-                flight = self._flights[(layer.info.digest, index)]
+                # Prefetch and verification merge the chunks after this one that
+                # are not on disk; a reader waiting now gets just its chunk.
+                absent: set[int] = set()
                 if background:
-                    async with self._background:
-                        await self._fetch_run(layer, run, background=True)
-                else:
-                    await self._fetch_run(layer, run, background=False)
+                    size = layer.geo.chunk_size
+                    absent = await self._absent(layer, range(
+                        index + 1, index + max(1, self.config.merge_limit // size)))
+                flight = self._flights.get((layer.info.digest, index))
+                if flight is None:  # nobody claimed it while we looked
+                    run = self._claim_run(layer, index, absent)
+                    flight = self._flights[(layer.info.digest, index)]
+                    if background:
+                        async with self._background:
+                            await self._fetch_run(layer, run, background=True)
+                    else:
+                        await self._fetch_run(layer, run, background=False)
         await flight.event.wait()
         if flight.error is not None:
             raise flight.error
@@ -366,26 +375,25 @@ class Engine:
         layer.fetched.add(index)
         return data
 
-    def _claim_run(self, layer: _Layer, index: int, *, merge: bool = True,
-                   last: int | None = None, absent: set[int] | None = None) -> list[Chunk]:
-        """Chunk `index` and (with `merge`) the missing chunks after it, up to the merge limit.
+    def _claim_run(self, layer: _Layer, index: int, absent: set[int],
+                   last: int | None = None) -> list[Chunk]:
+        """Chunk `index` and the chunks after it known to be `absent` from disk, up to the
+        merge limit (and `last`, the end of a readahead window).
 
-        A reader waiting now gets just its chunk: merging would make it wait for
-        bytes it may never read (random tensor access). Readahead merges only up
-        to `last`, the end of its window; prefetch, which wants whole files, merges
-        up to the limit.
+        A reader waiting now passes no `absent`: merging would make it wait for
+        bytes it may never read (random tensor access). Which chunks are on
+        disk is asked beforehand in a thread (`_absent`), never here on the
+        event loop.
         """
         chunks = layer.geo.chunks
         run = [chunks[index]]
         self._flights[(layer.info.digest, index)] = _Flight()
         total = chunks[index].blob_size
         nxt = index + 1
-        limit = self.config.merge_limit if merge else 0
         end = len(chunks) if last is None else min(len(chunks), last + 1)
-        while nxt < end and total + chunks[nxt].blob_size <= limit:
-            key = chunks[nxt].key
-            on_disk = nxt not in absent if absent is not None else self.store.contains(key)
-            if (layer.info.digest, nxt) in self._flights or key in self.memory or on_disk:
+        while (nxt < end and nxt in absent
+               and total + chunks[nxt].blob_size <= self.config.merge_limit):
+            if (layer.info.digest, nxt) in self._flights or chunks[nxt].key in self.memory:
                 break
             self._flights[(layer.info.digest, nxt)] = _Flight()
             run.append(chunks[nxt])
@@ -622,21 +630,9 @@ class Engine:
             self._spawn(self._ahead, layer, todo, indexes[-1])
 
     async def _ahead(self, layer: _Layer, todo: list[int], last: int) -> None:
-        """Bring chunks `todo` in ahead of their reader: from disk where they are, else fetch.
-
-        Which are on disk is asked in a thread, all at once: after the page
-        cache was dropped each stat may read the disk, and the event loop
-        serving every FUSE request must not wait for that.
-        """
+        """Bring chunks `todo` in ahead of their reader: from disk where they are, else fetch."""
         chunks = layer.geo.chunks
-        keys = [chunks[i].key for i in todo]
-        try:
-            present = await trio.to_thread.run_sync(
-                lambda: [self.store.contains(k) for k in keys])
-        except _CacheErrorBase as exc:
-            self._note_error(str(exc))
-            present = [False] * len(todo)
-        absent = {i for i, here in zip(todo, present, strict=True) if not here}
+        absent = await self._absent(layer, todo)
         for index in todo:
             if (layer.info.digest, index) in self._flights or chunks[index].key in self.memory:
                 continue  # someone else got to it while we looked
@@ -646,7 +642,24 @@ class Engine:
                 self._spawn(self._load_ahead, layer, index, flight)
                 continue
             self._spawn(partial(self._fetch_run, background=True), layer,
-                        self._claim_run(layer, index, last=last, absent=absent))
+                        self._claim_run(layer, index, absent, last))
+
+    async def _absent(self, layer: _Layer, indexes: Sequence[int]) -> set[int]:
+        """Which of these chunks have no file in the disk cache, asked in one thread hop.
+
+        Not on the event loop: after the page cache was dropped each stat may
+        read the disk, and the loop serving every FUSE request must not wait.
+        A cache that cannot be looked into counts as empty (the chunks are fetched).
+        """
+        chunks = layer.geo.chunks
+        wanted = [i for i in indexes if i < len(chunks)]
+        try:
+            present = await trio.to_thread.run_sync(
+                lambda: [self.store.contains(chunks[i].key) for i in wanted])
+        except _CacheErrorBase as exc:
+            self._note_error(str(exc))
+            return set(wanted)
+        return {i for i, here in zip(wanted, present, strict=True) if not here}
 
     async def _load_ahead(self, layer: _Layer, index: int, flight: _Flight) -> None:
         """Bring a disk-cached chunk into memory ahead of its reader (a flight others join)."""
