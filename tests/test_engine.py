@@ -283,6 +283,36 @@ async def test_sequential_reader_gets_readahead_in_few_large_requests(
     assert status["bytes_fetched"] <= len(want) + (2 << 20)
 
 
+async def test_a_tensor_read_mid_file_gets_no_readahead_past_its_end(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A 30 MiB run that began mid-file (a random reader's tensor) fetches only its chunks.
+
+    With readahead from 16 MiB for every run, each such tensor cost an eighth
+    more than its size; the same run from the file's start still reads ahead.
+    """
+    project = make_project(tmp_path / "big", weight_bytes=48 << 20)
+    ref = f"{registry.host}/engine/midfile:v1"
+    pack(project, ref, tmp_path / "home")
+    want = (project / "model" / "model.safetensors").read_bytes()
+    length, piece = 30 << 20, 1 << 20
+    for first in ((8 << 20) + 12345, 0):
+        async with opened(ref, tmp_path / f"cache-{first}", SMALL_CHUNKS) as kit:
+            node = kit.tree.nodes["model/model.safetensors"]
+            for off in range(first, first + length, piece):
+                got = bytes(await kit.engine.read(node, off, piece))
+                assert got == want[off : off + piece]
+            await kit.engine.flush()
+            status = kit.engine.status()
+        size = kit.engine.layers[node.layer].geo.chunk_size  # type: ignore[index]
+        touched = (node.offset + first + length - 1) // size - (node.offset + first) // size + 1
+        if first:  # one chunk per read that needed one: nothing merged, nothing ahead
+            assert status["bytes_fetched"] == touched * size, status
+            assert status["requests"] == touched, status
+        else:  # streamed from the start: read ahead past the 16 MiB mark
+            assert status["bytes_fetched"] > touched * size, status
+
+
 async def test_prefetch_stays_near_a_reader_and_finishes_when_it_stops(
     registry: RegistryServer, tmp_path: Path
 ) -> None:
