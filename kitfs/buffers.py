@@ -29,3 +29,23 @@ def new_buffer(size: int) -> bytearray:
     if _raw is None or size == 0:
         return bytearray(size)
     return _raw(None, size)
+
+
+#: Alignment O_DIRECT asks of a buffer, an offset and a length (the page size covers
+#: 512-byte and 4 KiB sector devices alike).
+DIRECT_ALIGN = 4096
+
+
+def new_aligned_buffer(size: int) -> memoryview:
+    """`size` uninitialized bytes starting at a DIRECT_ALIGN boundary (for O_DIRECT reads).
+
+    Carved out of a slightly larger heap bytearray rather than a fresh mmap:
+    a new mapping page-faults and zeroes every 4 KiB on first touch (measured
+    0.7 vs 0.2 ms per 2 MiB chunk).
+    """
+    raw = new_buffer(size + DIRECT_ALIGN)
+    if not raw:
+        return memoryview(raw)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    start = -address % DIRECT_ALIGN
+    return memoryview(raw)[start : start + size]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import errno
+import fcntl
 import hashlib
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ from kitfs.cache import (
     ChunkStore,
     chunk_key_for_digest,
     chunk_key_for_position,
+    fileformat,
     validate_key,
 )
 from kitfs.errors import LocalStorageError
@@ -163,11 +165,13 @@ CORRUPTIONS: list[Callable[[Path], None]] = [
 ]
 
 
+@pytest.mark.parametrize("size", [8192, (2 << 20) + 1234], ids=["buffered", "o_direct"])
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__.strip("_"))
 def test_corrupt_chunk_reads_as_missing_and_is_dropped(
-    store: ChunkStore, corrupt: Callable[[Path], None], caplog: pytest.LogCaptureFixture
+    store: ChunkStore, corrupt: Callable[[Path], None], caplog: pytest.LogCaptureFixture,
+    size: int,
 ) -> None:
-    data = payload("c", 8192)
+    data = payload("c", size)
     store.put(key(1), data)
     store.put(key(2), payload("other"))
     corrupt(store.path(key(1)))
@@ -179,6 +183,49 @@ def test_corrupt_chunk_reads_as_missing_and_is_dropped(
     assert store.get(key(2)) == payload("other")  # neighbours untouched
     store.put(key(1), data)
     assert store.get(key(1)) == data
+
+
+class _FcntlSpy:
+    """Records the O_DIRECT switches read_frame makes; optionally refuses them (EINVAL)."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse = refuse
+        self.direct_attempts = 0
+        self.real = fcntl.fcntl
+
+    def __call__(self, fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            self.direct_attempts += 1
+            if self.refuse:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return int(self.real(fd, cmd, arg))
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["direct", "refused"])
+def test_big_chunks_are_read_with_o_direct_or_buffered_where_refused(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch, refuse: bool
+) -> None:
+    """Sizes that are not whole blocks read back exactly; a file system refusing
+    O_DIRECT (EINVAL) is read buffered, and is not asked again."""
+    spy = _FcntlSpy(refuse)
+    monkeypatch.setattr(fileformat.fcntl, "fcntl", spy)
+    monkeypatch.setattr(fileformat, "_no_direct", set())
+    sizes = [(2 << 20) + 1234, 1 << 20, fileformat.DIRECT_MIN_SIZE - HEADER_SIZE - 1, 0]
+    for i, size in enumerate(sizes):
+        store.put(key(i), payload(f"d{i}", size))
+    for _ in range(2):
+        for i, size in enumerate(sizes):
+            got = store.get(key(i))
+            assert got is not None and bytes(got) == payload(f"d{i}", size)
+    # two big files twice each; refused: asked once, then that device is read buffered
+    assert spy.direct_attempts == (1 if refuse else 4)
+    assert bool(fileformat._no_direct) is refuse
+    # the descriptor's flags are restored: nothing else sees O_DIRECT
+    fd = os.open(store.path(key(0)), os.O_RDONLY)
+    try:
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
 
 
 def test_put_over_a_corrupt_file_is_a_no_op_until_get_drops_it(store: ChunkStore) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -299,18 +300,58 @@ async def test_a_tensor_read_mid_file_gets_no_readahead_past_its_end(
     for first in ((8 << 20) + 12345, 0):
         async with opened(ref, tmp_path / f"cache-{first}", SMALL_CHUNKS) as kit:
             node = kit.tree.nodes["model/model.safetensors"]
+            size = kit.engine.layers[node.layer].geo.chunk_size  # type: ignore[index]
+            touched = (node.offset + first + length - 1) // size - (node.offset + first) // size + 1
             for off in range(first, first + length, piece):
                 got = bytes(await kit.engine.read(node, off, piece))
                 assert got == want[off : off + piece]
-            await kit.engine.flush()
-            status = kit.engine.status()
-        size = kit.engine.layers[node.layer].geo.chunk_size  # type: ignore[index]
-        touched = (node.offset + first + length - 1) // size - (node.offset + first) // size + 1
-        if first:  # one chunk per read that needed one: nothing merged, nothing ahead
-            assert status["bytes_fetched"] == touched * size, status
-            assert status["requests"] == touched, status
-        else:  # streamed from the start: read ahead past the 16 MiB mark
-            assert status["bytes_fetched"] > touched * size, status
+            if first:  # one chunk per read that needed one: nothing merged, nothing ahead
+                await trio.sleep(0.3)  # what would have been read ahead has landed by now
+                await kit.engine.flush()
+                status = kit.engine.status()
+                layer = kit.engine.layers[node.layer]  # type: ignore[index]
+                assert status["bytes_fetched"] == touched * size, (
+                    sorted(layer.fetched), (node.offset + first) // size, status)
+                assert status["requests"] == touched, status
+            else:  # streamed from the start: read ahead past the 16 MiB mark
+                with trio.fail_after(10):
+                    while kit.engine.status()["bytes_fetched"] <= touched * size:
+                        await trio.sleep(0.01)
+
+
+async def test_a_chunk_fetched_while_a_reader_looks_on_disk_is_not_fetched_again(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Regression: a reader whose disk lookup was slow claimed the chunk again after
+    readahead had fetched and delivered it meanwhile (one chunk paid for twice)."""
+    project = make_project(tmp_path / "p", weight_bytes=8 << 20)
+    ref = f"{registry.host}/engine/race:v1"
+    pack(project, ref, tmp_path / "home")
+    want = (project / "model" / "model.safetensors").read_bytes()
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        layer = kit.engine.layers[node.layer]  # type: ignore[index]
+        index = (node.offset + (4 << 20)) // layer.geo.chunk_size
+        real_get = kit.engine.store.get
+
+        def slow_get(key: str) -> memoryview | None:
+            found = real_get(key)  # not there yet ...
+            time.sleep(0.5)  # ... and the answer comes back after a whole fetch (a busy box)
+            return found
+
+        kit.engine.store.get = slow_get  # type: ignore[method-assign]
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            async def reader() -> None:
+                got.append(bytes(await kit.engine.read(node, 4 << 20, 4096)))
+
+            nursery.start_soon(reader)
+            await trio.sleep(0.1)  # the reader is in its disk lookup now
+            kit.engine._prefetch_run(layer, range(index, index + 1))
+        assert got == [want[4 << 20 : (4 << 20) + 4096]]
+        status = kit.engine.status()
+    assert status["requests"] == 1, status
+    assert status["bytes_fetched"] == layer.geo.chunks[index].blob_size, status
 
 
 async def test_prefetch_stays_near_a_reader_and_finishes_when_it_stops(
@@ -338,8 +379,11 @@ async def test_prefetch_stays_near_a_reader_and_finishes_when_it_stops(
             await trio.sleep(0.1)  # a slow reader: prefetch could run far ahead of it
             fetched = max(layer.fetched)
             fronts.append(fetched - (base + (off >> 20)))
-        # half the 8 MiB tier (4 chunks) + one merged run (2 chunks) + the chunk in hand
-        assert max(fronts) <= 4 + 2 + 1, fronts
+        # Half the 8 MiB tier (4 chunks) + one merged run (2 chunks) + the chunk in hand.
+        # Until the reader's first read prefetch is unpaced: what the workers had taken
+        # on by then may land later, nothing beyond it or the bound.
+        burst = fronts[0]
+        assert all(f <= max(4 + 2 + 1, burst - k) for k, f in enumerate(fronts)), fronts
         with trio.fail_after(30):  # reader gone quiet: prefetch finishes the model
             while (st := kit.engine.status()["prefetch"])["done_bytes"] < st["total_bytes"]:
                 await trio.sleep(0.1)

@@ -10,6 +10,13 @@ A cached file is a 32-byte header followed by the payload:
     16     8     xxh3-64 of the payload
     24     8     xxh3-64 of bytes 0..23
 
+Chunk files are read with O_DIRECT where the file system allows it: the
+bytes go from the disk straight into the daemon's buffer instead of through
+the page cache, which cost a kernel copy per byte and kept a second copy of
+every warm chunk in memory next to the mount's own page cache (2 GiB from
+the chunk files: 0.31-0.50 instead of 0.84-1.07 CPU seconds at the same
+speed, benchmarks/TUNING.md).
+
 The payload length is checked against the file size before the payload is
 read, so a truncated file (a crash between write and rename on a file system
 that reorders, a full disk, a copy cut short) is caught without hashing, and
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
 import secrets
 import struct
@@ -35,8 +44,10 @@ from pathlib import Path
 
 import xxhash
 
-from kitfs.buffers import new_buffer
+from kitfs.buffers import DIRECT_ALIGN, new_aligned_buffer
 from kitfs.errors import LocalStorageError
+
+log = logging.getLogger(__name__)
 
 CHUNK_MAGIC = b"KFSC"
 TOC_MAGIC = b"KFST"
@@ -111,14 +122,23 @@ def parse_header(magic: bytes, head: bytes, file_size: int) -> tuple[int, int]:
 MAX_FRAME_PAYLOAD = 1 << 30
 
 
-def read_frame(path: Path | str, magic: bytes) -> tuple[bytearray, int]:
+#: Files smaller than this are read through the page cache (tables of contents,
+#: records, short last chunks): O_DIRECT saves nothing on a few pages.
+DIRECT_MIN_SIZE = 256 * 1024
+
+#: Devices (st_dev) whose file system refused O_DIRECT; read them buffered from then on.
+_no_direct: set[int] = set()
+
+
+def read_frame(path: Path | str, magic: bytes) -> tuple[memoryview, int]:
     """(payload, inode) of the cache file at `path`, checked end to end.
 
     Raises FileNotFoundError when absent, BadFrame when corrupt, OSError otherwise.
     The inode lets a caller that drops a bad file avoid deleting a good one
-    that another process renamed into place meanwhile. Header and payload are
-    read with one preadv into buffers sized from the file (the header then
-    has to agree with that size), so a warm chunk costs one read and no copy.
+    that another process renamed into place meanwhile. The whole file is read
+    with one read into a buffer sized from the file (the header then has to
+    agree with that size), so a warm chunk costs one read and no copy; the
+    payload is a view of that buffer.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -126,11 +146,10 @@ def read_frame(path: Path | str, magic: bytes) -> tuple[bytearray, int]:
         try:
             if not HEADER_SIZE <= st.st_size <= HEADER_SIZE + MAX_FRAME_PAYLOAD:
                 raise BadFrame(f"file is {st.st_size} bytes, not a cache frame")
-            head = bytearray(HEADER_SIZE)
-            payload = new_buffer(st.st_size - HEADER_SIZE)
-            _read_all(fd, [memoryview(head), memoryview(payload)])
+            whole = _read_whole(fd, st)
             # parse_header also checks its length against the file's size
-            _, checksum = parse_header(magic, bytes(head), st.st_size)
+            _, checksum = parse_header(magic, bytes(whole[:HEADER_SIZE]), st.st_size)
+            payload = whole[HEADER_SIZE:]
             if xxhash.xxh3_64_intdigest(payload) != checksum:
                 raise BadFrame("payload checksum mismatch")
         except BadFrame as bad:
@@ -141,10 +160,33 @@ def read_frame(path: Path | str, magic: bytes) -> tuple[bytearray, int]:
     return payload, st.st_ino
 
 
-def _read_all(fd: int, buffers: list[memoryview]) -> None:
-    """Fill `buffers` from the start of the file; BadFrame if it ends first (it shrank)."""
+def _read_whole(fd: int, st: os.stat_result) -> memoryview:
+    """The file's `st.st_size` bytes, with O_DIRECT when it is big enough and allowed."""
+    size = st.st_size
+    buffer = new_aligned_buffer(-size % DIRECT_ALIGN + size)
+    if size >= DIRECT_MIN_SIZE and st.st_dev not in _no_direct and hasattr(os, "O_DIRECT"):
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            # Whole aligned blocks: the read stops at the end of the file by itself.
+            _read_all(fd, [buffer], size)
+            return buffer[:size]
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _no_direct.add(st.st_dev)  # tmpfs before Linux 6.6, some FUSE and network fs
+            log.info("O_DIRECT refused on device %#x: cache files read buffered", st.st_dev)
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    _read_all(fd, [buffer[:size]], size)
+    return buffer[:size]
+
+
+def _read_all(fd: int, buffers: list[memoryview], size: int) -> None:
+    """Read the file's `size` bytes into `buffers` from its start; BadFrame if it ends first
+    (it shrank). The buffers may be longer than the file (whole blocks for O_DIRECT)."""
     at = 0
-    while buffers:
+    while at < size:
         n = os.preadv(fd, buffers, at)
         if n <= 0:  # pread of a regular file is short only at EOF
             raise BadFrame(f"file ended after {at} bytes")

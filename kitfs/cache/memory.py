@@ -14,8 +14,9 @@ from collections import OrderedDict
 DEFAULT_MEMORY_TIER_BYTES = 256 * 1024 * 1024
 
 #: A chunk's bytes. A bytearray is the buffer the chunk was received into from
-#: the network (no copy); nobody writes to it once it is handed out.
-ChunkData = bytes | bytearray
+#: the network, a memoryview the part of a disk read that is the payload (no
+#: copy either way); nobody writes to it once it is handed out.
+ChunkData = bytes | bytearray | memoryview
 
 
 class MemoryTier:

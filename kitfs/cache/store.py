@@ -161,7 +161,7 @@ class ChunkStore:
 
     # -- data path --------------------------------------------------------------------
 
-    def get(self, key: str) -> bytes | bytearray | None:
+    def get(self, key: str) -> memoryview | None:
         """The payload of chunk `key`, checked; None when absent or corrupt (then deleted).
 
         A corrupt chunk is a cache miss, never an error: the caller refetches.

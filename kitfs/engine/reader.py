@@ -55,6 +55,10 @@ READAHEAD_MIN_RUN_MIDFILE = 64 << 20
 MAX_PENDING_WRITES = 16
 #: A reader quiet for this long no longer holds prefetch back (see _prefetch_pace).
 READER_IDLE_S = 1.0
+#: Tasks walking the prefetch plan. Fetches among them are bounded by the background
+#: request slots; the rest keep chunk-file reads in flight on a warm mount (two
+#: workers read one chunk each at a time: 2 GiB warm 0.87 -> 1.01 GB/s with eight).
+PREFETCH_WORKERS = 8
 #: Fetched chunks are checked and handed out in batches of about this many bytes.
 SETTLE_BATCH_BYTES = 1 << 20
 
@@ -325,6 +329,10 @@ class Engine:
         flight = self._flights.get((layer.info.digest, index))
         if flight is None:
             data = await self._from_disk(layer, index)
+            if data is None:
+                # A fetch may have come and gone while we looked on disk: fetching
+                # again would pay for the chunk twice (seen under CPU load).
+                data = self._cached(layer, index)
             if data is not None:
                 return data
             flight = self._flights.get((layer.info.digest, index))
@@ -341,6 +349,9 @@ class Engine:
                     size = layer.geo.chunk_size
                     absent = await self._absent(layer, range(
                         index + 1, index + max(1, self.config.merge_limit // size)))
+                    data = self._cached(layer, index)
+                    if data is not None:
+                        return data
                 flight = self._flights.get((layer.info.digest, index))
                 if flight is None:  # nobody claimed it while we looked
                     run = self._claim_run(layer, index, absent)
@@ -715,7 +726,7 @@ class Engine:
                 self.counters.prefetch_done += self._chunk_bytes(layer, index)
 
         async with trio.open_nursery() as workers:
-            for _ in range(int(self._background.total_tokens)):
+            for _ in range(PREFETCH_WORKERS):
                 workers.start_soon(worker)
         for layer in self.layers.values():
             if self.config.prefetch == "all" or layer.info.kind in ("model", "modelpart"):
