@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import random
-import time
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from helpers import kitfs, make_project
-from kitfs.engine.reader import EngineConfig
+from kitfs.engine.reader import PREFETCH_WORKERS, EngineConfig
 from kitfs.engine.session import OpenedKit, open_kit
 from kitfs.errors import IntegrityError, KitfsError
 from kitfs.modelkit import mediatypes as mt
@@ -306,7 +306,10 @@ async def test_a_tensor_read_mid_file_gets_no_readahead_past_its_end(
                 got = bytes(await kit.engine.read(node, off, piece))
                 assert got == want[off : off + piece]
             if first:  # one chunk per read that needed one: nothing merged, nothing ahead
-                await trio.sleep(0.3)  # what would have been read ahead has landed by now
+                await trio.sleep(0.3)  # readahead would have been asked for by now ...
+                with trio.fail_after(10):  # ... and has landed after this
+                    while kit.engine._flights:
+                        await trio.sleep(0.01)
                 await kit.engine.flush()
                 status = kit.engine.status()
                 layer = kit.engine.layers[node.layer]  # type: ignore[index]
@@ -334,9 +337,13 @@ async def test_a_chunk_fetched_while_a_reader_looks_on_disk_is_not_fetched_again
         index = (node.offset + (4 << 20)) // layer.geo.chunk_size
         real_get = kit.engine.store.get
 
+        fetched_meanwhile = threading.Event()
+
         def slow_get(key: str) -> memoryview | None:
             found = real_get(key)  # not there yet ...
-            time.sleep(0.5)  # ... and the answer comes back after a whole fetch (a busy box)
+            # ... and the answer comes back only after another task fetched the chunk
+            # (a busy box); waiting on the event, not a timer, so the race always happens
+            assert fetched_meanwhile.wait(10)
             return found
 
         kit.engine.store.get = slow_get  # type: ignore[method-assign]
@@ -348,10 +355,44 @@ async def test_a_chunk_fetched_while_a_reader_looks_on_disk_is_not_fetched_again
             nursery.start_soon(reader)
             await trio.sleep(0.1)  # the reader is in its disk lookup now
             kit.engine._prefetch_run(layer, range(index, index + 1))
+            with trio.fail_after(10):
+                while layer.geo.chunks[index].key not in kit.engine.memory:
+                    await trio.sleep(0.01)
+            fetched_meanwhile.set()
         assert got == [want[4 << 20 : (4 << 20) + 4096]]
         status = kit.engine.status()
     assert status["requests"] == 1, status
     assert status["bytes_fetched"] == layer.geo.chunks[index].blob_size, status
+
+
+async def test_a_reader_never_waits_behind_prefetch_queued_for_a_request_slot(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Prefetch workers outnumber the background request slots; one waiting for a slot
+    used to hold its claimed run, and a reader needing a chunk of it waited too."""
+    project = make_project(tmp_path / "p", weight_bytes=16 << 20)
+    ref = f"{registry.host}/engine/queued:v1"
+    pack(project, ref, tmp_path / "home")
+    want = (project / "model" / "model.safetensors").read_bytes()
+    config = EngineConfig(chunk_size=1 << 20, prefetch="model", read_timeout=10)
+    async with open_kit(parse_reference(ref), ClientOptions(read_timeout=5, retry_budget=3),
+                        tmp_path / "cache", config=config) as kit, \
+            trio.open_nursery() as nursery:
+        slots = kit.engine._background
+        holders = [object() for _ in range(int(slots.total_tokens))]
+        for holder in holders:  # every background request slot busy elsewhere
+            await slots.acquire_on_behalf_of(holder)
+        await kit.engine.start(nursery)
+        await trio.sleep(0.3)  # the workers have taken plan items and wait for a slot
+        node = kit.tree.nodes["model/model.safetensors"]
+        for off in (0, 8 << 20, (16 << 20) - 4096):
+            with trio.fail_after(5):
+                got = bytes(await kit.engine.read(node, off, 4096))
+            assert got == want[off : off + 4096]
+        for holder in holders:
+            slots.release_on_behalf_of(holder)
+        await kit.engine.flush()
+        nursery.cancel_scope.cancel()
 
 
 async def test_prefetch_stays_near_a_reader_and_finishes_when_it_stops(
@@ -382,7 +423,8 @@ async def test_prefetch_stays_near_a_reader_and_finishes_when_it_stops(
         # Half the 8 MiB tier (4 chunks) + one merged run (2 chunks) + the chunk in hand.
         # Until the reader's first read prefetch is unpaced: what the workers had taken
         # on by then may land later, nothing beyond it or the bound.
-        burst = fronts[0]
+        burst = fronts[0]  # at most each worker's run, and far from the model's 40 chunks
+        assert burst <= 4 + 2 + 1 + 2 * PREFETCH_WORKERS, fronts
         assert all(f <= max(4 + 2 + 1, burst - k) for k, f in enumerate(fronts)), fronts
         with trio.fail_after(30):  # reader gone quiet: prefetch finishes the model
             while (st := kit.engine.status()["prefetch"])["done_bytes"] < st["total_bytes"]:
