@@ -83,7 +83,7 @@ Pack DIR (which holds a Kitfile) into a ModelKit that `kit` reads, exactly as
 registry (e.g. `mymodel:v1`) goes to kit's local storage, where `kit list`
 sees it. The same directory always packs to the same layer digests.
 
-kitfs also stores a table of contents (file offsets, per-chunk sha256) with
+kitfs also stores a table of contents (file offsets, per-chunk BLAKE3) with
 the ModelKit, as an OCI referrer, so that `kitfs mount` starts at once and
 verifies every chunk it reads. `kit` ignores it.
 
