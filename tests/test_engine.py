@@ -395,6 +395,30 @@ async def test_a_reader_never_waits_behind_prefetch_queued_for_a_request_slot(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_fetch_cancelled_while_it_waits_for_the_disk_leaves_no_stuck_chunk(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Regression: a background fetch cancelled in its wait for the write backlog kept
+    its chunks claimed, and every later read of them waited until its timeout."""
+    project = make_project(tmp_path / "p", weight_bytes=4 << 20)
+    ref = f"{registry.host}/engine/cancelled:v1"
+    pack(project, ref, tmp_path / "home")
+    want = (project / "model" / "model.safetensors").read_bytes()
+    async with opened(ref, tmp_path / "cache") as kit:
+        engine = kit.engine
+        node = kit.tree.nodes["model/model.safetensors"]
+        layer = engine.layers[node.layer]  # type: ignore[index]
+        index = node.offset // layer.geo.chunk_size
+        run = engine._claim_run(layer, index, set())
+        engine._pending_writes += 1000  # a write backlog that does not drain
+        with trio.move_on_after(0.2):
+            await engine._fetch_run(layer, run, background=True)
+        engine._pending_writes -= 1000
+        with trio.fail_after(5):
+            got = bytes(await engine.read(node, 0, 4096))
+        assert got == want[:4096]
+
+
 async def test_prefetch_stays_near_a_reader_and_finishes_when_it_stops(
     registry: RegistryServer, tmp_path: Path
 ) -> None:

@@ -434,8 +434,6 @@ class Engine:
         fetched chunks whatever the model size; a reader waiting now never waits
         for the disk.
         """
-        if background:
-            await self._disk_backpressure()
         digest = layer.info.digest
         start = run[0].blob_offset
         buffers: list[bytearray] = []
@@ -476,6 +474,8 @@ class Engine:
                 settle_batch()
 
         try:
+            if background:  # inside the try: cancelled here, the claimed flights still settle
+                await self._disk_backpressure()
             async with self._slots:
                 # Allocated only now: runs queued for a slot must not hold memory.
                 buffers.extend(new_buffer(c.blob_size) for c in run)
