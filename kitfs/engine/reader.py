@@ -331,10 +331,6 @@ class Engine:
         flight = self._flights.get((layer.info.digest, index))
         if flight is None:
             data = await self._from_disk(layer, index)
-            if data is None:
-                # A fetch may have come and gone while we looked on disk: fetching
-                # again would pay for the chunk twice (seen under CPU load).
-                data = self._cached(layer, index)
             if data is not None:
                 return data
             flight = self._flights.get((layer.info.digest, index))
@@ -352,9 +348,9 @@ class Engine:
                     size = layer.geo.chunk_size
                     absent = await self._absent(layer, range(
                         index, index + max(1, self.config.merge_limit // size)))
-                    data = self._cached(layer, index)
-                    if data is None and index not in absent:  # fetched while we waited
-                        data = await self._from_disk(layer, index)
+                    # fetched by someone else while we waited or looked?
+                    data = (self._cached(layer, index) if index in absent
+                            else await self._from_disk(layer, index))
                     if data is not None:
                         return data
                     flight = self._flights.get((layer.info.digest, index))
@@ -375,16 +371,21 @@ class Engine:
         return flight.data
 
     async def _from_disk(self, layer: _Layer, index: int) -> ChunkData | None:
-        # Straight to a thread, no stat first on the event loop: after a dropped
-        # page cache that stat reads the disk while every FUSE request waits.
+        """The chunk from the disk cache, else from memory if a fetch delivered it meanwhile.
+
+        Straight to a thread, no stat first on the event loop: after a dropped
+        page cache that stat reads the disk while every FUSE request waits. A
+        fetch may start and finish during that lookup (seen under CPU load);
+        answering None then made the caller fetch the chunk a second time.
+        """
         key = self._key(layer, index)
         try:
             data = await trio.to_thread.run_sync(self.store.get, key)
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
-            return None
+            return self._cached(layer, index)
         if data is None:
-            return None
+            return self._cached(layer, index)
         chunk = layer.geo.chunks[index] if layer.geo.chunks else None
         if chunk is not None and len(data) != chunk.size:
             log.warning("cached chunk %s has the wrong size: dropped", key)
