@@ -170,14 +170,13 @@ def _read_whole(fd: int, st: os.stat_result) -> memoryview:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
             # Whole aligned blocks: the read stops at the end of the file by itself.
             _read_all(fd, [buffer], size)
-            return buffer[:size]
+            return buffer[:size]  # the descriptor is the caller's to close, flags and all
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             _no_direct.add(st.st_dev)  # tmpfs before Linux 6.6, some FUSE and network fs
             log.info("O_DIRECT refused on device %#x: cache files read buffered", st.st_dev)
-        finally:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # read on below without it
     _read_all(fd, [buffer[:size]], size)
     return buffer[:size]
 
