@@ -168,7 +168,7 @@ class Engine:
         self._open: dict[str, int] = {}
         # Prefetch pacing: per layer, the furthest chunk a reader got to, and when.
         self._front: dict[str, tuple[int, float]] = {}
-        self._read_progress = trio.Event()
+        self._read_progress = trio.lowlevel.ParkingLot()  # paced prefetch waits here
         self.counters = _Counters()
         self.started = time.time()
 
@@ -256,8 +256,7 @@ class Engine:
         if front is not None and now - front[1] < READER_IDLE_S:
             last = max(last, front[0])
         self._front[layer.info.digest] = (last, now)
-        self._read_progress.set()
-        self._read_progress = trio.Event()
+        self._read_progress.unpark_all()  # no object made per read, unlike an Event
 
     def status(self) -> dict[str, Any]:
         c = self.counters
@@ -756,7 +755,7 @@ class Engine:
                     or trio.current_time() - front[1] >= READER_IDLE_S):
                 return
             with trio.move_on_after(READER_IDLE_S):
-                await self._read_progress.wait()
+                await self._read_progress.park()
 
     def _chunk_bytes(self, layer: _Layer, index: int) -> int:
         if layer.geo.chunks:
