@@ -144,6 +144,71 @@ async def test_lying_registry_with_chunk_digests_is_caught_before_serving(
         assert kit.engine.status()["layers"][0]["state"] == "poisoned"
 
 
+async def test_lying_registry_is_caught_block_by_block(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A random reader fetching part of a chunk gets checked blocks or an error, never a lie."""
+    project = make_project(tmp_path / "lying-blocks", weight_bytes=12 << 20)
+    ref = f"{registry.host}/engine/lying-blocks:v1"
+    pack(project, ref, tmp_path / "home")
+    want = (project / "model" / "model.safetensors").read_bytes()
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        layer = kit.engine.layers[node.layer or ""]
+        bs = layer.geo.block_size
+        assert bs, "kitfs pack writes block digests for uncompressed layers"
+        bad = (4 << 20) + 3 * bs + 77  # file offset in one block of a chunk
+        corrupt_blob(registry, node.layer or "", node.offset + bad)
+        good = (4 << 20) + bs  # two blocks before it, in the same chunk
+        assert bytes(await kit.engine.read(node, good, 4096)) == want[good : good + 4096]
+        with pytest.raises(IntegrityError):
+            await kit.engine.read(node, bad - 100, 4096)
+        with pytest.raises(IntegrityError):  # the layer stays poisoned
+            await kit.engine.read(node, good, 4096)
+        assert kit.engine.status()["layers"][0]["state"] == "poisoned"
+
+
+async def test_readers_of_the_same_blocks_share_one_fetch_and_the_chunk_is_kept(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Concurrent readers of one chunk fetch each block once; once every block has
+    arrived the chunk is checked whole and kept, so the next mount reads it from disk."""
+    project = make_project(tmp_path / "shared-blocks", weight_bytes=12 << 20)
+    ref = f"{registry.host}/engine/shared-blocks:v1"
+    pack(project, ref, tmp_path / "home")
+    want = (project / "model" / "model.safetensors").read_bytes()
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        geo = kit.engine.layers[node.layer or ""].geo
+        size, bs = geo.chunk_size, geo.block_size
+        index = (node.offset + (3 << 20)) // size + 1  # a chunk wholly inside the file
+        base = index * size - node.offset  # its first byte, as a file offset
+        got: dict[int, bytes] = {}
+
+        async def reader(n: int, off: int, length: int) -> None:
+            got[n] = bytes(await kit.engine.read(node, off, length))
+
+        # Two readers on the same 3 blocks, then two covering the rest of the chunk.
+        spans = [(base + 10, 3 * bs - 20), (base + 10, 3 * bs - 20),
+                 (base + 3 * bs, 2 * bs), (base + 5 * bs, size - 5 * bs)]
+        for phase, fetched in (((0, 1), 3 * bs), ((2, 3), size)):
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    for n in phase:
+                        nursery.start_soon(reader, n, *spans[n])
+            assert kit.engine.status()["bytes_fetched"] == fetched, kit.engine.status()
+            assert kit.engine.layers[node.layer or ""].fetched == (
+                {index} if fetched == size else set())
+        for n, (off, length) in enumerate(spans):
+            assert got[n] == want[off : off + length]
+        await kit.engine.flush()
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        assert bytes(await kit.engine.read(node, base + 1000, 5000)) == want[
+            base + 1000 : base + 6000]
+        assert kit.engine.status()["bytes_fetched"] == 0
+
+
 async def push_kit_made(registry: RegistryServer, project: Path, repo: str,
                         compress: bool) -> str:
     """A ModelKit as kit wrote it: no kitfs table of contents, optionally one gzip stream."""
@@ -287,10 +352,11 @@ async def test_sequential_reader_gets_readahead_in_few_large_requests(
 async def test_a_tensor_read_mid_file_gets_no_readahead_past_its_end(
     registry: RegistryServer, tmp_path: Path
 ) -> None:
-    """A 30 MiB run that began mid-file (a random reader's tensor) fetches only its chunks.
+    """A 30 MiB run that began mid-file (a random reader's tensor) fetches only its blocks.
 
     With readahead from 16 MiB for every run, each such tensor cost an eighth
-    more than its size; the same run from the file's start still reads ahead.
+    more than its size, and fetched whole, the chunks its ends fall in; the
+    same run from the file's start still reads ahead.
     """
     project = make_project(tmp_path / "big", weight_bytes=48 << 20)
     ref = f"{registry.host}/engine/midfile:v1"
@@ -305,7 +371,7 @@ async def test_a_tensor_read_mid_file_gets_no_readahead_past_its_end(
             for off in range(first, first + length, piece):
                 got = bytes(await kit.engine.read(node, off, piece))
                 assert got == want[off : off + piece]
-            if first:  # one chunk per read that needed one: nothing merged, nothing ahead
+            if first:  # the blocks the reads fall in: nothing merged, nothing ahead
                 await trio.sleep(0.3)  # readahead would have been asked for by now ...
                 with trio.fail_after(10):  # ... and has landed after this
                     while kit.engine._flights:
@@ -313,9 +379,18 @@ async def test_a_tensor_read_mid_file_gets_no_readahead_past_its_end(
                 await kit.engine.flush()
                 status = kit.engine.status()
                 layer = kit.engine.layers[node.layer]  # type: ignore[index]
-                assert status["bytes_fetched"] == touched * size, (
+                bs = layer.geo.block_size
+                assert bs and size % bs == 0
+                lo, hi = (node.offset + first) // bs, (node.offset + first + length - 1) // bs
+                assert status["bytes_fetched"] == (hi - lo + 1) * bs, (
                     sorted(layer.fetched), (node.offset + first) // size, status)
-                assert status["requests"] == touched, status
+                # one request per read, two for a read across a chunk boundary
+                assert status["requests"] <= length // piece + touched, status
+                # the chunks whose every block was read were gathered, checked and kept
+                whole = {c for c in range(lo * bs // size, hi * bs // size + 1)
+                         if c * size >= lo * bs and (c + 1) * size <= (hi + 1) * bs}
+                assert layer.fetched == whole, (sorted(layer.fetched), sorted(whole))
+                assert kit.engine.store.usage().chunks == len(whole)
             else:  # streamed from the start: read ahead past the 16 MiB mark
                 with trio.fail_after(10):
                     while kit.engine.status()["bytes_fetched"] <= touched * size:

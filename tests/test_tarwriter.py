@@ -23,7 +23,13 @@ from test_layers import OTHER_LAYERS, make_tree
 
 from kitfs.cache.keys import chunk_key_for_digest
 from kitfs.errors import FormatError, LocalStorageError
-from kitfs.modelkit.chunkdigest import matches
+from kitfs.modelkit.chunkdigest import (
+    BLOCK_DIGEST_SIZE,
+    block_digests,
+    block_matches,
+    chunk_digest,
+    matches,
+)
 from kitfs.modelkit.kitignore import KitIgnore
 from kitfs.modelkit.layers import PlannedEntry, plan_layer
 from kitfs.modelkit.tarwriter import (
@@ -32,7 +38,14 @@ from kitfs.modelkit.tarwriter import (
     split_ustar_path,
     write_layer,
 )
-from kitfs.modelkit.toc import LayerToc, ModelKitToc, TocChunk, dump_toc, load_toc
+from kitfs.modelkit.toc import (
+    DEFAULT_BLOCK_SIZE,
+    LayerToc,
+    ModelKitToc,
+    TocChunk,
+    dump_toc,
+    load_toc,
+)
 
 GiB = 1 << 30
 EMPTY_TAR_DIGEST = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef"
@@ -442,3 +455,44 @@ def test_chunk_digests_in_the_toc_old_and_new() -> None:
         doc["layers"][0]["chunks"][0][2] = bad
         with pytest.raises(FormatError, match="invalid chunk digest"):
             load_toc(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_uncompressed_layers_carry_block_digests(tmp_path: Path, compression: str) -> None:
+    """Each 256 KiB block of an uncompressed chunk has its own digest, so a mount can
+    fetch and check part of a chunk; compressed chunks only decompress whole."""
+    src = tmp_path / "w.bin"
+    src.write_bytes(bytes(range(256)) * (5 << 12) + b"tail")  # 5 MiB + 4 bytes
+    entries = [PlannedEntry("w.bin", "file", 0o644, src.stat().st_size, src)]
+    toc = write_layer(entries, io.BytesIO(), compression=compression, media_type=MEDIA_TYPE)
+    if compression != "none":
+        assert toc.block_size == 0 and all(c.blocks == b"" for c in toc.chunks)
+        assert "blockSize" not in json.loads(dump_toc(ModelKitToc((toc,))))["layers"][0]
+        return
+    assert toc.block_size == DEFAULT_BLOCK_SIZE
+    stream = io.BytesIO()
+    write_layer(entries, stream, compression="none", media_type=MEDIA_TYPE)
+    data = stream.getvalue()
+    for c in toc.chunks:
+        blocks = [data[o : o + toc.block_size]
+                  for o in range(c.offset, c.offset + c.size, toc.block_size)]
+        assert len(c.blocks) == len(blocks) * BLOCK_DIGEST_SIZE
+        for i, block in enumerate(blocks):
+            assert block_matches(block, c.blocks, i)
+            assert not block_matches(block[:-1] + b"?", c.blocks, i)
+        assert not block_matches(blocks[0], c.blocks, len(blocks))  # no such block
+    assert load_toc(dump_toc(ModelKitToc((toc,)))).layers[0] == toc
+
+
+def test_malformed_block_digests_are_refused() -> None:
+    data = b"y" * 5000
+    chunk = TocChunk(0, 5000, chunk_digest(data), 0, 5000, block_digests(data, 1024))
+    layer = LayerToc("sha256:" + "a" * 64, "sha256:" + "a" * 64, "t", 5000, 5000, (), 8192,
+                     (chunk,), block_size=1024)
+    doc = json.loads(dump_toc(ModelKitToc((layer,))))
+    assert load_toc(json.dumps(doc).encode()).layers[0] == layer
+    for blocks in (["!!"], [], [doc["layers"][0]["blocks"][0][:-8]], "x"):
+        broken = json.loads(json.dumps(doc))
+        broken["layers"][0]["blocks"] = blocks
+        with pytest.raises(FormatError, match="malformed"):
+            load_toc(json.dumps(broken).encode())

@@ -37,6 +37,7 @@ class Chunk:
     blob_size: int
     digest: str | None  # `<algorithm>:<hex>`; None: only the whole layer's digest checks it
     key: str
+    blocks: bytes = b""  # block digests (chunkdigest.block_digests); empty: fetched whole
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ class LayerGeometry:
     chunk_size: int
     stream_size: int | None  # None until a streamed layer has been read to its end
     chunks: tuple[Chunk, ...]  # empty for `stream` layers: their chunks are found as they come
+    block_size: int = 0  # > 0: a `ranged` layer whose chunks can be fetched in part
+
+    @property
+    def partial(self) -> bool:
+        """True when part of a chunk can be fetched and checked (see Engine._part)."""
+        return self.block_size > 0 and self.shape == "ranged"
 
     @property
     def verified_by_chunk(self) -> bool:
@@ -61,15 +68,17 @@ class LayerGeometry:
 
 
 def _from_toc_chunks(layer: LayerInfo, toc_chunks: tuple[TocChunk, ...], chunk_size: int,
-                     shape: Shape, stream_size: int) -> LayerGeometry:
+                     shape: Shape, stream_size: int, block_size: int) -> LayerGeometry:
     chunks = []
     for i, c in enumerate(toc_chunks):
         if c.offset != i * chunk_size:
             raise FormatError(f"table of contents of {layer.digest}: chunk {i} is misplaced")
         chunks.append(Chunk(i, c.offset, c.size, c.blob_offset, c.blob_size, c.digest,
-                            chunk_key_for_digest(c.digest)))
+                            chunk_key_for_digest(c.digest), c.blocks))
+    if shape != "ranged" or not all(c.blocks for c in chunks):
+        block_size = 0
     return LayerGeometry(layer.digest, shape, layer.compression, chunk_size, stream_size,
-                         tuple(chunks))
+                         tuple(chunks), block_size)
 
 
 def plan_layer(layer: LayerInfo, toc: LayerToc | None, chunk_size: int,
@@ -81,7 +90,8 @@ def plan_layer(layer: LayerInfo, toc: LayerToc | None, chunk_size: int,
     """
     if toc is not None and toc.chunks:
         shape: Shape = "ranged" if layer.compression == "none" else "seekable"
-        return _from_toc_chunks(layer, toc.chunks, toc.chunk_size, shape, toc.stream_size)
+        return _from_toc_chunks(layer, toc.chunks, toc.chunk_size, shape, toc.stream_size,
+                                toc.block_size)
     if layer.compression != "none":
         return LayerGeometry(layer.digest, "stream", layer.compression, chunk_size, None, ())
     digests = parse_verified(verified, chunk_size) if verified is not None else None

@@ -8,6 +8,12 @@ bounded; background work (readahead beyond the current read, prefetch,
 verification) holds at most half of the slots, so a foreground read always
 finds one soon.
 
+A reader waiting for part of a chunk that no readahead or prefetch will bring
+whole fetches only the blocks it needs, where the table of contents gives
+block digests (`_part`): a random reader's tensor costs its own bytes plus
+the blocks its ends fall in, not the chunks. The blocks gather in a partial
+chunk; once all are there it is checked whole and becomes an ordinary chunk.
+
 Integrity: a chunk with a known digest (kitfs table of contents, or a layer
 verified end to end by an earlier mount) is checked before anyone sees it.
 Layers without per-chunk digests are served as fetched and verified in the
@@ -38,6 +44,7 @@ from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.engine.geometry import Chunk, LayerGeometry, plan_layer, verified_record
 from kitfs.engine.prefetch import prefetch_plan
 from kitfs.errors import IntegrityError, KitfsError, UnreachableError
+from kitfs.modelkit.chunkdigest import block_matches
 from kitfs.modelkit.chunkdigest import matches as chunk_digest_matches
 from kitfs.modelkit.decompress import StreamDecompressor
 from kitfs.modelkit.manifest import LayerInfo
@@ -63,6 +70,9 @@ READER_IDLE_S = 1.0
 PREFETCH_WORKERS = 4
 #: Fetched chunks are checked and handed out in batches of about this many bytes.
 SETTLE_BATCH_BYTES = 1 << 20
+#: Chunks being gathered block by block at once (a random reader's edges); beyond
+#: this the least recently used one with nothing in flight is dropped.
+MAX_PARTIALS = 16
 
 
 
@@ -92,6 +102,21 @@ class _Flight:
     def done(self, data: ChunkData | None, error: KitfsError | None = None) -> None:
         self.data, self.error = data, error
         self.event.set()
+
+
+class _Partial:
+    """A chunk being gathered block by block: its buffer and which blocks are in it, checked.
+
+    A block in `flights` is being fetched; its event is set when that fetch
+    ends, whether or not the block arrived (waiters look at `have` again).
+    """
+
+    __slots__ = ("buffer", "flights", "have")
+
+    def __init__(self, size: int) -> None:
+        self.buffer = new_buffer(size)
+        self.have: set[int] = set()
+        self.flights: dict[int, trio.Event] = {}
 
 
 @dataclass
@@ -156,6 +181,8 @@ class Engine:
                 layer.verified_event.set()
             self.layers[info.digest] = layer
         self._flights: dict[tuple[str, int], _Flight] = {}
+        self._partials: dict[tuple[str, int], _Partial] = {}  # insertion order = LRU
+        self._planned: set[str] = set()  # layers prefetch brings whole
         self._slots = trio.CapacityLimiter(max(1, config.max_requests))
         self._disk = trio.CapacityLimiter(2)  # chunk writes
         self._disk_reads = trio.CapacityLimiter(4)  # chunks read ahead from disk
@@ -178,7 +205,11 @@ class Engine:
         """Start background work (prefetch, verification) in the caller's nursery."""
         self._nursery = nursery
         if self.config.prefetch != "none":
-            nursery.start_soon(self._prefetch)
+            plan = prefetch_plan(self.tree, {d: layer.info for d, layer in self.layers.items()},
+                                 {d: layer.geo for d, layer in self.layers.items()},
+                                 self.config.prefetch)
+            self._planned = {d for d, _ in plan}
+            nursery.start_soon(self._prefetch, plan)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         if self._nursery is not None:
@@ -237,9 +268,12 @@ class Engine:
         # a streamed shard kept looking like random reads and got no readahead
         # (2 MiB requests, 0.13 GB/s at 8 GiB with --prefetch none).
         self._schedule_readahead(node, layer, offset, end)
+        # A run from the file's start is a stream (cp, a hash, a loader): it reads on,
+        # so its chunks are fetched whole. Any other may be one tensor of a random reader.
+        whole = self._readahead[node.path][0] == 0
         try:
             with trio.fail_after(limit):
-                data = await self._read_range(layer, node.offset + offset, end - offset)
+                data = await self._read_range(layer, node.offset + offset, end - offset, whole)
         except trio.TooSlowError:
             msg = f"{node.path}: no data from the registry within {limit:.0f} s"
             self._note_error(msg)
@@ -286,7 +320,8 @@ class Engine:
 
     # -- reading ----------------------------------------------------------------------
 
-    async def _read_range(self, layer: _Layer, start: int, length: int) -> bytes | memoryview:
+    async def _read_range(self, layer: _Layer, start: int, length: int,
+                          whole: bool = True) -> bytes | memoryview:
         self._check_poison(layer)
         if self.config.verify == "strict" and layer.state != "verified":
             self._ensure_verification(layer)
@@ -294,16 +329,23 @@ class Engine:
             self._check_poison(layer)
         size = layer.geo.chunk_size
         first, last = start // size, (start + length - 1) // size
+        by_part = not whole and layer.geo.partial and layer.info.digest not in self._planned
         if first == last:
-            data = await self._chunk(layer, first, background=False)
             lo = start - first * size
+            if by_part:
+                return await self._part(layer, first, lo, lo + length)
+            data = await self._chunk(layer, first, background=False)
             return memoryview(data)[lo : lo + length]
-        self._prefetch_run(layer, range(first + 1, last + 1))
+        if not by_part:
+            self._prefetch_run(layer, range(first + 1, last + 1))
         parts = []
         for index in range(first, last + 1):
-            data = await self._chunk(layer, index, background=False)
             lo = max(start - index * size, 0)
-            hi = min(start + length - index * size, len(data))
+            hi = min(start + length - index * size, self._chunk_bytes(layer, index))
+            if by_part:
+                parts.append(await self._part(layer, index, lo, hi))
+                continue
+            data = await self._chunk(layer, index, background=False)
             parts.append(memoryview(data)[lo:hi])
         return b"".join(parts)
 
@@ -368,6 +410,130 @@ class Engine:
             raise flight.error
         assert flight.data is not None
         return flight.data
+
+    async def _part(self, layer: _Layer, index: int, lo: int, hi: int) -> memoryview:
+        """Bytes [lo, hi) of a chunk, fetching only the blocks they fall in if it is nowhere.
+
+        For layers whose chunks carry block digests and that no prefetch brings
+        whole. A readahead run still fetches whole chunks: its flight is joined.
+        """
+        key = (layer.info.digest, index)
+        while True:
+            self._check_poison(layer)
+            data = self._cached(layer, index)
+            if data is None and key not in self._flights:
+                gathered = self._partials.get(key)
+                if gathered is not None and self._has_blocks(layer, gathered, lo, hi):
+                    self._partials[key] = self._partials.pop(key)  # most recently used
+                    return memoryview(gathered.buffer)[lo:hi]
+                data = await self._from_disk(layer, index)
+            if data is None and key in self._flights:
+                data = await self._chunk(layer, index, background=False)
+            if data is not None:
+                return memoryview(data)[lo:hi]
+            if await self._gather(layer, index, lo, hi):
+                continue  # look again: all there now, or in memory if it became whole
+
+    def _has_blocks(self, layer: _Layer, gathered: _Partial, lo: int, hi: int) -> bool:
+        bs = layer.geo.block_size
+        return all(b in gathered.have for b in range(lo // bs, (hi - 1) // bs + 1))
+
+    async def _gather(self, layer: _Layer, index: int, lo: int, hi: int) -> bool:
+        """Fetch the blocks of [lo, hi) nobody is fetching, wait for those others are.
+
+        Returns once each block arrived or its fetch ended; the caller looks again.
+        """
+        key = (layer.info.digest, index)
+        gathered = self._partials.get(key)
+        if gathered is None:
+            gathered = self._partials[key] = _Partial(self._chunk_bytes(layer, index))
+            self._drop_partials(keep=key)
+        bs = layer.geo.block_size
+        wanted = [b for b in range(lo // bs, (hi - 1) // bs + 1) if b not in gathered.have]
+        mine = [b for b in wanted if b not in gathered.flights]
+        theirs = [gathered.flights[b] for b in wanted if b in gathered.flights]
+        if mine:
+            done = trio.Event()
+            for b in mine:
+                gathered.flights[b] = done
+            try:
+                self.counters.misses += 1
+                await self._fetch_blocks(layer, index, gathered, mine)
+            finally:
+                for b in mine:
+                    gathered.flights.pop(b, None)
+                done.set()
+        for event in theirs:
+            await event.wait()
+        if len(gathered.have) * bs >= len(gathered.buffer) and self._partials.get(key) is gathered:
+            del self._partials[key]
+            await self._complete(layer, index, gathered)
+        return True
+
+    async def _fetch_blocks(self, layer: _Layer, index: int, gathered: _Partial,
+                            blocks: list[int]) -> None:
+        """One range request per run of adjacent blocks, each block checked as it arrives."""
+        chunk = layer.geo.chunks[index]
+        bs = layer.geo.block_size
+        runs: list[list[int]] = []
+        for b in blocks:
+            if runs and runs[-1][-1] == b - 1:
+                runs[-1].append(b)
+            else:
+                runs.append([b])
+        view = memoryview(gathered.buffer)
+        for run in runs:
+            parts = [view[b * bs : min((b + 1) * bs, len(view))] for b in run]
+            good: dict[int, bool] = {}
+            bad: list[int] = []
+
+            def prepare(i: int, parts: list[memoryview] = parts, run: list[int] = run,
+                        good: dict[int, bool] = good) -> None:
+                good[i] = block_matches(parts[i], chunk.blocks, run[i])
+
+            def filled(i: int, parts: list[memoryview] = parts, run: list[int] = run,
+                       good: dict[int, bool] = good, bad: list[int] = bad) -> None:
+                self.counters.bytes_fetched += len(parts[i])
+                ok = good.pop(i) if i in good else block_matches(parts[i], chunk.blocks, run[i])
+                if ok:
+                    gathered.have.add(run[i])
+                else:  # raised after the request: not from inside the transport
+                    bad.append(run[i])
+
+            try:
+                async with self._slots:
+                    self.counters.in_flight += 1
+                    self.counters.requests += 1
+                    try:
+                        await self.source.read_range_into(
+                            layer.info.digest, chunk.blob_offset + run[0] * bs, parts,
+                            filled, prepare)
+                    finally:
+                        self.counters.in_flight -= 1
+                if bad:
+                    raise IntegrityError(
+                        f"block {bad[0]} of chunk {index} of layer {layer.info.digest} "
+                        "does not match its digest")
+            except KitfsError as exc:
+                if isinstance(exc, IntegrityError):
+                    self._poison(layer, str(exc))
+                self._note_error(str(exc))
+                raise
+
+    async def _complete(self, layer: _Layer, index: int, gathered: _Partial) -> None:
+        """A chunk gathered whole from blocks: check it whole and keep it like a fetched one."""
+        chunk = layer.geo.chunks[index]
+        if chunk.key in self.memory or (layer.info.digest, index) in self._flights:
+            return  # fetched whole meanwhile
+        result = await trio.to_thread.run_sync(self._checked, layer, chunk, gathered.buffer)
+        self._accept(layer, chunk, result)
+
+    def _drop_partials(self, keep: tuple[str, int]) -> None:
+        """Keep at most MAX_PARTIALS partial chunks, dropping the least recently used idle ones."""
+        excess = len(self._partials) - MAX_PARTIALS
+        idle = [k for k, p in self._partials.items() if not p.flights and k != keep]
+        for key in idle[:max(0, excess)]:
+            del self._partials[key]
 
     async def _from_disk(self, layer: _Layer, index: int) -> ChunkData | None:
         """The chunk from the disk cache, else from memory if a fetch delivered it meanwhile.
@@ -554,6 +720,7 @@ class Engine:
         return data
 
     def _deliver(self, layer: _Layer, index: int, key: str, data: ChunkData) -> None:
+        self._partials.pop((layer.info.digest, index), None)  # whole now
         self.memory.put(key, data)
         layer.fetched.add(index)
         flight = self._flights.pop((layer.info.digest, index), None)
@@ -705,11 +872,8 @@ class Engine:
             if not flight.event.is_set():  # cancelled: waiting readers must not hang
                 flight.done(None, UnreachableError("reading a cached chunk was interrupted"))
 
-    async def _prefetch(self) -> None:
+    async def _prefetch(self, plan: list[tuple[str, int]]) -> None:
         """Load what model loaders read first, in the order they read it, in the background."""
-        plan = prefetch_plan(self.tree, {d: layer.info for d, layer in self.layers.items()},
-                             {d: layer.geo for d, layer in self.layers.items()},
-                             self.config.prefetch)
         self.counters.prefetch_total = sum(
             self._chunk_bytes(self.layers[d], i) for d, i in plan)
         # Only the weight stream is paced: a chunk right after the plan's previous
@@ -880,6 +1044,8 @@ class Engine:
         log.error("layer %s poisoned: %s; every read of it fails from now on",
                   layer.info.digest, reason)
         self.counters.errors.append(f"layer {layer.info.digest[:19]} poisoned: {reason}")
+        for key in [k for k in self._partials if k[0] == layer.info.digest]:
+            del self._partials[key]
         keys = [c.key for c in layer.geo.chunks if c.digest is None]
         for key in keys:
             self.memory.discard(key)

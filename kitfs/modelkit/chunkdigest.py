@@ -10,6 +10,15 @@ contents written before (bare sha256 hex) are read and checked as sha256.
 In memory a chunk digest is `<algorithm>:<hex>`; in the table of contents a
 sha256 digest stays bare hex (the version-1 form) and a BLAKE3 one carries
 its `blake3:` prefix.
+
+Block digests let a reader that wants a few hundred KiB of a chunk (one tensor
+of a random reader, the kernel's readahead past its end) fetch and check just
+those blocks instead of the whole chunk. Each is BLAKE3 of one `block_size`
+slice of the chunk, cut to 16 bytes: what a lying registry would need is a
+second preimage of a given digest, which at 128 bits is as far out of reach
+as at 256 (collisions only help whoever writes the table of contents, and
+they choose the digests anyway). Half the size keeps a 100 GB model's table
+of contents 9 MB smaller.
 """
 
 from __future__ import annotations
@@ -37,6 +46,24 @@ def chunk_digest(data: Buffer, algorithm: str = PACK_ALGORITHM) -> str:
     if algorithm == "sha256":
         return "sha256:" + hashlib.sha256(data).hexdigest()
     raise FormatError(f"unknown chunk digest algorithm {algorithm!r}")
+
+
+#: Bytes of one block digest (BLAKE3, truncated; see the module docstring).
+BLOCK_DIGEST_SIZE = 16
+
+
+def block_digests(data: Buffer, block_size: int) -> bytes:
+    """The block digests of one chunk, concatenated: one per `block_size` slice, the last short."""
+    view = memoryview(data)
+    return b"".join(blake3.blake3(view[i : i + block_size]).digest(length=BLOCK_DIGEST_SIZE)
+                    for i in range(0, len(view), block_size))
+
+
+def block_matches(data: Buffer, digests: bytes, index: int) -> bool:
+    """Whether `data` is block `index` of the chunk whose block digests are `digests`."""
+    want = digests[index * BLOCK_DIGEST_SIZE : (index + 1) * BLOCK_DIGEST_SIZE]
+    return (len(want) == BLOCK_DIGEST_SIZE
+            and blake3.blake3(data).digest(length=BLOCK_DIGEST_SIZE) == want)
 
 
 def parse_chunk_digest(text: str) -> str:

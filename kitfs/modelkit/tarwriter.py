@@ -41,9 +41,16 @@ from typing import Any, BinaryIO, Literal
 import zstandard
 
 from kitfs.errors import LocalStorageError
-from kitfs.modelkit.chunkdigest import chunk_digest
+from kitfs.modelkit.chunkdigest import block_digests, chunk_digest
 from kitfs.modelkit.layers import PlannedEntry
-from kitfs.modelkit.toc import DEFAULT_CHUNK_SIZE, EntryKind, LayerToc, TocChunk, TocEntry
+from kitfs.modelkit.toc import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    EntryKind,
+    LayerToc,
+    TocChunk,
+    TocEntry,
+)
 
 Compression = Literal["none", "gzip", "zstd"]
 
@@ -235,14 +242,18 @@ class _ZstdFrames:
         return out
 
 
+_Job = tuple[str, bytes, bytes | memoryview]  # digest, block digests, what goes in the blob
+
+
 def _chunk_job(
-    data: memoryview, compress: Callable[[memoryview], bytes] | None
-) -> tuple[str, bytes | memoryview]:
+    data: memoryview, compress: Callable[[memoryview], bytes] | None, block_size: int
+) -> _Job:
     digest = chunk_digest(data)
-    return digest, (compress(data) if compress is not None else data)
+    blocks = block_digests(data, block_size) if block_size else b""
+    return digest, blocks, (compress(data) if compress is not None else data)
 
 
-_Pending = tuple[memoryview, int, int, "Future[tuple[str, bytes | memoryview]]", "Future[None]"]
+_Pending = tuple[memoryview, int, int, "Future[_Job]", "Future[None]"]
 
 
 class _ChunkedOutput:
@@ -255,10 +266,12 @@ class _ChunkedOutput:
     """
 
     def __init__(
-        self, out: BinaryIO, compression: Compression, chunk_size: int, workers: int
+        self, out: BinaryIO, compression: Compression, chunk_size: int, workers: int,
+        block_size: int = 0,
     ) -> None:
         self._out = out
         self._chunk_size = chunk_size
+        self._block_size = block_size
         self._compress: Callable[[memoryview], bytes] | None
         if compression == "gzip":
             self._compress = _gzip_member
@@ -313,12 +326,12 @@ class _ChunkedOutput:
         offset = self._chunk_offset
         self._chunk_offset += self._fill
         if self._pool is None or self._hasher is None:
-            digest, blob = _chunk_job(view, self._compress)
+            digest, blocks, blob = _chunk_job(view, self._compress, self._block_size)
             self._stream_hash.update(view)
-            self._store(offset, len(view), digest, blob)
+            self._store(offset, len(view), digest, blocks, blob)
             self._fill = 0
             return
-        job = self._pool.submit(_chunk_job, view, self._compress)
+        job = self._pool.submit(_chunk_job, view, self._compress, self._block_size)
         hashed = self._hasher.submit(self._stream_hash.update, view)
         self._pending.append((self._buf, offset, len(view), job, hashed))
         while not self._free:
@@ -328,12 +341,13 @@ class _ChunkedOutput:
 
     def _drain_one(self) -> None:
         buf, offset, size, job, hashed = self._pending.popleft()
-        digest, blob = job.result()
-        self._store(offset, size, digest, blob)
+        digest, blocks, blob = job.result()
+        self._store(offset, size, digest, blocks, blob)
         hashed.result()
         self._free.append(buf)
 
-    def _store(self, offset: int, size: int, digest: str, blob: bytes | memoryview) -> None:
+    def _store(self, offset: int, size: int, digest: str, blocks: bytes,
+               blob: bytes | memoryview) -> None:
         if self._blob_hash is not None:
             self._blob_hash.update(blob)
         try:
@@ -348,7 +362,7 @@ class _ChunkedOutput:
                     view = view[n:]
         except OSError as exc:
             raise LocalStorageError(f"cannot write layer: {exc}") from None
-        self.chunks.append(TocChunk(offset, size, digest, self._blob_pos, len(blob)))
+        self.chunks.append(TocChunk(offset, size, digest, self._blob_pos, len(blob), blocks))
         self._blob_pos += len(blob)
 
     def finish(self) -> tuple[str, str, int]:
@@ -386,6 +400,7 @@ def write_layer(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> LayerToc:
     """Write one layer blob to `out` and return its table of contents.
 
@@ -394,7 +409,10 @@ def write_layer(
     member / zstd frame. `progress` is called with the number of file bytes
     just read (increments, not totals). `workers` threads hash and compress
     chunks (default: up to 4, one per CPU; 0 does everything on the calling
-    thread); the bytes written never depend on it. Memory stays at about
+    thread); the bytes written never depend on it. Uncompressed layers get
+    block digests every `block_size` bytes of each chunk (0: none), so a
+    mount can fetch and check part of a chunk; a compressed chunk can only be
+    decompressed whole, so it gets none. Memory stays at about
     `(workers + 2) * chunk_size` whatever the layer size.
 
     Raises `LocalStorageError` when a source file cannot be read, changed size
@@ -404,8 +422,12 @@ def write_layer(
         raise ValueError(f"chunk size must be a positive multiple of {BLOCK_SIZE}")
     if compression not in ("none", "gzip", "zstd"):
         raise ValueError(f"unknown compression {compression!r}")
+    if compression != "none" or block_size <= 0 or block_size >= chunk_size or (
+            chunk_size % block_size):
+        block_size = 0  # chunks this small (or compressed) are fetched whole anyway
     sink = _ChunkedOutput(
-        out, compression, chunk_size, default_workers() if workers is None else workers
+        out, compression, chunk_size, default_workers() if workers is None else workers,
+        block_size,
     )
     toc_entries: list[TocEntry] = []
     try:
@@ -429,6 +451,7 @@ def write_layer(
         entries=tuple(toc_entries),
         chunk_size=chunk_size,
         chunks=tuple(sink.chunks),
+        block_size=block_size,
     )
 
 

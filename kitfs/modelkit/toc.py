@@ -12,18 +12,23 @@ always give the same blob digest (the digest is pinned in the manifest).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kitfs.errors import FormatError
-from kitfs.modelkit.chunkdigest import parse_chunk_digest, toc_form
+from kitfs.modelkit.chunkdigest import BLOCK_DIGEST_SIZE, parse_chunk_digest, toc_form
 
 TOC_MEDIA_TYPE = "application/vnd.kitfs.toc.v1+json"
 TOC_ARTIFACT_TYPE = "application/vnd.kitfs.toc.v1"
 TOC_ANNOTATION = "dev.kitfs.toc.digest"
 TOC_VERSION = 1
 DEFAULT_CHUNK_SIZE = 2 * 1024 * 1024
+#: What `kitfs pack` cuts an uncompressed layer's chunks into for block digests
+#: (see chunkdigest): a random reader fetches whole blocks, not whole chunks.
+DEFAULT_BLOCK_SIZE = 256 * 1024
 
 EntryKind = Literal["file", "dir"]
 
@@ -54,6 +59,7 @@ class TocChunk:
     digest: str  # `<algorithm>:<hex>` (see chunkdigest)
     blob_offset: int
     blob_size: int
+    blocks: bytes = b""  # block digests (chunkdigest.block_digests); empty: none
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class LayerToc:
     entries: tuple[TocEntry, ...]
     chunk_size: int = 0
     chunks: tuple[TocChunk, ...] = field(default=())
+    block_size: int = 0  # 0: chunks carry no block digests
 
     @property
     def seekable(self) -> bool:
@@ -93,7 +100,7 @@ def _chunk_to_json(c: TocChunk) -> list[Any]:
 
 
 def layer_to_json(layer: LayerToc) -> dict[str, Any]:
-    return {
+    doc: dict[str, Any] = {
         "digest": layer.digest,
         "diffId": layer.diff_id,
         "mediaType": layer.media_type,
@@ -103,6 +110,10 @@ def layer_to_json(layer: LayerToc) -> dict[str, Any]:
         "entries": [_entry_to_json(e) for e in layer.entries],
         "chunks": [_chunk_to_json(c) for c in layer.chunks],
     }
+    if layer.block_size:  # absent otherwise: tables written before keep their bytes
+        doc["blockSize"] = layer.block_size
+        doc["blocks"] = [base64.b64encode(c.blocks).decode() for c in layer.chunks]
+    return doc
 
 
 def layer_from_json(obj: Any) -> LayerToc:
@@ -115,6 +126,9 @@ def layer_from_json(obj: Any) -> LayerToc:
             TocChunk(int(o), int(s), parse_chunk_digest(str(h)), int(bo), int(bs))
             for o, s, h, bo, bs in obj["chunks"]
         )
+        block_size = int(obj.get("blockSize", 0))
+        if block_size:
+            chunks = _with_blocks(chunks, block_size, obj["blocks"])
         return LayerToc(
             digest=str(obj["digest"]),
             diff_id=str(obj["diffId"]),
@@ -124,9 +138,23 @@ def layer_from_json(obj: Any) -> LayerToc:
             entries=entries,
             chunk_size=int(obj["chunkSize"]),
             chunks=chunks,
+            block_size=block_size,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise FormatError(f"malformed kitfs table of contents: {exc!r}") from None
+
+
+def _with_blocks(chunks: tuple[TocChunk, ...], block_size: int,
+                 blocks: Any) -> tuple[TocChunk, ...]:
+    if block_size < 0 or not isinstance(blocks, list) or len(blocks) != len(chunks):
+        raise ValueError("block digests do not match the chunks")
+    out = []
+    for c, text in zip(chunks, blocks, strict=True):
+        raw = base64.b64decode(str(text), validate=True)
+        if len(raw) != -(-c.size // block_size) * BLOCK_DIGEST_SIZE:
+            raise ValueError(f"chunk at {c.offset} has {len(raw)} bytes of block digests")
+        out.append(TocChunk(c.offset, c.size, c.digest, c.blob_offset, c.blob_size, raw))
+    return tuple(out)
 
 
 def _kind(value: Any) -> EntryKind:
