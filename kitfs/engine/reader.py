@@ -1044,8 +1044,8 @@ class Engine:
         log.error("layer %s poisoned: %s; every read of it fails from now on",
                   layer.info.digest, reason)
         self.counters.errors.append(f"layer {layer.info.digest[:19]} poisoned: {reason}")
-        for key in [k for k in self._partials if k[0] == layer.info.digest]:
-            del self._partials[key]
+        for gathering in [k for k in self._partials if k[0] == layer.info.digest]:
+            del self._partials[gathering]
         keys = [c.key for c in layer.geo.chunks if c.digest is None]
         for key in keys:
             self.memory.discard(key)
