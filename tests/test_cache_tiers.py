@@ -32,6 +32,17 @@ def test_memory_tier_is_bounded_by_bytes_and_evicts_lru() -> None:
     assert tier.get("a") is None
 
 
+def test_a_look_without_touch_keeps_the_eviction_order() -> None:
+    """What the engine does: a served chunk is in the page cache now, so being read does
+    not keep it over chunks prefetched for a reader that has not got to them yet."""
+    tier = MemoryTier(capacity=300)
+    for key in "abc":
+        tier.put(key, key.encode() * 100)
+    assert tier.get("a", touch=False) == b"a" * 100
+    tier.put("d", b"d" * 100)
+    assert "a" not in tier and [k in tier for k in "bcd"] == [True, True, True]
+
+
 def test_memory_tier_replacing_a_key_and_oversized_items() -> None:
     tier = MemoryTier(capacity=100)
     tier.put("a", b"x" * 60)

@@ -34,10 +34,11 @@ class MemoryTier:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> ChunkData | None:
+    def get(self, key: str, *, touch: bool = True) -> ChunkData | None:
+        """The payload, if kept; `touch=False` leaves its place in the eviction order."""
         with self._lock:
             data = self._items.get(key)
-            if data is not None:
+            if data is not None and touch:
                 self._items.move_to_end(key)
             return data
 
