@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from kitfs.cache.keys import chunk_key_for_digest, chunk_key_for_position
@@ -55,7 +56,7 @@ class LayerGeometry:
         """True when part of a chunk can be fetched and checked (see Engine._part)."""
         return self.block_size > 0 and self.shape == "ranged"
 
-    @property
+    @cached_property  # asked for every chunk a mount accepts: O(chunks) each time was O(n^2)
     def verified_by_chunk(self) -> bool:
         """True when every chunk can be checked on its own as it arrives."""
         return bool(self.chunks) and all(c.digest is not None for c in self.chunks)
