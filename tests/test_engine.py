@@ -19,7 +19,7 @@ import trio
 from helpers import kitfs, make_project
 from kitfs.engine.reader import PREFETCH_WORKERS, EngineConfig
 from kitfs.engine.session import OpenedKit, open_kit
-from kitfs.errors import IntegrityError, KitfsError
+from kitfs.errors import IntegrityError, KitfsError, UnreachableError
 from kitfs.modelkit import mediatypes as mt
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.reference import parse_reference
@@ -615,3 +615,52 @@ async def prefetch_done(kit: OpenedKit) -> None:
             if st["total_bytes"] and st["done_bytes"] >= st["total_bytes"]:
                 return
             await trio.sleep(0.05)
+
+
+async def test_a_chunk_gathered_from_blocks_is_served_even_where_nothing_keeps_it(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Regression: a read spanning a whole chunk bigger than the memory tier looked for
+    it in memory and on disk after gathering it, found neither yet, and fetched it again."""
+    project = make_project(tmp_path / "p", weight_bytes=12 << 20)
+    ref = f"{registry.host}/engine/tiny-tier:v1"
+    pack(project, ref, tmp_path / "home")
+    want = (project / "model" / "model.safetensors").read_bytes()
+    config = EngineConfig(prefetch="none", memory_bytes=1 << 20, read_timeout=10)
+    async with opened(ref, tmp_path / "cache", config) as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        size = kit.engine.layers[node.layer or ""].geo.chunk_size
+        base = (node.offset // size + 2) * size - node.offset  # a whole chunk, mid-file
+        got = bytes(await kit.engine.read(node, base, size))
+        assert got == want[base : base + size]
+        assert kit.engine.status()["bytes_fetched"] == size, kit.engine.status()
+
+
+async def test_blocks_that_arrived_before_a_failure_still_make_the_chunk(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """The request that brought a chunk's last block failed afterwards: the reader gets
+    the error, and the chunk, whole and checked, is still kept."""
+    project = make_project(tmp_path / "p", weight_bytes=12 << 20)
+    ref = f"{registry.host}/engine/late-failure:v1"
+    pack(project, ref, tmp_path / "home")
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        layer = kit.engine.layers[node.layer or ""]
+        size = layer.geo.chunk_size
+        index = node.offset // size + 2
+        base = index * size - node.offset
+        fetch = kit.engine.source.read_range_into
+
+        async def then_fail(*args: Any) -> None:
+            await fetch(*args)
+            raise UnreachableError("connection reset after the body")
+
+        kit.engine.source.read_range_into = then_fail  # type: ignore[method-assign]
+        with pytest.raises(UnreachableError):
+            await kit.engine.read(node, base, size)
+        with trio.fail_after(5):
+            while index not in layer.fetched:
+                await trio.sleep(0.01)
+        await kit.engine.flush()
+        assert kit.engine.store.usage().chunks == 1

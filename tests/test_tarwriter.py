@@ -496,3 +496,7 @@ def test_malformed_block_digests_are_refused() -> None:
         broken["layers"][0]["blocks"] = blocks
         with pytest.raises(FormatError, match="malformed"):
             load_toc(json.dumps(broken).encode())
+    broken = json.loads(json.dumps(doc))
+    broken["layers"][0]["blockSize"] = float("inf")  # JSON `Infinity`: Python's json reads it
+    with pytest.raises(FormatError, match="malformed"):
+        load_toc(json.dumps(broken).encode())

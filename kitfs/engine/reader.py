@@ -124,12 +124,13 @@ class _Partial:
     ends, whether or not the block arrived (waiters look at `have` again).
     """
 
-    __slots__ = ("buffer", "flights", "have")
+    __slots__ = ("buffer", "completing", "flights", "have")
 
     def __init__(self, size: int) -> None:
         self.buffer = new_buffer(size)
         self.have: set[int] = set()
         self.flights: dict[int, trio.Event] = {}
+        self.completing = False  # all blocks here, the whole-chunk check under way
 
 
 @dataclass
@@ -445,23 +446,31 @@ class Engine:
                 gathered = self._partials.get(key)
                 if gathered is not None and self._has_blocks(layer, gathered, lo, hi):
                     self._partials[key] = self._partials.pop(key)  # most recently used
+                    if self._whole(layer, gathered) and not gathered.completing:
+                        self._spawn(self._complete_soon, layer, index, gathered)  # see _gather
                     return memoryview(gathered.buffer)[lo:hi]
                 data = await self._from_disk(layer, index)
             if data is None and key in self._flights:
                 data = await self._chunk(layer, index, background=False)
+            if data is None:
+                # All its blocks here: the chunk, checked whole (served from it even where
+                # neither memory nor disk keeps it). None: look again.
+                data = await self._gather(layer, index, lo, hi)
             if data is not None:
                 return memoryview(data)[lo:hi]
-            if await self._gather(layer, index, lo, hi):
-                continue  # look again: all there now, or in memory if it became whole
 
     def _has_blocks(self, layer: _Layer, gathered: _Partial, lo: int, hi: int) -> bool:
         bs = layer.geo.block_size
         return all(b in gathered.have for b in range(lo // bs, (hi - 1) // bs + 1))
 
-    async def _gather(self, layer: _Layer, index: int, lo: int, hi: int) -> bool:
+    def _whole(self, layer: _Layer, gathered: _Partial) -> bool:
+        return len(gathered.have) * layer.geo.block_size >= len(gathered.buffer)
+
+    async def _gather(self, layer: _Layer, index: int, lo: int, hi: int) -> ChunkData | None:
         """Fetch the blocks of [lo, hi) nobody is fetching, wait for those others are.
 
-        Returns once each block arrived or its fetch ended; the caller looks again.
+        Returns once each block arrived or its fetch ended: the whole chunk if
+        this completed it, else None and the caller looks again.
         """
         key = (layer.info.digest, index)
         gathered = self._partials.get(key)
@@ -479,16 +488,20 @@ class Engine:
             try:
                 self.counters.misses += 1
                 await self._fetch_blocks(layer, index, gathered, mine)
+            except BaseException:
+                # The last block may have landed before the request failed: still keep it.
+                if self._whole(layer, gathered):
+                    self._spawn(self._complete_soon, layer, index, gathered)
+                raise
             finally:
                 for b in mine:
                     gathered.flights.pop(b, None)
                 done.set()
         for event in theirs:
             await event.wait()
-        if len(gathered.have) * bs >= len(gathered.buffer) and self._partials.get(key) is gathered:
-            del self._partials[key]
-            await self._complete(layer, index, gathered)
-        return True
+        if self._whole(layer, gathered):
+            return await self._complete(layer, index, gathered)
+        return None
 
     async def _fetch_blocks(self, layer: _Layer, index: int, gathered: _Partial,
                             blocks: list[int]) -> None:
@@ -540,18 +553,36 @@ class Engine:
                 self._note_error(str(exc))
                 raise
 
-    async def _complete(self, layer: _Layer, index: int, gathered: _Partial) -> None:
-        """A chunk gathered whole from blocks: check it whole and keep it like a fetched one."""
+    async def _complete(self, layer: _Layer, index: int, gathered: _Partial) -> ChunkData | None:
+        """A chunk gathered whole from blocks: check it whole and keep it like a fetched one.
+
+        The partial stays registered (and serving its blocks) until the check is
+        done, so nobody fetches them again meanwhile. Returns the checked chunk,
+        or None when another task is completing it or it failed its digest.
+        """
+        key = (layer.info.digest, index)
+        if gathered.completing or self._partials.get(key) is not gathered:
+            return None
         chunk = layer.geo.chunks[index]
-        if chunk.key in self.memory or (layer.info.digest, index) in self._flights:
-            return  # fetched whole meanwhile
-        result = await trio.to_thread.run_sync(self._checked, layer, chunk, gathered.buffer)
-        self._accept(layer, chunk, result)
+        gathered.completing = True
+        try:
+            result = await trio.to_thread.run_sync(self._checked, layer, chunk, gathered.buffer)
+        finally:
+            if self._partials.get(key) is gathered:
+                del self._partials[key]
+        if isinstance(result, KitfsError) or (
+                chunk.key not in self.memory and key not in self._flights):
+            self._accept(layer, chunk, result)  # a fetch claimed meanwhile settles its own
+        return None if isinstance(result, KitfsError) else result
+
+    async def _complete_soon(self, layer: _Layer, index: int, gathered: _Partial) -> None:
+        await self._complete(layer, index, gathered)
 
     def _drop_partials(self, keep: tuple[str, int]) -> None:
         """Keep at most MAX_PARTIALS partial chunks, dropping the least recently used idle ones."""
         excess = len(self._partials) - MAX_PARTIALS
-        idle = [k for k, p in self._partials.items() if not p.flights and k != keep]
+        idle = [k for k, p in self._partials.items()
+                if not p.flights and not p.completing and k != keep]
         for key in idle[:max(0, excess)]:
             del self._partials[key]
 

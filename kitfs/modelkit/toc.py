@@ -140,7 +140,7 @@ def layer_from_json(obj: Any) -> LayerToc:
             chunks=chunks,
             block_size=block_size,
         )
-    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, binascii.Error) as exc:
         raise FormatError(f"malformed kitfs table of contents: {exc!r}") from None
 
 
