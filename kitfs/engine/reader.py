@@ -449,7 +449,8 @@ class Engine:
                     if self._whole(layer, gathered) and not gathered.completing:
                         self._spawn(self._complete_soon, layer, index, gathered)  # see _gather
                     return memoryview(gathered.buffer)[lo:hi]
-                data = await self._from_disk(layer, index)
+                if gathered is None:  # a partial means the disk had no copy when it began
+                    data = await self._from_disk(layer, index)
             if data is None and key in self._flights:
                 data = await self._chunk(layer, index, background=False)
             if data is None:
