@@ -83,9 +83,10 @@ Pack DIR (which holds a Kitfile) into a ModelKit that `kit` reads, exactly as
 registry (e.g. `mymodel:v1`) goes to kit's local storage, where `kit list`
 sees it. The same directory always packs to the same layer digests.
 
-kitfs also stores a table of contents (file offsets, per-chunk BLAKE3) with
-the ModelKit, as an OCI referrer, so that `kitfs mount` starts at once and
-verifies every chunk it reads. `kit` ignores it.
+kitfs also stores a table of contents (file offsets, BLAKE3 of every 2 MiB
+chunk and, uncompressed, of every 256 KiB block) with the ModelKit, as an OCI
+referrer, so that `kitfs mount` starts at once, verifies every byte it reads,
+and fetches only the blocks a random reader needs. `kit` ignores it.
 
 examples:
   kitfs pack . -t localhost:5000/demo/llm:v1
