@@ -21,6 +21,7 @@ from kitfs.engine.reader import PREFETCH_WORKERS, EngineConfig
 from kitfs.engine.session import OpenedKit, open_kit
 from kitfs.errors import IntegrityError, KitfsError, UnreachableError
 from kitfs.modelkit import mediatypes as mt
+from kitfs.modelkit.tree import Node
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.reference import parse_reference
 from registry import RegistryServer
@@ -35,6 +36,19 @@ def sha(data: bytes) -> str:
 def pack(project: Path, ref: str, home: Path, *extra: str) -> None:
     proc = kitfs("pack", str(project), "-t", ref, *extra, home=home)
     assert proc.returncode == 0, proc.stderr
+
+
+def packed(registry: RegistryServer, tmp_path: Path, name: str, weight_bytes: int
+           ) -> tuple[str, bytes]:
+    """A project of its own, packed and pushed: its reference and its weights file's bytes.
+
+    Of its own because the registry stores each blob once: a test that corrupts a
+    layer would otherwise make other tests' registries lie too.
+    """
+    project = make_project(tmp_path / name, weight_bytes=weight_bytes)
+    ref = f"{registry.host}/engine/{name}:v1"
+    pack(project, ref, tmp_path / "home")
+    return ref, (project / "model" / "model.safetensors").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +73,17 @@ async def opened(ref: str, cache: Path, config: EngineConfig = SMALL_CHUNKS
         yield kit
         await kit.engine.flush()
         nursery.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def own_kit(
+    registry: RegistryServer, tmp_path: Path, name: str, weight_bytes: int,
+    config: EngineConfig = SMALL_CHUNKS,
+) -> AsyncIterator[tuple[OpenedKit, Node, bytes]]:
+    """`packed`, opened: the kit, its weights file's node and that file's bytes."""
+    ref, want = packed(registry, tmp_path, name, weight_bytes)
+    async with opened(ref, tmp_path / "cache", config) as kit:
+        yield kit, kit.tree.nodes["model/model.safetensors"], want
 
 
 @pytest.mark.parametrize("compression", ["none", "zstd"])
@@ -129,17 +154,17 @@ def corrupt_blob(registry: RegistryServer, digest: str, offset: int) -> None:
 async def test_lying_registry_with_chunk_digests_is_caught_before_serving(
     registry: RegistryServer, tmp_path: Path
 ) -> None:
-    # A project of its own: the registry stores each blob once, so corrupting a shared
-    # layer would make other tests' registries lie too.
-    project = make_project(tmp_path / "lying", weight_bytes=20 << 20)
-    ref = f"{registry.host}/engine/lying-toc:v1"
-    pack(project, ref, tmp_path / "home")
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
-        corrupt_blob(registry, node.layer or "", node.offset + (10 << 20) + 5)
-        assert bytes(await kit.engine.read(node, 0, 4096))  # an intact chunk still reads
-        with pytest.raises(IntegrityError):  # the 8 MiB chunk holding the flipped byte
-            await kit.engine.read(node, 10 << 20, 4096)
+    """A file streamed from its start is fetched chunk by chunk, each checked whole."""
+    async with own_kit(registry, tmp_path, "lying-toc", 20 << 20) as (kit, node, want):
+        flipped = (10 << 20) + 5
+        corrupt_blob(registry, node.layer or "", node.offset + flipped)
+        size = kit.engine.layers[node.layer or ""].geo.chunk_size
+        intact = (node.offset + flipped) // size * size - node.offset  # its chunk's start
+        got = b""
+        with pytest.raises(IntegrityError):  # at the chunk holding the flipped byte
+            while True:
+                got += bytes(await kit.engine.read(node, len(got), 1 << 20))
+        assert len(got) >= intact - (1 << 20) and got == want[: len(got)]
         with pytest.raises(IntegrityError):  # the layer stays poisoned
             await kit.engine.read(node, 0, 4096)
         assert kit.engine.status()["layers"][0]["state"] == "poisoned"
@@ -149,12 +174,7 @@ async def test_lying_registry_is_caught_block_by_block(
     registry: RegistryServer, tmp_path: Path
 ) -> None:
     """A random reader fetching part of a chunk gets checked blocks or an error, never a lie."""
-    project = make_project(tmp_path / "lying-blocks", weight_bytes=12 << 20)
-    ref = f"{registry.host}/engine/lying-blocks:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
+    async with own_kit(registry, tmp_path, "lying-blocks", 12 << 20) as (kit, node, want):
         layer = kit.engine.layers[node.layer or ""]
         bs = layer.geo.block_size
         assert bs, "kitfs pack writes block digests for uncompressed layers"
@@ -174,10 +194,7 @@ async def test_readers_of_the_same_blocks_share_one_fetch_and_the_chunk_is_kept(
 ) -> None:
     """Concurrent readers of one chunk fetch each block once; once every block has
     arrived the chunk is checked whole and kept, so the next mount reads it from disk."""
-    project = make_project(tmp_path / "shared-blocks", weight_bytes=12 << 20)
-    ref = f"{registry.host}/engine/shared-blocks:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
+    ref, want = packed(registry, tmp_path, "shared-blocks", 12 << 20)
     async with opened(ref, tmp_path / "cache") as kit:
         node = kit.tree.nodes["model/model.safetensors"]
         geo = kit.engine.layers[node.layer or ""].geo
@@ -339,10 +356,7 @@ async def test_sequential_reader_gets_readahead_in_few_large_requests(
     """
     # Big enough for the window to grow (an eighth of the run, from 16 MiB): at 48 MiB
     # the windows were 1-3 chunks and the count sat at its bound (24-25 under load).
-    project = make_project(tmp_path / "big", weight_bytes=128 << 20)
-    ref = f"{registry.host}/engine/sequential:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
+    ref, want = packed(registry, tmp_path, "sequential", 128 << 20)
     async with opened(ref, tmp_path / "cache") as kit:
         sizes: list[int] = []
         fetch = kit.engine.source.read_range_into
@@ -351,7 +365,7 @@ async def test_sequential_reader_gets_readahead_in_few_large_requests(
             sizes.append(sum(len(b) for b in buffers))
             await fetch(digest, offset, buffers, *rest)
 
-        kit.engine.source.read_range_into = counted  # type: ignore[method-assign]
+        kit.engine.source.read_range_into = counted  # type: ignore[method-assign,assignment]
         assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
         status = kit.engine.status()
         node = kit.tree.nodes["model/model.safetensors"]
@@ -374,10 +388,7 @@ async def test_a_tensor_read_mid_file_gets_no_readahead_past_its_end(
     more than its size, and fetched whole, the chunks its ends fall in; the
     same run from the file's start still reads ahead.
     """
-    project = make_project(tmp_path / "big", weight_bytes=48 << 20)
-    ref = f"{registry.host}/engine/midfile:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
+    ref, want = packed(registry, tmp_path, "midfile", 48 << 20)
     length, piece = 30 << 20, 1 << 20
     for first in ((8 << 20) + 12345, 0):
         async with opened(ref, tmp_path / f"cache-{first}", SMALL_CHUNKS) as kit:
@@ -418,12 +429,7 @@ async def test_a_chunk_fetched_while_a_reader_looks_on_disk_is_not_fetched_again
 ) -> None:
     """Regression: a reader whose disk lookup was slow claimed the chunk again after
     readahead had fetched and delivered it meanwhile (one chunk paid for twice)."""
-    project = make_project(tmp_path / "p", weight_bytes=8 << 20)
-    ref = f"{registry.host}/engine/race:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
+    async with own_kit(registry, tmp_path, "race", 8 << 20) as (kit, node, want):
         layer = kit.engine.layers[node.layer]  # type: ignore[index]
         index = (node.offset + (4 << 20)) // layer.geo.chunk_size
         real_get = kit.engine.store.get
@@ -461,10 +467,7 @@ async def test_a_reader_never_waits_behind_prefetch_queued_for_a_request_slot(
 ) -> None:
     """Prefetch workers outnumber the background request slots; one waiting for a slot
     used to hold its claimed run, and a reader needing a chunk of it waited too."""
-    project = make_project(tmp_path / "p", weight_bytes=16 << 20)
-    ref = f"{registry.host}/engine/queued:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
+    ref, want = packed(registry, tmp_path, "queued", 16 << 20)
     config = EngineConfig(chunk_size=1 << 20, prefetch="model", read_timeout=10)
     async with open_kit(parse_reference(ref), ClientOptions(read_timeout=5, retry_budget=3),
                         tmp_path / "cache", config=config) as kit, \
@@ -491,10 +494,7 @@ async def test_a_fetch_cancelled_while_it_waits_for_the_disk_leaves_no_stuck_chu
 ) -> None:
     """Regression: a background fetch cancelled in its wait for the write backlog kept
     its chunks claimed, and every later read of them waited until its timeout."""
-    project = make_project(tmp_path / "p", weight_bytes=4 << 20)
-    ref = f"{registry.host}/engine/cancelled:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
+    ref, want = packed(registry, tmp_path, "cancelled", 4 << 20)
     async with opened(ref, tmp_path / "cache") as kit:
         engine = kit.engine
         node = kit.tree.nodes["model/model.safetensors"]
@@ -519,10 +519,7 @@ async def test_prefetch_stays_near_a_reader_and_finishes_when_it_stops(
     and were read back from disk. Once the reader pauses, prefetch goes on to
     the end of the model.
     """
-    project = make_project(tmp_path / "p", weight_bytes=40 << 20)
-    ref = f"{registry.host}/engine/paced:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
+    ref, want = packed(registry, tmp_path, "paced", 40 << 20)
     config = EngineConfig(chunk_size=1 << 20, prefetch="model", memory_bytes=8 << 20,
                           merge_limit=2 << 20, read_timeout=10)
     async with opened(ref, tmp_path / "cache", config) as kit:
@@ -552,10 +549,7 @@ async def test_a_warm_chunk_is_read_from_disk_once_however_many_want_it(
 ) -> None:
     """The kernel asks for a chunk's halves at once and prefetch may want it too: one
     chunk-file read serves them all (a 2 GiB warm read made 1755 for 1024 chunks)."""
-    project = make_project(tmp_path / "p", weight_bytes=8 << 20)
-    ref = f"{registry.host}/engine/one-load:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
+    ref, want = packed(registry, tmp_path, "one-load", 8 << 20)
     async with opened(ref, tmp_path / "cache") as kit:  # fills the disk cache
         assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
     async with opened(ref, tmp_path / "cache") as kit:
@@ -590,9 +584,7 @@ async def test_prefetch_leaves_disk_cached_chunks_alone_until_a_reader_comes(
     on from disk pushed the chunks a reader wants first out of memory before it came."""
     from kitfs.engine import reader as engine_reader
 
-    project = make_project(tmp_path / "p", weight_bytes=64 << 20)
-    ref = f"{registry.host}/engine/warm-wait:v1"
-    pack(project, ref, tmp_path / "home")
+    ref, _ = packed(registry, tmp_path, "warm-wait", 64 << 20)
     config = EngineConfig(chunk_size=1 << 20, prefetch="model", memory_bytes=8 << 20,
                           merge_limit=2 << 20, read_timeout=10)
     async with opened(ref, tmp_path / "cache", config) as kit:  # cold: prefetch fills the disk
@@ -622,10 +614,7 @@ async def test_a_chunk_gathered_from_blocks_is_served_even_where_nothing_keeps_i
 ) -> None:
     """Regression: a read spanning a whole chunk bigger than the memory tier looked for
     it in memory and on disk after gathering it, found neither yet, and fetched it again."""
-    project = make_project(tmp_path / "p", weight_bytes=12 << 20)
-    ref = f"{registry.host}/engine/tiny-tier:v1"
-    pack(project, ref, tmp_path / "home")
-    want = (project / "model" / "model.safetensors").read_bytes()
+    ref, want = packed(registry, tmp_path, "tiny-tier", 12 << 20)
     config = EngineConfig(prefetch="none", memory_bytes=1 << 20, read_timeout=10)
     async with opened(ref, tmp_path / "cache", config) as kit:
         node = kit.tree.nodes["model/model.safetensors"]
@@ -641,11 +630,7 @@ async def test_blocks_that_arrived_before_a_failure_still_make_the_chunk(
 ) -> None:
     """The request that brought a chunk's last block failed afterwards: the reader gets
     the error, and the chunk, whole and checked, is still kept."""
-    project = make_project(tmp_path / "p", weight_bytes=12 << 20)
-    ref = f"{registry.host}/engine/late-failure:v1"
-    pack(project, ref, tmp_path / "home")
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
+    async with own_kit(registry, tmp_path, "late-failure", 12 << 20) as (kit, node, _):
         layer = kit.engine.layers[node.layer or ""]
         size = layer.geo.chunk_size
         index = node.offset // size + 2
@@ -656,7 +641,7 @@ async def test_blocks_that_arrived_before_a_failure_still_make_the_chunk(
             await fetch(*args)
             raise UnreachableError("connection reset after the body")
 
-        kit.engine.source.read_range_into = then_fail  # type: ignore[method-assign]
+        kit.engine.source.read_range_into = then_fail  # type: ignore[method-assign,assignment]
         with pytest.raises(UnreachableError):
             await kit.engine.read(node, base, size)
         with trio.fail_after(5):
