@@ -49,12 +49,7 @@ class LayerGeometry:
     chunk_size: int
     stream_size: int | None  # None until a streamed layer has been read to its end
     chunks: tuple[Chunk, ...]  # empty for `stream` layers: their chunks are found as they come
-    block_size: int = 0  # > 0: a `ranged` layer whose chunks can be fetched in part
-
-    @property
-    def partial(self) -> bool:
-        """True when part of a chunk can be fetched and checked (see Engine._part)."""
-        return self.block_size > 0 and self.shape == "ranged"
+    block_size: int = 0  # > 0 only for a `ranged` layer whose chunks can be fetched in part
 
     @cached_property  # asked for every chunk a mount accepts: O(chunks) each time was O(n^2)
     def verified_by_chunk(self) -> bool:

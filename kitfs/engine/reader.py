@@ -346,7 +346,7 @@ class Engine:
             self._check_poison(layer)
         size = layer.geo.chunk_size
         first, last = start // size, (start + length - 1) // size
-        by_part = not whole and layer.geo.partial and layer.info.digest not in self._planned
+        by_part = not whole and layer.geo.block_size > 0 and layer.info.digest not in self._planned
         if first == last:
             lo = start - first * size
             if by_part:
@@ -460,9 +460,14 @@ class Engine:
             if data is not None:
                 return memoryview(data)[lo:hi]
 
-    def _has_blocks(self, layer: _Layer, gathered: _Partial, lo: int, hi: int) -> bool:
+    @staticmethod
+    def _blocks_of(layer: _Layer, lo: int, hi: int) -> range:
+        """The blocks bytes [lo, hi) of a chunk fall in."""
         bs = layer.geo.block_size
-        return all(b in gathered.have for b in range(lo // bs, (hi - 1) // bs + 1))
+        return range(lo // bs, (hi - 1) // bs + 1)
+
+    def _has_blocks(self, layer: _Layer, gathered: _Partial, lo: int, hi: int) -> bool:
+        return all(b in gathered.have for b in self._blocks_of(layer, lo, hi))
 
     def _whole(self, layer: _Layer, gathered: _Partial) -> bool:
         return len(gathered.have) * layer.geo.block_size >= len(gathered.buffer)
@@ -478,8 +483,7 @@ class Engine:
         if gathered is None:
             gathered = self._partials[key] = _Partial(self._chunk_bytes(layer, index))
             self._drop_partials(keep=key)
-        bs = layer.geo.block_size
-        wanted = [b for b in range(lo // bs, (hi - 1) // bs + 1) if b not in gathered.have]
+        wanted = [b for b in self._blocks_of(layer, lo, hi) if b not in gathered.have]
         mine = [b for b in wanted if b not in gathered.flights]
         theirs = [gathered.flights[b] for b in wanted if b in gathered.flights]
         if mine:
@@ -549,9 +553,7 @@ class Engine:
                         f"block {bad[0]} of chunk {index} of layer {layer.info.digest} "
                         "does not match its digest")
             except KitfsError as exc:
-                if isinstance(exc, IntegrityError):
-                    self._poison(layer, str(exc))
-                self._note_error(str(exc))
+                self._failed(layer, exc)
                 raise
 
     async def _complete(self, layer: _Layer, index: int, gathered: _Partial) -> ChunkData | None:
@@ -609,7 +611,9 @@ class Engine:
             load.event.set()
 
     async def _load(self, layer: _Layer, index: int) -> ChunkData | None:
-        """Straight to a thread, no stat first on the event loop: after a dropped
+        """One read of the chunk file (for `_from_disk`), kept in memory if good.
+
+        Straight to a thread, no stat first on the event loop: after a dropped
         page cache that stat reads the disk while every FUSE request waits. A
         fetch may start and finish during that lookup (seen under CPU load);
         answering None then made the caller fetch the chunk a second time.
@@ -725,9 +729,7 @@ class Engine:
                     self.counters.in_flight -= 1
                     settle_batch()  # what arrived whole is good whatever happens next
         except KitfsError as exc:
-            if isinstance(exc, IntegrityError):
-                self._poison(layer, str(exc))
-            self._note_error(str(exc))
+            self._failed(layer, exc)
             for index in pending:
                 self._fail(layer, index, exc)
         except BaseException:
@@ -761,12 +763,16 @@ class Engine:
         except KitfsError as exc:
             return exc
 
+    def _failed(self, layer: _Layer, error: KitfsError) -> None:
+        """A fetch or a check went wrong: noted, and a lie (IntegrityError) poisons the layer."""
+        if isinstance(error, IntegrityError):
+            self._poison(layer, str(error))
+        self._note_error(str(error))
+
     def _accept(self, layer: _Layer, chunk: Chunk, result: ChunkData | KitfsError) -> None:
         """Hand out and store a checked chunk, or fail its readers (a lie poisons the layer)."""
         if isinstance(result, KitfsError):
-            if isinstance(result, IntegrityError):
-                self._poison(layer, str(result))
-            self._note_error(str(result))
+            self._failed(layer, result)
             self._fail(layer, chunk.index, result)
             return
         self._deliver(layer, chunk.index, chunk.key, result)
@@ -1057,9 +1063,7 @@ class Engine:
             # stream_blob checked the blob digest at its end: the layer is verified.
             self._mark_verified(layer, [hashes[i] for i in range(index)])
         except KitfsError as exc:
-            if isinstance(exc, IntegrityError):
-                self._poison(layer, str(exc))
-            self._note_error(str(exc))
+            self._failed(layer, exc)
             for (d, i) in list(self._flights):
                 if d == digest:
                     self._fail(layer, i, exc)

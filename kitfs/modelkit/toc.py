@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from kitfs.errors import FormatError
@@ -153,7 +153,7 @@ def _with_blocks(chunks: tuple[TocChunk, ...], block_size: int,
         raw = base64.b64decode(str(text), validate=True)
         if len(raw) != -(-c.size // block_size) * BLOCK_DIGEST_SIZE:
             raise ValueError(f"chunk at {c.offset} has {len(raw)} bytes of block digests")
-        out.append(TocChunk(c.offset, c.size, c.digest, c.blob_offset, c.blob_size, raw))
+        out.append(replace(c, blocks=raw))
     return tuple(out)
 
 
