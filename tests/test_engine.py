@@ -64,6 +64,16 @@ async def read_all(kit: OpenedKit, node_path: str, piece: int = 128 << 10) -> by
     return bytes(out)
 
 
+async def prefetch_done(kit: OpenedKit) -> None:
+    """Until prefetch has brought every chunk of its plan (its total is known once it began)."""
+    with trio.fail_after(30):
+        while True:
+            st = kit.engine.status()["prefetch"]
+            if st["total_bytes"] and st["done_bytes"] >= st["total_bytes"]:
+                return
+            await trio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def opened(ref: str, cache: Path, config: EngineConfig = SMALL_CHUNKS
                  ) -> AsyncIterator[OpenedKit]:
@@ -130,11 +140,7 @@ async def test_prefetch_loads_the_model_before_it_is_read(
     pack(project, ref, tmp_path / "home")
     config = EngineConfig(chunk_size=1 << 20, prefetch="model")
     async with opened(ref, tmp_path / "cache", config) as kit:
-        with trio.fail_after(20):
-            while kit.engine.status()["prefetch"]["done_bytes"] < kit.engine.status()[
-                    "prefetch"]["total_bytes"] or not kit.engine.status()["prefetch"][
-                    "total_bytes"]:
-                await trio.sleep(0.05)
+        await prefetch_done(kit)
         fetched = kit.engine.status()["bytes_fetched"]
         assert fetched >= 5 << 20
         await read_all(kit, "model/model.safetensors")
@@ -538,9 +544,7 @@ async def test_prefetch_stays_near_a_reader_and_finishes_when_it_stops(
         burst = fronts[0]  # at most each worker's run, and far from the model's 40 chunks
         assert burst <= 4 + 2 + 1 + 2 * PREFETCH_WORKERS, fronts
         assert all(f <= max(4 + 2 + 1, burst - k) for k, f in enumerate(fronts)), fronts
-        with trio.fail_after(30):  # reader gone quiet: prefetch finishes the model
-            while (st := kit.engine.status()["prefetch"])["done_bytes"] < st["total_bytes"]:
-                await trio.sleep(0.1)
+        await prefetch_done(kit)  # reader gone quiet: prefetch finishes the model
         assert len(layer.fetched) == len(layer.geo.chunks)
 
 
@@ -599,14 +603,6 @@ async def test_prefetch_leaves_disk_cached_chunks_alone_until_a_reader_comes(
         await prefetch_done(kit)  # nobody came: after the wait prefetch finishes anyway
         assert kit.engine.status()["bytes_fetched"] == 0
 
-
-async def prefetch_done(kit: OpenedKit) -> None:
-    with trio.fail_after(30):
-        while True:
-            st = kit.engine.status()["prefetch"]
-            if st["total_bytes"] and st["done_bytes"] >= st["total_bytes"]:
-                return
-            await trio.sleep(0.05)
 
 
 async def test_a_chunk_gathered_from_blocks_is_served_even_where_nothing_keeps_it(
