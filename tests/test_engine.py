@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import struct
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,14 +39,17 @@ def pack(project: Path, ref: str, home: Path, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def packed(registry: RegistryServer, tmp_path: Path, name: str, weight_bytes: int
-           ) -> tuple[str, bytes]:
+def packed(registry: RegistryServer, tmp_path: Path, name: str, weight_bytes: int,
+           weights: bytes | None = None) -> tuple[str, bytes]:
     """A project of its own, packed and pushed: its reference and its weights file's bytes.
 
     Of its own because the registry stores each blob once: a test that corrupts a
-    layer would otherwise make other tests' registries lie too.
+    layer would otherwise make other tests' registries lie too. `weights`, if
+    given, is the weights file instead of `weight_bytes` random bytes.
     """
     project = make_project(tmp_path / name, weight_bytes=weight_bytes)
+    if weights is not None:
+        (project / "model" / "model.safetensors").write_bytes(weights)
     ref = f"{registry.host}/engine/{name}:v1"
     pack(project, ref, tmp_path / "home")
     return ref, (project / "model" / "model.safetensors").read_bytes()
@@ -54,6 +58,37 @@ def packed(registry: RegistryServer, tmp_path: Path, name: str, weight_bytes: in
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_project(tmp_path_factory.mktemp("eng") / "p", weight_bytes=(5 << 20) + 12345)
+
+
+def safetensors_file(sizes: list[int]) -> tuple[bytes, list[tuple[int, int]]]:
+    """A safetensors file of random U8 tensors of these sizes, and their [start, end) offsets."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for i, n in enumerate(sizes):
+        header[f"t{i}"] = {"dtype": "U8", "shape": [n], "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    base = 8 + len(raw)
+    spans, at = [], base
+    for n in sizes:
+        spans.append((at, at + n))
+        at += n
+    return struct.pack("<Q", len(raw)) + raw + os.urandom(offset), spans
+
+
+def no_tensor_hints(kit: OpenedKit) -> None:
+    """Tests that count the blocks a read fetches: their weights file is random bytes,
+    which the engine would otherwise fetch the first block of to look for a header."""
+    for node in kit.tree.files():
+        kit.engine._extents[node.path] = None
+
+
+async def settled(kit: OpenedKit) -> None:
+    """Until no fetch is in flight: neither whole chunks nor blocks."""
+    with trio.fail_after(10):
+        while kit.engine._flights or any(p.flights for p in kit.engine._partials.values()):
+            await trio.sleep(0.01)
 
 
 async def read_all(kit: OpenedKit, node_path: str, piece: int = 128 << 10) -> bytes:
@@ -202,6 +237,7 @@ async def test_readers_of_the_same_blocks_share_one_fetch_and_the_chunk_is_kept(
     arrived the chunk is checked whole and kept, so the next mount reads it from disk."""
     ref, want = packed(registry, tmp_path, "shared-blocks", 12 << 20)
     async with opened(ref, tmp_path / "cache") as kit:
+        no_tensor_hints(kit)
         node = kit.tree.nodes["model/model.safetensors"]
         geo = kit.engine.layers[node.layer or ""].geo
         size, bs = geo.chunk_size, geo.block_size
@@ -227,6 +263,7 @@ async def test_readers_of_the_same_blocks_share_one_fetch_and_the_chunk_is_kept(
             assert got[n] == want[off : off + length]
         await kit.engine.flush()
     async with opened(ref, tmp_path / "cache") as kit:
+        no_tensor_hints(kit)
         node = kit.tree.nodes["model/model.safetensors"]
         assert bytes(await kit.engine.read(node, base + 1000, 5000)) == want[
             base + 1000 : base + 6000]
@@ -398,6 +435,7 @@ async def test_a_tensor_read_mid_file_gets_no_readahead_past_its_end(
     length, piece = 30 << 20, 1 << 20
     for first in ((8 << 20) + 12345, 0):
         async with opened(ref, tmp_path / f"cache-{first}", SMALL_CHUNKS) as kit:
+            no_tensor_hints(kit)
             node = kit.tree.nodes["model/model.safetensors"]
             size = kit.engine.layers[node.layer].geo.chunk_size  # type: ignore[index]
             touched = (node.offset + first + length - 1) // size - (node.offset + first) // size + 1
@@ -436,6 +474,7 @@ async def test_a_chunk_fetched_while_a_reader_looks_on_disk_is_not_fetched_again
     """Regression: a reader whose disk lookup was slow claimed the chunk again after
     readahead had fetched and delivered it meanwhile (one chunk paid for twice)."""
     async with own_kit(registry, tmp_path, "race", 8 << 20) as (kit, node, want):
+        no_tensor_hints(kit)
         layer = kit.engine.layers[node.layer]  # type: ignore[index]
         index = (node.offset + (4 << 20)) // layer.geo.chunk_size
         real_get = kit.engine.store.get
@@ -557,6 +596,7 @@ async def test_a_warm_chunk_is_read_from_disk_once_however_many_want_it(
     async with opened(ref, tmp_path / "cache") as kit:  # fills the disk cache
         assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
     async with opened(ref, tmp_path / "cache") as kit:
+        no_tensor_hints(kit)
         node = kit.tree.nodes["model/model.safetensors"]
         geo = kit.engine.layers[node.layer or ""].geo
         base = (node.offset // geo.chunk_size + 1) * geo.chunk_size - node.offset
@@ -613,6 +653,7 @@ async def test_a_chunk_gathered_from_blocks_is_served_even_where_nothing_keeps_i
     ref, want = packed(registry, tmp_path, "tiny-tier", 12 << 20)
     config = EngineConfig(prefetch="none", memory_bytes=1 << 20, read_timeout=10)
     async with opened(ref, tmp_path / "cache", config) as kit:
+        no_tensor_hints(kit)
         node = kit.tree.nodes["model/model.safetensors"]
         size = kit.engine.layers[node.layer or ""].geo.chunk_size
         base = (node.offset // size + 2) * size - node.offset  # a whole chunk, mid-file
@@ -645,3 +686,94 @@ async def test_blocks_that_arrived_before_a_failure_still_make_the_chunk(
                 await trio.sleep(0.01)
         await kit.engine.flush()
         assert kit.engine.store.usage().chunks == 1
+
+
+PAGE = 4096
+
+
+def kernel_reads(start: int, end: int, piece: int = 1 << 20) -> list[tuple[int, int]]:
+    """The requests the kernel makes for a pread of [start, end): page aligned, 1 MiB each."""
+    first, last = start // PAGE * PAGE, -(-end // PAGE) * PAGE
+    return [(off, min(piece, last - off)) for off in range(first, last, piece)]
+
+
+def blocks_of(node: Node, bs: int, reads: list[tuple[int, int]]) -> set[int]:
+    """The blocks of the layer (global indexes) that these reads of `node` fall in."""
+    return {b for off, n in reads
+            for b in range((node.offset + off) // bs, (node.offset + off + n - 1) // bs + 1)}
+
+
+async def test_a_tensor_read_from_its_start_is_asked_for_at_once_and_no_further(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """The kernel splits a random reader's pread of a tensor into 1 MiB requests, each a
+    round trip to the registry (136 requests for 12 tensors, 0.10 GB/s). The engine
+    reads the safetensors header once and asks for the rest of the tensor at once."""
+    weights, spans = safetensors_file([3 << 20, (9 << 20) + 4321, 5 << 20])
+    ref, want = packed(registry, tmp_path, "tensors", 0, weights=weights)
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        bs = kit.engine.layers[node.layer or ""].geo.block_size
+        start, stop = spans[1]
+        reads = kernel_reads(start, stop)
+        for off, n in reads:
+            assert bytes(await kit.engine.read(node, off, n)) == want[off : off + n]
+        await settled(kit)
+        status = kit.engine.status()
+    # The header's block, then the tensor's: nothing of the next tensor beyond the block
+    # its end falls in.
+    probe = {node.offset // bs}
+    assert status["bytes_fetched"] == len(probe | blocks_of(node, bs, reads)) * bs, status
+    # the header, the first read, the rest of the tensor (each possibly cut in two where a
+    # block was already on its way), against one or two per 1 MiB read before
+    assert status["requests"] <= 5 < len(reads), (status, len(reads))
+
+
+@pytest.mark.parametrize("case", ["into-the-next", "from-the-middle"])
+async def test_reads_not_from_a_tensor_start_get_nothing_ahead(
+    registry: RegistryServer, tmp_path: Path, case: str
+) -> None:
+    """The kernel's readahead running on from one tensor into the next (a run going on),
+    and a read beginning in a tensor's middle (a slice of it), fetch only what they read:
+    asking for the rest of the next tensor took random reads from 1.18 to 1.64 bytes
+    fetched per byte read."""
+    weights, spans = safetensors_file([3 << 20, (9 << 20) + 4321, 5 << 20])
+    ref, want = packed(registry, tmp_path, f"no-ahead-{case}", 0, weights=weights)
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        bs = kit.engine.layers[node.layer or ""].geo.block_size
+        if case == "into-the-next":  # all of tensor 1, then 2 MiB into tensor 2
+            reads = kernel_reads(spans[1][0], spans[2][0] + (2 << 20))
+        else:  # 2 MiB from 3 MiB into tensor 1
+            reads = kernel_reads(spans[1][0] + (3 << 20), spans[1][0] + (5 << 20))
+        for off, n in reads:
+            assert bytes(await kit.engine.read(node, off, n)) == want[off : off + n]
+        await trio.sleep(0.2)  # what would be asked ahead has been asked by now
+        await settled(kit)
+        status = kit.engine.status()
+    probe = {node.offset // bs}
+    assert status["bytes_fetched"] == len(probe | blocks_of(node, bs, reads)) * bs, status
+
+
+async def test_a_lie_in_the_rest_of_a_tensor_fetched_ahead_is_caught(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Blocks asked for ahead of the reader are checked like its own: the read of the
+    flipped byte fails, no read returns a wrong byte, the layer is poisoned."""
+    weights, spans = safetensors_file([3 << 20, (9 << 20) + 4321, 5 << 20])
+    ref, want = packed(registry, tmp_path, "tensor-lie", 0, weights=weights)
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        start, stop = spans[1]
+        flipped = start + (6 << 20) + 99
+        corrupt_blob(registry, node.layer or "", node.offset + flipped)
+        failed = []
+        for off, n in kernel_reads(start, stop):
+            try:
+                got = bytes(await kit.engine.read(node, off, n))
+            except IntegrityError:
+                failed.append(off)
+                continue
+            assert got == want[off : off + n]
+        assert any(off <= flipped < off + (1 << 20) for off in failed), failed
+        assert kit.engine.status()["layers"][0]["state"] == "poisoned"

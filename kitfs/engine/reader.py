@@ -48,6 +48,8 @@ from kitfs.modelkit.chunkdigest import block_matches
 from kitfs.modelkit.chunkdigest import matches as chunk_digest_matches
 from kitfs.modelkit.decompress import StreamDecompressor
 from kitfs.modelkit.manifest import LayerInfo
+from kitfs.modelkit.safetensors import LENGTH_PREFIX, TensorExtents, header_length, tensor_extents
+from kitfs.modelkit.safetensors import SUFFIX as SAFETENSORS
 from kitfs.modelkit.toc import DEFAULT_CHUNK_SIZE, LayerToc
 from kitfs.modelkit.tree import Node, Tree
 from kitfs.oci.source import BlobSource
@@ -76,6 +78,13 @@ SETTLE_BATCH_BYTES = 1 << 20
 #: Chunks being gathered block by block at once (a random reader's edges); beyond
 #: this the least recently used one with nothing in flight is dropped.
 MAX_PARTIALS = 16
+#: A mid-file read that begins a safetensors tensor asks for this much more of it at
+#: once (never past its end), topped up as the reader goes on.
+TENSOR_AHEAD = 16 << 20
+#: How far into a tensor a read may begin and still count as reading it from its start
+#: (a kernel request is page aligned and may have been cut by earlier readahead).
+TENSOR_START_SLACK = 1 << 20
+PAGE = 4096
 
 
 
@@ -208,6 +217,11 @@ class Engine:
         # path -> (start of the sequential run, where it goes on, last chunk requested ahead)
         self._readahead: dict[str, tuple[int, int, int]] = {}
         self._open: dict[str, int] = {}
+        # safetensors files read mid-file: their tensors' extents (None: not safetensors)
+        self._extents: dict[str, TensorExtents | None] = {}
+        self._extent_loads: dict[str, trio.Event] = {}
+        # path -> (end of the tensor being read, how far it has been asked for)
+        self._tensor_front: dict[str, tuple[int, int]] = {}
         # Prefetch pacing: per layer, the furthest chunk a reader got to, and when.
         self._front: dict[str, tuple[int, float]] = {}
         self._read_progress = trio.lowlevel.ParkingLot()  # paced prefetch waits here
@@ -260,6 +274,7 @@ class Engine:
             for key in self._file_keys(node):
                 self.store.unpin(key)
         self._readahead.pop(node.path, None)
+        self._tensor_front.pop(node.path, None)
 
     def _file_keys(self, node: Node) -> list[str]:
         if node.layer is None or node.size == 0:
@@ -287,9 +302,13 @@ class Engine:
         self._schedule_readahead(node, layer, offset, end)
         # A run from the file's start is a stream (cp, a hash, a loader): it reads on,
         # so its chunks are fetched whole. Any other may be one tensor of a random reader.
-        whole = self._readahead[node.path][0] == 0
+        run_start = self._readahead[node.path][0]
+        whole = run_start == 0
         try:
             with trio.fail_after(limit):
+                if not whole and node.path.endswith(SAFETENSORS) and self._hinted(layer):
+                    await self._tensor_readahead(node, layer, offset, end,
+                                                 fresh=run_start == offset)
                 data = await self._read_range(layer, node.offset + offset, end - offset, whole)
         except trio.TooSlowError:
             msg = f"{node.path}: no data from the registry within {limit:.0f} s"
@@ -492,7 +511,7 @@ class Engine:
                 gathered.flights[b] = done
             try:
                 self.counters.misses += 1
-                await self._fetch_blocks(layer, index, gathered, mine)
+                await self._fetch_blocks(layer, [(index, b) for b in mine], {index: done})
             except BaseException:
                 # The last block may have landed before the request failed: still keep it.
                 if self._whole(layer, gathered):
@@ -508,35 +527,65 @@ class Engine:
             return await self._complete(layer, index, gathered)
         return None
 
-    async def _fetch_blocks(self, layer: _Layer, index: int, gathered: _Partial,
-                            blocks: list[int]) -> None:
-        """One range request per run of adjacent blocks, each block checked as it arrives."""
-        chunk = layer.geo.chunks[index]
+    async def _fetch_blocks(self, layer: _Layer, wanted: list[tuple[int, int]],
+                            events: dict[int, trio.Event]) -> None:
+        """Fetch (chunk, block) pairs into their partials, checking each block as it arrives.
+
+        One range request per run of blocks adjacent in the blob, across chunk
+        boundaries too. A chunk's event is set as soon as its last block here
+        arrived, so a reader waiting for the start of a long run does not wait
+        for its end; a chunk that became whole is checked and kept right away.
+        """
+        chunks = layer.geo.chunks
         bs = layer.geo.block_size
-        runs: list[list[int]] = []
-        for b in blocks:
-            if runs and runs[-1][-1] == b - 1:
-                runs[-1].append(b)
+        digest = layer.info.digest
+        runs: list[list[tuple[int, int]]] = []
+        run_end = -1
+        for index, b in wanted:
+            start = chunks[index].blob_offset + b * bs
+            if runs and start == run_end:
+                runs[-1].append((index, b))
             else:
-                runs.append([b])
-        view = memoryview(gathered.buffer)
+                runs.append([(index, b)])
+            run_end = start + min(bs, chunks[index].size - b * bs)
+        owners = {index: self._partials[(digest, index)] for index in events}
+        left = dict.fromkeys(events, 0)
+        for index, _ in wanted:
+            left[index] += 1
+
+        def arrived(index: int) -> None:
+            left[index] -= 1
+            if left[index] == 0:
+                events[index].set()
+                gathered = owners[index]
+                if self._whole(layer, gathered) and not gathered.completing:
+                    self._spawn(self._complete_soon, layer, index, gathered)
+
         for run in runs:
-            parts = [view[b * bs : min((b + 1) * bs, len(view))] for b in run]
+            partials = [owners[index] for index, _ in run]
+            parts = [memoryview(p.buffer)[b * bs : min((b + 1) * bs, len(p.buffer))]
+                     for p, (_, b) in zip(partials, run, strict=True)]
             good: dict[int, bool] = {}
-            bad: list[int] = []
+            bad: list[tuple[int, int]] = []
 
-            def prepare(i: int, parts: list[memoryview] = parts, run: list[int] = run,
-                        good: dict[int, bool] = good) -> None:
-                good[i] = block_matches(parts[i], chunk.blocks, run[i])
+            def prepare(i: int, parts: list[memoryview] = parts,
+                        run: list[tuple[int, int]] = run, good: dict[int, bool] = good) -> None:
+                index, b = run[i]
+                good[i] = block_matches(parts[i], chunks[index].blocks, b)
 
-            def filled(i: int, parts: list[memoryview] = parts, run: list[int] = run,
-                       good: dict[int, bool] = good, bad: list[int] = bad) -> None:
+            def filled(i: int, parts: list[memoryview] = parts,
+                       run: list[tuple[int, int]] = run, good: dict[int, bool] = good,
+                       bad: list[tuple[int, int]] = bad,
+                       partials: list[_Partial] = partials) -> None:
+                index, b = run[i]
                 self.counters.bytes_fetched += len(parts[i])
-                ok = good.pop(i) if i in good else block_matches(parts[i], chunk.blocks, run[i])
+                ok = good.pop(i) if i in good else block_matches(
+                    parts[i], chunks[index].blocks, b)
                 if ok:
-                    gathered.have.add(run[i])
+                    partials[i].have.add(b)
                 else:  # raised after the request: not from inside the transport
                     bad.append(run[i])
+                arrived(index)
 
             try:
                 async with self._slots:
@@ -544,13 +593,13 @@ class Engine:
                     self.counters.requests += 1
                     try:
                         await self.source.read_range_into(
-                            layer.info.digest, chunk.blob_offset + run[0] * bs, parts,
+                            digest, chunks[run[0][0]].blob_offset + run[0][1] * bs, parts,
                             filled, prepare)
                     finally:
                         self.counters.in_flight -= 1
                 if bad:
                     raise IntegrityError(
-                        f"block {bad[0]} of chunk {index} of layer {layer.info.digest} "
+                        f"block {bad[0][1]} of chunk {bad[0][0]} of layer {digest} "
                         "does not match its digest")
             except KitfsError as exc:
                 self._failed(layer, exc)
@@ -887,6 +936,128 @@ class Engine:
             return
         self._readahead[node.path] = (run_start, end, last)
         self._prefetch_run(layer, range(first, last + 1))
+
+    def _hinted(self, layer: _Layer) -> bool:
+        """Whether tensor extents may steer reads of this layer: not if prefetch brings it
+        whole anyway or it can only be streamed."""
+        return layer.geo.shape != "stream" and layer.info.digest not in self._planned
+
+    async def _tensor_readahead(self, node: Node, layer: _Layer, offset: int, end: int, *,
+                                fresh: bool) -> None:
+        """A read that begins a tensor asks for the rest of it at once, up to its end.
+
+        The kernel splits a reader's pread of a tensor into 1 MiB requests, and
+        answered one by one each is a registry round trip (random tensors: 136
+        requests, 0.10 GB/s). Asked as one, the rest arrives while the kernel's
+        requests for it wait on its blocks. Its end bounds the fetch, so the
+        bytes fetched per byte read stay what they were. Only a read that starts
+        a run (`fresh`) near a tensor's start begins one: a read in a tensor's
+        middle may be a slice of it, and one that continues a run is the
+        kernel's readahead running on past the tensor before, which alone took
+        random reads from 1.18 to 1.64 bytes fetched per byte read.
+        """
+        extents = await self._extents_of(node, layer)
+        span = extents.at(end - 1) if extents is not None else None
+        if span is None:
+            return
+        start, stop = span
+        state = self._tensor_front.get(node.path)
+        if state is not None and state[0] == stop:
+            begin = state[1]
+            if begin >= stop or end + TENSOR_AHEAD // 2 < begin:
+                return
+        elif not fresh or not start - PAGE < offset <= start + TENSOR_START_SLACK:
+            return  # a slice of it, or the kernel reading on past the tensor before
+        else:
+            begin = end
+        begin = max(begin, end)
+        front = min(stop, begin + TENSOR_AHEAD)
+        self._tensor_front[node.path] = (stop, front)
+        if front <= begin:
+            return
+        if layer.geo.block_size > 0:
+            self._spawn(self._tensor_ahead, layer, node.offset + begin, node.offset + front)
+        else:
+            size = layer.geo.chunk_size
+            self._prefetch_run(layer, range((node.offset + begin) // size,
+                                            (node.offset + front - 1) // size + 1))
+
+    async def _extents_of(self, node: Node, layer: _Layer) -> TensorExtents | None:
+        """The file's tensor extents, read once from its header (one read at a time)."""
+        if node.path in self._extents:
+            return self._extents[node.path]
+        loading = self._extent_loads.get(node.path)
+        if loading is not None:
+            await loading.wait()
+            return self._extents.get(node.path)
+        loading = self._extent_loads[node.path] = trio.Event()
+        try:
+            found = None
+            prefix = await self._read_range(layer, node.offset, min(LENGTH_PREFIX, node.size),
+                                            False)
+            length = header_length(bytes(prefix), node.size)
+            if length is not None:
+                header = await self._read_range(layer, node.offset + LENGTH_PREFIX, length, False)
+                found = tensor_extents(bytes(header), node.size)
+            self._extents[node.path] = found
+            return found
+        except KitfsError:
+            return None  # the read itself says what is wrong
+        finally:
+            del self._extent_loads[node.path]
+            loading.set()
+
+    async def _tensor_ahead(self, layer: _Layer, start: int, end: int) -> None:
+        """Fetch bytes [start, end) of a layer block by block, in as few requests as can be.
+
+        Chunks in memory, on disk or fetched whole by someone are left alone;
+        blocks others are fetching are not asked twice. Failures are left to
+        the readers, who fetch what they need themselves.
+        """
+        digest = layer.info.digest
+        size = layer.geo.chunk_size
+        chunks = layer.geo.chunks
+        todo = [i for i in range(start // size, min(len(chunks), (end - 1) // size + 1))
+                if (digest, i) not in self._flights and chunks[i].key not in self.memory]
+        absent = await self._absent(layer, todo)
+        wanted: list[tuple[int, int]] = []
+        events: dict[int, trio.Event] = {}
+        owners: dict[int, _Partial] = {}
+        for index in todo:
+            key = (digest, index)
+            if index not in absent or key in self._flights or chunks[index].key in self.memory:
+                continue
+            gathered = self._partials.get(key)
+            if gathered is None:
+                gathered = self._partials[key] = _Partial(chunks[index].size)
+                self._drop_partials(keep=key)
+            elif gathered.completing:
+                continue
+            lo, hi = max(start - index * size, 0), min(end - index * size, chunks[index].size)
+            mine = [b for b in self._blocks_of(layer, lo, hi)
+                    if b not in gathered.have and b not in gathered.flights]
+            if not mine:
+                continue
+            done = events[index] = trio.Event()
+            owners[index] = gathered
+            for b in mine:
+                gathered.flights[b] = done
+            wanted.extend((index, b) for b in mine)
+        if not wanted:
+            return
+        self.counters.misses += len(events)
+        try:
+            await self._fetch_blocks(layer, wanted, events)
+        except KitfsError:
+            pass  # noted by _fetch_blocks; a reader asking for these bytes fetches them
+        finally:
+            for index, b in wanted:
+                owners[index].flights.pop(b, None)
+            for index, done in events.items():
+                done.set()
+                gathered = owners[index]
+                if self._whole(layer, gathered) and not gathered.completing:
+                    self._spawn(self._complete_soon, layer, index, gathered)
 
     def _prefetch_run(self, layer: _Layer, indexes: range) -> None:
         """Start fetching chunks not yet here, without waiting for them."""
