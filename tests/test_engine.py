@@ -777,3 +777,30 @@ async def test_a_lie_in_the_rest_of_a_tensor_fetched_ahead_is_caught(
             assert got == want[off : off + n]
         assert any(off <= flipped < off + (1 << 20) for off in failed), failed
         assert kit.engine.status()["layers"][0]["state"] == "poisoned"
+
+
+async def test_a_tensor_of_a_kit_made_layer_is_asked_for_by_the_chunk_up_to_its_end(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Layers `kit` made carry no block digests: the rest of the tensor comes as whole
+    chunks, asked for at once, and none past the chunk the tensor ends in."""
+    weights, spans = safetensors_file([3 << 20, (9 << 20) + 4321, 5 << 20])
+    project = make_project(tmp_path / "kit-tensors")
+    (project / "model" / "model.safetensors").write_bytes(weights)
+    repo = "engine/kit-tensors"
+    await push_kit_made(registry, project, repo, compress=False)
+    async with opened(f"{registry.host}/{repo}:v1", tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        size = kit.engine.layers[node.layer or ""].geo.chunk_size
+        start, stop = spans[1]
+        reads = kernel_reads(start, stop)
+        for off, n in reads:
+            assert bytes(await kit.engine.read(node, off, n)) == weights[off : off + n]
+        await settled(kit)
+        status = kit.engine.status()
+        fetched = kit.engine.layers[node.layer or ""].fetched
+    header_chunk = node.offset // size
+    tensor_chunks = set(range((node.offset + reads[0][0]) // size,
+                              (node.offset + stop - 1) // size + 1))
+    assert fetched == {header_chunk} | tensor_chunks, (sorted(fetched), sorted(tensor_chunks))
+    assert status["requests"] <= 4 < len(reads), (status, len(reads))
