@@ -142,6 +142,18 @@ class _Partial:
         self.completing = False  # all blocks here, the whole-chunk check under way
 
 
+class _Claim:
+    """Blocks claimed for one fetch: (chunk, block) in blob order, and per chunk the event
+    its waiters wait on and the partial the blocks go into."""
+
+    __slots__ = ("events", "owners", "wanted")
+
+    def __init__(self) -> None:
+        self.wanted: list[tuple[int, int]] = []
+        self.events: dict[int, trio.Event] = {}
+        self.owners: dict[int, _Partial] = {}
+
+
 @dataclass
 class _Layer:
     info: LayerInfo
@@ -511,7 +523,8 @@ class Engine:
                 gathered.flights[b] = done
             try:
                 self.counters.misses += 1
-                await self._fetch_blocks(layer, [(index, b) for b in mine], {index: done})
+                await self._fetch_blocks(layer, [(index, b) for b in mine], {index: done},
+                                         {index: gathered})
             except BaseException:
                 # The last block may have landed before the request failed: still keep it.
                 if self._whole(layer, gathered):
@@ -528,8 +541,10 @@ class Engine:
         return None
 
     async def _fetch_blocks(self, layer: _Layer, wanted: list[tuple[int, int]],
-                            events: dict[int, trio.Event]) -> None:
-        """Fetch (chunk, block) pairs into their partials, checking each block as it arrives.
+                            events: dict[int, trio.Event], owners: dict[int, _Partial]
+                            ) -> None:
+        """Fetch (chunk, block) pairs into their partials (`owners`), checking each block as it
+        arrives.
 
         One range request per run of blocks adjacent in the blob, across chunk
         boundaries too. A chunk's event is set as soon as its last block here
@@ -548,7 +563,6 @@ class Engine:
             else:
                 runs.append([(index, b)])
             run_end = start + min(bs, chunks[index].size - b * bs)
-        owners = {index: self._partials[(digest, index)] for index in events}
         left = dict.fromkeys(events, 0)
         for index, _ in wanted:
             left[index] += 1
@@ -969,17 +983,18 @@ class Engine:
         elif not fresh or not start - PAGE < offset <= start + TENSOR_START_SLACK:
             return  # a slice of it, or the kernel reading on past the tensor before
         else:
-            begin = end
-        begin = max(begin, end)
-        front = min(stop, begin + TENSOR_AHEAD)
+            begin = offset  # this read's own bytes too: one request, not two
+        front = min(stop, max(begin, end) + TENSOR_AHEAD)
         self._tensor_front[node.path] = (stop, front)
-        if front <= begin:
-            return
         if layer.geo.block_size > 0:
-            self._spawn(self._tensor_ahead, layer, node.offset + begin, node.offset + front)
+            # Claimed before this read goes on, so it and the kernel's next requests find
+            # their blocks on their way instead of asking for them themselves.
+            claim = await self._claim_blocks(layer, node.offset + begin, node.offset + front)
+            if claim is not None:
+                self._spawn(self._fetch_claimed, layer, claim)
         else:
             size = layer.geo.chunk_size
-            self._prefetch_run(layer, range((node.offset + begin) // size,
+            self._prefetch_run(layer, range((node.offset + end) // size,
                                             (node.offset + front - 1) // size + 1))
 
     async def _extents_of(self, node: Node, layer: _Layer) -> TensorExtents | None:
@@ -1007,12 +1022,12 @@ class Engine:
             del self._extent_loads[node.path]
             loading.set()
 
-    async def _tensor_ahead(self, layer: _Layer, start: int, end: int) -> None:
-        """Fetch bytes [start, end) of a layer block by block, in as few requests as can be.
+    async def _claim_blocks(self, layer: _Layer, start: int, end: int) -> _Claim | None:
+        """Claim the blocks of bytes [start, end) of a layer that nobody has or fetches.
 
-        Chunks in memory, on disk or fetched whole by someone are left alone;
-        blocks others are fetching are not asked twice. Failures are left to
-        the readers, who fetch what they need themselves.
+        Chunks in memory, on disk or being fetched whole are left alone. The
+        claimed blocks are in flight from here on: `_fetch_claimed` must follow
+        at once, and it ends every flight whatever happens.
         """
         digest = layer.info.digest
         size = layer.geo.chunk_size
@@ -1020,9 +1035,7 @@ class Engine:
         todo = [i for i in range(start // size, min(len(chunks), (end - 1) // size + 1))
                 if (digest, i) not in self._flights and chunks[i].key not in self.memory]
         absent = await self._absent(layer, todo)
-        wanted: list[tuple[int, int]] = []
-        events: dict[int, trio.Event] = {}
-        owners: dict[int, _Partial] = {}
+        claim = _Claim()
         for index in todo:
             key = (digest, index)
             if index not in absent or key in self._flights or chunks[index].key in self.memory:
@@ -1038,24 +1051,29 @@ class Engine:
                     if b not in gathered.have and b not in gathered.flights]
             if not mine:
                 continue
-            done = events[index] = trio.Event()
-            owners[index] = gathered
+            done = claim.events[index] = trio.Event()
+            claim.owners[index] = gathered
             for b in mine:
                 gathered.flights[b] = done
-            wanted.extend((index, b) for b in mine)
-        if not wanted:
-            return
-        self.counters.misses += len(events)
+            claim.wanted.extend((index, b) for b in mine)
+        return claim if claim.wanted else None
+
+    async def _fetch_claimed(self, layer: _Layer, claim: _Claim) -> None:
+        """Fetch claimed blocks in as few requests as can be, then end their flights.
+
+        Failures are left to the readers, who fetch what they still need themselves.
+        """
+        self.counters.misses += len(claim.events)
         try:
-            await self._fetch_blocks(layer, wanted, events)
+            await self._fetch_blocks(layer, claim.wanted, claim.events, claim.owners)
         except KitfsError:
-            pass  # noted by _fetch_blocks; a reader asking for these bytes fetches them
+            pass  # noted by _fetch_blocks
         finally:
-            for index, b in wanted:
-                owners[index].flights.pop(b, None)
-            for index, done in events.items():
+            for index, b in claim.wanted:
+                claim.owners[index].flights.pop(b, None)
+            for index, done in claim.events.items():
                 done.set()
-                gathered = owners[index]
+                gathered = claim.owners[index]
                 if self._whole(layer, gathered) and not gathered.completing:
                     self._spawn(self._complete_soon, layer, index, gathered)
 
