@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from kitfs.errors import IntegrityError
+from kitfs.errors import IntegrityError, LocalStorageError
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.credentials import kitops_home
 from kitfs.oci.layout import LocalStorage
@@ -139,7 +139,12 @@ class LocalSource:
                     if prepare is not None:
                         prepare(i)
 
-        await trio.to_thread.run_sync(read)
+        try:
+            await trio.to_thread.run_sync(read)
+        except OSError as exc:  # a KitfsError, like every other source's failures
+            raise LocalStorageError(
+                f"reading blob {digest} from kit's local storage: {exc.strerror or exc}"
+            ) from None
         if filled is not None:
             for i in range(len(buffers)):
                 filled(i)
