@@ -8,6 +8,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -233,6 +234,28 @@ async def test_range_received_into_scattered_buffers() -> None:
             await c.read_range_into(
                 "org/kit", DIGEST, len(BLOB) - 15, [memoryview(b) for b in bufs], done.append
             )
+
+
+async def test_many_small_buffers_are_received_in_batches_each_prepared_once() -> None:
+    """Small buffers (256 KiB blocks) are received up to 2 MiB per worker-thread hop: each
+    is still prepared once, in that thread, before it is reported filled, in order."""
+    sizes = [65_536 + 7 * i for i in range(40)]  # 2.6 MB: more than one batch
+    offset = 99
+    server = MiniServer()
+    async with mini_server(server), RegistryClient(f"127.0.0.1:{server.port}") as c:
+        bufs, done = _scatter(sizes)
+        prepared: list[int] = []
+        main = threading.get_ident()
+
+        def prepare(i: int) -> None:
+            assert threading.get_ident() != main and i not in done
+            prepared.append(i)
+
+        with trio.fail_after(20):
+            await c.read_range_into("org/kit", DIGEST, offset, [memoryview(b) for b in bufs],
+                                    done.append, prepare)
+    assert b"".join(bufs) == BLOB[offset : offset + sum(sizes)]
+    assert done == prepared == list(range(len(sizes)))
 
 
 async def test_range_into_gives_up_after_the_budget_and_reports_what_arrived() -> None:
