@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shutil
@@ -36,6 +37,7 @@ from kitfs.oci.transport import (
 
 BLOB = os.urandom(3 << 20)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+TEXT = BLOB[: len(BLOB) // 2].hex().encode()  # served gzipped: shrinks to about half
 
 
 @dataclass
@@ -58,6 +60,9 @@ class MiniServer:
     ignore_range: bool = False  # answer range requests with 200 and the whole blob
     stall_after: int | None = None  # send this many body bytes (0 on later GETs), then stall
     fail_with: list[int] = field(default_factory=list)  # per blob GET: answer this status first
+    # send this many body bytes, then the rest once the event is set
+    hold_after: tuple[int, trio.Event] | None = None
+    gzip: bool = False  # serve TEXT gzipped (Content-Encoding: gzip), whatever was asked for
     connections: int = 0
 
     async def handle(self, stream: trio.abc.Stream) -> None:
@@ -101,6 +106,9 @@ class MiniServer:
                 else:
                     end = len(BLOB)
                 body = BLOB[start:end]
+                if self.gzip:
+                    body = gzip.compress(TEXT[start:end], mtime=0)
+                    extra += "Content-Encoding: gzip\r\n"
                 if self.chunked:
                     await stream.send_all(
                         f"HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n{extra}\r\n".encode()
@@ -117,6 +125,11 @@ class MiniServer:
                     n, self.stall_after = self.stall_after, 0
                     await stream.send_all(body[:n])
                     await trio.sleep_forever()
+                if self.hold_after is not None:
+                    (n, go), self.hold_after = self.hold_after, None
+                    await stream.send_all(body[:n])
+                    await go.wait()
+                    body = body[n:]
                 if self.drop_after:
                     await stream.send_all(body[: self.drop_after.pop(0)])
                     await stream.aclose()
@@ -256,6 +269,38 @@ async def test_many_small_buffers_are_received_in_batches_each_prepared_once() -
                                     done.append, prepare)
     assert b"".join(bufs) == BLOB[offset : offset + sum(sizes)]
     assert done == prepared == list(range(len(sizes)))
+
+
+async def test_a_complete_buffer_is_reported_while_the_rest_of_its_batch_is_awaited() -> None:
+    """The registry sends one 256 KiB block and waits for the client to report it: a hop
+    that waited for its whole 2 MiB batch first would wait forever."""
+    go = trio.Event()
+    server = MiniServer(hold_after=(256 << 10, go))
+    async with mini_server(server), RegistryClient(f"127.0.0.1:{server.port}") as c:
+        bufs, done = _scatter([256 << 10] * 8)
+
+        def filled(i: int) -> None:
+            done.append(i)
+            go.set()
+
+        with trio.fail_after(10):
+            await c.read_range_into("org/kit", DIGEST, 0, [memoryview(b) for b in bufs], filled)
+    assert done == list(range(8)) and b"".join(bufs) == BLOB[: 2 << 20]
+
+
+async def test_an_encoded_body_lands_decoded_across_many_buffers() -> None:
+    """A server that gzips a range although asked not to: decoded bytes are copied into
+    the buffers, never received in place (decoding one piece of a batch in place
+    overwrote the encoded bytes of the next)."""
+    sizes = [4096] * 64
+    async with mini_server(MiniServer(gzip=True)) as server, RegistryClient(
+        f"127.0.0.1:{server.port}"
+    ) as c:
+        bufs, done = _scatter(sizes)
+        with trio.fail_after(10):
+            await c.read_range_into("org/kit", DIGEST, 0, [memoryview(b) for b in bufs],
+                                    done.append)
+    assert b"".join(bufs) == TEXT[: sum(sizes)] and done == list(range(len(sizes)))
 
 
 async def test_range_into_gives_up_after_the_budget_and_reports_what_arrived() -> None:
