@@ -13,6 +13,9 @@ whole fetches only the blocks it needs, where the table of contents gives
 block digests (`_part`): a random reader's tensor costs its own bytes plus
 the blocks its ends fall in, not the chunks. The blocks gather in a partial
 chunk; once all are there it is checked whole and becomes an ordinary chunk.
+Where such a read is the kernel's first request for a safetensors tensor, the
+whole tensor's blocks are asked for at once, bounded by its extent in the
+shard's header (`_tensor_readahead`), instead of a round trip per 1 MiB.
 
 Integrity: a chunk with a known digest (kitfs table of contents, or a layer
 verified end to end by an earlier mount) is checked before anyone sees it.
