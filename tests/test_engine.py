@@ -77,6 +77,17 @@ def safetensors_file(sizes: list[int]) -> tuple[bytes, list[tuple[int, int]]]:
     return struct.pack("<Q", len(raw)) + raw + os.urandom(offset), spans
 
 
+@contextlib.asynccontextmanager
+async def tensor_kit(registry: RegistryServer, tmp_path: Path, name: str, sizes: list[int]
+                     ) -> AsyncIterator[tuple[OpenedKit, Node, bytes, list[tuple[int, int]]]]:
+    """`packed` with a safetensors weights file of these tensor sizes, opened: the kit, the
+    file's node, its bytes and the tensors' [start, end) offsets."""
+    weights, spans = safetensors_file(sizes)
+    ref, want = packed(registry, tmp_path, name, 0, weights=weights)
+    async with opened(ref, tmp_path / "cache") as kit:
+        yield kit, kit.tree.nodes["model/model.safetensors"], want, spans
+
+
 def no_tensor_hints(kit: OpenedKit) -> None:
     """Tests that count the blocks a read fetches: their weights file is random bytes,
     which the engine would otherwise fetch the first block of to look for a header."""
@@ -689,12 +700,25 @@ async def test_blocks_that_arrived_before_a_failure_still_make_the_chunk(
 
 
 PAGE = 4096
+#: The middle one is read; the ones around it must not be.
+THREE_TENSORS = [3 << 20, (9 << 20) + 4321, 5 << 20]
 
 
 def kernel_reads(start: int, end: int, piece: int = 1 << 20) -> list[tuple[int, int]]:
     """The requests the kernel makes for a pread of [start, end): page aligned, 1 MiB each."""
     first, last = start // PAGE * PAGE, -(-end // PAGE) * PAGE
     return [(off, min(piece, last - off)) for off in range(first, last, piece)]
+
+
+async def read_as_the_kernel(kit: OpenedKit, node: Node, want: bytes, start: int, stop: int
+                             ) -> list[tuple[int, int]]:
+    """Read [start, stop) of `node` in the requests the kernel would make, checking every
+    byte, then wait until no fetch is in flight; returns the requests."""
+    reads = kernel_reads(start, stop)
+    for off, n in reads:
+        assert bytes(await kit.engine.read(node, off, n)) == want[off : off + n]
+    await settled(kit)
+    return reads
 
 
 def blocks_of(node: Node, bs: int, reads: list[tuple[int, int]]) -> set[int]:
@@ -709,16 +733,11 @@ async def test_a_tensor_read_from_its_start_is_asked_for_at_once_and_no_further(
     """The kernel splits a random reader's pread of a tensor into 1 MiB requests, each a
     round trip to the registry (136 requests for 12 tensors, 0.10 GB/s). The engine
     reads the safetensors header once and asks for the rest of the tensor at once."""
-    weights, spans = safetensors_file([3 << 20, (9 << 20) + 4321, 5 << 20])
-    ref, want = packed(registry, tmp_path, "tensors", 0, weights=weights)
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
+    async with tensor_kit(registry, tmp_path, "tensors", THREE_TENSORS) as (
+            kit, node, want, spans):
         bs = kit.engine.layers[node.layer or ""].geo.block_size
         start, stop = spans[1]
-        reads = kernel_reads(start, stop)
-        for off, n in reads:
-            assert bytes(await kit.engine.read(node, off, n)) == want[off : off + n]
-        await settled(kit)
+        reads = await read_as_the_kernel(kit, node, want, start, stop)
         status = kit.engine.status()
     # The header's block, then the tensor's: nothing of the next tensor beyond the block
     # its end falls in.
@@ -737,10 +756,8 @@ async def test_reads_not_from_a_tensor_start_get_nothing_ahead(
     and a read beginning in a tensor's middle (a slice of it), fetch only what they read:
     asking for the rest of the next tensor took random reads from 1.18 to 1.64 bytes
     fetched per byte read."""
-    weights, spans = safetensors_file([3 << 20, (9 << 20) + 4321, 5 << 20])
-    ref, want = packed(registry, tmp_path, f"no-ahead-{case}", 0, weights=weights)
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
+    async with tensor_kit(registry, tmp_path, f"no-ahead-{case}", THREE_TENSORS) as (
+            kit, node, want, spans):
         bs = kit.engine.layers[node.layer or ""].geo.block_size
         if case == "into-the-next":  # all of tensor 1, then 2 MiB into tensor 2
             reads = kernel_reads(spans[1][0], spans[2][0] + (2 << 20))
@@ -760,10 +777,8 @@ async def test_a_lie_in_the_rest_of_a_tensor_fetched_ahead_is_caught(
 ) -> None:
     """Blocks asked for ahead of the reader are checked like its own: the read of the
     flipped byte fails, no read returns a wrong byte, the layer is poisoned."""
-    weights, spans = safetensors_file([3 << 20, (9 << 20) + 4321, 5 << 20])
-    ref, want = packed(registry, tmp_path, "tensor-lie", 0, weights=weights)
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
+    async with tensor_kit(registry, tmp_path, "tensor-lie", THREE_TENSORS) as (
+            kit, node, want, spans):
         start, stop = spans[1]
         flipped = start + (6 << 20) + 99
         corrupt_blob(registry, node.layer or "", node.offset + flipped)
@@ -784,7 +799,7 @@ async def test_a_tensor_of_a_kit_made_layer_is_asked_for_by_the_chunk_up_to_its_
 ) -> None:
     """Layers `kit` made carry no block digests: the rest of the tensor comes as whole
     chunks, asked for at once, and none past the chunk the tensor ends in."""
-    weights, spans = safetensors_file([3 << 20, (9 << 20) + 4321, 5 << 20])
+    weights, spans = safetensors_file(THREE_TENSORS)
     project = make_project(tmp_path / "kit-tensors")
     (project / "model" / "model.safetensors").write_bytes(weights)
     repo = "engine/kit-tensors"
@@ -793,10 +808,7 @@ async def test_a_tensor_of_a_kit_made_layer_is_asked_for_by_the_chunk_up_to_its_
         node = kit.tree.nodes["model/model.safetensors"]
         size = kit.engine.layers[node.layer or ""].geo.chunk_size
         start, stop = spans[1]
-        reads = kernel_reads(start, stop)
-        for off, n in reads:
-            assert bytes(await kit.engine.read(node, off, n)) == weights[off : off + n]
-        await settled(kit)
+        reads = await read_as_the_kernel(kit, node, weights, start, stop)
         status = kit.engine.status()
         fetched = kit.engine.layers[node.layer or ""].fetched
     header_chunk = node.offset // size
@@ -812,10 +824,8 @@ async def test_peeks_and_slices_of_tensors_fetch_only_their_blocks(
     """A small read at each tensor's start (a tool looking at tensors), and a read far into
     a tensor whose start was read (a slice of it), get nothing ahead: each 4 KiB peek
     used to fetch up to 16 MiB, and the slice 10-24 MiB past itself."""
-    weights, spans = safetensors_file([6 << 20] * 5 + [40 << 20])
-    ref, want = packed(registry, tmp_path, "peeks", 0, weights=weights)
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
+    async with tensor_kit(registry, tmp_path, "peeks", [6 << 20] * 5 + [40 << 20]) as (
+            kit, node, want, spans):
         bs = kit.engine.layers[node.layer or ""].geo.block_size
         # (not the first tensor: a read from the file's start is a stream, read whole)
         reads = [(start // PAGE * PAGE, 4 * PAGE) for start, _ in spans[1:5]]
@@ -845,14 +855,10 @@ async def test_a_long_tensor_is_not_fetched_twice_by_blocks_and_by_chunks(
     """Past 64 MiB a mid-file run gets the engine's own readahead too, which used to fetch
     whole the chunks the tensor's blocks were on their way for (1.31-1.39 bytes fetched
     per byte read on a 100 MiB tensor)."""
-    weights, spans = safetensors_file([1 << 20, (80 << 20) + 123, 1 << 20])
-    ref, want = packed(registry, tmp_path, "long-tensor", 0, weights=weights)
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
+    sizes = [1 << 20, (80 << 20) + 123, 1 << 20]
+    async with tensor_kit(registry, tmp_path, "long-tensor", sizes) as (kit, node, want, spans):
         start, stop = spans[1]
-        for off, n in kernel_reads(start, stop):
-            assert bytes(await kit.engine.read(node, off, n)) == want[off : off + n]
-        await settled(kit)
+        await read_as_the_kernel(kit, node, want, start, stop)
         status = kit.engine.status()
     # the tensor, the header's block and what readahead takes of the 1 MiB after it
     assert status["bytes_fetched"] <= (stop - start) + (2 << 20), status
@@ -863,10 +869,8 @@ async def test_a_reader_of_a_lying_block_fails_before_the_rest_of_the_request_ar
 ) -> None:
     """A bad block poisons the layer as it arrives: its reader, woken with its chunk, used
     to look again in a busy loop until the whole (possibly stalled) request had ended."""
-    weights, spans = safetensors_file([3 << 20, 12 << 20, 1 << 20])
-    ref, want = packed(registry, tmp_path, "lie-early", 0, weights=weights)
-    async with opened(ref, tmp_path / "cache") as kit:
-        node = kit.tree.nodes["model/model.safetensors"]
+    async with tensor_kit(registry, tmp_path, "lie-early", [3 << 20, 12 << 20, 1 << 20]) as (
+            kit, node, want, spans):
         start, stop = spans[1]
         flipped = start + (2 << 20) + 5
         corrupt_blob(registry, node.layer or "", node.offset + flipped)
