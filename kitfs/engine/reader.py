@@ -108,7 +108,7 @@ class EngineConfig:
 
 
 class _Flight:
-    """One fetch of one chunk that any number of readers wait for."""
+    """One fetch (or chunk-file read) of one chunk that any number of readers wait for."""
 
     __slots__ = ("data", "error", "event")
 
@@ -120,16 +120,6 @@ class _Flight:
     def done(self, data: ChunkData | None, error: KitfsError | None = None) -> None:
         self.data, self.error = data, error
         self.event.set()
-
-
-class _Load:
-    """One read of a chunk file that others wanting the same chunk wait for."""
-
-    __slots__ = ("data", "event")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.data: ChunkData | None = None
 
 
 class _Partial:
@@ -222,7 +212,7 @@ class Engine:
                 layer.verified_event.set()
             self.layers[info.digest] = layer
         self._flights: dict[tuple[str, int], _Flight] = {}
-        self._loads: dict[tuple[str, int], _Load] = {}  # chunk files being read
+        self._loads: dict[tuple[str, int], _Flight] = {}  # chunk files being read
         self._partials: dict[tuple[str, int], _Partial] = {}  # insertion order = LRU
         self._planned: set[str] = set()  # layers prefetch brings whole
         self._slots = trio.CapacityLimiter(max(1, config.max_requests))
@@ -679,13 +669,14 @@ class Engine:
         if load is not None:
             await load.event.wait()
             return load.data if load.data is not None else self._cached(layer, index)
-        load = self._loads[where] = _Load()
+        load = self._loads[where] = _Flight()
+        data = None
         try:
-            load.data = await self._load(layer, index)
-            return load.data
+            data = await self._load(layer, index)
+            return data
         finally:
             del self._loads[where]
-            load.event.set()
+            load.done(data)
 
     async def _load(self, layer: _Layer, index: int) -> ChunkData | None:
         """One read of the chunk file (for `_from_disk`), kept in memory if good.
