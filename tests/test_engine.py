@@ -903,3 +903,16 @@ async def test_a_reader_of_a_lying_block_fails_before_the_rest_of_the_request_ar
         # at the latest at the flipped byte, and while the rest was still held back
         assert failed is not None and failed[0] <= flipped and not failed[1], failed
         assert kit.engine.status()["layers"][0]["state"] == "poisoned"
+
+
+async def test_a_tensor_already_on_disk_is_read_from_it_with_nothing_to_fetch(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Regression: on a warm cache the tensor's claim came back empty and was handed to
+    the fetch task anyway, whose error ended the engine's nursery (the daemon)."""
+    async with tensor_kit(registry, tmp_path, "warm-tensor", THREE_TENSORS) as (
+            kit, node, want, spans):  # the whole file, streamed: every chunk on disk
+        assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
+    async with opened(f"{registry.host}/engine/warm-tensor:v1", tmp_path / "cache") as kit:
+        await read_as_the_kernel(kit, kit.tree.nodes["model/model.safetensors"], want, *spans[1])
+        assert kit.engine.status()["bytes_fetched"] == 0

@@ -1011,7 +1011,8 @@ class Engine:
             finally:
                 if claim is None:
                     self._tensor_fetches -= 1
-            self._spawn(self._fetch_claimed, layer, claim)
+            if claim is not None:
+                self._spawn(self._fetch_claimed, layer, claim)
         else:
             self._tensor_front[node.path] = (stop, front)
             size = layer.geo.chunk_size
