@@ -31,7 +31,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -474,8 +474,6 @@ class Engine:
                 gathered = self._partials.get(key)
                 if gathered is not None and self._has_blocks(layer, gathered, lo, hi):
                     self._partials[key] = self._partials.pop(key)  # most recently used
-                    if self._whole(layer, gathered) and not gathered.completing:
-                        self._spawn(self._complete_soon, layer, index, gathered)  # see _gather
                     return memoryview(gathered.buffer)[lo:hi]
                 if gathered is None:  # a partial means the disk had no copy when it began
                     data = await self._from_disk(layer, index)
@@ -511,43 +509,53 @@ class Engine:
         if gathered is None:
             gathered = self._partials[key] = _Partial(self._chunk_bytes(layer, index))
             self._drop_partials(keep=key)
-        wanted = [b for b in self._blocks_of(layer, lo, hi) if b not in gathered.have]
-        mine = [b for b in wanted if b not in gathered.flights]
-        theirs = [gathered.flights[b] for b in wanted if b in gathered.flights]
-        if mine:
-            done = trio.Event()
-            for b in mine:
-                gathered.flights[b] = done
-            try:
-                self.counters.misses += 1
-                await self._fetch_blocks(layer, [(index, b) for b in mine], {index: done},
-                                         {index: gathered})
-            except BaseException:
-                # The last block may have landed before the request failed: still keep it.
-                if self._whole(layer, gathered):
-                    self._spawn(self._complete_soon, layer, index, gathered)
-                raise
-            finally:
-                for b in mine:
-                    gathered.flights.pop(b, None)
-                done.set()
+        blocks = self._blocks_of(layer, lo, hi)
+        theirs = {gathered.flights[b] for b in blocks if b in gathered.flights}
+        claim = _Claim()
+        self._claim(claim, index, gathered, blocks)
+        if claim.wanted:
+            self.counters.misses += 1
+            await self._fetch_claim(layer, claim)
         for event in theirs:
             await event.wait()
         if self._whole(layer, gathered):
             return await self._complete(layer, index, gathered)
         return None
 
-    async def _fetch_blocks(self, layer: _Layer, wanted: list[tuple[int, int]],
-                            events: dict[int, trio.Event], owners: dict[int, _Partial]
-                            ) -> None:
-        """Fetch (chunk, block) pairs into their partials (`owners`), checking each block as it
+    def _claim(self, claim: _Claim, index: int, gathered: _Partial, blocks: Iterable[int]
+               ) -> None:
+        """Add the blocks of chunk `index` that nobody has or fetches to `claim`: in flight
+        from here on, until `_fetch_claim` ends them."""
+        mine = [b for b in blocks if b not in gathered.have and b not in gathered.flights]
+        if not mine:
+            return
+        done = claim.events.setdefault(index, trio.Event())
+        claim.owners[index] = gathered
+        for b in mine:
+            gathered.flights[b] = done
+        claim.wanted.extend((index, b) for b in mine)
+
+    async def _fetch_claim(self, layer: _Layer, claim: _Claim) -> None:
+        """Fetch a claim's blocks, then end their flights whatever happened."""
+        try:
+            await self._fetch_blocks(layer, claim)
+        finally:
+            for index, b in claim.wanted:
+                claim.owners[index].flights.pop(b, None)
+            for done in claim.events.values():
+                done.set()
+
+    async def _fetch_blocks(self, layer: _Layer, claim: _Claim) -> None:
+        """Fetch claimed (chunk, block) pairs into their partials, checking each block as it
         arrives.
 
         One range request per run of blocks adjacent in the blob, across chunk
         boundaries too. A chunk's event is set as soon as its last block here
         arrived, so a reader waiting for the start of a long run does not wait
-        for its end; a chunk that became whole is checked and kept right away.
+        for its end; a chunk that became whole is checked and kept right away
+        (also when the request fails after its last block).
         """
+        wanted, events, owners = claim.wanted, claim.events, claim.owners
         chunks = layer.geo.chunks
         bs = layer.geo.block_size
         digest = layer.info.digest
@@ -997,27 +1005,27 @@ class Engine:
         else:
             begin = offset  # this read's own bytes too: one request, not two
         front = min(stop, max(begin, end) + TENSOR_AHEAD)
-        if layer.geo.block_size > 0:
-            if self._tensor_fetches >= MAX_TENSOR_FETCHES:
-                return
-            self._tensor_front[node.path] = (stop, front)
-            # Claimed before this read goes on, so it and the kernel's next requests find
-            # their blocks on their way instead of asking for them themselves. The slot
-            # is taken now and given back by _fetch_claimed (or here, if nothing to fetch).
-            self._tensor_fetches += 1
-            claim = None
-            try:
-                claim = await self._claim_blocks(layer, node.offset + begin, node.offset + front)
-            finally:
-                if claim is None:
-                    self._tensor_fetches -= 1
-            if claim is not None:
-                self._spawn(self._fetch_claimed, layer, claim)
-        else:
-            self._tensor_front[node.path] = (stop, front)
+        by_block = layer.geo.block_size > 0
+        if by_block and self._tensor_fetches >= MAX_TENSOR_FETCHES:
+            return
+        self._tensor_front[node.path] = (stop, front)
+        if not by_block:
             size = layer.geo.chunk_size
             self._prefetch_run(layer, range((node.offset + end) // size,
                                             (node.offset + front - 1) // size + 1))
+            return
+        # Claimed before this read goes on, so it and the kernel's next requests find
+        # their blocks on their way instead of asking for them themselves. The slot
+        # is taken now and given back by _fetch_claimed (or here, if nothing to fetch).
+        self._tensor_fetches += 1
+        claim = None
+        try:
+            claim = await self._claim_blocks(layer, node.offset + begin, node.offset + front)
+        finally:
+            if claim is None:
+                self._tensor_fetches -= 1
+        if claim is not None:
+            self._spawn(self._fetch_claimed, layer, claim)
 
     async def _extents_of(self, node: Node, layer: _Layer) -> TensorExtents | None:
         """The file's tensor extents, read once from its header (one read at a time)."""
@@ -1069,15 +1077,7 @@ class Engine:
             elif gathered.completing:
                 continue
             lo, hi = max(start - index * size, 0), min(end - index * size, chunks[index].size)
-            mine = [b for b in self._blocks_of(layer, lo, hi)
-                    if b not in gathered.have and b not in gathered.flights]
-            if not mine:
-                continue
-            done = claim.events[index] = trio.Event()
-            claim.owners[index] = gathered
-            for b in mine:
-                gathered.flights[b] = done
-            claim.wanted.extend((index, b) for b in mine)
+            self._claim(claim, index, gathered, self._blocks_of(layer, lo, hi))
         return claim if claim.wanted else None
 
     async def _fetch_claimed(self, layer: _Layer, claim: _Claim) -> None:
@@ -1087,18 +1087,11 @@ class Engine:
         """
         self.counters.misses += len(claim.events)
         try:
-            await self._fetch_blocks(layer, claim.wanted, claim.events, claim.owners)
+            await self._fetch_claim(layer, claim)
         except KitfsError:
             pass  # noted by _fetch_blocks
         finally:
             self._tensor_fetches -= 1
-            for index, b in claim.wanted:
-                claim.owners[index].flights.pop(b, None)
-            for index, done in claim.events.items():
-                done.set()
-                gathered = claim.owners[index]
-                if self._whole(layer, gathered) and not gathered.completing:
-                    self._spawn(self._complete_soon, layer, index, gathered)
 
     def _prefetch_run(self, layer: _Layer, indexes: range) -> None:
         """Start fetching chunks not yet here, without waiting for them."""
