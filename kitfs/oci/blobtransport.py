@@ -71,7 +71,7 @@ class Sink:
     def full(self) -> bool:
         return self._index >= len(self._buffers)
 
-    def rooms(self, limit: int, most: int = 0) -> list[tuple[memoryview, int | None]]:
+    def rooms(self, limit: int, most: int) -> list[tuple[memoryview, int | None]]:
         """Where the next received bytes go (at most `limit`): the rest of the current
         buffer, then whole buffers after it while the total is under `most`; each with
         the buffer it completes, if it does. Empty: use your own buffer."""
@@ -379,12 +379,14 @@ async def _receive_into_sink(
 
     await trio.to_thread.run_sync(fill)
     pieces = [view[:n] for (view, _), n in zip(rooms, got, strict=True) if n]
-    error = stopped[0] if stopped else None
-    if isinstance(error, TimeoutError):
+    cause = stopped[0] if stopped else None
+    error: BaseException | None = cause
+    if isinstance(cause, TimeoutError):
         error = httpx.ReadTimeout(f"no data for {timeout:g}s")
-    elif isinstance(error, OSError):
-        error = httpx.ReadError(str(error) or "connection lost")
-    elif isinstance(error, EOFError):
+    elif isinstance(cause, OSError):
+        error = httpx.ReadError(str(cause) or "connection lost")
+        error.__cause__ = cause  # what root_reason reports, as `raise ... from` kept it
+    elif isinstance(cause, EOFError):
         error = httpx.RemoteProtocolError(
             "peer closed connection without sending complete message body")
     return pieces, error
