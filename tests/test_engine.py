@@ -912,7 +912,7 @@ async def test_a_tensor_already_on_disk_is_read_from_it_with_nothing_to_fetch(
     the fetch task anyway, whose error ended the engine's nursery (the daemon)."""
     async with tensor_kit(registry, tmp_path, "warm-tensor", THREE_TENSORS) as (
             kit, node, want, spans):  # the whole file, streamed: every chunk on disk
-        assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
+        assert await read_all(kit, node.path, 1 << 20) == want
     async with opened(f"{registry.host}/engine/warm-tensor:v1", tmp_path / "cache") as kit:
         await read_as_the_kernel(kit, kit.tree.nodes["model/model.safetensors"], want, *spans[1])
         assert kit.engine.status()["bytes_fetched"] == 0
