@@ -53,10 +53,10 @@ def store(tmp_path: Path) -> ChunkStore:
 
 
 def test_round_trip_layout_and_format(store: ChunkStore) -> None:
-    k = chunk_key_for_digest("sha256:" + "0f" * 32)
     data = os.urandom(100_000)
+    k = chunk_key_for_digest("sha256:" + hashlib.sha256(data).hexdigest())
     store.put(k, data)
-    path = store.root / "chunks" / "0f" / k
+    path = store.root / "chunks" / k[:2] / k
     assert store.path(k) == path
     assert path.stat().st_size == HEADER_SIZE + len(data)
     assert path.read_bytes()[:4] == b"KFSC"
@@ -249,12 +249,33 @@ def test_put_over_a_corrupt_file_is_a_no_op_until_get_drops_it(store: ChunkStore
     assert store.get(key(1)) == b"good bytes"
 
 
-def test_unreadable_chunk_is_a_one_line_cache_error(store: ChunkStore) -> None:
-    store.path(key(1)).mkdir(parents=True)  # EISDIR on read: a broken cache, not a bad chunk
-    with pytest.raises(CacheError, match=r"cannot read cache chunk .*\(EISDIR\)") as info:
+def test_unreadable_chunk_is_a_one_line_cache_error(
+    store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing disk (EIO) is a broken cache, not a bad chunk: an error, and the file stays."""
+    store.put(key(1), b"on a failing disk")
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(fileformat.os, "preadv", preadv)
+    with pytest.raises(CacheError, match=r"cannot read cache chunk .*\(EIO\)") as info:
         store.get(key(1))
     assert "\n" not in str(info.value)
     assert isinstance(info.value, LocalStorageError)
+    monkeypatch.undo()
+    assert store.get(key(1)) == b"on a failing disk"
+
+
+def test_a_directory_in_a_chunks_place_is_a_miss_and_put_over_it_an_error(
+    store: ChunkStore,
+) -> None:
+    store.path(key(1)).mkdir(parents=True)
+    assert store.get(key(1)) is None
+    assert not store.contains(key(1))
+    assert store.stats().corrupt == 1
+    with pytest.raises(CacheError, match=r"cannot write cache chunk .*\(EISDIR\)"):
+        store.put(key(1), b"x")
 
 
 # -- crashes and concurrency -----------------------------------------------------------

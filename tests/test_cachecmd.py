@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,9 +13,10 @@ from kitfs.cache.store import ChunkStore
 
 def test_du_verify_gc_clear(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path / "c", sync=False)
-    keys = [chunk_key_for_digest(f"{i:064x}") for i in range(6)]
-    for key in keys:
-        store.put(key, bytes([len(key) % 251]) * 100_000)
+    chunks = [bytes([i]) * 100_000 for i in range(6)]
+    keys = [chunk_key_for_digest(hashlib.sha256(c).hexdigest()) for c in chunks]
+    for key, chunk in zip(keys, chunks, strict=True):
+        store.put(key, chunk)
     path = store.path(keys[2])
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 1

@@ -29,6 +29,13 @@ offset, so a reader that has checked a chunk once may `os.pread` inside it.
 Files are written to a temporary name in the same directory, synced and
 renamed: a reader (in any process) sees the whole file or no file. Temporary
 names start with a dot, which no key may, so listings tell them apart.
+
+Cache files are 0600 and opened with O_NOFOLLOW: a file that is not a plain
+file (a symlink to someone else's copy, a FIFO that would block the reader)
+is a bad frame like a torn one, never followed (see `ownership` for the
+directories). A caller that checks the payload against a digest of its own
+passes `check_payload=False`, so a chunk is hashed once, not twice; the
+header checksum and the length are checked either way.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import fcntl
 import logging
 import os
 import secrets
+import stat
 import struct
 from pathlib import Path
 
@@ -57,6 +65,8 @@ HEADER = struct.Struct("<4sHHQQQ")
 HEADER_SIZE = HEADER.size  # payload offset inside every cache file
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
+#: Mode of every file kitfs creates in a cache: the daemon's alone (directories: `ownership`).
+FILE_MODE = 0o600
 
 # Errors that mean "the disk (or our quota on it) is full" rather than "broken".
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -130,27 +140,43 @@ DIRECT_MIN_SIZE = 256 * 1024
 _no_direct: set[int] = set()
 
 
-def read_frame(path: Path | str, magic: bytes) -> tuple[memoryview, int]:
-    """(payload, inode) of the cache file at `path`, checked end to end.
+def read_frame(
+    path: Path | str, magic: bytes, *, dir_fd: int | None = None, check_payload: bool = True
+) -> tuple[memoryview, int]:
+    """(payload, inode) of the cache file at `path` (relative to `dir_fd` if given), checked.
 
-    Raises FileNotFoundError when absent, BadFrame when corrupt, OSError otherwise.
-    The inode lets a caller that drops a bad file avoid deleting a good one
-    that another process renamed into place meanwhile. The whole file is read
-    with one read into a buffer sized from the file (the header then has to
-    agree with that size), so a warm chunk costs one read and no copy; the
-    payload is a view of that buffer.
+    Raises FileNotFoundError when absent, BadFrame when corrupt or not a
+    regular file, OSError otherwise. The inode lets a caller that drops a bad
+    file avoid deleting a good one that another process renamed into place
+    meanwhile. The whole file is read with one read into a buffer sized from
+    the file (the header then has to agree with that size), so a warm chunk
+    costs one read and no copy; the payload is a view of that buffer.
+    `check_payload=False` skips the payload's xxh3, for a caller that checks
+    the payload against its digest instead.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                     dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):  # a symlink; a socket
+            raise
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode):
+            raise
+        raise not_regular(st) from None
     try:
         st = os.fstat(fd)
         try:
+            if not stat.S_ISREG(st.st_mode):
+                raise not_regular(st)
             if not HEADER_SIZE <= st.st_size <= HEADER_SIZE + MAX_FRAME_PAYLOAD:
                 raise BadFrame(f"file is {st.st_size} bytes, not a cache frame")
             whole = _read_whole(fd, st)
             # parse_header also checks its length against the file's size
             _, checksum = parse_header(magic, bytes(whole[:HEADER_SIZE]), st.st_size)
             payload = whole[HEADER_SIZE:]
-            if xxhash.xxh3_64_intdigest(payload) != checksum:
+            if check_payload and xxhash.xxh3_64_intdigest(payload) != checksum:
                 raise BadFrame("payload checksum mismatch")
         except BadFrame as bad:
             bad.inode, bad.size = st.st_ino, st.st_size
@@ -160,6 +186,20 @@ def read_frame(path: Path | str, magic: bytes) -> tuple[memoryview, int]:
     return payload, st.st_ino
 
 
+def file_kind(st: os.stat_result) -> str:
+    """What a directory entry is, for messages: "a regular file", "a symbolic link", ..."""
+    kinds = {stat.S_IFREG: "a regular file", stat.S_IFLNK: "a symbolic link",
+             stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+    return kinds.get(stat.S_IFMT(st.st_mode), "a device")
+
+
+def not_regular(st: os.stat_result) -> BadFrame:
+    """BadFrame for a cache entry that is not a regular file (size 0: it was never counted)."""
+    bad = BadFrame(f"not a regular file but {file_kind(st)}")
+    bad.inode = st.st_ino
+    return bad
+
+
 def _read_whole(fd: int, st: os.stat_result) -> memoryview:
     """The file's `st.st_size` bytes, with O_DIRECT when it is big enough and allowed."""
     size = st.st_size
@@ -167,7 +207,7 @@ def _read_whole(fd: int, st: os.stat_result) -> memoryview:
     if size >= DIRECT_MIN_SIZE and st.st_dev not in _no_direct and hasattr(os, "O_DIRECT"):
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK | os.O_DIRECT)
             # Whole aligned blocks: the read stops at the end of the file by itself.
             _read_all(fd, [buffer], size)
             return buffer[:size]  # the descriptor is the caller's to close, flags and all
@@ -218,9 +258,10 @@ def is_temp_name(name: str) -> bool:
 
 
 def write_frame(
-    directory: Path, name: str, magic: bytes, payload: memoryview, *, sync: bool = True
+    directory: Path | int, name: str, magic: bytes, payload: memoryview, *, sync: bool = True
 ) -> int:
-    """Atomically create `directory/name` holding `payload`; the file size is returned.
+    """Atomically create `name` in `directory` (a path or an open directory descriptor)
+    holding `payload`, mode 0600; the file size is returned.
 
     An existing file of that name is replaced (same name = same content in
     every caller). On any failure the temporary file is removed, so a full disk
@@ -229,8 +270,14 @@ def write_frame(
     cache entry, which is refetched.
     """
     header = encode_header(magic, payload)
-    tmp = directory / temp_name(name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    if isinstance(directory, int):
+        dir_fd: int | None = directory
+        tmp: Path | str = temp_name(name)
+        final: Path | str = name
+    else:
+        dir_fd, tmp, final = None, directory / temp_name(name), directory / name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 FILE_MODE, dir_fd=dir_fd)
     try:
         try:
             _write_all(fd, header, payload)
@@ -238,10 +285,10 @@ def write_frame(
                 os.fdatasync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, directory / name)
+        os.rename(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
     return HEADER_SIZE + payload.nbytes
 

@@ -28,6 +28,7 @@ MAX_KEY_LENGTH = 200
 _KEY_RE = re.compile(r"[0-9a-f]{2}[0-9a-f._-]*")
 _DIGEST_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})|(?:sha512:)?([0-9a-f]{128})")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_CHUNK_DIGEST_RE = re.compile(r"(?:sha256|blake3):[0-9a-f]{64}")
 
 
 class BadKeyError(CacheError, ValueError):
@@ -75,3 +76,19 @@ def chunk_key_for_position(layer_digest: str, chunk_size: int, index: int) -> st
 def layer_key_prefix(layer_digest: str) -> str:
     """The prefix every position key of `layer_digest` starts with."""
     return f"{digest_hex(layer_digest)}-"
+
+
+def key_digest(key: str) -> str | None:
+    """The chunk digest (`sha256:<hex>`, `blake3:<hex>`) a key names; None for a position key."""
+    if _HEX64.fullmatch(key):
+        return "sha256:" + key
+    if key.endswith(".b3") and _HEX64.fullmatch(key[:-3]):
+        return "blake3:" + key[:-3]
+    return None
+
+
+def validate_chunk_digest(digest: str) -> str:
+    """`digest` unchanged if it is `sha256:<hex>` or `blake3:<hex>`; BadKeyError otherwise."""
+    if _CHUNK_DIGEST_RE.fullmatch(digest) is None:
+        raise BadKeyError(f"invalid chunk digest {digest[:80]!r}")
+    return digest

@@ -28,6 +28,14 @@ where approximate is good enough:
   `<root>/chunks/.gc.lock`): a put that finds the cache over budget while
   another process is evicting skips its own gc instead of evicting twice.
 
+What is on disk is checked, not trusted: the root and `chunks/` must be
+ours and private (`ownership`; directories 0700, files 0600); chunk files are
+opened with O_NOFOLLOW relative to their shard directory, itself opened with
+O_NOFOLLOW, so neither a symlinked chunk nor a symlinked shard is followed;
+and a chunk under a digest key is checked against that digest on every read
+(`get`), so a chunk planted or rotted under it reads as absent. Position-keyed
+chunks carry only their xxh3, unless the caller passes the digest it expects.
+
 Everything here is synchronous and may block on disk: callers run puts,
 gcs and verifies in threads.
 """
@@ -50,22 +58,36 @@ from pathlib import Path
 from kitfs.cache.fileformat import (
     CHUNK_MAGIC,
     DISK_FULL_ERRNOS,
+    FILE_MODE,
     HEADER_SIZE,
     BadFrame,
     CacheError,
     as_bytes_view,
     cache_error,
     describe_oserror,
+    file_kind,
     is_temp_name,
+    not_regular,
     read_frame,
     write_frame,
 )
-from kitfs.cache.keys import MAX_KEY_LENGTH, layer_key_prefix, validate_key
+from kitfs.cache.keys import (
+    MAX_KEY_LENGTH,
+    BadKeyError,
+    key_digest,
+    layer_key_prefix,
+    validate_chunk_digest,
+    validate_key,
+)
+from kitfs.cache.ownership import DIR_MODE, DIR_OPEN_FLAGS, secure_directory
+from kitfs.modelkit.chunkdigest import matches
 
 logger = logging.getLogger(__name__)
 
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
 _KEY_RE = re.compile(r"[0-9a-f]{2}[0-9a-f._-]*")
+#: A shard directory on the data path: O_PATH is all openat needs and is the cheapest open.
+_SHARD_FLAGS = DIR_OPEN_FLAGS | getattr(os, "O_PATH", 0)
 
 
 @dataclass(frozen=True)
@@ -139,10 +161,8 @@ class ChunkStore:
         self.budget = budget
         self._sync = sync
         self._chunks = self.root / "chunks"
-        try:
-            self._chunks.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise cache_error(f"cannot create cache directory {self._chunks}", exc) from exc
+        secure_directory(self.root, create=True)
+        secure_directory(self._chunks, create=True)
         self._lock = threading.Lock()
         self._gc_lock = threading.Lock()
         self._usage_bytes = 0
@@ -161,24 +181,40 @@ class ChunkStore:
 
     # -- data path --------------------------------------------------------------------
 
-    def get(self, key: str) -> memoryview | None:
+    def get(self, key: str, digest: str | None = None) -> memoryview | None:
         """The payload of chunk `key`, checked; None when absent or corrupt (then deleted).
 
-        A corrupt chunk is a cache miss, never an error: the caller refetches.
-        Only a failing disk or directory (EACCES, EIO, ...) raises CacheError.
+        A key that names a digest (sha256 hex, `<hex>.b3`) is checked against
+        it; a position key against `digest` (`blake3:<hex>`, `sha256:<hex>`)
+        when the caller passes one, else only against the frame's xxh3.
+        `digest` is ignored for a key that names its own. A corrupt chunk,
+        content that does not match, or a file that is not a regular file is
+        a cache miss, never an error: the caller refetches. Only a failing
+        disk or directory (EACCES, EIO, ...) raises CacheError. Hashes in the
+        calling thread (BLAKE3 and sha256 release the GIL).
         """
-        path = self.path(key)
+        validate_key(key)
+        want = key_digest(key)
+        if want is None and digest is not None:
+            want = validate_chunk_digest(digest)
         try:
-            payload, _ = read_frame(path, CHUNK_MAGIC)
+            shard = _open_shard(self._chunks, key)
+            if shard is None:
+                self._count(misses=1)
+                return None
+            try:
+                payload = self._load(key, shard, want)
+            except BadFrame as bad:
+                self._drop_bad(key, shard, bad)
+                self._count(misses=1)
+                return None
+            finally:
+                os.close(shard)
         except FileNotFoundError:
             self._count(misses=1)
             return None
-        except BadFrame as bad:
-            self._drop_bad(key, path, bad)
-            self._count(misses=1)
-            return None
         except OSError as exc:
-            raise cache_error(f"cannot read cache chunk {path}", exc) from exc
+            raise cache_error(f"cannot read cache chunk {self.path(key)}", exc) from exc
         self._count(hits=1)
         self.touch(key)
         return payload
@@ -191,7 +227,7 @@ class ChunkStore:
         fails too, CacheError("cache disk full: ...") and no partial file remains.
         """
         path = self.path(key)
-        if self._exists(path):
+        if self._exists(key):
             self.touch(key)
             return
         view = as_bytes_view(data)
@@ -199,7 +235,7 @@ class ChunkStore:
         if self.budget is not None:
             self._make_room(size)
         try:
-            self._write(path, view)
+            self._write(key, view)
         except OSError as exc:
             if exc.errno not in DISK_FULL_ERRNOS:
                 raise cache_error(f"cannot write cache chunk {path}", exc) from exc
@@ -213,7 +249,7 @@ class ChunkStore:
             )
             self._gc(max(0, usage.bytes - 2 * size), blocking=True)
             try:
-                self._write(path, view)
+                self._write(key, view)
             except OSError as again:
                 if again.errno in DISK_FULL_ERRNOS:
                     raise CacheError(
@@ -229,16 +265,26 @@ class ChunkStore:
             self._stats = _bump(self._stats, puts=1, put_bytes=view.nbytes)
 
     def contains(self, key: str) -> bool:
-        """Whether a chunk file exists for `key` (unchecked: `get` checks)."""
-        return self._exists(self.path(key))
+        """Whether a regular chunk file exists for `key` (its content unchecked: `get` checks)."""
+        validate_key(key)
+        return self._exists(key)
 
     def remove(self, key: str) -> bool:
         """Delete chunk `key` (a poisoned layer's chunks); True if this call removed it."""
         path = self.path(key)
-        size = _unlink(path)
+        try:
+            shard = _open_shard(self._chunks, key)
+        except OSError as exc:
+            raise cache_error(f"cannot remove cache file {path}", exc) from exc
+        size = None
+        if shard is not None:
+            try:
+                size = _unlink(key, dir_fd=shard, shown=path)
+            finally:
+                os.close(shard)
         with self._lock:
             self._uses.pop(key, None)
-            if size is not None:
+            if size:
                 self._usage_bytes = max(0, self._usage_bytes - size)
                 self._usage_chunks = max(0, self._usage_chunks - 1)
         return size is not None
@@ -251,12 +297,64 @@ class ChunkStore:
         prefix = layer_key_prefix(layer_digest)
         shard = self._chunks / prefix[:2]
         try:
-            names = [n for n in os.listdir(shard) if n.startswith(prefix)]
-        except FileNotFoundError:
-            return 0
+            fd = os.open(shard, DIR_OPEN_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            return 0  # no shard, or not a real directory: none of our chunks (verify drops it)
         except OSError as exc:
             raise cache_error(f"cannot list cache directory {shard}", exc) from exc
+        try:
+            names = [n for n in os.listdir(fd) if n.startswith(prefix)]
+        except OSError as exc:
+            raise cache_error(f"cannot list cache directory {shard}", exc) from exc
+        finally:
+            os.close(fd)
         return sum(self.remove(name) for name in names if _KEY_RE.fullmatch(name))
+
+    def adopt(self, old_key: str, new_key: str) -> bool:
+        """Give the chunk under position key `old_key` the digest key `new_key`, without
+        rewriting it; whether a chunk is now under `new_key`.
+
+        For a layer verified end to end: later mounts then find its chunks by
+        digest, and check each on every read. One rename, atomic and within
+        the cache's file system; if `new_key` is there already, `old_key` is
+        just removed. The caller vouches for the digest; if it is wrong, the
+        first `get(new_key)` finds out and drops the file. Recency moves with
+        the chunk; pins stay with `old_key` until unpinned.
+        """
+        validate_key(old_key)
+        validate_key(new_key)
+        if key_digest(old_key) is not None or key_digest(new_key) is None:
+            raise BadKeyError(f"cannot adopt {old_key[:80]!r} as {new_key[:80]!r}: "
+                              f"only a position key can take a digest key")
+        if self._exists(new_key):
+            self.remove(old_key)
+            return True
+        src = dst = None
+        try:
+            src = _open_shard(self._chunks, old_key)
+            if src is None:
+                return self._exists(new_key)
+            st = os.stat(old_key, dir_fd=src, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                self._drop_bad(old_key, src, not_regular(st))
+                return self._exists(new_key)
+            dst = _open_shard(self._chunks, new_key, create=True)
+            assert dst is not None
+            os.rename(old_key, new_key, src_dir_fd=src, dst_dir_fd=dst)
+        except FileNotFoundError:
+            return self._exists(new_key)  # another process removed or adopted it first
+        except OSError as exc:
+            raise cache_error(
+                f"cannot rename cache chunk {self.path(old_key)} to {new_key}", exc) from exc
+        finally:
+            for fd in (src, dst):
+                if fd is not None:
+                    os.close(fd)
+        with self._lock:
+            use = self._uses.pop(old_key, None)
+            if use is not None:
+                self._uses[new_key] = use
+        return True
 
     # -- recency and pins -------------------------------------------------------------
 
@@ -349,37 +447,42 @@ class ChunkStore:
         return result
 
     def verify(self) -> VerifyResult:
-        """Check every chunk's header, length and checksum; delete the bad ones.
+        """Check every chunk's header, length and checksum (its digest, where its key
+        names one); delete the bad ones.
 
-        Files in a shard that no `get` would ever find (foreign or misplaced names)
-        count as bad too. Unreadable files (EIO) are bad, not fatal: verify is
-        what an operator runs on a disk they distrust.
+        Entries in a shard that no `get` would ever accept (foreign or misplaced
+        names, symlinks and anything else that is not a regular file, a shard
+        that is not a real directory) count as bad too. Unreadable files (EIO)
+        are bad, not fatal: verify is what an operator runs on a disk they distrust.
         """
         chunks, _, strays = self._list()
         checked = bad = removed = 0
         for f in strays:
             bad += 1
-            logger.warning("cache verify: removing stray file %s", f.path)
-            removed += _unlink(f.path) is not None
+            logger.warning("cache verify: removing stray %s", f.path)
+            removed += _discard(f.path)
         for f in chunks:
+            checked += 1
             try:
-                read_frame(f.path, CHUNK_MAGIC)
+                shard = _open_shard(self._chunks, f.name)
+                if shard is None:
+                    checked -= 1
+                    continue
+                try:
+                    self._load(f.name, shard, key_digest(f.name))
+                except BadFrame as exc:
+                    bad += 1
+                    removed += self._drop_bad(f.name, shard, exc)
+                finally:
+                    os.close(shard)
             except FileNotFoundError:
-                continue
-            except BadFrame as exc:
-                checked += 1
-                bad += 1
-                removed += self._drop_bad(f.name, Path(f.path), exc)
-                continue
+                checked -= 1  # removed by someone else meanwhile
             except OSError as exc:
-                checked += 1
                 bad += 1
                 logger.warning(
                     "cache verify: removing unreadable chunk %s: %s", f.path, describe_oserror(exc)
                 )
                 removed += self.remove(f.name)
-                continue
-            checked += 1
         logger.info("cache verify: %d chunks checked, %d bad, %d removed", checked, bad, removed)
         return VerifyResult(checked, bad, removed)
 
@@ -402,27 +505,50 @@ class ChunkStore:
 
     # -- internals --------------------------------------------------------------------
 
-    def _exists(self, path: Path) -> bool:
+    def _exists(self, key: str) -> bool:
+        """Whether `key` is a regular file in a real shard directory (no symlink followed)."""
         try:
-            os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
+            shard = _open_shard(self._chunks, key)
+            if shard is None:
+                return False
+            try:
+                st = os.stat(key, dir_fd=shard, follow_symlinks=False)
+            finally:
+                os.close(shard)
+        except FileNotFoundError:
             return False
         except OSError as exc:
-            raise cache_error(f"cannot stat cache chunk {path}", exc) from exc
-        return True
+            raise cache_error(f"cannot stat cache chunk {self.path(key)}", exc) from exc
+        return stat.S_ISREG(st.st_mode)
 
-    def _write(self, path: Path, view: memoryview) -> None:
-        """write_frame, creating the shard directory on first use.
+    def _load(self, key: str, shard: int, want: str | None) -> memoryview:
+        """The payload of `key` in `shard`, checked against digest `want` (instead of its
+        xxh3) when given. FileNotFoundError, BadFrame (also for the wrong content), OSError."""
+        payload, inode = read_frame(key, CHUNK_MAGIC, dir_fd=shard, check_payload=want is None)
+        if want is not None and not matches(payload, want):
+            bad = BadFrame(f"content does not match its digest {want}")
+            bad.inode, bad.size = inode, HEADER_SIZE + payload.nbytes
+            raise bad
+        return payload
 
-        FileNotFoundError means the shard does not exist yet, or a concurrent
-        `clear` removed our temporary file before the rename: both are fixed
-        by trying once more.
+    def _write(self, key: str, view: memoryview) -> None:
+        """write_frame into the shard directory, creating it on first use.
+
+        FileNotFoundError means a concurrent `clear` removed our temporary file
+        before the rename, or someone removed the shard directory: both are
+        fixed by trying once more.
         """
-        try:
-            write_frame(path.parent, path.name, CHUNK_MAGIC, view, sync=self._sync)
-        except FileNotFoundError:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_frame(path.parent, path.name, CHUNK_MAGIC, view, sync=self._sync)
+        for attempt in range(2):
+            shard = _open_shard(self._chunks, key, create=True)
+            assert shard is not None
+            try:
+                write_frame(shard, key, CHUNK_MAGIC, view, sync=self._sync)
+                return
+            except FileNotFoundError:
+                if attempt:
+                    raise
+            finally:
+                os.close(shard)
 
     def _make_room(self, size: int) -> None:
         assert self.budget is not None
@@ -506,15 +632,15 @@ class ChunkStore:
         temps: list[_File] = []
         strays: list[_File] = []
         try:
-            for shard, entry in _walk(self._chunks):
+            for shard, path, entry in _walk(self._chunks):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                f = _File(entry.name, entry.path, st.st_size, st.st_mtime_ns)
-                if is_temp_name(entry.name):
+                f = _File(entry.name, path, st.st_size, st.st_mtime_ns)
+                if shard is None or not stat.S_ISREG(st.st_mode):
+                    strays.append(f)  # a symlink, a directory, a shard that is not one...
+                elif is_temp_name(entry.name):
                     temps.append(f)
                 elif (
                     entry.name.startswith(shard)
@@ -528,13 +654,16 @@ class ChunkStore:
             raise cache_error(f"cannot list cache directory {self._chunks}", exc) from exc
         return chunks, temps, strays
 
-    def _drop_bad(self, key: str, path: Path, bad: BadFrame) -> bool:
+    def _drop_bad(self, key: str, shard: int, bad: BadFrame) -> bool:
         """Delete a corrupt chunk file unless another process replaced it meanwhile."""
+        path = self.path(key)
         logger.warning("cache chunk %s is corrupt (%s): dropped, will be refetched", path, bad)
         removed = False
         try:
-            if bad.inode == 0 or os.lstat(path).st_ino == bad.inode:
-                removed = _unlink(path) is not None
+            st = os.stat(key, dir_fd=shard, follow_symlinks=False)
+            if bad.inode in (0, st.st_ino):
+                os.unlink(key, dir_fd=shard)
+                removed = True
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -542,23 +671,29 @@ class ChunkStore:
         with self._lock:
             self._stats = _bump(self._stats, corrupt=1)
             self._uses.pop(key, None)
-            if removed:
+            if removed and bad.size:  # not a symlink or other non-file: never counted
                 self._usage_bytes = max(0, self._usage_bytes - bad.size)
                 self._usage_chunks = max(0, self._usage_chunks - 1)
         return removed
 
     def _write_mtime(self, key: str, ns: int | None) -> None:
-        path = self._chunks / key[:2] / key
         try:
-            if ns is None:
-                os.utime(path)  # "now" needs only write access, not ownership
-            else:
-                os.utime(path, ns=(ns, ns))
+            shard = _open_shard(self._chunks, key)
+            if shard is None:
+                raise FileNotFoundError(key)
+            try:
+                if ns is None:  # "now" needs only write access, not ownership
+                    os.utime(key, dir_fd=shard, follow_symlinks=False)
+                else:
+                    os.utime(key, ns=(ns, ns), dir_fd=shard, follow_symlinks=False)
+            finally:
+                os.close(shard)
         except FileNotFoundError:
             with self._lock:
                 self._uses.pop(key, None)
         except OSError as exc:
-            logger.debug("cannot record use of cache chunk %s: %s", path, describe_oserror(exc))
+            logger.debug("cannot record use of cache chunk %s: %s", self.path(key),
+                         describe_oserror(exc))
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -570,41 +705,98 @@ def _bump(stats: CacheStats, **deltas: int) -> CacheStats:
     return CacheStats(**{**stats.__dict__, **values})
 
 
-def _walk(chunks: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    """(shard name, entry) for every entry of every shard directory; missing dirs are empty."""
+def _open_shard(chunks: Path, key: str, *, create: bool = False) -> int | None:
+    """A descriptor of the shard directory of `key`; None if there is none (made first if
+    `create`). A symlink or other non-directory in its place is removed, never followed.
+
+    Opening the shard and then the file relative to it costs one open and one
+    close per read (about 2 us, with O_PATH), as much as an lstat of the shard
+    would, without the window between that lstat and the open; caching the
+    descriptors would save that, but then a shard removed by `rm -rf` or
+    another process would have to be noticed and reopened.
+    """
+    path = chunks / key[:2]
+    try:
+        return os.open(path, _SHARD_FLAGS)
+    except FileNotFoundError:
+        if not create:
+            return None
+    except NotADirectoryError:
+        st = os.lstat(path)  # ENOTDIR again when chunks/ itself is the problem
+        if not stat.S_ISDIR(st.st_mode):
+            logger.warning("cache shard %s is %s, not a directory: removed",
+                           path, file_kind(st))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        if not create:
+            return None
+    with contextlib.suppress(FileExistsError):  # another writer made it first
+        os.mkdir(path, DIR_MODE)
+    return os.open(path, _SHARD_FLAGS)
+
+
+def _walk(chunks: Path) -> Iterator[tuple[str | None, str, os.DirEntry[str]]]:
+    """(shard name, path, entry) for every entry of every shard directory; missing dirs
+    are empty. An entry with a shard's name that is not a real directory comes with
+    shard None (a stray), and is not looked into."""
     try:
         top = os.scandir(chunks)
     except FileNotFoundError:
         return
     with top:
-        shards = [e for e in top if _SHARD_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
-    for shard in shards:
-        try:
-            inner = os.scandir(shard.path)
-        except FileNotFoundError:
+        entries = [e for e in top if _SHARD_RE.fullmatch(e.name)]
+    for shard in entries:
+        if not shard.is_dir(follow_symlinks=False):
+            yield None, shard.path, shard
             continue
-        with inner:
-            for entry in inner:
-                yield shard.name, entry
+        try:
+            fd = os.open(shard.path, DIR_OPEN_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed, or swapped meanwhile: the next walk sees what it is now
+        try:
+            with os.scandir(fd) as inner:
+                for entry in inner:
+                    yield shard.name, os.path.join(shard.path, entry.name), entry
+        finally:
+            os.close(fd)
 
 
-def _unlink(path: Path | str) -> int | None:
-    """Remove a file; its size, or None if it was already gone. Other errors: CacheError."""
+def _unlink(path: Path | str, *, dir_fd: int | None = None, shown: Path | str | None = None
+            ) -> int | None:
+    """Remove a file (`path` relative to `dir_fd` if given; `shown` in errors): its size
+    if it was a regular file, 0 if something else (a symlink), None if already gone.
+    Other errors: CacheError."""
     try:
-        size = os.lstat(path).st_size
-        os.unlink(path)
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise cache_error(f"cannot remove cache file {path}", exc) from exc
-    return size
+        raise cache_error(f"cannot remove cache file {shown or path}", exc) from exc
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def _discard(path: str) -> bool:
+    """Remove whatever is at `path` (a stray file, symlink or empty directory); whether it
+    went. Failures are logged, not raised: verify goes on with the rest."""
+    try:
+        try:
+            os.unlink(path)
+        except IsADirectoryError:
+            os.rmdir(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        logger.warning("cannot remove %s from the cache: %s", path, describe_oserror(exc))
+        return False
+    return True
 
 
 @contextlib.contextmanager
 def _flock(path: Path, *, blocking: bool) -> Iterator[bool]:
     """An advisory exclusive lock on `path`; yields False if busy and not blocking."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
     except OSError as exc:
         raise cache_error(f"cannot open cache lock {path}", exc) from exc
     try:
