@@ -230,14 +230,20 @@ def craft_layer(
     return CraftLayer(out.getvalue(), media_type, path, diff_id, annotations, toc, stream)
 
 
-def toc_for(*layers: CraftLayer) -> ModelKitToc:
-    """The table of contents `kitfs pack` writes for these layers (as made by `craft_layer`)."""
+def toc_for(*layers: CraftLayer, strict: bool = True) -> ModelKitToc:
+    """The table of contents `kitfs pack` writes for these layers (as made by `craft_layer`).
+
+    A layer without one (a single gzip/zstd stream, or a `CraftLayer` built
+    by hand) is an error, or with `strict=False` simply left out, as if
+    kitfs had never seen it (a mount then walks its headers).
+    """
     tocs = []
     for layer in layers:
-        if layer.toc is None:
+        if layer.toc is not None:
+            tocs.append(layer.toc)
+        elif strict:
             raise ValueError(f"layer {layer.digest} was not cut into chunks: it has no kitfs "
                              "table of contents (make it with craft_layer(chunked=True))")
-        tocs.append(layer.toc)
     return ModelKitToc(tuple(tocs))
 
 
@@ -275,7 +281,7 @@ def kitfile_for(layers: Sequence[CraftLayer]) -> dict[str, Any]:
 def _fill_digests(kitfile: dict[str, Any], layers: Sequence[CraftLayer]) -> dict[str, Any]:
     """A copy with `digest` and `diffId` set (where absent) on the entry whose path each
     layer has; entries that already carry a digest keep it (a test may want them to lie)."""
-    doc = json.loads(json.dumps(kitfile))
+    doc: dict[str, Any] = json.loads(json.dumps(kitfile))
     slots: list[dict[str, Any]] = []
     model = doc.get("model")
     if isinstance(model, dict):
@@ -311,7 +317,8 @@ def kit_blobs(layers: Sequence[CraftLayer], kitfile: dict[str, Any] | bytes | No
                             ensure_ascii=False).encode()
     toc_blob: bytes | None
     if toc == "auto":
-        toc_blob = dump_toc(toc_for(*layers))
+        auto = toc_for(*layers, strict=False)
+        toc_blob = dump_toc(auto) if auto.layers else None
     elif toc is None or isinstance(toc, bytes):
         toc_blob = toc
     elif isinstance(toc, ModelKitToc):
@@ -348,7 +355,8 @@ async def publish_kit(
       is filled into the entry with the layer's path unless it has one),
       raw config bytes used as they are, or None (one entry per layer, in
       the section its media type names).
-    - `toc`: "auto" (the honest one, `toc_for(layers)`), a `ModelKitToc`, a
+    - `toc`: "auto" (the honest one, `toc_for(layers, strict=False)`; none
+      when no layer has one), a `ModelKitToc`, a
       list of `LayerToc`, raw bytes (pushed as they are), or None (no
       table of contents, like a kit-made ModelKit). Its sha256 is pinned in
       the manifest annotation `dev.kitfs.toc.digest`.
