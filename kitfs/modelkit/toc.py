@@ -8,6 +8,10 @@ walking tar headers, without chunk digests.
 
 The serialised form is compact JSON with sorted keys so that the same layers
 always give the same blob digest (the digest is pinned in the manifest).
+Pinned means authentic, not honest: `layer_from_json` checks only the shape
+of what it reads, `validate_layer_toc` whatever can be judged without reading
+the layer, and the rest (entries against tar headers, chunks against their
+digests) is checked by the engine as it reads.
 """
 
 from __future__ import annotations
