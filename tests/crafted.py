@@ -247,10 +247,6 @@ def toc_for(*layers: CraftLayer, strict: bool = True) -> ModelKitToc:
     return ModelKitToc(tuple(tocs))
 
 
-_SECTIONS = {"model": "model", "modelpart": "parts", "code": "code", "dataset": "datasets",
-             "docs": "docs"}
-
-
 def kitfile_for(layers: Sequence[CraftLayer]) -> dict[str, Any]:
     """A Kitfile naming each layer's path in the section its media type says, in layer order."""
     doc: dict[str, Any] = {"manifestVersion": "1.0.0", "package": {"name": "crafted"}}
