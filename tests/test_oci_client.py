@@ -334,6 +334,40 @@ async def test_5xx_forever_stops_within_budget(fake: FakeRegistry, home: Path) -
     assert 2 <= len(fake.requests) < 20
 
 
+async def test_5xx_retried_for_a_few_seconds_then_named(
+    fake: FakeRegistry, home: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A registry failing every attempt is reported by its answer within the server-error
+    window (at most half the budget), not retried until the budget, or a reader, runs out."""
+    digest = fake.add_blob("org/kit", BLOB)
+    fake.faults.append(Fault("GET", "/blobs/", 502, times=10**6))
+    async with client(fake, home, retry_budget=30, server_error_retry=4) as c:
+        start = trio.current_time()
+        with pytest.raises(RegistryError) as err:
+            await c.read_range("org/kit", digest, 0, 10)
+        assert 3 <= trio.current_time() - start <= 4.5
+    assert "registry.test answered HTTP 502 Bad Gateway" in str(err.value)
+    assert "reading bytes 0-9 of blob" in str(err.value) and "after retrying" in str(err.value)
+    fake.requests.clear()
+    async with client(fake, home, retry_budget=3, server_error_retry=10) as c:
+        start = trio.current_time()
+        with pytest.raises(RegistryError, match="HTTP 502"):
+            await c.read_range("org/kit", digest, 0, 10)
+        assert trio.current_time() - start <= 1.6
+
+
+async def test_retries_end_before_the_callers_deadline(
+    fake: FakeRegistry, home: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """Within a caller's deadline (a reader's bound), the last retry leaves time for its
+    answer: the caller hears the registry's, not its own timeout."""
+    fake.faults.append(Fault("GET", "/manifests/", 429, times=10**6))
+    async with client(fake, home, retry_budget=60) as c:
+        with trio.fail_after(10), pytest.raises(RegistryError, match="rate limited"):
+            await c.get_manifest("org/kit", "v1")
+        assert trio.current_time() < 10
+
+
 async def test_connection_errors_retried_then_unreachable(fake: FakeRegistry, home: Path) -> None:
     digest = fake.add_blob("org/kit", b"abc")
     fake.faults.append(Fault("*", "", 0, times=2, exception=httpx.ConnectError("refused")))

@@ -369,6 +369,25 @@ async def test_chunked_blob_body() -> None:
         assert server.connections == 1  # the trailer was consumed and the connection reused
 
 
+async def test_a_chunked_blob_longer_or_shorter_than_its_descriptor_fails_its_stream() -> None:
+    """Without a Content-Length only the bytes themselves tell the size: more than the
+    descriptor says fail as they come, fewer at the end."""
+    server = MiniServer(chunked=True)
+    async with mini_server(server), RegistryClient(f"127.0.0.1:{server.port}") as c:
+        received = 0
+        with pytest.raises(IntegrityError, match=f"more than the expected {len(BLOB) - 1} bytes"):
+            async with c.stream_blob("org/kit", DIGEST, size=len(BLOB) - 1) as chunks:
+                async for chunk in chunks:
+                    received += len(chunk)
+        assert received < len(BLOB)
+        with pytest.raises(IntegrityError, match=f"got {len(BLOB)} of {len(BLOB) + 1} bytes"):
+            async with c.stream_blob("org/kit", DIGEST, size=len(BLOB) + 1) as chunks:
+                async for _ in chunks:
+                    pass
+        async with c.stream_blob("org/kit", DIGEST, size=len(BLOB)) as chunks:
+            assert b"".join([x async for x in chunks]) == BLOB
+
+
 async def test_dropped_connection_beyond_budget_fails() -> None:
     async with mini_server(MiniServer(drop_after=[10] * 1000)) as server:
         options = ClientOptions(retry_budget=0.3)

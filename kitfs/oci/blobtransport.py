@@ -12,8 +12,10 @@ received straight into the caller's buffers (no copy at all in Python).
 Everything else (auth, redirects, retries, error mapping) stays in
 `RegistrySession`, which marks blob GETs with the `BLOB_EXTENSION` request
 extension; unmarked requests, and every other method, go to the wrapped
-httpx transport. The exceptions raised here are httpx's, so the session maps
-them exactly as it maps httpx's own.
+httpx transport. The exceptions raised here are httpx's transport errors and
+nothing else (socket, TLS and parsing failures are turned into them where
+they happen), so the session maps them exactly as it maps httpx's own; only
+the caller's own `Sink` callbacks and cancellation pass through as they are.
 """
 
 from __future__ import annotations
@@ -217,7 +219,8 @@ class BlobTransport(httpx.AsyncBaseTransport):
                 return tls
         except trio.TooSlowError:
             raise httpx.ConnectTimeout(f"no connection to {host}:{port}") from None
-        except (OSError, trio.BrokenResourceError) as exc:
+        except (OSError, trio.BrokenResourceError, ValueError) as exc:
+            # ValueError: a host name the resolver cannot even encode (UnicodeError).
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
 
     async def _release(self, conn: _Connection) -> None:
@@ -234,6 +237,9 @@ class BlobTransport(httpx.AsyncBaseTransport):
     async def _send_head(self, conn: _Connection, request: httpx.Request) -> None:
         lines = [b"GET " + request.url.raw_path + b" HTTP/1.1"]
         lines.extend(k + b": " + v for k, v in request.headers.raw)
+        if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
+            # A token or path with a line break would smuggle headers (h11 refuses these too).
+            raise httpx.LocalProtocolError("line break or NUL in the request head")
         try:
             with trio.fail_after(self._read_timeout):
                 await conn.stream.send_all(b"\r\n".join(lines) + b"\r\n\r\n")

@@ -2,8 +2,14 @@
 
 Every byte that leaves this module either was checked against its digest
 (manifests, whole blobs, streams) or is a range the caller asked for and will
-check itself (`read_range`). Failures come out as kitfs errors with one-line
-messages that name the registry, the repository and what was being done.
+check itself (`read_range`). Given the size a descriptor vouches for, blob
+reads also check the registry's idea of the blob's size against it, so a range
+that a short (or padded) blob could still serve is not served from it.
+Failures come out as kitfs errors with one-line messages that name the
+registry, the repository and what was being done: every public method raises
+KitfsError (or trio.Cancelled) and nothing else; httpx's and the OS's
+exceptions are caught as `session.TRANSPORT_FAILURES` and mapped by
+`describe_transport_error`, here and in the session, nowhere else.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanage
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, urljoin
+from urllib.parse import quote
 
 import httpx
 import trio
@@ -36,8 +42,10 @@ from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import is_digest
 from kitfs.oci.retry import RetryBudget
 from kitfs.oci.session import (
+    TRANSPORT_FAILURES,
     RegistrySession,
     describe_transport_error,
+    resolve_url,
     retryable_transport_error,
 )
 
@@ -81,6 +89,10 @@ and a stale one is re-resolved on the first error anyway."""
 _THREADED_HASH_MIN = 16 << 20
 _ACCEPT_MANIFESTS = ", ".join((*MANIFEST_MEDIA_TYPES, *INDEX_MEDIA_TYPES))
 _IDENTITY = {"Accept-Encoding": "identity"}
+_BLOB_ANSWERS = (200, 206, 416)
+"""416 included: a range past the blob's end is told apart from other failures (see
+_BlobBody), which needs its Content-Range; its body is not read (Distribution sends the
+blob's Content-Length with a few bytes of text, then hangs up)."""
 
 
 @dataclass
@@ -276,43 +288,52 @@ class RegistryClient:
                 f"checking blob {short(digest)} in {self._name(repo)}: bad Content-Length"
             ) from None
 
-    async def get_blob(self, repo: str, digest: str, max_size: int = 64 << 20) -> bytes:
-        """The whole blob, verified; refuses blobs over `max_size` before reading them."""
+    async def get_blob(
+        self, repo: str, digest: str, max_size: int = 64 << 20, *, size: int | None = None
+    ) -> bytes:
+        """The whole blob, verified; refuses blobs over `max_size` before reading them.
+
+        `size`, the descriptor's, is checked like the digest (see stream_blob).
+        """
         parts: list[bytes] = []
         total = 0
-        async with self._stream(repo, digest, max_size=max_size) as chunks:
+        async with self._stream(repo, digest, max_size=max_size, size=size) as chunks:
             async for chunk in chunks:
                 total += len(chunk)
                 parts.append(chunk)
         return b"".join(parts)
 
     def stream_blob(
-        self, repo: str, digest: str
+        self, repo: str, digest: str, *, size: int | None = None
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """The blob as a stream of chunks, never held whole in memory.
 
         The iterator raises IntegrityError at its end if the length or digest
         is wrong, so data is trustworthy only once iteration finished cleanly.
+        The length expected is `size` (the descriptor's) where given, else what
+        the registry announced: a registry announcing another size fails at
+        once, and one sending more bytes than `size` fails when they come.
         A connection that drops midway is resumed with a range request.
         """
-        return self._stream(repo, digest, max_size=None)
+        return self._stream(repo, digest, max_size=None, size=size)
 
     @asynccontextmanager
     async def _stream(
-        self, repo: str, digest: str, *, max_size: int | None
+        self, repo: str, digest: str, *, max_size: int | None, size: int | None
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         split_digest(digest)
         what = f"fetching blob {short(digest)} from {self._name(repo)}"
-        body = _BlobBody(self, repo, digest, 0, None, what)
+        body = _BlobBody(self, repo, digest, 0, None, what, size=size)
         try:
             await body.open()
-            size = body.total
-            if max_size is not None and size is not None and size > max_size:
+            expected = size if size is not None else body.total
+            if max_size is not None and expected is not None and expected > max_size:
                 raise RegistryError(
-                    f"{what}: blob is {size} bytes, more than the {max_size} expected here"
+                    f"{what}: blob is {expected} bytes, more than the {max_size} expected here"
                 )
             verifier = DigestVerifier(
-                digest, size, what, threaded=size is None or size >= _THREADED_HASH_MIN
+                digest, expected, what,
+                threaded=expected is None or expected >= _THREADED_HASH_MIN,
             )
             try:
                 async with aclosing(_verified(body, verifier, max_size, what)) as chunks:
@@ -322,16 +343,19 @@ class RegistryClient:
         finally:
             await body.aclose()
 
-    async def read_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
+    async def read_range(
+        self, repo: str, digest: str, offset: int, length: int, *, size: int | None = None
+    ) -> bytes:
         """Exactly `length` bytes at `offset`, or an error; never short data.
 
         Works whether the registry answers 206 or ignores Range and sends the
         whole blob (then the bytes before `offset` are skipped as they stream).
+        `size` is the blob's size as its descriptor says (see read_range_into).
         """
         if length < 0:
             raise UsageError(f"invalid blob range offset={offset} length={length}")
         buf = bytearray(length)
-        await self.read_range_into(repo, digest, offset, [memoryview(buf)])
+        await self.read_range_into(repo, digest, offset, [memoryview(buf)], size=size)
         return bytes(buf)
 
     async def read_range_into(
@@ -342,6 +366,8 @@ class RegistryClient:
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
         prepare: Callable[[int], None] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         """Fill `buffers` in order with the blob's bytes from `offset`; never short data.
 
@@ -351,6 +377,12 @@ class RegistryClient:
         rest of the range arrives; `prepare(i)` may run before it in the worker
         thread that received the buffer (not for every buffer: see Sink). On an
         error, buffers not reported filled hold unspecified bytes.
+
+        `size`, the blob's size as its descriptor says, is checked against the
+        size the registry reports (Content-Range's total, or a whole body's
+        length): a blob shorter or longer than its descriptor is an
+        IntegrityError even where the range itself could be served. A range
+        past the blob's end is a RegistryError saying so.
         """
         length = sum(len(b) for b in buffers)
         if offset < 0:
@@ -363,7 +395,7 @@ class RegistryClient:
             f"reading bytes {offset}-{offset + length - 1} of blob {short(digest)} "
             f"from {self._name(repo)}"
         )
-        body = _BlobBody(self, repo, digest, offset, offset + length, what, sink)
+        body = _BlobBody(self, repo, digest, offset, offset + length, what, sink, size=size)
         try:
             await body.open()
             async for chunk in body:
@@ -387,7 +419,7 @@ class RegistryClient:
                     cached.url,
                     what=what,
                     headers=headers,
-                    ok=(200, 206),
+                    ok=_BLOB_ANSWERS,
                     stream=True,
                     retry=False,
                     authenticate=False,
@@ -402,7 +434,7 @@ class RegistryClient:
             what=what,
             scopes=(pull_scope(repo),),
             headers=headers,
-            ok=(200, 206),
+            ok=_BLOB_ANSWERS,
             stream=True,
             blob=sink or True,
         )
@@ -413,8 +445,8 @@ class RegistryClient:
 
     async def _read_limited(self, response: httpx.Response, limit: int, what: str) -> bytes:
         try:
-            length = response.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > limit:
+            length = _int_header(response, "content-length")
+            if length is not None and length > limit:
                 raise RegistryError(f"{what}: answer is {length} bytes, over the {limit} limit")
             parts: list[bytes] = []
             total = 0
@@ -424,10 +456,10 @@ class RegistryClient:
                     raise RegistryError(f"{what}: answer is over the {limit} byte limit")
                 parts.append(chunk)
             body = b"".join(parts)
-            if length is not None and length.isdigit() and int(length) != len(body):
+            if length is not None and length != len(body):
                 raise IntegrityError(f"{what}: truncated, got {len(body)} of {length} bytes")
             return body
-        except (httpx.HTTPError, OSError) as exc:
+        except TRANSPORT_FAILURES as exc:
             raise _transport(exc, response, self.options, what) from exc
         finally:
             await response.aclose()
@@ -457,7 +489,10 @@ class RegistryClient:
         except OSError as exc:
             raise LocalStorageError(f"{what}: cannot open {path}: {exc.strerror}") from exc
         try:
-            actual = os.fstat(fd).st_size
+            try:
+                actual = os.fstat(fd).st_size
+            except OSError as exc:
+                raise LocalStorageError(f"{what}: cannot stat {path}: {exc.strerror}") from exc
             if actual != size:
                 raise LocalStorageError(f"{what}: {path} is {actual} bytes, expected {size}")
             if await self.head_blob(repo, digest) is not None:
@@ -516,12 +551,12 @@ class RegistryClient:
         location = str(response.headers.get("location") or "")
         if not location:
             raise RegistryError(f"{what}: registry sent no upload Location")
-        return urljoin(str(response.request.url) or base, location)
+        return resolve_url(str(response.request.url) or base, location, what)
 
     async def _upload_chunks(
         self, repo: str, fd: int, size: int, location: str, tracker: _Progress, what: str
     ) -> str:
-        budget = RetryBudget(self.options.retry_budget, self.options.connect_retry)
+        budget = self._session.budget()
         pos = 0
         while pos < size:
             n = min(UPLOAD_CHUNK_SIZE, size - pos)
@@ -615,7 +650,7 @@ class RegistryClient:
             if not isinstance(page, list):
                 raise RegistryError(f"{what}: malformed tag list")
             tags.extend(str(t) for t in page)
-            url = _next_link(response.headers.get("link"), url)
+            url = _next_link(response.headers.get("link"), url, what)
         return tags
 
     async def referrers(
@@ -660,7 +695,9 @@ class _BlobBody:
     A response that ignored Range (200 with the whole blob) is skipped forward
     as it streams; a body that ends early or a connection that drops is
     re-requested from where it stopped, within the retry budget; a blob that
-    ends before `end` is an error, so callers never get short data.
+    ends before `end` is an error, so callers never get short data. With
+    `size` (the descriptor's), a registry reporting another size for the
+    blob is an IntegrityError before any byte is handed out.
     """
 
     def __init__(
@@ -672,9 +709,12 @@ class _BlobBody:
         end: int | None,
         what: str,
         sink: Sink | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         self._client = client
         self._sink = sink
+        self._size = size
         self._repo = repo
         self._digest = digest
         self._pos = start
@@ -706,12 +746,28 @@ class _BlobBody:
             self._repo, self._digest, headers, self._what, self._sink
         )
         self._response = response
+        try:
+            self._take_answer(response)
+        except KitfsError:
+            await self.aclose()
+            raise
+
+    def _take_answer(self, response: httpx.Response) -> None:
+        """Where this answer's body starts and ends, and what it says of the blob's size."""
+        what = self._what
         length = _int_header(response, "content-length")
+        if response.status_code == 416:
+            # Only the range's own start can be unsatisfiable: nothing of the blob is there.
+            total = _content_range_total(response.headers.get("content-range"))
+            self._check_size(total)
+            where = f" ({total} bytes)" if total is not None else ""
+            raise RegistryError(
+                f"{what}: past the end of the blob{where}: the registry answered HTTP 416"
+            )
         if response.status_code == 206:
-            start, stop, total = _content_range(response.headers.get("content-range"))
+            start, stop, total = _content_range(response.headers.get("content-range"), what)
             if start != self._pos:
-                await self.aclose()
-                raise RegistryError(f"{self._what}: registry sent a range starting at {start}")
+                raise RegistryError(f"{what}: registry sent a range starting at {start}")
             self._skip = 0
             self._expected_end = stop
             if total is not None:
@@ -721,17 +777,23 @@ class _BlobBody:
             self._expected_end = length
             if length is not None:
                 self.total = length
+        self._check_size(self.total)
         if self.total is not None and self._end is not None and self._end > self.total:
-            await self.aclose()
-            raise RegistryError(f"{self._what}: past the end of the blob ({self.total} bytes)")
+            raise RegistryError(f"{what}: past the end of the blob ({self.total} bytes)")
         if self._sink is not None:
             # The body starts exactly where the sink's cursor is: receive in place.
             self._sink.enabled = self._skip == 0
 
+    def _check_size(self, total: int | None) -> None:
+        if self._size is not None and total is not None and total != self._size:
+            raise IntegrityError(
+                f"{self._what}: the registry has {total} bytes of the blob, "
+                f"its descriptor says {self._size}"
+            )
+
     def _retry_budget(self) -> RetryBudget:
         if self._budget is None:
-            opts = self._client.options
-            self._budget = RetryBudget(opts.retry_budget, opts.connect_retry)
+            self._budget = self._client._session.budget()
         return self._budget
 
     def __aiter__(self) -> AsyncGenerator[bytes, None]:
@@ -764,7 +826,7 @@ class _BlobBody:
                         if self._end is not None and self._pos >= self._end:
                             await self.aclose()
                             return
-            except (httpx.HTTPError, OSError) as exc:
+            except TRANSPORT_FAILURES as exc:
                 failure = exc
             await self.aclose()
             body_end = self._expected_end
@@ -838,26 +900,48 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return u.scheme, u.host, u.port
 
 
+def _number(text: str) -> int:
+    """A non-negative decimal as HTTP writes it (ASCII digits only: int() takes others)."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
 def _int_header(response: httpx.Response, name: str) -> int | None:
-    value = response.headers.get(name)
-    if value is None or not value.strip().isdigit():
+    try:
+        return _number(response.headers.get(name) or "")
+    except ValueError:
         return None
-    return int(value)
 
 
-def _content_range(value: str | None) -> tuple[int, int, int | None]:
+def _content_range(value: str | None, what: str) -> tuple[int, int, int | None]:
     """(start, end exclusive, total or None) of `bytes start-end/total`."""
     if not value:
-        raise RegistryError("registry sent 206 without Content-Range")
+        raise RegistryError(f"{what}: registry sent 206 without Content-Range")
     try:
         unit, _, spec = value.strip().partition(" ")
         span, _, total = spec.partition("/")
         first, _, last = span.partition("-")
         if unit != "bytes":
             raise ValueError(unit)
-        return int(first), int(last) + 1, None if total in ("", "*") else int(total)
+        start, end = _number(first), _number(last) + 1
+        if end <= start:
+            raise ValueError(span)
+        return start, end, None if total in ("", "*") else _number(total)
     except ValueError:
-        raise RegistryError(f"registry sent a malformed Content-Range {value!r}") from None
+        raise RegistryError(
+            f"{what}: registry sent a malformed Content-Range {value[:100]!r}"
+        ) from None
+
+
+def _content_range_total(value: str | None) -> int | None:
+    """N of a 416's `bytes */N`, if the registry sent it."""
+    unit, _, spec = (value or "").strip().partition(" ")
+    try:
+        return _number(spec.removeprefix("*/")) if unit == "bytes" else None
+    except ValueError:
+        return None
 
 
 def _manifest_media_type(response: httpx.Response, body: bytes) -> str:
@@ -894,7 +978,7 @@ def _descriptors(body: bytes, what: str) -> list[dict[str, Any]]:
     return [m for m in manifests if isinstance(m, dict)]
 
 
-def _next_link(header: str | None, current: str) -> str | None:
+def _next_link(header: str | None, current: str, what: str) -> str | None:
     """The rel="next" target of a Link header, resolved against the current URL."""
     if not header:
         return None
@@ -902,5 +986,5 @@ def _next_link(header: str | None, current: str) -> str | None:
         target, _, params = part.partition(";")
         target = target.strip()
         if target.startswith("<") and target.endswith(">") and "next" in params:
-            return urljoin(current, target[1:-1])
+            return resolve_url(current, target[1:-1], what)
     return None

@@ -32,5 +32,9 @@ class ClientOptions:
     """Seconds to keep retrying a registry that refuses connections (capped by
     retry_budget): long enough to ride out a restart, short enough that a dead
     registry is reported within seconds rather than after the whole budget."""
+    server_error_retry: float = 5.0
+    """Seconds to keep retrying 5xx (and 408) answers, at most half of retry_budget:
+    a registry that keeps failing is reported by its status well before a reader's
+    deadline (a mount gives its readers `--timeout` too), not by that deadline."""
     kitops_home: str | None = None
     """Overrides $KITOPS_HOME when looking up credentials."""

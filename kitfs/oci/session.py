@@ -18,6 +18,7 @@ from typing import NoReturn
 from urllib.parse import urljoin
 
 import httpx
+import trio
 
 from kitfs.errors import (
     AuthError,
@@ -37,6 +38,19 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 10
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _ERROR_BODY_LIMIT = 64 << 10
+_ERROR_BODY_WAIT = 2.0
+"""Seconds an error answer's body may take: the status already says what went wrong."""
+
+TRANSPORT_FAILURES: tuple[type[Exception], ...] = (
+    httpx.HTTPError,
+    httpx.InvalidURL,
+    httpx.StreamError,
+    OSError,
+)
+"""Everything sending a request or reading an answer can raise, and the only exceptions
+this package maps into kitfs errors (with `describe_transport_error`): httpx's own of
+every kind, and OS and TLS errors (ssl.SSLError is an OSError). The blob transport
+raises only httpx's; URLs a registry sends are checked by `resolve_url` first."""
 
 Content = bytes | Callable[[], AsyncIterator[bytes]] | None
 """A request body: bytes, or a factory giving a fresh stream for every attempt."""
@@ -69,8 +83,10 @@ def root_reason(exc: BaseException) -> str:
 
 
 def describe_transport_error(exc: Exception, host: str, options: ClientOptions) -> KitfsError:
-    """The kitfs error for an httpx (or OS) failure talking to `host`."""
+    """The kitfs error for any of TRANSPORT_FAILURES while talking to `host`."""
     reason = root_reason(exc)
+    if isinstance(exc, httpx.InvalidURL):
+        return RegistryError(f"unusable URL for {host}: {reason}")
     if isinstance(exc, httpx.ConnectTimeout):
         return UnreachableError(f"no connection to {host} within {options.connect_timeout:g}s")
     if isinstance(exc, httpx.ConnectError):
@@ -100,19 +116,41 @@ def describe_transport_error(exc: Exception, host: str, options: ClientOptions) 
 
 
 def retryable_transport_error(exc: Exception) -> bool:
+    """A failure the next attempt may well not meet: a lost connection, not a request
+    that cannot be sent (a bad scheme, a line break in a header) or a refused certificate."""
     if isinstance(exc, httpx.ConnectError):
         text = root_reason(exc)
         return not any(s in text for s in ("CERTIFICATE", "certificate", "WRONG_VERSION_NUMBER"))
     return isinstance(exc, httpx.TransportError | OSError) and not isinstance(
-        exc, httpx.UnsupportedProtocol | httpx.ProxyError
+        exc, httpx.UnsupportedProtocol | httpx.ProxyError | httpx.LocalProtocolError
     )
 
 
-def registry_error_text(response: httpx.Response) -> str:
+async def error_body(response: httpx.Response) -> bytes:
+    """What there is of an error answer's body (at most 64 KiB, within 2 s); closes it.
+
+    Only a nicety on top of the status, so a body that breaks off, stalls or
+    lies about its length costs nothing: Distribution answers a range past a
+    blob's end with 416, the blob's Content-Length and a few bytes of text.
+    """
+    body = bytearray()
+    try:
+        with trio.move_on_after(_ERROR_BODY_WAIT):
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) >= _ERROR_BODY_LIMIT:
+                    break
+    except TRANSPORT_FAILURES:
+        pass
+    finally:
+        await response.aclose()
+    return bytes(body[:_ERROR_BODY_LIMIT])
+
+
+def registry_error_text(body: bytes) -> str:
     """The registry's own words from an OCI error body, if it sent any."""
     try:
-        body = json.loads(response.content[:_ERROR_BODY_LIMIT])
-        errors = body.get("errors") or []
+        errors = json.loads(body).get("errors") or []
         parts = []
         for e in errors[:3]:
             code, message = e.get("code", ""), e.get("message", "")
@@ -121,6 +159,22 @@ def registry_error_text(response: httpx.Response) -> str:
     except (ValueError, AttributeError, TypeError):
         text = ""
     return one_line(text)[:300]
+
+
+def resolve_url(base: str, ref: str, what: str) -> str:
+    """A URL a registry sent (Location, Link) resolved against `base`, checked for use.
+
+    urljoin raises ValueError for a bad IPv6 host and httpx raises InvalidURL
+    for a bad port; either would otherwise escape as a foreign exception.
+    """
+    try:
+        url = urljoin(base, ref)
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise RegistryError(
+            f"{what}: registry sent an unusable URL {ref[:200]!r} ({exc})"
+        ) from None
+    return url
 
 
 class RegistrySession:
@@ -154,12 +208,12 @@ class RegistrySession:
         # Built outside the client: give it the client's deadlines and User-Agent.
         request.extensions.setdefault("timeout", self.http.timeout.as_dict())
         request.headers.setdefault("User-Agent", self.http.headers["User-Agent"])
-        budget = self._budget()
-        host = request.url.host
+        budget = self.budget()
+        host = request.url.netloc.decode()
         while True:
             try:
                 response = await self.http.send(request)
-            except (httpx.HTTPError, OSError) as exc:
+            except TRANSPORT_FAILURES as exc:
                 if retryable_transport_error(exc) and await budget.wait(
                     connect_error=_is_connect_error(exc)
                 ):
@@ -168,13 +222,23 @@ class RegistrySession:
                     describe_transport_error(exc, host, self.options), what
                 ) from exc
             if response.status_code in RETRY_STATUSES and await budget.wait(
-                retry_after=parse_retry_after(response.headers.get("retry-after"))
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+                server_error=response.status_code != 429,
             ):
                 continue
             return response
 
-    def _budget(self) -> RetryBudget:
-        return RetryBudget(self.options.retry_budget, self.options.connect_retry)
+    def budget(self) -> RetryBudget:
+        """A fresh retry budget for one call, as the options say.
+
+        Server errors get at most half the budget: a mount gives its readers
+        the budget as their deadline too, and its fetches run in tasks of their
+        own, out of reach of that deadline; retried to the end, a failing
+        registry was reported to the reader only as its own timeout.
+        """
+        opts = self.options
+        server = min(opts.server_error_retry, opts.retry_budget / 2)
+        return RetryBudget(opts.retry_budget, opts.connect_retry, server)
 
     async def send(
         self,
@@ -198,14 +262,14 @@ class RegistrySession:
         `blob` sends a GET down the lean blob-body path (see blobtransport); a
         `Sink` there also receives the body into the sink's buffers.
         """
-        budget = self._budget()
+        budget = self.budget()
         challenged = False
         while True:
             try:
                 response = await self._send_following(
-                    method, url, headers or {}, content, scopes, authenticate, blob
+                    method, url, headers or {}, content, scopes, authenticate, blob, what
                 )
-            except (httpx.HTTPError, OSError) as exc:
+            except TRANSPORT_FAILURES as exc:
                 if (
                     retry
                     and retryable_transport_error(exc)
@@ -213,7 +277,7 @@ class RegistrySession:
                 ):
                     log.debug("retrying %s after %r", what, exc)
                     continue
-                host = httpx.URL(url).netloc.decode()
+                host = _host(url, self.registry)
                 raise _with_context(
                     describe_transport_error(exc, host, self.options), what
                 ) from exc
@@ -231,7 +295,8 @@ class RegistrySession:
                 retry
                 and status in RETRY_STATUSES
                 and await budget.wait(
-                    retry_after=parse_retry_after(response.headers.get("retry-after"))
+                    retry_after=parse_retry_after(response.headers.get("retry-after")),
+                    server_error=status != 429,
                 )
             ):
                 await response.aclose()
@@ -241,7 +306,7 @@ class RegistrySession:
                 if not stream:
                     try:
                         await response.aread()
-                    except (httpx.HTTPError, OSError) as exc:
+                    except TRANSPORT_FAILURES as exc:
                         await response.aclose()
                         if retry and retryable_transport_error(exc) and await budget.wait():
                             continue
@@ -261,6 +326,7 @@ class RegistrySession:
         scopes: tuple[str, ...],
         authenticate: bool,
         blob: bool | Sink,
+        what: str,
     ) -> httpx.Response:
         target = httpx.URL(url)
         extensions = {BLOB_EXTENSION: blob} if blob is not False else None
@@ -280,7 +346,7 @@ class RegistrySession:
             if response.status_code not in _REDIRECTS or not location:
                 return response
             await response.aclose()
-            target = httpx.URL(urljoin(str(target), location))
+            target = httpx.URL(resolve_url(str(target), location, what))
             if response.status_code == 303:
                 method, content = "GET", None
         raise RegistryError(f"{self.registry}: more than {MAX_REDIRECTS} redirects for {url}")
@@ -288,14 +354,8 @@ class RegistrySession:
     async def _raise_for(
         self, response: httpx.Response, what: str, scopes: tuple[str, ...], retries: int
     ) -> NoReturn:
-        try:
-            await response.aread()
-        except (httpx.HTTPError, OSError):
-            pass
-        finally:
-            await response.aclose()
         status = response.status_code
-        detail = registry_error_text(response)
+        detail = registry_error_text(await error_body(response))
         suffix = f" ({detail})" if detail else ""
         if status == 404:
             raise NotFoundError(f"{what}: not found{suffix}")
@@ -314,8 +374,19 @@ class RegistrySession:
         after = f" after retrying {retries} times" if retries else ""
         if status == 429:
             raise RegistryError(f"{what}: rate limited by {self.registry} (HTTP 429){after}")
-        reason = response.reason_phrase or ""
-        raise RegistryError(f"{what}: HTTP {status} {reason}{suffix}{after}".replace("  ", " "))
+        reason = response.reason_phrase or httpx.codes.get_reason_phrase(status)
+        host = response.request.url.netloc.decode()
+        raise RegistryError(
+            f"{what}: {host} answered HTTP {status} {reason}".rstrip() + f"{suffix}{after}"
+        )
+
+
+def _host(url: str, fallback: str) -> str:
+    """`host[:port]` of `url` for a message, whatever `url` holds."""
+    try:
+        return httpx.URL(url).netloc.decode() or fallback
+    except httpx.InvalidURL:
+        return fallback
 
 
 def _is_connect_error(exc: Exception) -> bool:

@@ -3,13 +3,17 @@
 Commands above this module (inspect, ls, mount) ask for manifests, blobs and
 byte ranges without caring which; a reference without a registry means kit's
 local storage, exactly as it does for `kit`.
+
+Blob reads take the blob's size as its descriptor says (`size`, optional):
+every source checks the blob it has against it, so a manifest that vouches
+for a blob cannot be answered with a shorter or longer one, from either place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -18,10 +22,13 @@ import trio
 from kitfs.errors import IntegrityError, LocalStorageError
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.credentials import kitops_home
+from kitfs.oci.digest import DigestVerifier
 from kitfs.oci.layout import LocalStorage
 from kitfs.oci.reference import Reference
 
 STREAM_PIECE = 1 << 20
+_THREADED_HASH_MIN = 16 << 20
+"""Blobs from this size are hashed in a helper thread while they are read."""
 
 
 class BlobSource(Protocol):
@@ -33,9 +40,15 @@ class BlobSource(Protocol):
         """(manifest bytes, media type, digest) of the ModelKit the reference names."""
         ...
 
-    async def get_blob(self, digest: str, max_size: int = 64 << 20) -> bytes: ...
+    async def get_blob(
+        self, digest: str, max_size: int = 64 << 20, *, size: int | None = None
+    ) -> bytes:
+        """The whole blob, checked against its digest (and `size`, where given)."""
+        ...
 
-    async def read_range(self, digest: str, offset: int, length: int) -> bytes: ...
+    async def read_range(
+        self, digest: str, offset: int, length: int, *, size: int | None = None
+    ) -> bytes: ...
 
     async def read_range_into(
         self,
@@ -44,18 +57,24 @@ class BlobSource(Protocol):
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
         prepare: Callable[[int], None] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         """Fill `buffers` in order from `offset`; `filled(i)` as soon as buffer i is whole.
 
         `prepare(i)`, if given, may be called first in the worker thread that
         read buffer i (so heavy per-buffer work stays off the event loop); a
-        buffer it was not called for must be prepared by the caller.
+        buffer it was not called for must be prepared by the caller. `size`,
+        the blob's descriptor size: a blob of another size is an IntegrityError.
         """
         ...
 
     def stream_blob(
-        self, digest: str
-    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+        self, digest: str, *, size: int | None = None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """The blob in pieces; the iterator raises IntegrityError at its end unless the
+        blob matched its digest (and `size`), so it is verified once iteration ends."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -68,11 +87,17 @@ class RegistrySource:
     async def resolve(self) -> tuple[bytes, str, str]:
         return await self.client.resolve_modelkit(self.reference.repository, self.reference.target)
 
-    async def get_blob(self, digest: str, max_size: int = 64 << 20) -> bytes:
-        return await self.client.get_blob(self.reference.repository, digest, max_size)
+    async def get_blob(
+        self, digest: str, max_size: int = 64 << 20, *, size: int | None = None
+    ) -> bytes:
+        return await self.client.get_blob(self.reference.repository, digest, max_size, size=size)
 
-    async def read_range(self, digest: str, offset: int, length: int) -> bytes:
-        return await self.client.read_range(self.reference.repository, digest, offset, length)
+    async def read_range(
+        self, digest: str, offset: int, length: int, *, size: int | None = None
+    ) -> bytes:
+        return await self.client.read_range(
+            self.reference.repository, digest, offset, length, size=size
+        )
 
     async def read_range_into(
         self,
@@ -81,15 +106,17 @@ class RegistrySource:
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
         prepare: Callable[[int], None] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         await self.client.read_range_into(
-            self.reference.repository, digest, offset, buffers, filled, prepare
+            self.reference.repository, digest, offset, buffers, filled, prepare, size=size
         )
 
     def stream_blob(
-        self, digest: str
+        self, digest: str, *, size: int | None = None
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        return self.client.stream_blob(self.reference.repository, digest)
+        return self.client.stream_blob(self.reference.repository, digest, size=size)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -107,12 +134,18 @@ class LocalSource:
             self.storage.resolve, self.reference.name, self.reference.target
         )
 
-    async def get_blob(self, digest: str, max_size: int = 64 << 20) -> bytes:
-        return await trio.to_thread.run_sync(self.storage.read_blob, digest)
+    async def get_blob(
+        self, digest: str, max_size: int = 64 << 20, *, size: int | None = None
+    ) -> bytes:
+        data = await trio.to_thread.run_sync(self.storage.read_blob, digest)
+        _check_size(digest, len(data), size)
+        return data
 
-    async def read_range(self, digest: str, offset: int, length: int) -> bytes:
+    async def read_range(
+        self, digest: str, offset: int, length: int, *, size: int | None = None
+    ) -> bytes:
         buf = bytearray(length)
-        await self.read_range_into(digest, offset, [memoryview(buf)])
+        await self.read_range_into(digest, offset, [memoryview(buf)], size=size)
         return bytes(buf)
 
     async def read_range_into(
@@ -122,9 +155,12 @@ class LocalSource:
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
         prepare: Callable[[int], None] | None = None,
+        *,
+        size: int | None = None,
     ) -> None:
         def read() -> None:
             with self.storage.open_blob(digest) as f:
+                _check_size(digest, os.fstat(f.fileno()).st_size, size)
                 at = offset
                 for i, buf in enumerate(buffers):
                     done = 0
@@ -150,19 +186,45 @@ class LocalSource:
                 filled(i)
 
     @contextlib.asynccontextmanager
-    async def stream_blob(self, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:
-        async def pieces() -> AsyncIterator[bytes]:
-            with self.storage.open_blob(digest) as f:
-                while True:
-                    piece = await trio.to_thread.run_sync(f.read, STREAM_PIECE)
-                    if not piece:
-                        return
-                    yield piece
+    async def stream_blob(
+        self, digest: str, *, size: int | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        async with contextlib.aclosing(self._pieces(digest, size)) as pieces:
+            yield pieces
 
-        yield pieces()
+    async def _pieces(self, digest: str, size: int | None) -> AsyncGenerator[bytes, None]:
+        # Verified like a registry's stream: callers take a clean end as the blob's
+        # verification (the engine marks a streamed layer verified), and a disk can lie.
+        what = f"reading blob {digest} from kit's local storage"
+        try:
+            with self.storage.open_blob(digest) as f:
+                actual = os.fstat(f.fileno()).st_size
+                _check_size(digest, actual, size)
+                verifier = DigestVerifier(
+                    digest, actual, what, threaded=actual >= _THREADED_HASH_MIN
+                )
+                try:
+                    while True:
+                        piece = await trio.to_thread.run_sync(f.read, STREAM_PIECE)
+                        if not piece:
+                            break
+                        await verifier.update(piece)
+                        yield piece
+                    await verifier.verify()
+                finally:
+                    verifier.abort()
+        except OSError as exc:  # a KitfsError, like every other source's failures
+            raise LocalStorageError(f"{what}: {exc.strerror or exc}") from None
 
     async def aclose(self) -> None:
         return None
+
+
+def _check_size(digest: str, actual: int, size: int | None) -> None:
+    if size is not None and actual != size:
+        raise IntegrityError(
+            f"blob {digest} in kit's local storage is {actual} bytes, its descriptor says {size}"
+        )
 
 
 def open_source(reference: Reference, options: ClientOptions) -> BlobSource:
