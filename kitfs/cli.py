@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -283,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Names and Kitfiles come from whoever packed the ModelKit: what the terminal's
+        # encoding cannot show is printed escaped, never an internal error mid-listing.
+        sys.stdout.reconfigure(errors="backslashreplace")
     if args.kitops_home:
         os.environ["KITOPS_HOME"] = str(Path(args.kitops_home).expanduser())
     try:

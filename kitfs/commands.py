@@ -23,6 +23,8 @@ from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import parse_reference
 from kitfs.units import human_bytes
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     # Imported where used: `kitfs mount` starts two interpreters (the command and its
     # daemon), and what the command alone does not need is start-up time a user waits.
@@ -50,9 +52,48 @@ def client_options(args: argparse.Namespace) -> ClientOptions:
 
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run `fn` under trio, raising what failed as itself, not inside an exception group.
+
+    A nursery anywhere below (layers inspected in parallel, pack's workers)
+    wraps what fails in it in an ExceptionGroup; cli.main reports a KitfsError
+    as one line but a group as an internal error, so a bad tar entry found
+    while listing came out as exit 70 and "ExceptionGroup". The user's error
+    is taken out of the group here, once for every command.
+    """
     import trio
 
-    return trio.run(fn)
+    try:
+        return trio.run(fn)
+    except BaseExceptionGroup as group:
+        cause = user_error(group)
+        if cause is group:
+            raise
+        raise cause from group
+
+
+def user_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error to report out of (nested) exception groups: an interrupt, else the
+    first KitfsError, else the group itself (a bug, with all its tracebacks)."""
+    import trio
+
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    collect(group)
+    chosen = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None) or next(
+        (e for e in leaves if isinstance(e, KitfsError)), None)
+    if chosen is None:
+        return group
+    for other in leaves:
+        if other is not chosen:
+            log.debug("also failed: %r", other, exc_info=other)
+    return chosen
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
@@ -170,7 +211,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print()
         return 0
     for node in tree.walk():
-        name = node.path + ("/" if node.kind == "dir" else "")
+        name = shown_path(node.path) + ("/" if node.kind == "dir" else "")
         if args.long:
             mode = stat.filemode((stat.S_IFDIR if node.kind == "dir" else stat.S_IFREG)
                                  | node.mode)
@@ -182,6 +223,36 @@ def cmd_ls(args: argparse.Namespace) -> int:
     files = sum(1 for _ in tree.files())
     print(f"{files} files, {human_bytes(tree.total_size)}")
     return 0
+
+
+def shown_path(path: str) -> str:
+    """A path as `ls` prints it, one line whatever it holds (`ls --json` keeps it exact).
+
+    Tar names are bytes: those that are not UTF-8 arrive surrogate-escaped
+    (as os.fsdecode gives them) and cannot be printed to a UTF-8 stdout;
+    they are shown as \\xNN. Control characters are escaped too, so a newline
+    cannot fake a second entry, nor an escape sequence rewrite the terminal;
+    a backslash is doubled so the escaping stays unambiguous.
+    """
+    if path.isprintable() and "\\" not in path:
+        return path
+    out = []
+    for ch in path:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else
+                                            f"\\u{code:04x}" if code < 0x10000 else
+                                            f"\\U{code:08x}"))
+    return "".join(out)
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def cmd_login(args: argparse.Namespace) -> int:
