@@ -223,13 +223,14 @@ async def _serve(
         reference, config.client, config.cache_dir, filters=filters, config=engine_config,
         cache_budget=config.cache_size,
     ) as kit:
-        await kit.engine.start(root)
         ops = KitfsOperations(kit.tree, kit.engine, FsConfig(
             uid=os.getuid(), gid=os.getgid(), time_ns=_tree_time_ns(kit.inspection),
             request_timeout=config.request_timeout,
             # Only catches an engine that hangs: it must never fire before the engine's own.
             read_timeout=kit.engine.longest_wait + READ_BOUND_MARGIN_S,
         ))
+        kit.engine.on_poison = ops.forget_pages
+        await kit.engine.start(root)
         state = MountState(
             pid=os.getpid(), start_time=process_start_time(os.getpid()),
             reference=config.reference, digest=kit.inspection.digest,
@@ -283,6 +284,7 @@ async def _mount_and_run(
             if config.allow_other and os.geteuid() != 0 else ""
         raise MountError(f"the kernel refused to mount {mountpoint}{hint}") from None
     stopper.fuse_running = True
+    ops.attached = True
     log.info("mounted %s (%s) at %s", config.reference, state.digest, mountpoint)
     try:
         async with trio.open_nursery() as mount_tasks:
@@ -292,6 +294,7 @@ async def _mount_and_run(
             stopper.fuse_scope.cancel()  # the loop is done: the grace timer has nothing to do
             mount_tasks.cancel_scope.cancel()
     finally:
+        ops.attached = False
         pyfuse3.close(unmount=True)
         remove_state(config.mountpoint, state.pid)
         log.info("unmounted %s", mountpoint)

@@ -13,7 +13,7 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import trio
 
@@ -22,7 +22,7 @@ from kitfs.modelkit.decompress import StreamDecompressor
 from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.kitfile import kitfile_to_yaml
 from kitfs.modelkit.manifest import LayerInfo, ModelKitView, parse_modelkit, sha256_digest
-from kitfs.modelkit.tarindex import TarWalker
+from kitfs.modelkit.tarindex import SequentialWalk, TarWalker
 from kitfs.modelkit.toc import (
     TOC_ANNOTATION,
     LayerToc,
@@ -31,6 +31,7 @@ from kitfs.modelkit.toc import (
     layer_from_json,
     layer_to_json,
     load_toc,
+    validate_layer_toc,
 )
 from kitfs.modelkit.tree import Placement, Tree, build_tree
 from kitfs.oci.source import BlobSource
@@ -86,8 +87,11 @@ async def load_kitfs_toc(source: BlobSource, view: ModelKitView) -> ModelKitToc 
     toc = load_toc(data)
     for layer in view.layers:
         entry = toc.layer(layer.digest)
-        if entry is not None and entry.blob_size != layer.size:
-            raise FormatError(f"table of contents disagrees with the manifest on {layer.digest}")
+        if entry is not None:
+            # Authentic (pinned) but written by whoever packed the kit: what can be
+            # judged without the layer is judged here, the rest against its tar
+            # headers before a file is served (engine: _check_layout).
+            validate_layer_toc(entry, layer.size, layer.compression != "none")
     return toc
 
 
@@ -113,72 +117,107 @@ async def walk_tar_headers(source: BlobSource, layer: LayerInfo) -> tuple[TocEnt
 
 
 async def stream_tar_headers(source: BlobSource, layer: LayerInfo) -> tuple[TocEntry, ...]:
-    """Decompress a whole gzip/zstd layer once, keeping only a small window in memory."""
-    walker = TarWalker()
+    """Decompress a whole gzip/zstd layer once, keeping only a header's bytes in memory.
+
+    Read to the end even after the archive's last entry: the blob's digest is
+    checked only there, and a layout read from unchecked bytes could name
+    files the layer does not hold (then it could not be cached either).
+    """
+    walk = SequentialWalk()
     decomp = StreamDecompressor(layer.compression)
-    buf = b""
-    base = 0  # stream offset of buf[0]
     async with source.stream_blob(layer.digest) as pieces:
         async for piece in pieces:
-            buf += await trio.to_thread.run_sync(decomp.decompress, piece)
-            while (request := walker.next_request()) is not None:
-                offset, length = request
-                if offset >= base + len(buf):  # jump over file data not yet needed
-                    base, buf = base + len(buf), b""
-                    break
-                if offset > base:
-                    buf, base = buf[offset - base :], offset
-                if len(buf) < length:
-                    break
-                walker.feed(offset, buf[:length])
-            if walker.done:
-                break
-        else:
-            decomp.finish()
-            while (request := walker.next_request()) is not None:
-                offset, length = request
-                walker.feed(offset, buf[offset - base :][:length] if offset >= base else b"")
-    return tuple(walker.entries)
+            data = await trio.to_thread.run_sync(decomp.decompress, piece)
+            if not walk.done:
+                walk.feed(data)
+        decomp.finish()
+    walk.finish()
+    return tuple(walk.entries)
+
+
+#: Where a layer's entries came from, which says what still binds them to its digest.
+#: `toc`: a kitfs table of contents (pinned by the manifest, but written by whoever
+#: packed it: checked against the tar's own headers before a file is served);
+#: `walked`: tar headers read by range from an unverified registry (checked when the
+#: layer is hashed end to end); `raw`, `stream`, `cached`: already bound (a raw layer
+#: is its one file; a stream was hashed as it was walked; a cached layout was stored
+#: only after its layer verified).
+LayoutOrigin = Literal["toc", "walked", "raw", "stream", "cached"]
+
+#: The key a cached layout carries once its layer was verified end to end; layouts
+#: cached without it (older kitfs cached walked headers unchecked) are walked again.
+CHECKED_KEY = "checkedAgainstDigest"
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """A layer's tar entries and where they came from (see LayoutOrigin)."""
+
+    entries: tuple[TocEntry, ...]
+    origin: LayoutOrigin
+
+    @property
+    def bound(self) -> bool:
+        """True when the entries already trace back to the layer digest."""
+        return self.origin in ("raw", "stream", "cached")
 
 
 class EntryCache(Protocol):
-    """Where walked tables of contents are kept by layer digest (kitfs.cache.tocs.TocCache)."""
+    """Where checked layouts are kept by layer digest (kitfs.cache.tocs.TocCache)."""
 
     def get(self, layer_digest: str) -> bytes | None: ...
 
     def put(self, layer_digest: str, data: bytes) -> None: ...
 
 
-async def layer_entries(
+def layout_record(layer: LayerInfo, entries: tuple[TocEntry, ...]) -> bytes:
+    """What is cached for a layout checked against its layer's digest."""
+    walked = LayerToc(layer.digest, layer.diff_id or "", layer.media_type, layer.size,
+                      -1, entries)
+    doc = layer_to_json(walked)
+    doc[CHECKED_KEY] = True
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def parse_layout_record(data: bytes, layer: LayerInfo) -> tuple[TocEntry, ...] | None:
+    """The entries of a cached layout record, or None if it is not a checked one of this layer."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get(CHECKED_KEY) is not True:
+            return None
+        toc = layer_from_json(doc)
+    except (ValueError, KitfsError) as exc:
+        log.warning("ignoring cached layout of %s: %s", layer.digest, exc)
+        return None
+    return toc.entries if toc.digest == layer.digest else None
+
+
+async def layer_layout(
     source: BlobSource, inspection: Inspection, layer: LayerInfo,
     cache: EntryCache | None = None,
-) -> tuple[TocEntry, ...]:
+) -> LayerLayout:
+    """A layer's entries, cheapest first; a layout is cached only once it is bound to the digest."""
     if inspection.toc is not None:
         known = inspection.toc.layer(layer.digest)
         if known is not None:
-            return known.entries
+            return LayerLayout(known.entries, "toc")
     if layer.fmt == "raw":
-        return raw_layer_entries(layer)
+        return LayerLayout(raw_layer_entries(layer), "raw")
     if cache is not None:
         cached = await trio.to_thread.run_sync(cache.get, layer.digest)
         if cached is not None:
-            try:
-                return layer_from_json(json.loads(cached)).entries
-            except (ValueError, KitfsError) as exc:
-                log.warning("ignoring cached table of contents of %s: %s", layer.digest, exc)
+            entries = parse_layout_record(cached, layer)
+            if entries is not None:
+                return LayerLayout(entries, "cached")
     if layer.compression == "none":
-        entries = await walk_tar_headers(source, layer)
-    else:
-        entries = await stream_tar_headers(source, layer)
+        return LayerLayout(await walk_tar_headers(source, layer), "walked")
+    entries = await stream_tar_headers(source, layer)
     if cache is not None:
-        walked = LayerToc(layer.digest, layer.diff_id or "", layer.media_type, layer.size,
-                          -1, entries)
-        data = json.dumps(layer_to_json(walked), separators=(",", ":")).encode()
         try:
-            await trio.to_thread.run_sync(cache.put, layer.digest, data)
+            await trio.to_thread.run_sync(cache.put, layer.digest, layout_record(layer, entries))
         except KitfsError as exc:
-            log.warning("cannot cache the table of contents of %s: %s", layer.digest, exc)
-    return entries
+            log.warning("cannot cache the layout of %s: %s", layer.digest, exc)
+    return LayerLayout(entries, "stream")
 
 
 def placement_prefix(layer: LayerInfo) -> str:
@@ -191,21 +230,30 @@ async def build_file_tree(
     cache: EntryCache | None = None,
 ) -> Tree:
     """The tree `kit unpack` (with these filters) would write, from metadata alone."""
+    tree, _ = await file_tree_and_layouts(source, inspection, filters, cache)
+    return tree
+
+
+async def file_tree_and_layouts(
+    source: BlobSource, inspection: Inspection, filters: FilterSet,
+    cache: EntryCache | None = None,
+) -> tuple[Tree, dict[str, LayerLayout]]:
+    """The tree, and the layout of each layer it places (what a mount must still check)."""
     chosen = [
         layer for layer in inspection.view.layers
         if filters.keeps_layer(layer.kind, layer.name, layer.path)
     ]
-    results: dict[str, tuple[TocEntry, ...]] = {}
+    results: dict[str, LayerLayout] = {}
 
     async def load(layer: LayerInfo) -> None:
-        results[layer.digest] = await layer_entries(source, inspection, layer, cache)
+        results[layer.digest] = await layer_layout(source, inspection, layer, cache)
 
     async with trio.open_nursery() as nursery:
         for layer in chosen:
             nursery.start_soon(load, layer)
     placements = [
         Placement(
-            layer.digest, results[layer.digest],
+            layer.digest, results[layer.digest].entries,
             "" if layer.fmt == "raw" else placement_prefix(layer),
         )
         for layer in chosen
@@ -213,4 +261,30 @@ async def build_file_tree(
     kitfile = None
     if filters.keeps_kitfile():
         kitfile = kitfile_to_yaml(inspection.view.kitfile.without_layer_digests()).encode()
-    return build_tree(placements, kitfile)
+    return build_tree(placements, kitfile), results
+
+
+def layout_mismatch(claimed: tuple[TocEntry, ...], found: tuple[TocEntry, ...]) -> str | None:
+    """Why the entries a layer was listed with are not those its tar holds; None if they are.
+
+    `found` is what walking the tar's own (verified) headers gave: names,
+    kinds, modes, sizes and data offsets must all agree, so no file can be
+    served from another's bytes, from bytes past the archive's end, or be
+    hidden from (or added to) what `kit unpack` writes.
+    """
+    if claimed == found:
+        return None
+    theirs = {e.name: e for e in found}
+    ours = {e.name: e for e in claimed}
+    for entry in claimed:
+        real = theirs.get(entry.name)
+        if real is None:
+            return f"lists {entry.name!r}, which the tar does not hold"
+        if real != entry:
+            return (f"says {entry.name!r} is {entry.kind} {entry.size} bytes at {entry.offset} "
+                    f"(mode {entry.mode:o}), the tar has {real.kind} {real.size} bytes at "
+                    f"{real.offset} (mode {real.mode:o})")
+    for entry in found:
+        if entry.name not in ours:
+            return f"does not list {entry.name!r}, which the tar holds"
+    return "lists the tar's entries in another order or more than once"

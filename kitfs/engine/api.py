@@ -30,6 +30,10 @@ class FileReader(Protocol):
 
     def released(self, node: Node) -> None: ...
 
+    def trusted(self, node: Node) -> bool:
+        """False once the layer holding `node` is poisoned: the kernel must keep none of it."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """Counters for `kitfs status` (JSON-serialisable)."""
         ...

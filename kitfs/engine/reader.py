@@ -31,7 +31,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -40,19 +40,22 @@ import trio
 
 from kitfs.buffers import new_buffer
 from kitfs.cache.fileformat import CacheError as _CacheErrorBase
+from kitfs.cache.keys import chunk_key_for_digest
 from kitfs.cache.memory import ChunkData, MemoryTier
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
 from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.engine.geometry import Chunk, LayerGeometry, plan_layer, verified_record
 from kitfs.engine.prefetch import prefetch_plan
-from kitfs.errors import IntegrityError, KitfsError, UnreachableError
-from kitfs.modelkit.chunkdigest import block_matches
+from kitfs.errors import FormatError, IntegrityError, KitfsError, UnreachableError
+from kitfs.inspection import LayerLayout, layout_mismatch, layout_record
+from kitfs.modelkit.chunkdigest import block_matches, chunk_digest
 from kitfs.modelkit.chunkdigest import matches as chunk_digest_matches
 from kitfs.modelkit.decompress import StreamDecompressor
 from kitfs.modelkit.manifest import LayerInfo
 from kitfs.modelkit.safetensors import LENGTH_PREFIX, TensorExtents, header_length, tensor_extents
 from kitfs.modelkit.safetensors import SUFFIX as SAFETENSORS
+from kitfs.modelkit.tarindex import SequentialWalk, TarWalker
 from kitfs.modelkit.toc import DEFAULT_CHUNK_SIZE, LayerToc
 from kitfs.modelkit.tree import Node, Tree
 from kitfs.oci.source import BlobSource
@@ -91,6 +94,10 @@ TENSOR_FULL_REQUEST = 1 << 20
 #: partial chunks (2 MiB each) and requests a reader of many small pieces can start.
 MAX_TENSOR_FETCHES = 2
 PAGE = 4096
+#: After a read of a chunk timed out, reads of it fail at once for this long: the
+#: kernel asks again for the page it could not read ahead, and that second request
+#: must not wait a whole deadline more (a read fails within --timeout, once).
+FAILED_READ_MEMORY_S = 2.0
 
 
 
@@ -129,13 +136,16 @@ class _Partial:
     ends, whether or not the block arrived (waiters look at `have` again).
     """
 
-    __slots__ = ("buffer", "completing", "flights", "have")
+    __slots__ = ("bad", "buffer", "completing", "flights", "have")
 
     def __init__(self, size: int) -> None:
         self.buffer = new_buffer(size)
         self.have: set[int] = set()
         self.flights: dict[int, trio.Event] = {}
         self.completing = False  # all blocks here, the whole-chunk check under way
+        # Blocks that arrived wrong: the next reader of one fails with this error (and
+        # clears it, so the read after fetches the block again).
+        self.bad: dict[int, IntegrityError] = {}
 
 
 class _Claim:
@@ -156,6 +166,18 @@ class _Layer:
     geo: LayerGeometry
     state: str = "unverified"  # unverified | verifying | verified | poisoned
     reason: str = ""
+    # Where the layer's entries came from; None: not known to this engine (tests).
+    layout: LayerLayout | None = None
+    # False until the entries are known to be what the layer's tar holds: a kitfs table
+    # of contents, or headers walked by range on a layer verified chunk by chunk, are
+    # walked again over verified chunks before any file of the layer is served.
+    layout_ok: bool = True
+    layout_check: trio.Event | None = None  # set when a check in progress ends
+    layout_error: KitfsError | None = None  # why the last check could not finish
+    # BLAKE3 of each chunk this engine fetched that has no digest of its own: such a
+    # chunk is read back from the disk cache only if it still matches (one written by
+    # another process, or before a crash, was never verified and is fetched again).
+    recorded: dict[int, str] = field(default_factory=dict)
     verified_event: trio.Event = field(default_factory=trio.Event)
     fetched: set[int] = field(default_factory=set)
     verify_started: bool = False
@@ -194,6 +216,7 @@ class Engine:
         config: EngineConfig | None = None,
         *,
         toc_cache: TocCache | None = None,
+        layouts: Mapping[str, LayerLayout] | None = None,
     ) -> None:
         config = config or EngineConfig()
         self.source = source
@@ -206,10 +229,15 @@ class Engine:
         for info in layers:
             verified = toc_cache.get_verified(info.digest) if toc_cache is not None else None
             geo = plan_layer(info, tocs.get(info.digest), config.chunk_size, verified)
-            layer = _Layer(info, geo)
+            layout = layouts.get(info.digest) if layouts is not None else None
+            layer = _Layer(info, geo, layout=layout)
             if geo.verified_by_chunk:
                 layer.state = "verified"
                 layer.verified_event.set()
+            # Walked headers of a layer not verified by chunk are checked with the
+            # layer (_verify); everything else not yet bound is checked before serving.
+            layer.layout_ok = layout is None or layout.bound or (
+                layout.origin == "walked" and not geo.verified_by_chunk)
             self.layers[info.digest] = layer
         self._flights: dict[tuple[str, int], _Flight] = {}
         self._loads: dict[tuple[str, int], _Flight] = {}  # chunk files being read
@@ -234,6 +262,11 @@ class Engine:
         # Prefetch pacing: per layer, the furthest chunk a reader got to, and when.
         self._front: dict[str, tuple[int, float]] = {}
         self._read_progress = trio.lowlevel.ParkingLot()  # paced prefetch waits here
+        # (layer, chunk) -> (until when, why): chunks whose read just timed out
+        self._failed_reads: dict[tuple[str, int], tuple[float, KitfsError]] = {}
+        #: Told which files of a poisoned layer the kernel may still hold pages of
+        #: (fs/ drops them): wrong bytes must not stay readable from the page cache.
+        self.on_poison: Callable[[list[Node]], Awaitable[None]] | None = None
         self.counters = _Counters()
         self.started = time.time()
         self._started_at = 0.0  # trio clock, set by start()
@@ -249,11 +282,32 @@ class Engine:
                                  {d: layer.geo for d, layer in self.layers.items()},
                                  self.config.prefetch)
             self._planned = {d for d, _ in plan}
-            nursery.start_soon(self._prefetch, plan)
+            self._spawn(self._prefetch, plan)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         if self._nursery is not None:
-            self._nursery.start_soon(fn, *args)
+            self._nursery.start_soon(self._guarded, fn, *args)
+
+    async def _guarded(self, fn: Any, *args: Any) -> None:
+        """Run a background task; nothing it raises but cancellation may reach the nursery.
+
+        The nursery is the mount's root: an exception escaping it (a bug, or a
+        foreign exception from a library) would end the daemon and leave every
+        reader with ENOTCONN. Such a task's readers still wait only until their
+        own deadline.
+        """
+        try:
+            await fn(*args)
+        except Exception as exc:
+            self._note_error(self._foreign(exc, getattr(fn, "__name__", "background task")))
+
+    @staticmethod
+    def _foreign(exc: BaseException, where: str) -> str:
+        """One line for an exception that is not a KitfsError (logged with its traceback)."""
+        if isinstance(exc, KitfsError):
+            return str(exc)
+        log.error("unexpected error in %s", where, exc_info=exc)
+        return f"{where}: unexpected {type(exc).__name__}: {exc}"
 
     @property
     def longest_wait(self) -> float:
@@ -285,6 +339,9 @@ class Engine:
         self._readahead.pop(node.path, None)
         self._tensor_front.pop(node.path, None)
 
+    def trusted(self, node: Node) -> bool:
+        return node.layer is None or self.layers[node.layer].state != "poisoned"
+
     def _file_keys(self, node: Node) -> list[str]:
         if node.layer is None or node.size == 0:
             return []
@@ -304,6 +361,9 @@ class Engine:
         layer = self.layers[node.layer]
         limit = self.config.stream_timeout if layer.geo.shape == "stream" else (
             self.config.read_timeout)
+        chunks = range((node.offset + offset) // layer.geo.chunk_size,
+                       (node.offset + end - 1) // layer.geo.chunk_size + 1)
+        self._recently_failed(layer, chunks)
         # On arrival, not on completion: the kernel sends a sequential reader's
         # requests in order, but they finish in any order; judged on completion,
         # a streamed shard kept looking like random reads and got no readahead
@@ -315,6 +375,8 @@ class Engine:
         whole = run_start == 0
         try:
             with trio.fail_after(limit):
+                if not layer.layout_ok:
+                    await self._layout_ready(layer)
                 if not whole and node.path.endswith(SAFETENSORS) and self._hinted(layer):
                     await self._tensor_readahead(node, layer, offset, end,
                                                  fresh=run_start == offset)
@@ -322,10 +384,26 @@ class Engine:
         except trio.TooSlowError:
             msg = f"{node.path}: no data from the registry within {limit:.0f} s"
             self._note_error(msg)
-            raise UnreachableError(msg) from None
+            error = UnreachableError(msg)
+            until = trio.current_time() + FAILED_READ_MEMORY_S
+            for index in chunks:
+                self._failed_reads[(layer.info.digest, index)] = (until, error)
+            raise error from None
         self.counters.bytes_served += len(data)
         self._note_read(layer, node.offset + offset, node.offset + end)
         return data
+
+    def _recently_failed(self, layer: _Layer, chunks: range) -> None:
+        """Fail at once a read of a chunk whose read just timed out (see FAILED_READ_MEMORY_S)."""
+        if not self._failed_reads:
+            return
+        now = trio.current_time()
+        for key in [k for k, (until, _) in self._failed_reads.items() if until <= now]:
+            del self._failed_reads[key]
+        for index in chunks:
+            failed = self._failed_reads.get((layer.info.digest, index))
+            if failed is not None:
+                raise failed[1]
 
     def _note_read(self, layer: _Layer, start: int, end: int) -> None:
         """Tell prefetch pacing that a reader got to `end` of the layer's stream."""
@@ -472,6 +550,10 @@ class Engine:
             data = self._cached(layer, index)
             if data is None and key not in self._flights:
                 gathered = self._partials.get(key)
+                if gathered is not None and gathered.bad:
+                    for b in self._blocks_of(layer, lo, hi):
+                        if b in gathered.bad:
+                            raise gathered.bad.pop(b)  # the next read fetches it again
                 if gathered is not None and self._has_blocks(layer, gathered, lo, hi):
                     self._partials[key] = self._partials.pop(key)  # most recently used
                     return memoryview(gathered.buffer)[lo:hi]
@@ -603,11 +685,11 @@ class Engine:
                 if ok:
                     partials[i].have.add(b)
                 else:
-                    # Poisoned now, raised after the request (not from inside the
+                    # Marked now, raised after the request (not from inside the
                     # transport): a reader of this block, woken with its chunk, must
                     # fail at once, not look again until the request ends.
                     bad.append(run[i])
-                    self._poison(layer, self._bad_block(layer, *run[i]))
+                    partials[i].bad[b] = IntegrityError(self._bad_block(layer, *run[i]))
                 arrived(index)
 
             try:
@@ -625,6 +707,10 @@ class Engine:
             except KitfsError as exc:
                 self._failed(layer, exc)
                 raise
+            except Exception as exc:
+                error = KitfsError(self._foreign(exc, f"fetching blocks of {digest[:19]}"))
+                self._failed(layer, error)
+                raise error from None
 
     @staticmethod
     def _bad_block(layer: _Layer, index: int, block: int) -> str:
@@ -695,8 +781,13 @@ class Engine:
         answering None then made the caller fetch the chunk a second time.
         """
         key = self._key(layer, index)
+        recorded = None
+        if not _by_digest(key):
+            recorded = layer.recorded.get(index)
+            if recorded is None:  # never verified by anyone: fetched again
+                return self._cached(layer, index)
         try:
-            data = await trio.to_thread.run_sync(self.store.get, key)
+            data = await trio.to_thread.run_sync(self.store.get, key, recorded)
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
             return self._cached(layer, index)
@@ -804,10 +895,12 @@ class Engine:
                 finally:
                     self.counters.in_flight -= 1
                     settle_batch()  # what arrived whole is good whatever happens next
-        except KitfsError as exc:
-            self._failed(layer, exc)
+        except Exception as exc:
+            error = exc if isinstance(exc, KitfsError) else KitfsError(
+                self._foreign(exc, f"fetching layer {digest[:19]}"))
+            self._failed(layer, error)
             for index in pending:
-                self._fail(layer, index, exc)
+                self._fail(layer, index, error)
         except BaseException:
             err = UnreachableError(f"fetch of layer {digest[:19]} was cancelled")
             for index in pending:
@@ -840,8 +933,15 @@ class Engine:
             return exc
 
     def _failed(self, layer: _Layer, error: KitfsError) -> None:
-        """A fetch or a check went wrong: noted, and a lie (IntegrityError) poisons the layer."""
-        if isinstance(error, IntegrityError):
+        """A fetch or a check went wrong: noted, and a lie (IntegrityError) poisons a layer
+        checked only as a whole.
+
+        Where every chunk carries its own digest, a lie fails just the chunk it
+        was in: nothing wrong was served, and the next read fetches it again
+        (one bad response from a flaky proxy must not take a model away until
+        remount).
+        """
+        if isinstance(error, IntegrityError) and not layer.geo.verified_by_chunk:
             self._poison(layer, str(error))
         self._note_error(str(error))
 
@@ -870,10 +970,13 @@ class Engine:
             algorithm = chunk.digest.partition(":")[0]
             raise IntegrityError(
                 f"chunk {chunk.index} of layer {layer.info.digest} does not match its {algorithm}")
+        if chunk.digest is None:
+            layer.recorded[chunk.index] = chunk_digest(data)
         return data
 
     def _deliver(self, layer: _Layer, index: int, key: str, data: ChunkData) -> None:
         self._partials.pop((layer.info.digest, index), None)  # whole now
+        self._failed_reads.pop((layer.info.digest, index), None)
         self.memory.put(key, data)
         layer.fetched.add(index)
         flight = self._flights.pop((layer.info.digest, index), None)
@@ -884,7 +987,7 @@ class Engine:
     def _store_later(self, key: str, data: ChunkData) -> None:
         if self._nursery is not None:
             self._pending_writes += 1  # counted now: flush() sees writes not started
-            self._nursery.start_soon(self._store, key, data)
+            self._spawn(self._store, key, data)
 
     def _fail(self, layer: _Layer, index: int, error: KitfsError) -> None:
         flight = self._flights.pop((layer.info.digest, index), None)
@@ -894,7 +997,7 @@ class Engine:
     async def _store(self, key: str, data: ChunkData) -> None:
         try:
             async with self._disk:
-                await trio.to_thread.run_sync(self.store.put, key, data)
+                await trio.to_thread.run_sync(self._put, key, data)
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
         finally:
@@ -904,6 +1007,13 @@ class Engine:
             # sleep on an event nobody sets).
             self._write_finished.set()
             self._write_finished = trio.Event()
+
+    def _put(self, key: str, data: ChunkData) -> None:
+        """Store a chunk (in a thread). A file under a position key may be one nobody
+        verified (another process's, or from before a crash): this chunk replaces it."""
+        if not _by_digest(key):
+            self.store.remove(key)
+        self.store.put(key, data)
 
     async def _writes_at_most(self, count: int) -> None:
         while self._pending_writes > count:
@@ -1135,14 +1245,16 @@ class Engine:
         A cache that cannot be looked into counts as empty (the chunks are fetched).
         """
         chunks = layer.geo.chunks
-        wanted = [i for i in indexes if i < len(chunks)]
+        wanted = [i for i in indexes if i < len(chunks)
+                  and (chunks[i].digest is not None or i in layer.recorded)]
         try:
             present = await trio.to_thread.run_sync(
                 lambda: [self.store.contains(chunks[i].key) for i in wanted])
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
             return set(wanted)
-        return {i for i, here in zip(wanted, present, strict=True) if not here}
+        absent = {i for i in indexes if i < len(chunks)} - set(wanted)
+        return absent | {i for i, here in zip(wanted, present, strict=True) if not here}
 
     async def _load_ahead(self, layer: _Layer, index: int, flight: _Flight) -> None:
         """Bring a disk-cached chunk into memory ahead of its reader (a flight others join)."""
@@ -1181,8 +1293,8 @@ class Engine:
                 if layer.state != "poisoned":
                     try:
                         await self._chunk(layer, index, background=True)
-                    except KitfsError as exc:
-                        self._note_error(f"prefetch: {exc}")
+                    except Exception as exc:
+                        self._note_error(f"prefetch: {self._foreign(exc, 'prefetch')}")
                         await trio.sleep(1)
                 self.counters.prefetch_done += self._chunk_bytes(layer, index)
 
@@ -1248,7 +1360,8 @@ class Engine:
         def emit(data: bytes) -> None:
             nonlocal index
             key = layer.geo.position_key(index)
-            hashes[index] = hashlib.sha256(data).hexdigest()
+            hashes[index] = chunk_digest(data)
+            layer.recorded[index] = hashes[index]
             layer.stream_next = index + 1
             self._deliver(layer, index, key, data)
             index += 1
@@ -1275,17 +1388,87 @@ class Engine:
             layer.stream_digests = hashes
             # stream_blob checked the blob digest at its end: the layer is verified.
             self._mark_verified(layer, [hashes[i] for i in range(index)])
-        except KitfsError as exc:
-            self._failed(layer, exc)
+        except Exception as exc:
+            error = exc if isinstance(exc, KitfsError) else KitfsError(
+                self._foreign(exc, f"streaming layer {digest[:19]}"))
+            self._failed(layer, error)
             for (d, i) in list(self._flights):
                 if d == digest:
-                    self._fail(layer, i, exc)
+                    self._fail(layer, i, error)
         finally:
             layer.stream_running = False
         # Readers waiting for chunks past the end of the stream get nothing more.
         for (d, i) in list(self._flights):
             if d == digest:
                 self._fail(layer, i, IntegrityError(f"layer {digest} has no chunk {i}"))
+
+    # -- the layer's layout ------------------------------------------------------------
+
+    async def _layout_ready(self, layer: _Layer) -> None:
+        """Wait until the layer's entries are known to be its tar's (one check, many waiters).
+
+        A check that could not finish (the registry failed it) fails the reads
+        waiting for it; the next read starts another.
+        """
+        while not layer.layout_ok:
+            self._check_poison(layer)
+            event = layer.layout_check
+            if event is None:
+                event = layer.layout_check = trio.Event()
+                layer.layout_error = None
+                if self._nursery is None:
+                    await self._check_layout(layer, event)
+                else:
+                    self._spawn(self._check_layout, layer, event)
+            await event.wait()
+            self._check_poison(layer)
+            if not layer.layout_ok and layer.layout_error is not None:
+                raise layer.layout_error
+
+    async def _check_layout(self, layer: _Layer, event: trio.Event) -> None:
+        """Walk the tar headers over verified chunks and hold the listed entries to them.
+
+        Only headers are read (a block or chunk per big file, one window per
+        run of small ones), each checked like any chunk. A table of contents
+        that disagrees poisons the layer: its author tried to show other files
+        than `kit unpack` writes.
+        """
+        assert layer.layout is not None
+        size = layer.geo.stream_size if layer.geo.stream_size is not None else layer.info.size
+        try:
+            walker = TarWalker(size)
+            while (request := walker.next_request()) is not None:
+                offset, length = request
+                data = await self._read_range(layer, offset, length, False) if length else b""
+                walker.feed(offset, bytes(data))
+            problem = layout_mismatch(layer.layout.entries, tuple(walker.entries))
+            if problem is not None:
+                what = ("table of contents" if layer.layout.origin == "toc"
+                        else "tar headers read when it was listed")
+                self._poison(layer, f"its {what} {problem}")
+                return
+            layer.layout_ok = True
+            if layer.layout.origin == "walked":
+                self._keep_layout(layer)
+        except FormatError as exc:  # the verified bytes are not a tar kit could unpack
+            self._poison(layer, f"its tar is malformed: {exc}")
+        except Exception as exc:
+            layer.layout_error = exc if isinstance(exc, KitfsError) else KitfsError(
+                self._foreign(exc, "checking a layer's layout"))
+            self._note_error(f"checking the files of layer {layer.info.digest[:19]}: "
+                             f"{layer.layout_error}")
+        finally:
+            layer.layout_check = None
+            event.set()
+
+    def _keep_layout(self, layer: _Layer) -> None:
+        """Cache a layout now bound to the layer digest, so later mounts skip the walk."""
+        if self.toc_cache is None or layer.layout is None:
+            return
+        try:
+            self.toc_cache.put(layer.info.digest, layout_record(layer.info, layer.layout.entries))
+        except _CacheErrorBase as exc:
+            self._note_error(str(exc))
 
     # -- verification -----------------------------------------------------------------
 
@@ -1301,28 +1484,60 @@ class Engine:
         self._spawn(self._verify, layer)
 
     async def _verify(self, layer: _Layer) -> None:
-        """Hash the whole layer in order (fetching what is missing) against its digest."""
+        """Hash the whole layer in order (fetching what is missing) against its digest.
+
+        The tar headers are walked over the same bytes: entries listed from
+        headers read by range before must be the ones the verified layer holds.
+        """
         layer.state = "verifying"
         whole = hashlib.sha256()
         digests: list[str] = []
+        walked = layer.layout is not None and layer.layout.origin == "walked"
+        walk = SequentialWalk(layer.info.size) if walked else None
 
         def update(data: ChunkData) -> None:
             whole.update(data)
-            digests.append(hashlib.sha256(data).hexdigest())
+            digests.append(chunk_digest(data).removeprefix("blake3:"))
+            if walk is not None and not walk.done:
+                walk.feed(data)
 
         try:
             for chunk in layer.geo.chunks:
                 data = await self._chunk(layer, chunk.index, background=True)
                 await trio.to_thread.run_sync(update, data)
-        except KitfsError as exc:
+        except Exception as exc:
             layer.state = "unverified"
             layer.verify_started = False
-            self._note_error(f"verification of {layer.info.digest[:19]} postponed: {exc}")
+            self._note_error(f"verification of {layer.info.digest[:19]} postponed: "
+                             f"{self._foreign(exc, 'verification')}")
             return
         if "sha256:" + whole.hexdigest() != layer.info.digest:
             self._poison(layer, "the layer's bytes do not match its digest")
             return
+        if walk is not None and layer.layout is not None:
+            try:
+                walk.finish()
+                problem = layout_mismatch(layer.layout.entries, tuple(walk.entries))
+            except (FormatError, ValueError) as exc:
+                problem = f"are not a tar kit could unpack ({exc})"
+            if problem is not None:
+                self._poison(layer, f"its tar headers read when it was listed {problem}")
+                return
+            self._keep_layout(layer)
         self._mark_verified(layer, digests)
+        if layer.geo.shape == "ranged":
+            await self._adopt(layer, digests)
+
+    async def _adopt(self, layer: _Layer, digests: list[str]) -> None:
+        """Give a verified layer's chunk files the digest keys later mounts look them up by."""
+        geo = layer.geo
+        moves = [(geo.position_key(i), chunk_key_for_digest("blake3:" + d))
+                 for i, d in enumerate(digests) if geo.chunks[i].digest is None]
+        try:
+            await trio.to_thread.run_sync(
+                lambda: [self.store.adopt(old, new) for old, new in moves])
+        except _CacheErrorBase as exc:
+            self._note_error(str(exc))
 
     def _mark_verified(self, layer: _Layer, digests: list[str]) -> None:
         layer.state = "verified"
@@ -1352,6 +1567,10 @@ class Engine:
         if layer.geo.shape == "stream":
             for i in range(layer.stream_next):
                 self.memory.discard(layer.geo.position_key(i))
+        layer.recorded.clear()
+        if self.on_poison is not None:
+            nodes = [n for n in self.tree.files() if n.layer == layer.info.digest]
+            self._spawn(self.on_poison, nodes)
         self._spawn(self._purge, layer)
 
     async def _purge(self, layer: _Layer) -> None:
@@ -1359,5 +1578,11 @@ class Engine:
             await trio.to_thread.run_sync(self.store.remove_layer, layer.info.digest)
             if self.toc_cache is not None:
                 await trio.to_thread.run_sync(self.toc_cache.remove_verified, layer.info.digest)
+                await trio.to_thread.run_sync(self.toc_cache.remove, layer.info.digest)
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
+
+
+def _by_digest(key: str) -> bool:
+    """Whether a cache key is a chunk's own digest (the store checks it) or a position."""
+    return "-" not in key

@@ -14,7 +14,7 @@ from pathlib import Path
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
 from kitfs.engine.reader import Engine, EngineConfig
-from kitfs.inspection import Inspection, build_file_tree, inspect
+from kitfs.inspection import Inspection, file_tree_and_layouts, inspect
 from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.toc import LayerToc
 from kitfs.modelkit.tree import Tree
@@ -55,14 +55,14 @@ async def open_kit(
         store = ChunkStore(cache_dir, budget=cache_budget, sync=False)
         tocs = TocCache(cache_dir)
         ins = await inspect(source)
-        tree = await build_file_tree(source, ins, filters or FilterSet(), tocs)
+        tree, layouts = await file_tree_and_layouts(source, ins, filters or FilterSet(), tocs)
         layer_tocs: dict[str, LayerToc] = {}
         if ins.toc is not None:
             layer_tocs = {layer.digest: layer for layer in ins.toc.layers}
         used = {n.layer for n in tree.files() if n.layer is not None}
         layers = [layer for layer in ins.view.layers if layer.digest in used]
         engine = Engine(source, layers, layer_tocs, tree, store, config or EngineConfig(),
-                        toc_cache=tocs)
+                        toc_cache=tocs, layouts=layouts)
         yield OpenedKit(reference.with_digest(ins.digest), source, ins, tree, engine)
     finally:
         await source.aclose()

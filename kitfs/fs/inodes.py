@@ -40,6 +40,7 @@ class InodeTable:
     def __init__(self, tree: Tree) -> None:
         self._entries: list[Entry | None] = [None]  # index = inode; 0 is never valid
         self._by_name: dict[tuple[int, bytes], int] = {}
+        self._by_path: dict[str, int] = {"": ROOT_INODE}
         self.total_size = 0
         root = tree.nodes.get("")
         if root is None or root.kind != "dir":
@@ -61,6 +62,7 @@ class InodeTable:
             names.append(raw)
             inodes.append(child_inode)
             self._by_name[(inode, raw)] = child_inode
+            self._by_path[path] = child_inode
             if child.kind == "dir":
                 subdirs += 1
                 pending.append((child, child_inode))
@@ -78,6 +80,10 @@ class InodeTable:
         if 0 < inode < len(self._entries):
             return self._entries[inode]
         return None
+
+    def inode_of(self, path: str) -> int | None:
+        """The inode of the node at `path` (to tell the kernel to drop what it cached of it)."""
+        return self._by_path.get(path)
 
     def child(self, parent: int, name: bytes) -> int | None:
         """The inode of `name` in directory `parent` ('.' and '..' included), or None."""

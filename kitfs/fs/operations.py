@@ -161,6 +161,8 @@ class KitfsOperations(pyfuse3.Operations):
         self.reads = 0
         self.read_bytes = 0
         self.timeouts = 0
+        #: True while pyfuse3 has a session: only then may the kernel be told anything.
+        self.attached = False
 
     # -- helpers ----------------------------------------------------------------
 
@@ -192,6 +194,25 @@ class KitfsOperations(pyfuse3.Operations):
         attr.st_blocks = (attr.st_size + 511) // 512
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.config.time_ns
         return attr
+
+    async def forget_pages(self, nodes: Sequence[Node]) -> None:
+        """Drop what the kernel cached of these files (their layer was poisoned).
+
+        Pages read before the lie was found would otherwise stay readable
+        (`keep_cache`), to this reader and every later one. Each call goes to a
+        worker thread: the kernel takes the pages' locks, which a read request
+        of ours may hold while it waits for this loop to answer it.
+        """
+        for node in nodes:
+            inode = self.inodes.inode_of(node.path)
+            if inode is None or not self.attached:
+                continue
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+            except OSError as exc:  # ENOENT: the kernel holds nothing of it
+                log.debug("invalidating %s: %s", node.path, exc)
+        log.warning("dropped the kernel's cached pages of %d files of a poisoned layer",
+                    len(nodes))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -291,9 +312,13 @@ class KitfsOperations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = entry.node
+        keep = True
         if entry.node.inline is None:
             self.reader.opened(entry.node)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+            # A poisoned file's pages are never kept: an open without keep_cache
+            # makes the kernel drop any it still has.
+            keep = self.reader.trusted(entry.node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
     # pyfuse3 hands the result to PyObject_GetBuffer, so a memoryview (which spares
     # a copy of every chunk slice) works although its stub says bytes.

@@ -393,6 +393,74 @@ def _clean_name(raw: bytes) -> str | None:
     return clean
 
 
+class SequentialWalk:
+    """Walk the tar headers of a stream that goes by in order, holding only a header's bytes.
+
+    For streams read through anyway (a gzip/zstd layer decompressing, a layer
+    being hashed end to end): the walker's requests are served from the
+    pieces as they pass, file data is skipped without being copied, and the
+    walk sees exactly the bytes that were hashed. `feed` pieces in order,
+    then `finish()` at the end of the stream; the result is `entries`.
+    """
+
+    def __init__(self, size: int | None = None) -> None:
+        self.walker = TarWalker(size)
+        self._at = 0  # stream offset of the next byte fed
+        self._want: tuple[int, int] | None = None
+        self._held = bytearray()  # bytes of the wanted range gathered so far
+
+    @property
+    def entries(self) -> list[TocEntry]:
+        return self.walker.entries
+
+    @property
+    def done(self) -> bool:
+        return self.walker.done
+
+    def feed(self, piece: bytes | bytearray | memoryview) -> None:
+        view = memoryview(piece).cast("B") if not isinstance(piece, bytes) else memoryview(piece)
+        at = self._at
+        self._at += len(view)
+        while view and not self.walker.done:
+            if self._want is None:
+                self._want = self.walker.next_request()
+                if self._want is None:
+                    return
+            offset, length = self._want
+            if length == 0:  # the walker is told where the stream ends by a short feed
+                self._give(offset)
+                continue
+            need = offset + len(self._held)  # the next stream byte the walker wants
+            if at + len(view) <= need:
+                return  # file data the walk jumps over
+            if at < need:
+                view, at = view[need - at :], need
+            elif at > need:
+                raise ValueError(f"stream skipped bytes {need}..{at}")
+            take = min(len(view), length - len(self._held))
+            self._held += view[:take]
+            view, at = view[take:], at + take
+            if len(self._held) == length:
+                self._give(offset)
+
+    def finish(self) -> None:
+        """The stream ended: a walk still wanting bytes ends there (a short archive raises)."""
+        while not self.walker.done:
+            if self._want is None:
+                self._want = self.walker.next_request()
+                if self._want is None:
+                    return
+            offset = self._want[0]
+            if self._at < offset:
+                raise FormatError(
+                    f"tar stream truncated: ends at {self._at}, before offset {offset}")
+            self._give(offset)
+
+    def _give(self, offset: int) -> None:
+        data, self._held, self._want = bytes(self._held), bytearray(), None
+        self.walker.feed(offset, data)
+
+
 class Readable(Protocol):
     """Anything with a file-like `read`: a file, `gzip.GzipFile`, a zstd stream reader."""
 
@@ -401,27 +469,8 @@ class Readable(Protocol):
 
 def index_tar_stream(fileobj: Readable, *, read_size: int = 1 << 20) -> list[TocEntry]:
     """Index a tar read sequentially (e.g. from a gzip or zstd decompressor)."""
-    walker = TarWalker()
-    pos = 0
-    while (req := walker.next_request()) is not None:
-        offset, length = req
-        if offset < pos:
-            raise ValueError("tar walker asked to go back in a sequential stream")
-        while pos < offset:  # read through file data
-            skipped = fileobj.read(min(read_size, offset - pos))
-            if not skipped:
-                break
-            pos += len(skipped)
-        if pos < offset:
-            raise FormatError(f"tar stream truncated: ends at {pos}, before offset {offset}")
-        parts: list[bytes] = []
-        got = 0
-        while got < length:
-            piece = fileobj.read(length - got)
-            if not piece:
-                break
-            parts.append(piece)
-            got += len(piece)
-        pos += got
-        walker.feed(offset, b"".join(parts))
-    return walker.entries
+    walk = SequentialWalk()
+    while not walk.done and (piece := fileobj.read(read_size)):
+        walk.feed(piece)
+    walk.finish()
+    return walk.entries
