@@ -389,7 +389,10 @@ def _mount(args: argparse.Namespace, pipe: ReadyPipe) -> int:
     config = _mount_config(args)
     check_mountpoint(config.mountpoint)
     if not (args.foreground or args.ready_fd is not None):
-        _print_mounted(start_daemon(_daemon_argv(args, config), config.mountpoint))
+        state, earlier = start_daemon(_daemon_argv(args, config), config.mountpoint)
+        _print_mounted(state)
+        if earlier is not None:
+            print(f"  earlier log of the previous daemon here kept at {earlier}")
         return 0
 
     from kitfs.daemon import serve

@@ -8,6 +8,12 @@ refreshed about every second. `kitfs status` reads these files; `kitfs
 umount` uses them to find the daemon to stop, and cleans up after a daemon
 that was killed (its mount is left dead: every access says ENOTCONN).
 
+A daemon started by `kitfs mount` logs to `<key>.log` beside its state file
+and deletes that log when it ends cleanly with nothing to report. A log still
+there when the mountpoint is cleaned up or mounted again was kept for a
+reason (a crash, warnings), so it is moved to `<key>.log.1` first: the next
+daemon appends to `<key>.log`, and its clean end would delete both.
+
 The kernel's mount table (`/proc/self/mountinfo`) is read directly rather
 than stat()ing mountpoints: a stat of a dead FUSE mount fails, and a stat of
 a live one from inside the daemon before its loop runs would deadlock.
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 FS_TYPE = "fuse.kitfs"
 STATE_SUFFIX = ".json"
 LOG_SUFFIX = ".log"
+KEPT_LOG_SUFFIX = ".1"
 
 
 class MountError(KitfsError):
@@ -117,6 +124,30 @@ def state_path(mountpoint: Path) -> Path:
 
 def log_path(mountpoint: Path) -> Path:
     return state_dir() / (state_key(mountpoint) + LOG_SUFFIX)
+
+
+def kept_log_path(mountpoint: Path) -> Path:
+    """Where the log of the previous daemon at `mountpoint` is kept (one generation)."""
+    return state_dir() / (state_key(mountpoint) + LOG_SUFFIX + KEPT_LOG_SUFFIX)
+
+
+def keep_earlier_log(mountpoint: Path) -> Path | None:
+    """Move a log an earlier daemon left at `mountpoint` out of the next daemon's way.
+
+    Returns where it went, or None when there was nothing worth keeping (no log,
+    an empty one) or it could not be moved (then the next daemon appends to it).
+    """
+    current, kept = log_path(mountpoint), kept_log_path(mountpoint)
+    try:
+        if current.stat().st_size == 0:
+            return None
+        os.replace(current, kept)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("could not keep the earlier log %s as %s: %s", current, kept, exc.strerror)
+        return None
+    return kept
 
 
 # -- processes ----------------------------------------------------------------------
@@ -365,9 +396,12 @@ def umount(mountpoint: Path, timeout: float = 20.0) -> str:
     if info is not None:
         detach(mountpoint)
     remove_state(mountpoint)
+    kept = keep_earlier_log(mountpoint)
+    where = f"; its log is kept at {kept}" if kept is not None else ""
     if state is not None:
-        return f"unmounted {mountpoint} (its daemon, pid {state.pid}, had died; cleaned up)"
-    return f"unmounted {mountpoint} (no daemon was serving it)"
+        return (f"unmounted {mountpoint} (its daemon, pid {state.pid}, had died; "
+                f"cleaned up{where})")
+    return f"unmounted {mountpoint} (no daemon was serving it{where})"
 
 
 def _log_tail(path: Path) -> str:
@@ -435,9 +469,14 @@ def _read_line(fd: int) -> str:
     return data.decode(errors="replace").strip()
 
 
-def start_daemon(argv: Sequence[str], mountpoint: Path) -> MountState:
-    """Run `python -m kitfs.cli mount --foreground ...` detached; return once it is mounted."""
+def start_daemon(argv: Sequence[str], mountpoint: Path) -> tuple[MountState, Path | None]:
+    """Run `python -m kitfs.cli mount --foreground ...` detached; return once it is mounted.
+
+    Returns the daemon's state and where the log an earlier daemon at this
+    mountpoint left was kept (see keep_earlier_log), if it left one.
+    """
     ensure_state_dir()
+    earlier = keep_earlier_log(mountpoint)
     logfile = log_path(mountpoint)
     r, w = os.pipe()
     try:
@@ -463,7 +502,7 @@ def start_daemon(argv: Sequence[str], mountpoint: Path) -> MountState:
         state = read_state(mountpoint)
         if state is None:
             raise MountError(f"the kitfs daemon reported ready but wrote no state; see {logfile}")
-        return state
+        return state, earlier
     if line.startswith("error "):
         _, code, message = [*line.split(" ", 2), ""][:3]
         error = MountError(message or "the kitfs daemon failed")

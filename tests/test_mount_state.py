@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from helpers import kitfs, make_project
 from kitfs import mounts
 from kitfs.mounts import MountError, MountState
+from mounting import mounted
+from registry import RegistryServer
 
 
 @pytest.fixture
@@ -129,3 +136,79 @@ def test_start_daemon_relays_the_daemons_error(state_dir: Path, tmp_path: Path) 
         mounts.start_daemon(["mount", "127.0.0.1:1/UPPER:v1", str(mp), "--foreground"], mp)
     assert info.value.exit_code == 2
     assert mounts.read_state(mp) is None
+
+
+def test_umount_after_a_crash_keeps_the_dead_daemons_log(state_dir: Path, tmp_path: Path) -> None:
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = state(mp)
+    stale.pid, stale.start_time = child.pid, 1
+    mounts.write_state(stale)
+    mounts.log_path(mp).write_text("the last words of a daemon\n")
+    report = mounts.umount(mp)
+    kept = mounts.kept_log_path(mp)
+    assert "died" in report and f"its log is kept at {kept}" in report
+    assert kept.read_text() == "the last words of a daemon\n"
+    assert not mounts.log_path(mp).exists()  # the next daemon starts a log of its own
+    # an empty log says nothing: nothing is moved, and an older kept log stays
+    mounts.log_path(mp).write_text("")
+    assert mounts.keep_earlier_log(mp) is None
+    assert kept.read_text() == "the last words of a daemon\n"
+
+
+def _daemon_pid(mountpoint: Path) -> int:
+    return int(json.loads(mounts.state_path(mountpoint).read_text())["pid"])
+
+
+def _gone(pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while mounts.process_start_time(pid) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.fuse
+@pytest.mark.registry
+@pytest.mark.skipif(not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None,
+                    reason="needs /dev/fuse and fusermount3")
+def test_a_crashed_daemons_log_outlives_the_next_clean_mount(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A daemon deletes its log when it ends cleanly; the next daemon at a mountpoint
+    appends to the log the last one left, so a crashed daemon's log went with it."""
+    project = make_project(tmp_path / "p", weight_bytes=4096)
+    ref = f"{registry.host}/mounts/crash-log:v1"
+    assert kitfs("pack", str(project), "-t", ref, home=tmp_path / "h").returncode == 0
+    mp, cache = tmp_path / "mnt", tmp_path / "cache"
+    kept = mounts.kept_log_path(mp)
+    try:
+        # killed, then cleaned up with `kitfs umount` (as the `mounted` helper does on exit)
+        with mounted(ref, mp, cache, "-v", home=tmp_path / "h"):
+            first = _daemon_pid(mp)
+            os.kill(first, signal.SIGKILL)
+            assert _gone(first)
+        assert f"kitfs[{first}]" in kept.read_text()
+        with mounted(ref, mp, cache, home=tmp_path / "h"):
+            pass  # a clean run: its own log goes, the crashed daemon's stays
+        assert not mounts.log_path(mp).exists()
+        assert f"kitfs[{first}]" in kept.read_text()
+
+        # killed, and its dead mount detached by hand: the next mount keeps the log
+        with mounted(ref, mp, cache, "-v", home=tmp_path / "h"):
+            second = _daemon_pid(mp)
+            os.kill(second, signal.SIGKILL)
+            assert _gone(second)
+            subprocess.run(["fusermount3", "-uz", str(mp)], check=True)
+            again = kitfs("mount", ref, str(mp), "--cache-dir", str(cache),
+                          home=tmp_path / "h")
+            assert again.returncode == 0, again.stderr
+            assert f"earlier log of the previous daemon here kept at {kept}" in again.stdout
+        assert f"kitfs[{second}]" in kept.read_text()
+        assert not mounts.log_path(mp).exists()
+    finally:
+        kept.unlink(missing_ok=True)
+        mounts.log_path(mp).unlink(missing_ok=True)
