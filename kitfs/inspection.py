@@ -66,7 +66,9 @@ async def inspect(source: BlobSource) -> Inspection:
         raise FormatError(f"{source.reference}: manifest is not a JSON object") from None
     config = None
     if isinstance(config_digest, str):
-        config = await source.get_blob(config_digest, MAX_CONFIG)
+        size = config_desc.get("size")
+        config = await source.get_blob(config_digest, MAX_CONFIG,
+                                       size=size if isinstance(size, int) else None)
     view = parse_modelkit(manifest, config)
     toc = await load_kitfs_toc(source, view)
     return Inspection(digest, manifest, config, view, toc)
@@ -111,7 +113,8 @@ async def walk_tar_headers(source: BlobSource, layer: LayerInfo) -> tuple[TocEnt
     walker = TarWalker(layer.size)
     while (request := walker.next_request()) is not None:
         offset, length = request
-        data = await source.read_range(layer.digest, offset, length) if length else b""
+        data = (await source.read_range(layer.digest, offset, length, size=layer.size)
+                if length else b"")
         walker.feed(offset, data)
     return tuple(walker.entries)
 
@@ -125,7 +128,7 @@ async def stream_tar_headers(source: BlobSource, layer: LayerInfo) -> tuple[TocE
     """
     walk = SequentialWalk()
     decomp = StreamDecompressor(layer.compression)
-    async with source.stream_blob(layer.digest) as pieces:
+    async with source.stream_blob(layer.digest, size=layer.size) as pieces:
         async for piece in pieces:
             data = await trio.to_thread.run_sync(decomp.decompress, piece)
             if not walk.done:

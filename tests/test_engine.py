@@ -430,9 +430,10 @@ async def test_sequential_reader_gets_readahead_in_few_large_requests(
         sizes: list[int] = []
         fetch = kit.engine.source.read_range_into
 
-        async def counted(digest: str, offset: int, buffers: Any, *rest: Any) -> None:
+        async def counted(digest: str, offset: int, buffers: Any, *rest: Any,
+                          **kw: Any) -> None:
             sizes.append(sum(len(b) for b in buffers))
-            await fetch(digest, offset, buffers, *rest)
+            await fetch(digest, offset, buffers, *rest, **kw)
 
         kit.engine.source.read_range_into = counted  # type: ignore[method-assign,assignment]
         assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
@@ -702,8 +703,8 @@ async def test_blocks_that_arrived_before_a_failure_still_make_the_chunk(
         base = index * size - node.offset
         fetch = kit.engine.source.read_range_into
 
-        async def then_fail(*args: Any) -> None:
-            await fetch(*args)
+        async def then_fail(*args: Any, **kw: Any) -> None:
+            await fetch(*args, **kw)
             raise UnreachableError("connection reset after the body")
 
         kit.engine.source.read_range_into = then_fail  # type: ignore[method-assign,assignment]
@@ -899,18 +900,19 @@ async def test_a_reader_of_a_lying_block_fails_before_the_rest_of_the_request_ar
         tail_sent = trio.Event()
 
         async def stalls_after_4_mib(digest: str, offset: int, buffers: Any,
-                                     filled: Any = None, prepare: Any = None) -> None:
+                                     filled: Any = None, prepare: Any = None,
+                                     **kw: Any) -> None:
             head, size = 0, 0
             while head < len(buffers) and size < (4 << 20):
                 size += len(buffers[head])
                 head += 1
-            await fetch(digest, offset, buffers[:head], filled, prepare)
+            await fetch(digest, offset, buffers[:head], filled, prepare, **kw)
             if head < len(buffers):
                 await trio.sleep(2)  # the registry stalls mid-response
                 tail_sent.set()
                 await fetch(digest, offset + size, buffers[head:],
                             filled and (lambda i: filled(i + head)),
-                            prepare and (lambda i: prepare(i + head)))
+                            prepare and (lambda i: prepare(i + head)), **kw)
 
         kit.engine.source.read_range_into = stalls_after_4_mib  # type: ignore[method-assign]
         failed: tuple[int, bool] | None = None

@@ -699,7 +699,7 @@ class Engine:
                     try:
                         await self.source.read_range_into(
                             digest, chunks[run[0][0]].blob_offset + run[0][1] * bs, parts,
-                            filled, prepare)
+                            filled, prepare, size=layer.info.size)
                     finally:
                         self.counters.in_flight -= 1
                 if bad:
@@ -891,7 +891,8 @@ class Engine:
                 self.counters.requests += 1
                 try:
                     await self.source.read_range_into(
-                        digest, start, [memoryview(b) for b in buffers], filled, prepare)
+                        digest, start, [memoryview(b) for b in buffers], filled, prepare,
+                        size=layer.info.size)
                 finally:
                     self.counters.in_flight -= 1
                     settle_batch()  # what arrived whole is good whatever happens next
@@ -1371,7 +1372,7 @@ class Engine:
                 self.counters.in_flight += 1
                 self.counters.requests += 1
                 try:
-                    async with self.source.stream_blob(digest) as pieces:
+                    async with self.source.stream_blob(digest, size=layer.info.size) as pieces:
                         async for piece in pieces:
                             self.counters.bytes_fetched += len(piece)
                             buf += await trio.to_thread.run_sync(decomp.decompress, piece)
