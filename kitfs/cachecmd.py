@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,10 +19,20 @@ from kitfs.mounts import default_cache_dir
 from kitfs.units import human_bytes, parse_size
 
 
-def _store(args: argparse.Namespace, *, create: bool = False) -> ChunkStore | None:
+def _store(args: argparse.Namespace) -> ChunkStore | None:
+    """The store at the cache directory, None if there is no cache there.
+
+    A cache that is there but not ours (someone else's, a symlink, writable by
+    others) is an error from ChunkStore, not "no cache": lstat rather than
+    is_dir, which would call a directory we may not enter absent.
+    """
     root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
-    if not (root / "chunks").is_dir() and not create:
+    try:
+        os.lstat(root / "chunks")
+    except FileNotFoundError:
         return None
+    except OSError:
+        pass  # EACCES, ENOTDIR: ChunkStore says what is wrong with the directory
     return ChunkStore(root)
 
 

@@ -12,12 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import pytest
 
 from kitfs.cache import (
     HEADER_SIZE,
     BadKeyError,
     CacheError,
+    CacheUsage,
     ChunkStore,
     chunk_key_for_digest,
     chunk_key_for_position,
@@ -657,3 +659,60 @@ def test_sync_mode_round_trip(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path / "cache")
     store.put(key(1), b"durable")
     assert store.get(key(1)) == b"durable"
+
+
+# -- adopting a chunk under its digest --------------------------------------------------
+
+
+def test_adopt_renames_a_position_keyed_chunk_to_its_digest_key(store: ChunkStore) -> None:
+    data = payload("adopted", 10_000)
+    digest_key = chunk_key_for_digest("sha256:" + hashlib.sha256(data).hexdigest())
+    store.put(key(1), data)
+    inode = store.path(key(1)).stat().st_ino
+    before = store.usage()
+    assert store.adopt(key(1), digest_key)
+    assert not store.contains(key(1))
+    assert store.path(digest_key).stat().st_ino == inode  # renamed, not rewritten
+    assert store.usage() == before
+    assert store.scan() == before
+    assert store.get(digest_key) == data
+    assert store.get(key(1)) is None
+
+
+def test_adopt_when_the_digest_key_is_there_already_removes_the_old_file(
+    store: ChunkStore,
+) -> None:
+    data = payload("twice", 5000)
+    b3 = chunk_key_for_digest("blake3:" + blake3.blake3(data).hexdigest())
+    store.put(key(1), data)
+    store.put(b3, data)
+    inode = store.path(b3).stat().st_ino
+    assert store.adopt(key(1), b3)
+    assert not store.contains(key(1))
+    assert store.path(b3).stat().st_ino == inode
+    assert store.usage() == store.scan() == CacheUsage(HEADER_SIZE + len(data), 1)
+
+
+def test_adopt_of_a_missing_chunk_and_of_the_wrong_digest(store: ChunkStore) -> None:
+    digest_key = chunk_key_for_digest("sha256:" + hashlib.sha256(b"x").hexdigest())
+    assert not store.adopt(key(1), digest_key)
+    store.put(key(2), b"not x")
+    assert store.adopt(key(2), digest_key)  # the caller vouched, wrongly...
+    assert store.get(digest_key) is None  # ...and the first read finds out
+    assert not store.contains(digest_key)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (key(1), key(2)),  # a position key promises nothing
+        ("ab" * 32, "cd" * 32),  # a digest key's file is already checked by digest
+        (key(1), "ab/" + "c" * 62),
+        ("../x", "ab" * 32),
+    ],
+)
+def test_adopt_takes_only_a_position_key_to_a_digest_key(
+    store: ChunkStore, old: str, new: str
+) -> None:
+    with pytest.raises(BadKeyError):
+        store.adopt(old, new)

@@ -12,6 +12,11 @@ rename write, so a torn or bit-rotted record reads as absent and is rebuilt,
 never parsed half. Unlike chunks, a record may be replaced (a table of
 contents from a kitfs-packed referrer supersedes one built by walking
 headers); the rename makes that atomic too.
+
+A record decides which chunks a mount trusts, so its directories get the
+chunk store's treatment (`ownership`): ours alone, 0700, files 0600, checked
+on first use (not in `__init__`: constructing a TocCache touches no disk), and
+a record that is a symlink or anything but a regular file reads as absent.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from kitfs.cache.fileformat import (
     TOC_MAGIC,
     VERIFIED_MAGIC,
     BadFrame,
+    CacheError,
     as_bytes_view,
     cache_error,
     read_frame,
     write_frame,
 )
 from kitfs.cache.keys import digest_hex
+from kitfs.cache.ownership import secure_directory
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ class TocCache:
         self.root = Path(root)
         self._sync = sync
         self._dirs = {TOC_MAGIC: self.root / "tocs", VERIFIED_MAGIC: self.root / "verified"}
+        self._secured: set[Path] = set()  # directories secure_directory passed in this process
 
     def get(self, layer_digest: str) -> bytes | None:
         return self._get(TOC_MAGIC, layer_digest)
@@ -64,9 +72,23 @@ class TocCache:
     def _path(self, magic: bytes, layer_digest: str) -> Path:
         return self._dirs[magic] / f"{digest_hex(layer_digest)}.json"
 
+    def _ready(self, directory: Path, *, create: bool) -> bool:
+        """Whether the root and `directory` exist (made if `create`) and are ours alone.
+
+        Checked once per process and directory; CacheError if one is not ours.
+        """
+        for d in (self.root, directory):
+            if d not in self._secured:
+                if not secure_directory(d, create=create):
+                    return False
+                self._secured.add(d)
+        return True
+
     def _get(self, magic: bytes, layer_digest: str) -> bytes | None:
         path = self._path(magic, layer_digest)
         try:
+            if not self._ready(path.parent, create=False):
+                return None
             payload, _ = read_frame(path, magic)
         except FileNotFoundError:
             return None
@@ -78,6 +100,8 @@ class TocCache:
             except OSError:
                 pass  # gone already, or not ours to delete: it still reads as absent
             return None
+        except CacheError as exc:
+            raise CacheError(f"cannot read cached record {path}: {exc}") from exc
         except OSError as exc:
             raise cache_error(f"cannot read cached record {path}", exc) from exc
         return bytes(payload)  # small records: immutable is worth the copy
@@ -86,20 +110,28 @@ class TocCache:
         path = self._path(magic, layer_digest)
         view = as_bytes_view(data)
         try:
+            self._ready(path.parent, create=True)
             try:
                 write_frame(path.parent, path.name, magic, view, sync=self._sync)
-            except FileNotFoundError:
-                path.parent.mkdir(parents=True, exist_ok=True)
+            except FileNotFoundError:  # the directory was removed since it was checked
+                self._secured.clear()
+                self._ready(path.parent, create=True)
                 write_frame(path.parent, path.name, magic, view, sync=self._sync)
+        except CacheError as exc:
+            raise CacheError(f"cannot write cached record {path}: {exc}") from exc
         except OSError as exc:
             raise cache_error(f"cannot write cached record {path}", exc) from exc
 
     def _remove(self, magic: bytes, layer_digest: str) -> bool:
         path = self._path(magic, layer_digest)
         try:
+            if not self._ready(path.parent, create=False):
+                return False
             os.unlink(path)
         except FileNotFoundError:
             return False
+        except CacheError as exc:
+            raise CacheError(f"cannot remove cached record {path}: {exc}") from exc
         except OSError as exc:
             raise cache_error(f"cannot remove cached record {path}", exc) from exc
         return True
