@@ -716,3 +716,16 @@ def test_adopt_takes_only_a_position_key_to_a_digest_key(
 ) -> None:
     with pytest.raises(BadKeyError):
         store.adopt(old, new)
+
+
+def test_a_cache_removed_under_a_running_store_is_made_again(store: ChunkStore) -> None:
+    """An operator's `rm -rf` of the cache while mounts run: the next put recreates it, private."""
+    import shutil
+
+    store.put(key(1), b"before")
+    shutil.rmtree(store.root)
+    assert store.get(key(1)) is None
+    store.put(key(1), b"after")
+    assert store.get(key(1)) == b"after"
+    for d in (store.root, store.root / "chunks", store.path(key(1)).parent):
+        assert d.stat().st_mode & 0o777 == 0o700

@@ -462,12 +462,10 @@ class ChunkStore:
             logger.warning("cache verify: removing stray %s", f.path)
             removed += _discard(f.path)
         for f in chunks:
-            checked += 1
             try:
                 shard = _open_shard(self._chunks, f.name)
                 if shard is None:
-                    checked -= 1
-                    continue
+                    continue  # removed by someone else meanwhile
                 try:
                     self._load(f.name, shard, key_digest(f.name))
                 except BadFrame as exc:
@@ -476,13 +474,14 @@ class ChunkStore:
                 finally:
                     os.close(shard)
             except FileNotFoundError:
-                checked -= 1  # removed by someone else meanwhile
+                continue
             except OSError as exc:
                 bad += 1
                 logger.warning(
                     "cache verify: removing unreadable chunk %s: %s", f.path, describe_oserror(exc)
                 )
                 removed += self.remove(f.name)
+            checked += 1
         logger.info("cache verify: %d chunks checked, %d bad, %d removed", checked, bad, removed)
         return VerifyResult(checked, bad, removed)
 
@@ -730,8 +729,15 @@ def _open_shard(chunks: Path, key: str, *, create: bool = False) -> int | None:
                 os.unlink(path)
         if not create:
             return None
-    with contextlib.suppress(FileExistsError):  # another writer made it first
+    try:
         os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        pass  # another writer made it first
+    except FileNotFoundError:  # chunks/ itself was removed (rm -rf while mounted)
+        secure_directory(chunks.parent, create=True)
+        secure_directory(chunks, create=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, DIR_MODE)
     return os.open(path, _SHARD_FLAGS)
 
 
