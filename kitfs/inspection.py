@@ -39,7 +39,9 @@ from kitfs.oci.source import BlobSource
 log = logging.getLogger(__name__)
 
 MAX_CONFIG = 16 << 20
-MAX_TOC = 256 << 20
+#: A table of contents of 64 MiB lists about two million files (a dataset of small
+#: files); parsing one costs about 8x its size in memory, so larger ones are refused.
+MAX_TOC = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -128,11 +130,14 @@ async def stream_tar_headers(source: BlobSource, layer: LayerInfo) -> tuple[TocE
     """
     walk = SequentialWalk()
     decomp = StreamDecompressor(layer.compression)
+
+    def sink(data: bytes) -> None:  # in the decompressing thread: no output is held
+        if not walk.done:
+            walk.feed(data)
+
     async with source.stream_blob(layer.digest, size=layer.size) as pieces:
         async for piece in pieces:
-            data = await trio.to_thread.run_sync(decomp.decompress, piece)
-            if not walk.done:
-                walk.feed(data)
+            await trio.to_thread.run_sync(decomp.decompress_to, piece, sink)
         decomp.finish()
     walk.finish()
     return tuple(walk.entries)
@@ -192,7 +197,7 @@ def parse_layout_record(data: bytes, layer: LayerInfo) -> tuple[TocEntry, ...] |
     except (ValueError, KitfsError) as exc:
         log.warning("ignoring cached layout of %s: %s", layer.digest, exc)
         return None
-    return toc.entries if toc.digest == layer.digest else None
+    return toc.entries if toc.digest == layer.digest and toc.blob_size == layer.size else None
 
 
 async def layer_layout(

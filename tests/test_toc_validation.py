@@ -188,7 +188,7 @@ UNCOMPRESSED_CASES: dict[str, tuple[Any, str]] = {
                            "'text/plain\\n' is not a tar layer"),
     "diff id": (lambda t: replace(t, diff_id="sha256:" + "0" * 64), "diff id"),
     "chunk elsewhere in the blob": (lambda t: _chunk(t, 1, blob_offset=t.chunks[1].offset + 1),
-                                    "of an uncompressed layer is at"),
+                                    "in the blob"),
     "short chunk inside": (lambda t: _chunk(t, 1, size=100), "chunk 1 has 100 bytes, not"),
     "empty last chunk": (lambda t: _chunk(t, len(t.chunks) - 1, size=0), "has 0 bytes"),
     "chunk digest": (lambda t: _chunk(t, 0, digest="md5:" + "0" * 64), "invalid digest"),
@@ -239,17 +239,26 @@ def test_compressed_layer_refusals() -> None:
     assert toc is not None
     c1, c2 = toc.chunks[1], toc.chunks[2]
     cases = {
-        "overlaps or precedes": _chunk(toc, 2, blob_offset=c1.blob_offset + c1.blob_size - 1),
+        "not where the chunk before it ends": _chunk(
+            toc, 2, blob_offset=c1.blob_offset + c1.blob_size - 1),
         "has 0 bytes in the blob": _chunk(toc, 2, blob_size=0),
         "runs past the end of the blob": _chunk(toc, len(toc.chunks) - 1, blob_size=size),
         "disagrees with the manifest": replace(toc, media_type=mt.layer_media_type("model")),
     }
     for expect, lie in cases.items():
         assert expect in refused(lie, size, True)
-    # a gap between members is odd but not impossible; a diff id is not the digest
-    validate_layer_toc(_chunk(toc, 2, blob_offset=c2.blob_offset + 1,
-                              blob_size=c2.blob_size - 1), size, True)
-    validate_layer_toc(toc, size, True)
+    # a gap between members would hide bytes that `kit unpack` decompresses and a mount
+    # never sees (a second tar behind the one the chunks cover); so would bytes in front
+    # of the first chunk or after the last
+    gap = _chunk(toc, 2, blob_offset=c2.blob_offset + 1, blob_size=c2.blob_size - 1)
+    assert "not where the chunk before it ends" in refused(gap, size, True)
+    c0 = toc.chunks[0]
+    front = _chunk(toc, 0, blob_offset=1, blob_size=c0.blob_size - 1)
+    assert "starts at 1 in the blob" in refused(front, size, True)
+    last = toc.chunks[-1]
+    short = _chunk(toc, len(toc.chunks) - 1, blob_size=last.blob_size - 1)
+    assert "not at its end" in refused(short, size, True)
+    validate_layer_toc(toc, size, True)  # a diff id is not the digest
     assert "disagrees" in refused(toc, size, False)  # the manifest says uncompressed
 
 

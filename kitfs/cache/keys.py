@@ -6,11 +6,18 @@ starting with two hex digits (the shard directory), at most 200 characters
 (room for the temporary-name decoration under NAME_MAX). No `/`, and no key
 can be `.`/`..` or start with a dot (the prefix of temporary files).
 
-Two kinds of key, which never collide (a position key contains `-`):
+Three kinds of key, which never collide (only a digest key lacks `-`):
 
 - `chunk_key_for_digest`: the chunk's own digest (sha256 hex, or BLAKE3 hex
-  with a `.b3` suffix), where a table of contents vouches for it; the same
-  bytes in two layers or two ModelKits share a file.
+  with a `.b3` suffix), for chunks of a layer this node hashed end to end
+  (the digests in its verified record); the same bytes in two such layers
+  share a file.
+- `chunk_key_in_layer`: `<layer hex>-<chunk digest key>` for a chunk a kitfs
+  table of contents vouches for. The table's author picks those digests: keyed
+  by digest alone, a table claiming another layer's chunks would be served
+  that layer's cached bytes on a node that has them (what `kit unpack` of its
+  own blob never shows). Scoped by layer, a cached chunk is one fetched as
+  part of that layer's blob.
 - `chunk_key_for_position`: `<layer hex>-<chunk size>-<index>` for layers
   without per-chunk digests; the chunk size is part of the key so two mounts
   configured with different chunk sizes cannot read each other's chunks as
@@ -64,6 +71,17 @@ def chunk_key_for_digest(digest: str) -> str:
     if len(hexpart) != 64:
         raise BadKeyError(f"not a sha256 digest: {digest[:80]!r}")
     return hexpart
+
+
+def chunk_key_in_layer(layer_digest: str, digest: str) -> str:
+    """Key of a chunk a layer's table of contents gives `digest` (see the module doc)."""
+    return f"{digest_hex(layer_digest)}-{chunk_key_for_digest(digest)}"
+
+
+def is_position_key(key: str) -> bool:
+    """Whether `key` names a chunk by its place in a layer (no digest vouches for it)."""
+    parts = key.split("-")
+    return len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit()
 
 
 def chunk_key_for_position(layer_digest: str, chunk_size: int, index: int) -> str:

@@ -10,8 +10,9 @@ Three shapes, decided once per layer when the mount starts:
   streamed once from its start and cut into chunks as it decompresses.
 
 A chunk carries its digest when a table of contents (or an earlier,
-verified mount) gives one; its cache key is then that digest, so identical
-chunks of different layers or ModelKits share one cache entry.
+verified mount) gives one. Its cache key is that digest, scoped by the layer
+where the digest is a table of contents' claim (see cache.keys), so every
+ModelKit holding the layer shares its cached chunks.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
-from kitfs.cache.keys import chunk_key_for_digest, chunk_key_for_position
+from kitfs.cache.keys import chunk_key_for_digest, chunk_key_for_position, chunk_key_in_layer
 from kitfs.errors import FormatError
 from kitfs.modelkit.manifest import LayerInfo
 from kitfs.modelkit.toc import LayerToc, TocChunk
 
 Shape = Literal["ranged", "seekable", "stream"]
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"(?:sha256|blake3):[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,16 @@ def _from_toc_chunks(layer: LayerInfo, toc_chunks: tuple[TocChunk, ...], chunk_s
         if c.offset != i * chunk_size:
             raise FormatError(f"table of contents of {layer.digest}: chunk {i} is misplaced")
         chunks.append(Chunk(i, c.offset, c.size, c.blob_offset, c.blob_size, c.digest,
-                            chunk_key_for_digest(c.digest), c.blocks))
+                            chunk_key_in_layer(layer.digest, c.digest), c.blocks))
     if shape != "ranged" or not all(c.blocks for c in chunks):
         block_size = 0
     return LayerGeometry(layer.digest, shape, layer.compression, chunk_size, stream_size,
                          tuple(chunks), block_size)
+
+
+#: No layer is planned past this: its chunk table alone would fill memory (a manifest
+#: may claim any size; 4 TiB is 2M chunks of 2 MiB).
+MAX_LAYER_SIZE = 4 << 40
 
 
 def plan_layer(layer: LayerInfo, toc: LayerToc | None, chunk_size: int,
@@ -86,13 +92,16 @@ def plan_layer(layer: LayerInfo, toc: LayerToc | None, chunk_size: int,
     `verified` is the record an earlier mount wrote after checking the whole
     layer against its digest: per-chunk digests for the same chunk size.
     """
+    if layer.size > MAX_LAYER_SIZE:
+        raise FormatError(f"layer {layer.digest} claims {layer.size} bytes, more than kitfs "
+                          f"mounts ({MAX_LAYER_SIZE})")
     if toc is not None and toc.chunks:
         shape: Shape = "ranged" if layer.compression == "none" else "seekable"
         return _from_toc_chunks(layer, toc.chunks, toc.chunk_size, shape, toc.stream_size,
                                 toc.block_size)
     if layer.compression != "none":
         return LayerGeometry(layer.digest, "stream", layer.compression, chunk_size, None, ())
-    digests = parse_verified(verified, chunk_size) if verified is not None else None
+    digests = parse_verified(verified, chunk_size, layer.size) if verified is not None else None
     count = (layer.size + chunk_size - 1) // chunk_size
     if digests is not None and len(digests) != count:
         digests = None
@@ -107,27 +116,33 @@ def plan_layer(layer: LayerInfo, toc: LayerToc | None, chunk_size: int,
     return LayerGeometry(layer.digest, "ranged", "none", chunk_size, layer.size, tuple(chunks))
 
 
-def verified_record(chunk_size: int, digests: list[str]) -> bytes:
-    """The record of a layer verified end to end: its chunks' BLAKE3 (hex), for this chunk size.
+def verified_record(chunk_size: int, blob_size: int, digests: list[str]) -> bytes:
+    """The record of a layer verified end to end: its chunks' digests (`<algorithm>:<hex>`).
 
-    BLAKE3 because later mounts check every chunk they read against it (5.7 GB/s
-    per core here, sha256 1.4); records older kitfs wrote carry sha256 instead.
+    For a layer without chunk digests of its own these are the BLAKE3 this
+    node computed (5.7 GB/s per core here, sha256 1.4: later mounts check every
+    chunk they read against them); for a kitfs table of contents, its own
+    chunk digests, now known to make up the layer. The blob size is the
+    manifest's: a manifest that claims another size for the same digest
+    does not get to use (or purge) this record.
     """
-    return json.dumps({"chunkSize": chunk_size, "blake3": digests},
+    return json.dumps({"chunkSize": chunk_size, "blobSize": blob_size, "chunks": digests},
                       separators=(",", ":")).encode()
 
 
-def parse_verified(data: bytes, chunk_size: int) -> list[str] | None:
-    """The per-chunk digests (`<algorithm>:<hex>`) of a verified record, or None."""
+def parse_verified(data: bytes, chunk_size: int, blob_size: int) -> list[str] | None:
+    """The per-chunk digests of a verified record for this chunk and blob size, or None.
+
+    Records older kitfs wrote (no blob size) are not used: the layer is verified again.
+    """
     try:
         doc = json.loads(data)
-        if doc.get("chunkSize") != chunk_size:
+        if doc.get("chunkSize") != chunk_size or doc.get("blobSize") != blob_size:
             return None
-        for algorithm in ("blake3", "sha256"):
-            digests = doc.get(algorithm)
-            if isinstance(digests, list) and all(
-                    isinstance(d, str) and _HEX64.fullmatch(d) for d in digests):
-                return [f"{algorithm}:{d}" for d in digests]
+        digests = doc.get("chunks")
+        if isinstance(digests, list) and all(
+                isinstance(d, str) and _DIGEST.fullmatch(d) for d in digests):
+            return digests
     except (ValueError, AttributeError, TypeError):
         pass
     return None

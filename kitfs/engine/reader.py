@@ -40,12 +40,18 @@ import trio
 
 from kitfs.buffers import new_buffer
 from kitfs.cache.fileformat import CacheError as _CacheErrorBase
-from kitfs.cache.keys import chunk_key_for_digest
+from kitfs.cache.keys import chunk_key_for_digest, is_position_key
 from kitfs.cache.memory import ChunkData, MemoryTier
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
 from kitfs.engine.api import PrefetchMode, VerifyMode
-from kitfs.engine.geometry import Chunk, LayerGeometry, plan_layer, verified_record
+from kitfs.engine.geometry import (
+    Chunk,
+    LayerGeometry,
+    parse_verified,
+    plan_layer,
+    verified_record,
+)
 from kitfs.engine.prefetch import prefetch_plan
 from kitfs.errors import FormatError, IntegrityError, KitfsError, UnreachableError
 from kitfs.inspection import LayerLayout, layout_mismatch, layout_record
@@ -94,6 +100,8 @@ TENSOR_FULL_REQUEST = 1 << 20
 #: partial chunks (2 MiB each) and requests a reader of many small pieces can start.
 MAX_TENSOR_FETCHES = 2
 PAGE = 4096
+#: A streamed (gzip/zstd) layer's chunks wait for the event loop at most this many bytes.
+STREAM_HANDOFF = 8 << 20
 #: After a read of a chunk timed out, reads of it fail at once for this long: the
 #: kernel asks again for the page it could not read ahead, and that second request
 #: must not wait a whole deadline more (a read fails within --timeout, once).
@@ -228,10 +236,16 @@ class Engine:
         self.layers: dict[str, _Layer] = {}
         for info in layers:
             verified = toc_cache.get_verified(info.digest) if toc_cache is not None else None
-            geo = plan_layer(info, tocs.get(info.digest), config.chunk_size, verified)
+            toc = tocs.get(info.digest)
+            geo = plan_layer(info, toc, config.chunk_size, verified)
             layout = layouts.get(info.digest) if layouts is not None else None
             layer = _Layer(info, geo, layout=layout)
-            if geo.verified_by_chunk:
+            # Chunk digests from a verified record were computed from the layer's own
+            # bytes; a table of contents' are its author's word until this node hashed
+            # the layer (they could be another layer's: shared cache keys would then
+            # serve that layer's chunks here).
+            if geo.verified_by_chunk and (toc is None or not toc.chunks or parse_verified(
+                    verified or b"", geo.chunk_size, info.size) == [c.digest for c in geo.chunks]):
                 layer.state = "verified"
                 layer.verified_event.set()
             # Walked headers of a layer not verified by chunk are checked with the
@@ -781,26 +795,26 @@ class Engine:
         answering None then made the caller fetch the chunk a second time.
         """
         key = self._key(layer, index)
-        recorded = None
-        if not _by_digest(key):
-            recorded = layer.recorded.get(index)
-            if recorded is None:  # never verified by anyone: fetched again
+        chunk = layer.geo.chunks[index] if layer.geo.chunks else None
+        digest = chunk.digest if chunk is not None else None
+        if digest is None:
+            digest = layer.recorded.get(index)
+            if digest is None:  # never verified by anyone: fetched again
                 return self._cached(layer, index)
         try:
-            data = await trio.to_thread.run_sync(self.store.get, key, recorded)
+            data = await trio.to_thread.run_sync(self.store.get, key, digest)
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
             return self._cached(layer, index)
         if data is None:
             return self._cached(layer, index)
-        chunk = layer.geo.chunks[index] if layer.geo.chunks else None
         if chunk is not None and len(data) != chunk.size:
             log.warning("cached chunk %s has the wrong size: dropped", key)
             await trio.to_thread.run_sync(self.store.remove, key)
             return None
         self.counters.disk_hits += 1
         self.memory.put(key, data)
-        layer.fetched.add(index)
+        self._got(layer, index)
         return data
 
     def _claim_run(self, layer: _Layer, index: int, absent: set[int],
@@ -953,7 +967,11 @@ class Engine:
             self._fail(layer, chunk.index, result)
             return
         self._deliver(layer, chunk.index, chunk.key, result)
-        if not layer.geo.verified_by_chunk and len(layer.fetched) == len(layer.geo.chunks):
+
+    def _got(self, layer: _Layer, index: int) -> None:
+        """Chunk `index` is here; once all are, the layer is hashed against its digest."""
+        layer.fetched.add(index)
+        if layer.state == "unverified" and len(layer.fetched) == len(layer.geo.chunks):
             self._ensure_verification(layer)
 
     def _decode(self, layer: _Layer, chunk: Chunk, raw: bytearray) -> ChunkData:
@@ -961,7 +979,7 @@ class Engine:
         data: ChunkData = raw
         if layer.geo.shape == "seekable":
             d = StreamDecompressor(layer.geo.compression)
-            data = d.decompress(bytes(raw))
+            data = d.decompress(bytes(raw), limit=chunk.size)  # a bomb stops here
             d.finish()
         if len(data) != chunk.size:
             raise IntegrityError(
@@ -979,7 +997,10 @@ class Engine:
         self._partials.pop((layer.info.digest, index), None)  # whole now
         self._failed_reads.pop((layer.info.digest, index), None)
         self.memory.put(key, data)
-        layer.fetched.add(index)
+        if layer.geo.chunks:
+            self._got(layer, index)
+        else:  # streamed: verified when the stream ends
+            layer.fetched.add(index)
         flight = self._flights.pop((layer.info.digest, index), None)
         if flight is not None:
             flight.done(data)
@@ -1012,7 +1033,7 @@ class Engine:
     def _put(self, key: str, data: ChunkData) -> None:
         """Store a chunk (in a thread). A file under a position key may be one nobody
         verified (another process's, or from before a crash): this chunk replaces it."""
-        if not _by_digest(key):
+        if is_position_key(key):
             self.store.remove(key)
         self.store.put(key, data)
 
@@ -1357,15 +1378,32 @@ class Engine:
         buf = bytearray()
         index = 0
         hashes: dict[int, str] = {}
+        # Chunks cut and hashed in the decompressing thread, waiting for the event loop.
+        # Handed over every STREAM_HANDOFF bytes from inside that thread, so a layer
+        # that expands 30000-fold (zeros) never holds more than that in memory.
+        ready: list[tuple[bytes, str]] = []
 
-        def emit(data: bytes) -> None:
+        def emit(data: bytes, digest: str) -> None:
             nonlocal index
             key = layer.geo.position_key(index)
-            hashes[index] = chunk_digest(data)
-            layer.recorded[index] = hashes[index]
+            hashes[index] = layer.recorded[index] = digest
             layer.stream_next = index + 1
             self._deliver(layer, index, key, data)
             index += 1
+
+        async def hand_over() -> None:
+            while ready:
+                emit(*ready.pop(0))
+            await self._disk_backpressure()
+
+        def sink(out: bytes) -> None:  # in the decompressing thread
+            buf.extend(out)
+            while len(buf) >= size:
+                data = bytes(buf[:size])
+                del buf[:size]
+                ready.append((data, chunk_digest(data)))
+            if len(ready) * size >= STREAM_HANDOFF:
+                trio.from_thread.run(hand_over)
 
         try:
             async with self._slots:
@@ -1375,16 +1413,13 @@ class Engine:
                     async with self.source.stream_blob(digest, size=layer.info.size) as pieces:
                         async for piece in pieces:
                             self.counters.bytes_fetched += len(piece)
-                            buf += await trio.to_thread.run_sync(decomp.decompress, piece)
-                            while len(buf) >= size:
-                                emit(bytes(buf[:size]))
-                                del buf[:size]
-                            await self._disk_backpressure()
+                            await trio.to_thread.run_sync(decomp.decompress_to, piece, sink)
+                            await hand_over()
                     decomp.finish()
                 finally:
                     self.counters.in_flight -= 1
             if buf or index == 0:
-                emit(bytes(buf))
+                emit(bytes(buf), chunk_digest(buf))
             layer.stream_chunks = index
             layer.stream_digests = hashes
             # stream_blob checked the blob digest at its end: the layer is verified.
@@ -1485,36 +1520,57 @@ class Engine:
         self._spawn(self._verify, layer)
 
     async def _verify(self, layer: _Layer) -> None:
-        """Hash the whole layer in order (fetching what is missing) against its digest.
+        """Hash the whole layer against its digest (fetching what is missing), in order.
 
-        The tar headers are walked over the same bytes: entries listed from
-        headers read by range before must be the ones the verified layer holds.
+        Until then nothing binds what was served to the layer digest: neither
+        the bytes of a layer without chunk digests, nor the chunk digests a
+        table of contents claims. The tar headers of a layer listed by range
+        are walked over the same bytes and must give the entries it was
+        listed with.
         """
         layer.state = "verifying"
-        whole = hashlib.sha256()
-        digests: list[str] = []
-        walked = layer.layout is not None and layer.layout.origin == "walked"
-        walk = SequentialWalk(layer.info.size) if walked else None
-
-        def update(data: ChunkData) -> None:
-            whole.update(data)
-            digests.append(chunk_digest(data).removeprefix("blake3:"))
-            if walk is not None and not walk.done:
-                walk.feed(data)
-
         try:
-            for chunk in layer.geo.chunks:
-                data = await self._chunk(layer, chunk.index, background=True)
-                await trio.to_thread.run_sync(update, data)
+            if layer.geo.shape == "seekable":
+                problem = await self._hash_seekable(layer)
+                digests = [c.digest or "" for c in layer.geo.chunks]
+            else:
+                problem, digests = await self._hash_ranged(layer)
         except Exception as exc:
             layer.state = "unverified"
             layer.verify_started = False
             self._note_error(f"verification of {layer.info.digest[:19]} postponed: "
                              f"{self._foreign(exc, 'verification')}")
             return
-        if "sha256:" + whole.hexdigest() != layer.info.digest:
-            self._poison(layer, "the layer's bytes do not match its digest")
+        if problem is not None:
+            self._poison(layer, problem)
             return
+        if layer.layout is not None and layer.layout.origin == "walked":
+            self._keep_layout(layer)
+        self._mark_verified(layer, digests)
+        if any(c.digest is None for c in layer.geo.chunks):
+            await self._adopt(layer, digests)
+
+    async def _hash_ranged(self, layer: _Layer) -> tuple[str | None, list[str]]:
+        """(what is wrong or None, the chunk digests to record) for a ranged layer."""
+        whole = hashlib.sha256()
+        own = [c.digest for c in layer.geo.chunks]
+        digests: list[str] = []
+        walked = layer.layout is not None and layer.layout.origin == "walked"
+        walk = SequentialWalk(layer.info.size) if walked else None
+
+        def update(data: ChunkData, index: int) -> None:
+            whole.update(data)
+            digests.append(own[index] or chunk_digest(data))
+            if walk is not None and not walk.done:
+                walk.feed(data)
+
+        for chunk in layer.geo.chunks:
+            data = await self._chunk(layer, chunk.index, background=True)
+            await trio.to_thread.run_sync(update, data, chunk.index)
+        if "sha256:" + whole.hexdigest() != layer.info.digest:
+            what = "bytes" if any(d is None for d in own) else (
+                "table of contents' chunks (each matched its own digest)")
+            return f"the layer's {what} do not match its digest", digests
         if walk is not None and layer.layout is not None:
             try:
                 walk.finish()
@@ -1522,17 +1578,34 @@ class Engine:
             except (FormatError, ValueError) as exc:
                 problem = f"are not a tar kit could unpack ({exc})"
             if problem is not None:
-                self._poison(layer, f"its tar headers read when it was listed {problem}")
-                return
-            self._keep_layout(layer)
-        self._mark_verified(layer, digests)
-        if layer.geo.shape == "ranged":
-            await self._adopt(layer, digests)
+                return f"its tar headers read when it was listed {problem}", digests
+        return None, digests
+
+    async def _hash_seekable(self, layer: _Layer) -> str | None:
+        """What is wrong with a kitfs-packed gzip/zstd layer, or None: the blob is streamed
+        (its digest checked at the end) and cut where the table of contents says its
+        chunks are, each decompressed and checked as if it had been fetched alone."""
+        chunks = layer.geo.chunks
+        i = 0
+        held = bytearray()
+        async with self.source.stream_blob(layer.info.digest, size=layer.info.size) as pieces:
+            async for piece in pieces:
+                held += piece
+                while i < len(chunks) and len(held) >= chunks[i].blob_size:
+                    raw = bytearray(held[: chunks[i].blob_size])
+                    del held[: chunks[i].blob_size]
+                    result = await trio.to_thread.run_sync(self._checked, layer, chunks[i], raw)
+                    if isinstance(result, KitfsError):
+                        return str(result)
+                    i += 1
+        if i != len(chunks) or held:
+            return "the table of contents' chunks do not make up the layer's blob"
+        return None
 
     async def _adopt(self, layer: _Layer, digests: list[str]) -> None:
         """Give a verified layer's chunk files the digest keys later mounts look them up by."""
         geo = layer.geo
-        moves = [(geo.position_key(i), chunk_key_for_digest("blake3:" + d))
+        moves = [(geo.position_key(i), chunk_key_for_digest(d))
                  for i, d in enumerate(digests) if geo.chunks[i].digest is None]
         try:
             await trio.to_thread.run_sync(
@@ -1544,10 +1617,10 @@ class Engine:
         layer.state = "verified"
         layer.verified_event.set()
         log.info("layer %s verified end to end", layer.info.digest)
-        if self.toc_cache is not None and layer.geo.shape == "ranged":
+        if self.toc_cache is not None and layer.geo.shape != "stream":
             try:
-                self.toc_cache.put_verified(
-                    layer.info.digest, verified_record(layer.geo.chunk_size, digests))
+                self.toc_cache.put_verified(layer.info.digest, verified_record(
+                    layer.geo.chunk_size, layer.info.size, digests))
             except _CacheErrorBase as exc:
                 self._note_error(str(exc))
 
@@ -1583,7 +1656,3 @@ class Engine:
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
 
-
-def _by_digest(key: str) -> bool:
-    """Whether a cache key is a chunk's own digest (the store checks it) or a position."""
-    return "-" not in key

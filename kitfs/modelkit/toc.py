@@ -337,9 +337,12 @@ def _check_chunks(toc: LayerToc, blob_size: int, compressed: bool,
                  + ("" if i == last else f", not the chunk size {size}"))
         if c.blob_size <= 0:
             fail(f"chunk {i} has {c.blob_size} bytes in the blob")
-        if c.blob_offset < blob_end:
-            fail(f"chunk {i} at {c.blob_offset} in the blob overlaps or precedes the chunk "
-                 f"before it (which ends at {blob_end})")
+        if c.blob_offset != blob_end:
+            # Back to back from the blob's start to its end: bytes of the blob no chunk
+            # covers would be decompressed by `kit unpack` and never seen by a mount (a
+            # benign tar in front, another behind, each side showing other files).
+            fail(f"chunk {i} starts at {c.blob_offset} in the blob, not where the chunk "
+                 f"before it ends ({blob_end})")
         if c.blob_offset + c.blob_size > blob_size:
             fail(f"chunk {i} ({c.blob_offset}+{c.blob_size}) runs past the end of the blob "
                  f"({blob_size})")
@@ -348,6 +351,8 @@ def _check_chunks(toc: LayerToc, blob_size: int, compressed: bool,
                  f"in the blob, not {c.offset}+{c.size}")
         _check_digest(c, i, bs, fail)
         blob_end = c.blob_offset + c.blob_size
+    if blob_end != blob_size:
+        fail(f"chunks end at {blob_end} in the blob, not at its end ({blob_size})")
     end = last * size + chunks[last].size
     if stream != end:
         fail(f"chunks cover {end} bytes of the stream, not the stream size {stream}")
