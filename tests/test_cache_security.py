@@ -497,3 +497,21 @@ def test_cache_commands_refuse_a_cache_others_can_write(tmp_path: Path) -> None:
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1
     assert f"cache directory {root} is writable by other users (mode 0777)" in lines[0]
+
+
+def test_a_cache_below_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    """Whoever can write a directory above the cache can swap the cache for their own after
+    the check (planting verified records and chunks). Sticky directories (/tmp) are fine:
+    others cannot rename what they do not own."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(CacheError, match=r"above cache directory .* writable by others"):
+        ChunkStore(shared / "cache")
+    os.chmod(shared, 0o1777)
+    ChunkStore(shared / "cache")  # sticky: accepted
+    os.chmod(shared, 0o755)
+    os.chown(shared, 65534, 65534)
+    with pytest.raises(CacheError, match="belongs to uid 65534"):
+        ChunkStore(shared / "cache")
+    os.chown(shared, 0, 0)

@@ -60,7 +60,44 @@ def secure_directory(path: Path, *, create: bool) -> bool:
         _check(path, fd)
     finally:
         os.close(fd)
+    _check_ancestors(path)
     return True
+
+
+def _check_ancestors(path: Path) -> None:
+    """CacheError if someone else could swap `path` for a directory of theirs.
+
+    Whoever can write a directory above the cache (without the sticky bit,
+    which keeps them from renaming entries they do not own) can move the
+    cache aside and put their own in its place after the check above, with
+    planted verified records and chunks. So every directory above it, as
+    written and as resolved through symlinks, must be root's or ours and
+    writable by no one else unless sticky.
+    """
+    uid = os.geteuid()
+    absolute = Path(os.path.abspath(path))
+    seen: set[Path] = set()
+    for chain in (absolute.parents, Path(os.path.realpath(absolute)).parents):
+        for parent in chain:
+            if parent in seen:
+                continue
+            seen.add(parent)
+            try:
+                st = os.lstat(parent)
+            except OSError as exc:
+                raise cache_error(f"cannot check {parent}, above cache directory {path}",
+                                  exc) from exc
+            mode = stat.S_IMODE(st.st_mode)
+            if st.st_uid not in (0, uid):
+                raise CacheError(
+                    f"{parent}, above cache directory {path}, belongs to uid {st.st_uid}: "
+                    f"they could swap the cache for their own; pass a --cache-dir only root "
+                    f"or uid {uid} controls")
+            if stat.S_ISDIR(st.st_mode) and mode & 0o022 and not mode & stat.S_ISVTX:
+                raise CacheError(
+                    f"{parent}, above cache directory {path}, is writable by others (mode "
+                    f"{mode:04o}): they could swap the cache for their own; chmod go-w "
+                    f"{parent} or pass another --cache-dir")
 
 
 def _check(path: Path, fd: int) -> None:
