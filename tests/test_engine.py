@@ -408,10 +408,10 @@ async def test_many_waiters_on_the_write_backlog_all_wake(tmp_path: Path) -> Non
         async with trio.open_nursery() as nursery:
             await engine.start(nursery)
             for i in range(40):
-                engine._store_later(f"{i:064x}", os.urandom(4096))
+                engine.writes.later(f"{i:064x}", os.urandom(4096))
 
             async def waiter(n: int) -> None:
-                await engine._writes_at_most(0)
+                await engine.writes.at_most(0)
                 woke.append(n)
 
             for n in range(8):
@@ -579,10 +579,10 @@ async def test_a_fetch_cancelled_while_it_waits_for_the_disk_leaves_no_stuck_chu
         layer = engine.layers[node.layer]  # type: ignore[index]
         index = node.offset // layer.geo.chunk_size
         run = engine._claim_run(layer, index, set())
-        engine._pending_writes += 1000  # a write backlog that does not drain
+        engine.writes.pending += 1000  # a write backlog that does not drain
         with trio.move_on_after(0.2):
             await engine._fetch_run(layer, run, background=True)
-        engine._pending_writes -= 1000
+        engine.writes.pending -= 1000
         with trio.fail_after(5):
             got = bytes(await engine.read(node, 0, 4096))
         assert got == want[:4096]

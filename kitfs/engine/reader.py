@@ -40,7 +40,7 @@ import trio
 
 from kitfs.buffers import new_buffer
 from kitfs.cache.fileformat import CacheError as _CacheErrorBase
-from kitfs.cache.keys import chunk_key_for_digest, is_position_key
+from kitfs.cache.keys import chunk_key_for_digest
 from kitfs.cache.memory import ChunkData, MemoryTier
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
@@ -53,6 +53,7 @@ from kitfs.engine.geometry import (
     verified_record,
 )
 from kitfs.engine.prefetch import prefetch_plan
+from kitfs.engine.writeback import WriteBack
 from kitfs.errors import FormatError, IntegrityError, KitfsError, UnreachableError
 from kitfs.inspection import LayerLayout, layout_mismatch, layout_record
 from kitfs.modelkit.chunkdigest import block_matches, chunk_digest
@@ -72,8 +73,6 @@ log = logging.getLogger(__name__)
 READAHEAD_MIN_RUN = 16 << 20
 #: The same for a run that began mid-file: most likely one tensor read by a random reader.
 READAHEAD_MIN_RUN_MIDFILE = 64 << 20
-#: Chunks fetched but not yet on disk before background fetching pauses (bounds memory).
-MAX_PENDING_WRITES = 16
 #: A reader quiet for this long no longer holds prefetch back (see _prefetch_pace).
 READER_IDLE_S = 1.0
 #: How long prefetch keeps chunks already on disk out of memory while no reader has
@@ -258,10 +257,8 @@ class Engine:
         self._partials: dict[tuple[str, int], _Partial] = {}  # insertion order = LRU
         self._planned: set[str] = set()  # layers prefetch brings whole
         self._slots = trio.CapacityLimiter(max(1, config.max_requests))
-        self._disk = trio.CapacityLimiter(2)  # chunk writes
+        self.writes = WriteBack(store, self._spawn, self._note_error)
         self._disk_reads = trio.CapacityLimiter(4)  # chunks read ahead from disk
-        self._pending_writes = 0
-        self._write_finished = trio.Event()
         self._background = trio.CapacityLimiter(max(1, config.max_requests // 2))
         self._nursery: trio.Nursery | None = None
         # path -> (start of the sequential run, where it goes on, last chunk requested ahead)
@@ -443,7 +440,7 @@ class Engine:
             "misses": c.misses,
             "requests": c.requests,
             "requests_in_flight": c.in_flight,
-            "pending_writes": self._pending_writes,
+            "pending_writes": self.writes.pending,
             "prefetch": {"mode": self.config.prefetch, "total_bytes": c.prefetch_total,
                          "done_bytes": c.prefetch_done},
             "layers": [
@@ -897,7 +894,7 @@ class Engine:
 
         try:
             if background:  # inside the try: cancelled here, the claimed flights still settle
-                await self._disk_backpressure()
+                await self.writes.backpressure()
             async with self._slots:
                 # Allocated only now: runs queued for a slot must not hold memory.
                 buffers.extend(new_buffer(c.blob_size) for c in run)
@@ -1004,49 +1001,17 @@ class Engine:
         flight = self._flights.pop((layer.info.digest, index), None)
         if flight is not None:
             flight.done(data)
-        self._store_later(key, data)
-
-    def _store_later(self, key: str, data: ChunkData) -> None:
         if self._nursery is not None:
-            self._pending_writes += 1  # counted now: flush() sees writes not started
-            self._spawn(self._store, key, data)
+            self.writes.later(key, data)
 
     def _fail(self, layer: _Layer, index: int, error: KitfsError) -> None:
         flight = self._flights.pop((layer.info.digest, index), None)
         if flight is not None:
             flight.done(None, error)
 
-    async def _store(self, key: str, data: ChunkData) -> None:
-        try:
-            async with self._disk:
-                await trio.to_thread.run_sync(self._put, key, data)
-        except _CacheErrorBase as exc:
-            self._note_error(str(exc))
-        finally:
-            self._pending_writes -= 1
-            # Wake everyone waiting on this event, and give later waiters a fresh one
-            # (waiters must never replace it themselves: an earlier waiter would then
-            # sleep on an event nobody sets).
-            self._write_finished.set()
-            self._write_finished = trio.Event()
-
-    def _put(self, key: str, data: ChunkData) -> None:
-        """Store a chunk (in a thread). A file under a position key may be one nobody
-        verified (another process's, or from before a crash): this chunk replaces it."""
-        if is_position_key(key):
-            self.store.remove(key)
-        self.store.put(key, data)
-
-    async def _writes_at_most(self, count: int) -> None:
-        while self._pending_writes > count:
-            await self._write_finished.wait()
-
-    async def _disk_backpressure(self) -> None:
-        await self._writes_at_most(MAX_PENDING_WRITES)
-
     async def flush(self) -> None:
         """Wait until every fetched chunk is on disk: call before cancelling the nursery."""
-        await self._writes_at_most(0)
+        await self.writes.flush()
 
     def _note_error(self, message: str) -> None:
         if not self.counters.errors or self.counters.errors[-1] != message:
@@ -1394,7 +1359,7 @@ class Engine:
         async def hand_over() -> None:
             while ready:
                 emit(*ready.pop(0))
-            await self._disk_backpressure()
+            await self.writes.backpressure()
 
         def sink(out: bytes) -> None:  # in the decompressing thread
             buf.extend(out)
