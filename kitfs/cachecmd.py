@@ -46,6 +46,10 @@ def _emit(args: argparse.Namespace, doc: dict[str, object], text: str) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    if args.action == "gc":  # a bad size is wrong whether or not there is a cache
+        if args.max_size is None:
+            raise UsageError("kitfs cache gc needs --max-size SIZE (e.g. --max-size 100G)")
+        parse_size(args.max_size)
     store = _store(args)
     if store is None:
         _emit(args, {"cache_dir": str(root), "bytes": 0, "chunks": 0, "exists": False},

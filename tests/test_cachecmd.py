@@ -40,3 +40,12 @@ def test_du_verify_gc_clear(tmp_path: Path) -> None:
     assert json.loads(kitfs("cache", "clear", *cache).stdout)["removed_chunks"] >= 1
     assert json.loads(kitfs("cache", "du", *cache).stdout)["chunks"] == 0
     assert "no kitfs cache" in kitfs("cache", "du", "--cache-dir", str(tmp_path / "x")).stdout
+
+
+def test_gc_refuses_a_bad_size_with_or_without_a_cache(tmp_path: Path) -> None:
+    for cache in (tmp_path / "none", tmp_path / "some"):
+        if cache.name == "some":
+            ChunkStore(cache)
+        proc = kitfs("cache", "gc", "--max-size", "1x", "--cache-dir", str(cache))
+        assert proc.returncode == 2, (cache, proc)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -1392,6 +1392,12 @@ class Engine:
         except Exception as exc:
             error = exc if isinstance(exc, KitfsError) else KitfsError(
                 self._foreign(exc, f"streaming layer {digest[:19]}"))
+            if isinstance(exc, FormatError):
+                # The digest-pinned bytes `kit unpack` reads decompress cleanly: these did
+                # not, so the registry lied (before the digest at the end could say so).
+                error = IntegrityError(f"layer {digest} is not what its digest names: {exc}")
+            elif not isinstance(error, IntegrityError):
+                layer.verify_started = False  # what was served is checked by a later stream
             self._failed(layer, error)
             for (d, i) in list(self._flights):
                 if d == digest:
@@ -1501,13 +1507,16 @@ class Engine:
             else:
                 problem, digests = await self._hash_ranged(layer)
         except Exception as exc:
-            layer.state = "unverified"
+            if layer.state != "poisoned":
+                layer.state = "unverified"
             layer.verify_started = False
             self._note_error(f"verification of {layer.info.digest[:19]} postponed: "
                              f"{self._foreign(exc, 'verification')}")
             return
         if problem is not None:
             self._poison(layer, problem)
+            return
+        if layer.state == "poisoned":  # by a reader while this hashed: stays so
             return
         if layer.layout is not None and layer.layout.origin == "walked":
             self._keep_layout(layer)
@@ -1579,6 +1588,8 @@ class Engine:
             self._note_error(str(exc))
 
     def _mark_verified(self, layer: _Layer, digests: list[str]) -> None:
+        if layer.state == "poisoned":  # final: a check that raced the poison changes nothing
+            return
         layer.state = "verified"
         layer.verified_event.set()
         log.info("layer %s verified end to end", layer.info.digest)

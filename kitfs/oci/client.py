@@ -32,6 +32,7 @@ from kitfs.errors import (
     LocalStorageError,
     NotFoundError,
     RegistryError,
+    UnreachableError,
     UsageError,
 )
 from kitfs.oci.auth import Credential, pull_scope, push_scope
@@ -841,7 +842,9 @@ class _BlobBody:
             if not await self._retry_budget().wait():
                 if failure is not None:
                     raise _transport(failure, response, self._client.options, self._what)
-                raise IntegrityError(
+                # A connection that kept dropping is the network, not a lie: the
+                # digest check judges the bytes, and a later try may get them all.
+                raise UnreachableError(
                     f"{self._what}: truncated, the registry sent {received} bytes and stopped"
                 )
             await self._request()
