@@ -1578,6 +1578,7 @@ class Engine:
 
     async def _adopt(self, layer: _Layer, digests: list[str]) -> None:
         """Give a verified layer's chunk files the digest keys later mounts look them up by."""
+        await self.writes.flush()  # a chunk still being written would keep its old key
         geo = layer.geo
         moves = [(geo.position_key(i), chunk_key_for_digest(d))
                  for i, d in enumerate(digests) if geo.chunks[i].digest is None]
