@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from kitfs.errors import KitfsError, UsageError
+from kitfs.errors import KitfsError, UsageError, leaf_errors
 from kitfs.modelkit.filters import FilterSet
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import parse_reference
@@ -74,18 +74,7 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
 def user_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one error to report out of (nested) exception groups: an interrupt, else the
     first KitfsError, else the group itself (a bug, with all its tracebacks)."""
-    import trio
-
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-
-    collect(group)
+    leaves = leaf_errors(group)
     chosen = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None) or next(
         (e for e in leaves if isinstance(e, KitfsError)), None)
     if chosen is None:

@@ -34,7 +34,7 @@ import trio
 from kitfs.engine.api import FileReader
 from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import open_kit
-from kitfs.errors import KitfsError
+from kitfs.errors import KitfsError, leaf_errors
 from kitfs.fs.operations import FsConfig, KitfsOperations
 from kitfs.inspection import Inspection
 from kitfs.modelkit.filters import FilterSet
@@ -190,16 +190,7 @@ def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
     A KitfsError (what the user can act on) wins over anything else; the rest
     is logged, so nothing disappears.
     """
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-
-    collect(group)
+    leaves = leaf_errors(group)
     if not leaves:
         return group
     chosen = next((e for e in leaves if isinstance(e, KitfsError)), leaves[0])

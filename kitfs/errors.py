@@ -57,3 +57,22 @@ class IntegrityError(KitfsError):
 
 class LocalStorageError(KitfsError):
     """kit's local storage (or a file kitfs writes) could not be read or written."""
+
+
+def leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """What failed inside (nested) exception groups, cancellations left out: the
+    nurseries of a command or a daemon wrap a user's error in groups, and the one
+    line a user sees must be that error, not the group."""
+    import trio  # only here: the error types themselves need nothing
+
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    collect(group)
+    return leaves

@@ -6,14 +6,12 @@ that the toolkit makes what it says (tests/crafted.py).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
 import os
 import random
 import tarfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -45,10 +43,9 @@ from crafted import (
     toc_for,
 )
 from faultproxy import FaultProxy, Replace
+from opening import opened, read_file
 
 from helpers import kitfs
-from kitfs.engine.reader import EngineConfig
-from kitfs.engine.session import OpenedKit, open_kit
 from kitfs.errors import FormatError, IntegrityError
 from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.chunkdigest import block_matches, matches
@@ -63,7 +60,6 @@ from kitfs.modelkit.toc import (
     validate_layer_toc,
 )
 from kitfs.oci.client import ClientOptions, RegistryClient
-from kitfs.oci.reference import parse_reference
 from registry import RegistryServer
 
 SMALL = {"chunk_size": 4096, "block_size": 1024}
@@ -171,25 +167,6 @@ def test_append_hidden_puts_bytes_where_no_tar_reader_looks() -> None:
 
 
 # --- publishing -----------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def opened(ref: str, cache: Path) -> AsyncIterator[OpenedKit]:
-    config = EngineConfig(chunk_size=1 << 20, prefetch="none", read_timeout=10)
-    async with open_kit(parse_reference(ref), ClientOptions(read_timeout=5, retry_budget=3),
-                        cache, config=config) as kit, trio.open_nursery() as nursery:
-        await kit.engine.start(nursery)
-        yield kit
-        await kit.engine.flush()
-        nursery.cancel_scope.cancel()
-
-
-async def read_file(kit: OpenedKit, path: str) -> bytes:
-    node = kit.tree.nodes[path]
-    out = bytearray()
-    while len(out) < node.size:
-        out += await kit.engine.read(node, len(out), 64 << 10)
-    return bytes(out)
 
 
 def layers_for(tag: str) -> tuple[list[CraftLayer], dict[str, bytes]]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+from opening import read_file
 
 from helpers import kitfs, make_project
 from kitfs.engine.reader import PREFETCH_WORKERS, TENSOR_AHEAD, EngineConfig
@@ -112,14 +113,6 @@ async def settled(kit: OpenedKit) -> None:
             await trio.sleep(0.01)
 
 
-async def read_all(kit: OpenedKit, node_path: str, piece: int = 128 << 10) -> bytes:
-    node = kit.tree.nodes[node_path]
-    out = bytearray()
-    while len(out) < node.size:
-        out += await kit.engine.read(node, len(out), piece)
-    return bytes(out)
-
-
 async def prefetch_done(kit: OpenedKit) -> None:
     """Until prefetch has brought every chunk of its plan (its total is known once it began)."""
     with trio.fail_after(30):
@@ -167,14 +160,14 @@ async def test_random_reads_match_the_source(
             size = rng.choice([1, 511, 4096, 131072, 1 << 20, 3 << 20])
             got = await kit.engine.read(node, off, size)
             assert bytes(got) == source[off : off + size]
-        assert await read_all(kit, "model/config.json") == (
+        assert await read_file(kit, "model/config.json") == (
             project / "model" / "config.json").read_bytes()
         status = kit.engine.status()
         assert status["bytes_fetched"] > 0
         # each chunk was checked as it came; the layers are bound to their digests once
         # every chunk is here and the whole was hashed
         for node in kit.tree.files():
-            await read_all(kit, node.path, 1 << 20)
+            await read_file(kit, node.path, 1 << 20)
         with trio.fail_after(10):
             while any(layer["state"] != "verified" for layer in kit.engine.status()["layers"]):
                 await trio.sleep(0.02)
@@ -188,9 +181,9 @@ async def test_second_mount_reads_from_the_shared_cache(
     cache = tmp_path / "cache"
     want = (project / "model" / "model.safetensors").read_bytes()
     async with opened(ref, cache) as kit:
-        assert await read_all(kit, "model/model.safetensors") == want
+        assert await read_file(kit, "model/model.safetensors") == want
     async with opened(ref, cache) as kit:
-        assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
+        assert await read_file(kit, "model/model.safetensors", 1 << 20) == want
         st = kit.engine.status()
         assert st["disk_hits"] > 0, (st, sorted(p.name for p in cache.rglob("*")))
 
@@ -205,7 +198,7 @@ async def test_prefetch_loads_the_model_before_it_is_read(
         await prefetch_done(kit)
         fetched = kit.engine.status()["bytes_fetched"]
         assert fetched >= 5 << 20
-        await read_all(kit, "model/model.safetensors")
+        await read_file(kit, "model/model.safetensors")
         assert kit.engine.status()["bytes_fetched"] == fetched  # all served from cache
 
 
@@ -343,7 +336,7 @@ async def test_kit_gzip_layer_streams_once(
         tail = await kit.engine.read(kit.tree.nodes["model/model.safetensors"],
                                      len(want) - 1000, 1000)
         assert bytes(tail) == want[-1000:]
-        assert await read_all(kit, "model/model.safetensors") == want
+        assert await read_file(kit, "model/model.safetensors") == want
         st = kit.engine.status()
         assert st["requests"] == 1  # one streamed GET served every chunk
         with trio.fail_after(10):
@@ -442,7 +435,7 @@ async def test_sequential_reader_gets_readahead_in_few_large_requests(
             await fetch(digest, offset, buffers, *rest, **kw)
 
         kit.engine.source.read_range_into = counted  # type: ignore[method-assign,assignment]
-        assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
+        assert await read_file(kit, "model/model.safetensors", 1 << 20) == want
         status = kit.engine.status()
         node = kit.tree.nodes["model/model.safetensors"]
         size = kit.engine.layers[node.layer or ""].geo.chunk_size
@@ -628,7 +621,7 @@ async def test_a_warm_chunk_is_read_from_disk_once_however_many_want_it(
     chunk-file read serves them all (a 2 GiB warm read made 1755 for 1024 chunks)."""
     ref, want = packed(registry, tmp_path, "one-load", 8 << 20)
     async with opened(ref, tmp_path / "cache") as kit:  # fills the disk cache
-        assert await read_all(kit, "model/model.safetensors", 1 << 20) == want
+        assert await read_file(kit, "model/model.safetensors", 1 << 20) == want
     async with opened(ref, tmp_path / "cache") as kit:
         no_tensor_hints(kit)
         node = kit.tree.nodes["model/model.safetensors"]
@@ -941,7 +934,7 @@ async def test_a_tensor_already_on_disk_is_read_from_it_with_nothing_to_fetch(
     the fetch task anyway, whose error ended the engine's nursery (the daemon)."""
     async with tensor_kit(registry, tmp_path, "warm-tensor", THREE_TENSORS) as (
             kit, node, want, spans):  # the whole file, streamed: every chunk on disk
-        assert await read_all(kit, node.path, 1 << 20) == want
+        assert await read_file(kit, node.path, 1 << 20) == want
     async with opened(f"{registry.host}/engine/warm-tensor:v1", tmp_path / "cache") as kit:
         await read_as_the_kernel(kit, kit.tree.nodes["model/model.safetensors"], want, *spans[1])
         assert kit.engine.status()["bytes_fetched"] == 0

@@ -17,7 +17,7 @@ import json
 import os
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,45 +40,25 @@ from crafted import (
     swap_files,
 )
 from faultproxy import Corrupt, Fault, FaultProxy, Hang, Replace, Reset, Status, Truncate
+from opening import opened, read_file
 
 from helpers import kitfs
 from kitfs.cache.fileformat import CHUNK_MAGIC, write_frame
 from kitfs.engine.reader import EngineConfig
-from kitfs.engine.session import OpenedKit, open_kit
+from kitfs.engine.session import OpenedKit
 from kitfs.errors import FormatError, IntegrityError, KitfsError
 from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.toc import LayerToc, validate_layer_toc
 from kitfs.oci.client import ClientOptions, RegistryClient
-from kitfs.oci.reference import parse_reference
 from mounting import mounted
 from registry import RegistryServer
 
-LAZY = EngineConfig(chunk_size=1 << 20, prefetch="none", read_timeout=10)
 A, B = os.urandom(300_000), os.urandom(300_000)
 
 
 def kit_tar() -> bytes:
     """Two files of one size (a header lie can swap their names), and a small one."""
     return build_tar([("model/a.bin", A), ("model/b.bin", B), ("model/config.json", b"{}\n")])
-
-
-@contextlib.asynccontextmanager
-async def opened(ref: str, cache: Path, config: EngineConfig = LAZY) -> AsyncIterator[OpenedKit]:
-    options = ClientOptions(read_timeout=3, retry_budget=2)
-    async with open_kit(parse_reference(ref), options, cache, config=config) as kit, \
-            trio.open_nursery() as nursery:
-        await kit.engine.start(nursery)
-        yield kit
-        await kit.engine.flush()
-        nursery.cancel_scope.cancel()
-
-
-async def read_file(kit: OpenedKit, path: str) -> bytes:
-    node = kit.tree.nodes[path]
-    out = bytearray()
-    while len(out) < node.size:
-        out += await kit.engine.read(node, len(out), 128 << 10)
-    return bytes(out)
 
 
 async def state_becomes(kit: OpenedKit, state: str) -> dict[str, Any]:

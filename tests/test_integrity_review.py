@@ -18,7 +18,7 @@ import pytest
 import trio
 from crafted import build_tar, craft_layer, publish_kit
 from faultproxy import Corrupt, FaultProxy
-from test_integrity import opened, read_file
+from opening import opened, read_file
 
 from kitfs.errors import KitfsError
 from registry import RegistryServer

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import os
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import trio
+from faultproxy import FaultProxy, Rule, Status
 
 from helpers import kitfs, make_project
 from kitfs.engine.reader import EngineConfig
@@ -169,81 +166,11 @@ async def test_local_storage_blob_not_the_size_or_digest_its_descriptor_says(
 # -- HTTP 500 from the registry ---------------------------------------------------------
 
 
-Answer = tuple[int, dict[str, str], bytes]
-
-
-@dataclass
-class FaultProxy:
-    """An HTTP proxy in front of a real registry that answers what `fault` says instead."""
-
-    upstream: str
-    host: str = ""
-    fault: Callable[[str, str], Answer | None] | None = None
-    seen: list[tuple[str, str, int]] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def fault_proxy(upstream: str) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(upstream)
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _handle(self) -> None:
-            headers = dict(self.headers.items())
-            length = int(headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            answer = proxy.fault(self.command, self.path) if proxy.fault else None
-            if answer is None:
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                headers.pop("Host", None)
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                r = conn.getresponse()
-                data = r.read()
-                kept = {k: v for k, v in r.getheaders()
-                        if k.lower() not in ("transfer-encoding", "connection", "content-length")}
-                answer = (r.status, kept, data)
-                conn.close()
-            status, out, data = answer
-            proxy.seen.append((self.command, self.path, status))
-            self.send_response(status)
-            for k, v in out.items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
-
-        do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = _handle
-
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-
-        def handle_error(self, request: object, client_address: object) -> None:
-            pass  # a client that hangs up on a kept-alive connection is no news
-
-    server = Server(("127.0.0.1", 0), Handler)
-    proxy.host = f"127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield proxy
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def blob_gets_fail(status: int) -> Callable[[str, str], Answer | None]:
-    def fault(method: str, path: str) -> Answer | None:
-        if method == "GET" and "/blobs/sha256:" in path:
-            body = b'{"errors":[{"code":"UNKNOWN","message":"unknown error"}]}'
-            return status, {"Content-Type": "application/json"}, body
-        return None
-
-    return fault
+def blob_gets_fail(proxy: FaultProxy, status: int) -> Rule:
+    """Every blob GET through `proxy` answered with `status` and a registry-style error."""
+    body = b'{"errors":[{"code":"UNKNOWN","message":"unknown error"}]}'
+    return proxy.add(Status(status, body, {"Content-Type": "application/json"}),
+                     method="GET", path=r"/blobs/sha256:")
 
 
 @pytest.mark.registry
@@ -252,8 +179,8 @@ async def test_a_registry_answering_500_is_reported_as_such_well_within_the_budg
 ) -> None:
     data = os.urandom(4000)
     digest = await pushed(registry, "faults/five-hundred", data)
-    with fault_proxy(registry.host) as proxy:
-        proxy.fault = blob_gets_fail(500)
+    with FaultProxy(registry.host) as proxy:
+        failing = blob_gets_fail(proxy, 500)
         options = ClientOptions(retry_budget=30, server_error_retry=1)
         async with RegistryClient(proxy.host, options) as c:
             started = time.monotonic()
@@ -262,7 +189,7 @@ async def test_a_registry_answering_500_is_reported_as_such_well_within_the_budg
             assert time.monotonic() - started < 5
     assert "500 Internal Server Error" in str(err.value) and "blob" in str(err.value), err.value
     assert "retrying" in str(err.value)
-    assert sum(1 for _, _, status in proxy.seen if status == 500) >= 2
+    assert failing.hits >= 2
 
 
 @pytest.mark.registry
@@ -275,14 +202,14 @@ async def test_a_reader_is_told_the_registry_answered_500_not_that_no_data_came(
     proc = kitfs("pack", str(project), "-t", f"{registry.host}/faults/engine:v1",
                  home=tmp_path / "home")
     assert proc.returncode == 0, proc.stderr
-    with fault_proxy(registry.host) as proxy:
+    with FaultProxy(registry.host) as proxy:
         timeout = 4.0
         options = ClientOptions(read_timeout=timeout, retry_budget=timeout)
         config = EngineConfig(prefetch="none", read_timeout=timeout)
         async with open_kit(parse_reference(f"{proxy.host}/faults/engine:v1"), options,
                             tmp_path / "cache", config=config) as kit, trio.open_nursery() as n:
             await kit.engine.start(n)
-            proxy.fault = blob_gets_fail(500)
+            blob_gets_fail(proxy, 500)
             node = kit.tree.nodes["model/model.safetensors"]
             with pytest.raises(KitfsError) as err:
                 await kit.engine.read(node, 0, 4096)
