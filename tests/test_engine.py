@@ -938,3 +938,23 @@ async def test_a_tensor_already_on_disk_is_read_from_it_with_nothing_to_fetch(
     async with opened(f"{registry.host}/engine/warm-tensor:v1", tmp_path / "cache") as kit:
         await read_as_the_kernel(kit, kit.tree.nodes["model/model.safetensors"], want, *spans[1])
         assert kit.engine.status()["bytes_fetched"] == 0
+
+
+async def test_two_readers_of_one_file_keep_their_own_readahead(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Readahead state belongs to an open handle: a second reader jumping around the file
+    used to reset the first one's sequential run (state was kept per path), so a stream
+    read beside a random reader never got readahead."""
+    async with own_kit(registry, tmp_path, "two-readers", 40 << 20) as (kit, node, want):
+        layouts_taken_as_checked(kit)
+        stream, jumper = kit.engine.opened(node), kit.engine.opened(node)
+        for i, off in enumerate(range(0, 36 << 20, 1 << 20)):
+            got = bytes(await kit.engine.read(node, off, 1 << 20, stream))
+            assert got == want[off : off + (1 << 20)]
+            far = (39 << 20) - i * 4096
+            assert bytes(await kit.engine.read(node, far, 4096, jumper)) == want[far : far + 4096]
+        assert stream.from_start and stream.requested >= 0, stream  # read ahead of it
+        assert not jumper.from_start and jumper.requested == -1, jumper
+        kit.engine.released(node)
+        kit.engine.released(node)

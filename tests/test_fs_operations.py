@@ -44,7 +44,8 @@ class RangeReader:
         self.source = source
         self.open: dict[str, int] = {}
 
-    async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, node: Node, offset: int, size: int,
+                   cursor: object = None) -> bytes | memoryview:
         assert node.layer is not None
         return await self.source.read_range(node.layer, node.offset + offset, size)
 
@@ -67,7 +68,8 @@ class FailingReader(RangeReader):
         self.error = error
         self.calls = 0
 
-    async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, node: Node, offset: int, size: int,
+                   cursor: object = None) -> bytes | memoryview:
         self.calls += 1
         if self.error is None:
             await trio.sleep_forever()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol
 
+from kitfs.engine.readahead import Cursor
 from kitfs.modelkit.tree import Node
 
 PrefetchMode = Literal["none", "model", "all"]
@@ -16,16 +17,20 @@ VerifyMode = Literal["lazy", "strict"]
 
 
 class FileReader(Protocol):
-    async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, node: Node, offset: int, size: int,
+                   cursor: Cursor | None = None) -> bytes | memoryview:
         """Bytes [offset, offset+size) of `node` (fewer only at end of file).
+
+        `cursor` is the reading handle's (from `opened`): its readahead is its own.
 
         Raises KitfsError subclasses on failure: IntegrityError for a poisoned
         layer, UnreachableError when the registry cannot deliver in time.
         """
         ...
 
-    def opened(self, node: Node) -> None:
-        """A file handle was opened: its chunks are evicted last, prefetch may start."""
+    def opened(self, node: Node) -> Cursor:
+        """A file handle was opened: its chunks are evicted last; its reads go with the
+        cursor returned."""
         ...
 
     def released(self, node: Node) -> None: ...

@@ -53,6 +53,7 @@ from kitfs.engine.geometry import (
     verified_record,
 )
 from kitfs.engine.prefetch import prefetch_plan
+from kitfs.engine.readahead import Cursor
 from kitfs.engine.writeback import WriteBack
 from kitfs.errors import FormatError, IntegrityError, KitfsError, UnreachableError
 from kitfs.inspection import LayerLayout, layout_mismatch, layout_record
@@ -69,10 +70,6 @@ from kitfs.oci.source import BlobSource
 
 log = logging.getLogger(__name__)
 
-#: A sequential run from a file's start shorter than this gets no readahead.
-READAHEAD_MIN_RUN = 16 << 20
-#: The same for a run that began mid-file: most likely one tensor read by a random reader.
-READAHEAD_MIN_RUN_MIDFILE = 64 << 20
 #: A reader quiet for this long no longer holds prefetch back (see _prefetch_pace).
 READER_IDLE_S = 1.0
 #: How long prefetch keeps chunks already on disk out of memory while no reader has
@@ -261,14 +258,12 @@ class Engine:
         self._disk_reads = trio.CapacityLimiter(4)  # chunks read ahead from disk
         self._background = trio.CapacityLimiter(max(1, config.max_requests // 2))
         self._nursery: trio.Nursery | None = None
-        # path -> (start of the sequential run, where it goes on, last chunk requested ahead)
-        self._readahead: dict[str, tuple[int, int, int]] = {}
+        # Readahead state of reads that come without a handle's cursor, per file.
+        self._cursors: dict[str, Cursor] = {}
         self._open: dict[str, int] = {}
         # safetensors files read mid-file: their tensors' extents (None: not safetensors)
         self._extents: dict[str, TensorExtents | None] = {}
         self._extent_loads: dict[str, trio.Event] = {}
-        # path -> (end of the tensor being read, how far it has been asked for)
-        self._tensor_front: dict[str, tuple[int, int]] = {}
         self._tensor_fetches = 0  # _fetch_claimed tasks running
         # Prefetch pacing: per layer, the furthest chunk a reader got to, and when.
         self._front: dict[str, tuple[int, float]] = {}
@@ -332,12 +327,13 @@ class Engine:
 
     # -- FileReader -------------------------------------------------------------------
 
-    def opened(self, node: Node) -> None:
+    def opened(self, node: Node) -> Cursor:
         count = self._open.get(node.path, 0)
         self._open[node.path] = count + 1
         if count == 0:
             for key in self._file_keys(node):
                 self.store.pin(key)  # what an open file reads is evicted last
+        return Cursor()
 
     def released(self, node: Node) -> None:
         left = self._open.get(node.path, 0) - 1
@@ -347,8 +343,7 @@ class Engine:
         if self._open.pop(node.path, None) is not None:
             for key in self._file_keys(node):
                 self.store.unpin(key)
-        self._readahead.pop(node.path, None)
-        self._tensor_front.pop(node.path, None)
+        self._cursors.pop(node.path, None)
 
     def trusted(self, node: Node) -> bool:
         return node.layer is None or self.layers[node.layer].state != "poisoned"
@@ -362,7 +357,8 @@ class Engine:
         return [self._key(layer, i) for i in range(first, last + 1)
                 if not layer.geo.chunks or i < len(layer.geo.chunks)]
 
-    async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, node: Node, offset: int, size: int,
+                   cursor: Cursor | None = None) -> bytes | memoryview:
         self.counters.reads += 1
         if node.inline is not None:
             return node.inline[offset : offset + size]
@@ -379,18 +375,24 @@ class Engine:
         # requests in order, but they finish in any order; judged on completion,
         # a streamed shard kept looking like random reads and got no readahead
         # (2 MiB requests, 0.13 GB/s at 8 GiB with --prefetch none).
-        self._schedule_readahead(node, layer, offset, end)
+        if cursor is None:
+            cursor = self._cursors.setdefault(node.path, Cursor())
+        fresh = cursor.step(offset, end)
+        if layer.geo.shape != "stream":
+            ahead = cursor.window(node.offset, node.size, layer.geo.chunk_size,
+                                  self.config.readahead_bytes, self.config.merge_limit)
+            if ahead is not None:
+                self._prefetch_run(layer, ahead)
         # A run from the file's start is a stream (cp, a hash, a loader): it reads on,
         # so its chunks are fetched whole. Any other may be one tensor of a random reader.
-        run_start = self._readahead[node.path][0]
-        whole = run_start == 0
+        whole = cursor.from_start
         try:
             with trio.fail_after(limit):
                 if not layer.layout_ok:
                     await self._layout_ready(layer)
                 if not whole and node.path.endswith(SAFETENSORS) and self._hinted(layer):
-                    await self._tensor_readahead(node, layer, offset, end,
-                                                 fresh=run_start == offset)
+                    await self._tensor_readahead(node, layer, cursor, offset, end,
+                                                 fresh=fresh)
                 data = await self._read_range(layer, node.offset + offset, end - offset, whole)
         except trio.TooSlowError:
             msg = f"{node.path}: no data from the registry within {limit:.0f} s"
@@ -1020,55 +1022,14 @@ class Engine:
 
     # -- readahead and prefetch -------------------------------------------------------
 
-    def _schedule_readahead(self, node: Node, layer: _Layer, offset: int, end: int) -> None:
-        """Read ahead in proportion to how far a reader has gone sequentially, as Linux does.
-
-        A reader that jumps (random tensor access) starts a new run and gets no
-        readahead until the run is 64 MiB long, one from the file's start (a
-        shard streamed by cp, a hash or a loader) from 16 MiB, as Linux treats
-        a read at offset 0 as sequential; then the window is an eighth of the
-        run, up to the cap. So a tensor read front to back costs at most an
-        eighth more than its size (plus the chunk its end falls in), while a
-        shard streamed by a loader has the full window in flight after 512 MiB.
-        Measured (random whole tensors, registry bytes per byte read): a
-        quarter of the run from 4 MiB 1.43 (quick harness), an eighth from
-        16 MiB 1.29 (quick) and 1.44 (2 GiB: its 22 MiB tensors got 2-4 MiB of
-        readahead each), mid-file runs from 64 MiB 1.37 (2 GiB), with cold
-        loads and streaming reads unchanged.
-
-        The window is topped up only once half of it (at least a chunk) is not
-        yet requested, and then in one go: topping it up on every read asked
-        for one chunk per request (506 requests of 2 MiB for 1 GiB), and the
-        registry spends more on a request than on a megabyte.
-        """
-        size = layer.geo.chunk_size
-        state = self._readahead.get(node.path)
-        # Only a read that starts exactly where the last one ended continues a run.
-        if state is None or offset != state[1]:
-            state = (offset, offset, -1)  # a new run: nothing requested ahead yet
-        run_start, _, requested = state
-        self._readahead[node.path] = (run_start, end, requested)
-        run = end - run_start
-        least = READAHEAD_MIN_RUN if run_start == 0 else READAHEAD_MIN_RUN_MIDFILE
-        if run < max(2 * size, least) or layer.geo.shape == "stream":
-            return
-        ahead = min(run // 8, self.config.readahead_bytes)
-        first = max((node.offset + end) // size, requested + 1)
-        last = min((node.offset + node.size - 1) // size,
-                   (node.offset + end + ahead - 1) // size)
-        if last < first or (last - first + 1) * size < min(ahead // 2, self.config.merge_limit):
-            return
-        self._readahead[node.path] = (run_start, end, last)
-        self._prefetch_run(layer, range(first, last + 1))
-
     def _hinted(self, layer: _Layer) -> bool:
         """Whether tensor extents may steer reads of this layer: not if prefetch brings it
         whole anyway or it can only be streamed."""
         return (layer.geo.shape != "stream" and layer.info.digest not in self._planned
                 and self._nursery is not None)
 
-    async def _tensor_readahead(self, node: Node, layer: _Layer, offset: int, end: int, *,
-                                fresh: bool) -> None:
+    async def _tensor_readahead(self, node: Node, layer: _Layer, cursor: Cursor, offset: int,
+                                end: int, *, fresh: bool) -> None:
         """A read that begins a tensor asks for the rest of it at once, up to its end.
 
         The kernel splits a reader's pread of a tensor into 1 MiB requests, and
@@ -1087,9 +1048,8 @@ class Engine:
         if span is None:
             return
         start, stop = span
-        state = self._tensor_front.get(node.path)
-        if state is not None and state[0] == stop:
-            begin = state[1]
+        if cursor.tensor_stop == stop:
+            begin = cursor.tensor_front
             # Topped up only for a read inside what was asked for, near its front: a
             # read past it jumped (a slice further on), and gets nothing ahead.
             if begin >= stop or offset > begin or end + TENSOR_AHEAD // 2 < begin:
@@ -1105,7 +1065,7 @@ class Engine:
         by_block = layer.geo.block_size > 0
         if by_block and self._tensor_fetches >= MAX_TENSOR_FETCHES:
             return
-        self._tensor_front[node.path] = (stop, front)
+        cursor.tensor_stop, cursor.tensor_front = stop, front
         if not by_block:
             size = layer.geo.chunk_size
             self._prefetch_run(layer, range((node.offset + end) // size,

@@ -29,6 +29,7 @@ import pyfuse3
 import trio
 
 from kitfs.engine.api import FileReader
+from kitfs.engine.readahead import Cursor
 from kitfs.errors import IntegrityError, KitfsError, UnreachableError
 from kitfs.fs.inodes import Entry, InodeTable
 from kitfs.modelkit.tree import Node, Tree
@@ -156,7 +157,7 @@ class KitfsOperations(pyfuse3.Operations):
         self.reader = reader
         self.config = config
         self.errors = ErrorLog()
-        self._handles: dict[int, Node] = {}
+        self._handles: dict[int, tuple[Node, Cursor | None]] = {}
         self._next_fh = 1
         self.reads = 0
         self.read_bytes = 0
@@ -311,38 +312,40 @@ class KitfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = entry.node
         keep = True
+        cursor = None
         if entry.node.inline is None:
-            self.reader.opened(entry.node)
+            cursor = self.reader.opened(entry.node)
             # A poisoned file's pages are never kept: an open without keep_cache
             # makes the kernel drop any it still has.
             keep = self.reader.trusted(entry.node)
+        self._handles[fh] = (entry.node, cursor)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep, direct_io=False)
 
     # pyfuse3 hands the result to PyObject_GetBuffer, so a memoryview (which spares
     # a copy of every chunk slice) works although its stub says bytes.
     @_guarded_read
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
-        node = self._handles.get(fh)
-        if node is None:
+        handle = self._handles.get(fh)
+        if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        node, cursor = handle
         if off >= node.size or size <= 0:
             return b""
         size = min(size, node.size - off)
         if node.inline is not None:
             data: bytes | memoryview = memoryview(node.inline)[off : off + size]
         else:
-            data = await self.reader.read(node, off, size)
+            data = await self.reader.read(node, off, size, cursor)
         self.reads += 1
         self.read_bytes += len(data)
         return data
 
     @_guarded
     async def release(self, fh: int) -> None:
-        node = self._handles.pop(fh, None)
-        if node is not None and node.inline is None:
-            self.reader.released(node)
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle[0].inline is None:
+            self.reader.released(handle[0])
 
     # -- everything that would change the tree: EROFS ------------------------------
 
