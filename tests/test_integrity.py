@@ -579,3 +579,22 @@ async def test_a_manifest_that_lies_about_a_verified_layers_size_is_refused(
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     async with opened(ref, cache) as kit:
         assert kit.engine.status()["layers"][0]["state"] == "verified"
+
+
+async def test_strict_mode_serves_a_packed_layer_once_its_blob_is_hashed(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Chunk digests are the table's author's word: strict mode serves a byte of a kitfs
+    layer only once the whole blob matched its digest, and records that, so the next
+    mount on the node serves at once."""
+    layer = craft_layer(kit_tar(), chunk_size=1 << 20)
+    ref = await publish_kit(registry.host, "strict/packed", "v1", [layer])
+    strict = EngineConfig(chunk_size=1 << 20, prefetch="none", verify="strict", read_timeout=10)
+    cache = tmp_path / "cache"
+    async with opened(ref, cache, strict) as kit:
+        assert kit.engine.status()["layers"][0]["state"] == "unverified"
+        assert await read_file(kit, "model/b.bin") == B
+        assert kit.engine.status()["layers"][0]["state"] == "verified"
+    async with opened(ref, cache, strict) as kit:
+        assert kit.engine.status()["layers"][0]["state"] == "verified"  # recorded
+        assert await read_file(kit, "model/a.bin") == A
