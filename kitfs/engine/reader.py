@@ -47,11 +47,11 @@ from kitfs.cache.tocs import TocCache
 from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.engine.geometry import (
     Chunk,
-    LayerGeometry,
     parse_verified,
     plan_layer,
     verified_record,
 )
+from kitfs.engine.layerstate import LayerState, State
 from kitfs.engine.prefetch import prefetch_plan
 from kitfs.engine.readahead import Cursor
 from kitfs.engine.writeback import WriteBack
@@ -165,34 +165,6 @@ class _Claim:
 
 
 @dataclass
-class _Layer:
-    info: LayerInfo
-    geo: LayerGeometry
-    state: str = "unverified"  # unverified | verifying | verified | poisoned
-    reason: str = ""
-    # Where the layer's entries came from; None: not known to this engine (tests).
-    layout: LayerLayout | None = None
-    # False until the entries are known to be what the layer's tar holds: a kitfs table
-    # of contents, or headers walked by range on a layer verified chunk by chunk, are
-    # walked again over verified chunks before any file of the layer is served.
-    layout_ok: bool = True
-    layout_check: trio.Event | None = None  # set when a check in progress ends
-    layout_error: KitfsError | None = None  # why the last check could not finish
-    # BLAKE3 of each chunk this engine fetched that has no digest of its own: such a
-    # chunk is read back from the disk cache only if it still matches (one written by
-    # another process, or before a crash, was never verified and is fetched again).
-    recorded: dict[int, str] = field(default_factory=dict)
-    verified_event: trio.Event = field(default_factory=trio.Event)
-    fetched: set[int] = field(default_factory=set)
-    verify_started: bool = False
-    # stream-shaped layers
-    stream_running: bool = False
-    stream_next: int = 0  # index of the next chunk the stream task will produce
-    stream_chunks: int | None = None  # known once the stream reached its end
-    stream_digests: dict[int, str] = field(default_factory=dict)
-
-
-@dataclass
 class _Counters:
     bytes_fetched: int = 0
     bytes_served: int = 0
@@ -229,21 +201,20 @@ class Engine:
         self.tree = tree
         self.toc_cache = toc_cache
         self.memory = MemoryTier(config.memory_bytes)
-        self.layers: dict[str, _Layer] = {}
+        self.layers: dict[str, LayerState] = {}
         for info in layers:
             verified = toc_cache.get_verified(info.digest) if toc_cache is not None else None
             toc = tocs.get(info.digest)
             geo = plan_layer(info, toc, config.chunk_size, verified)
             layout = layouts.get(info.digest) if layouts is not None else None
-            layer = _Layer(info, geo, layout=layout)
+            layer = LayerState(info, geo, layout=layout)
             # Chunk digests from a verified record were computed from the layer's own
             # bytes; a table of contents' are its author's word until this node hashed
             # the layer (they could be another layer's: shared cache keys would then
             # serve that layer's chunks here).
             if geo.verified_by_chunk and (toc is None or not toc.chunks or parse_verified(
                     verified or b"", geo.chunk_size, info.size) == [c.digest for c in geo.chunks]):
-                layer.state = "verified"
-                layer.verified_event.set()
+                layer.verified()
             # Walked headers of a layer not verified by chunk are checked with the
             # layer (_verify); everything else not yet bound is checked before serving.
             layer.layout_ok = layout is None or layout.bound or (
@@ -346,7 +317,7 @@ class Engine:
         self._cursors.pop(node.path, None)
 
     def trusted(self, node: Node) -> bool:
-        return node.layer is None or self.layers[node.layer].state != "poisoned"
+        return node.layer is None or self.layers[node.layer].state is not State.POISONED
 
     def _file_keys(self, node: Node) -> list[str]:
         if node.layer is None or node.size == 0:
@@ -406,7 +377,7 @@ class Engine:
         self._note_read(layer, node.offset + offset, node.offset + end)
         return data
 
-    def _recently_failed(self, layer: _Layer, chunks: range) -> None:
+    def _recently_failed(self, layer: LayerState, chunks: range) -> None:
         """Fail at once a read of a chunk whose read just timed out (see FAILED_READ_MEMORY_S)."""
         if not self._failed_reads:
             return
@@ -418,7 +389,7 @@ class Engine:
             if failed is not None:
                 raise failed[1]
 
-    def _note_read(self, layer: _Layer, start: int, end: int) -> None:
+    def _note_read(self, layer: LayerState, start: int, end: int) -> None:
         """Tell prefetch pacing that a reader got to `end` of the layer's stream."""
         now = trio.current_time()
         last = (end - 1) // layer.geo.chunk_size
@@ -447,7 +418,7 @@ class Engine:
                          "done_bytes": c.prefetch_done},
             "layers": [
                 {"digest": d, "kind": layer.info.kind, "path": layer.info.path,
-                 "shape": layer.geo.shape, "state": layer.state, "reason": layer.reason,
+                 "shape": layer.geo.shape, "state": layer.state.value, "reason": layer.reason,
                  "streamed_chunks": layer.stream_next if layer.geo.shape == "stream" else None}
                 for d, layer in self.layers.items()
             ],
@@ -456,10 +427,10 @@ class Engine:
 
     # -- reading ----------------------------------------------------------------------
 
-    async def _read_range(self, layer: _Layer, start: int, length: int,
+    async def _read_range(self, layer: LayerState, start: int, length: int,
                           whole: bool = True) -> bytes | memoryview:
         self._check_poison(layer)
-        if self.config.verify == "strict" and layer.state != "verified":
+        if self.config.verify == "strict" and layer.state is not State.VERIFIED:
             self._ensure_verification(layer)
             await layer.verified_event.wait()
             self._check_poison(layer)
@@ -485,16 +456,15 @@ class Engine:
             parts.append(memoryview(data)[lo:hi])
         return b"".join(parts)
 
-    def _check_poison(self, layer: _Layer) -> None:
-        if layer.state == "poisoned":
-            raise IntegrityError(f"layer {layer.info.digest} failed verification: {layer.reason}")
+    def _check_poison(self, layer: LayerState) -> None:
+        layer.check()
 
-    def _key(self, layer: _Layer, index: int) -> str:
+    def _key(self, layer: LayerState, index: int) -> str:
         if layer.geo.chunks:
             return layer.geo.chunks[index].key
         return layer.geo.position_key(index)
 
-    def _cached(self, layer: _Layer, index: int) -> ChunkData | None:
+    def _cached(self, layer: LayerState, index: int) -> ChunkData | None:
         # First in, first out: a reader's touch does not keep a chunk. Its bytes are in the
         # kernel's page cache by then, and with LRU the chunks a reader had passed outlived
         # the ones prefetch had brought for it (2 GiB warm read: 1103 instead of 1603
@@ -504,7 +474,7 @@ class Engine:
             self.counters.memory_hits += 1
         return data
 
-    async def _chunk(self, layer: _Layer, index: int, *, background: bool) -> ChunkData:
+    async def _chunk(self, layer: LayerState, index: int, *, background: bool) -> ChunkData:
         """One chunk's verified bytes, from wherever they are cheapest."""
         data = self._cached(layer, index)
         if data is not None:
@@ -551,7 +521,7 @@ class Engine:
         assert flight.data is not None
         return flight.data
 
-    async def _part(self, layer: _Layer, index: int, lo: int, hi: int) -> memoryview:
+    async def _part(self, layer: LayerState, index: int, lo: int, hi: int) -> memoryview:
         """Bytes [lo, hi) of a chunk, fetching only the blocks they fall in if it is nowhere.
 
         For layers whose chunks carry block digests and that no prefetch brings
@@ -582,18 +552,18 @@ class Engine:
                 return memoryview(data)[lo:hi]
 
     @staticmethod
-    def _blocks_of(layer: _Layer, lo: int, hi: int) -> range:
+    def _blocks_of(layer: LayerState, lo: int, hi: int) -> range:
         """The blocks bytes [lo, hi) of a chunk fall in."""
         bs = layer.geo.block_size
         return range(lo // bs, (hi - 1) // bs + 1)
 
-    def _has_blocks(self, layer: _Layer, gathered: _Partial, lo: int, hi: int) -> bool:
+    def _has_blocks(self, layer: LayerState, gathered: _Partial, lo: int, hi: int) -> bool:
         return all(b in gathered.have for b in self._blocks_of(layer, lo, hi))
 
-    def _whole(self, layer: _Layer, gathered: _Partial) -> bool:
+    def _whole(self, layer: LayerState, gathered: _Partial) -> bool:
         return len(gathered.have) * layer.geo.block_size >= len(gathered.buffer)
 
-    async def _gather(self, layer: _Layer, index: int, lo: int, hi: int) -> ChunkData | None:
+    async def _gather(self, layer: LayerState, index: int, lo: int, hi: int) -> ChunkData | None:
         """Fetch the blocks of [lo, hi) nobody is fetching, wait for those others are.
 
         Returns once each block arrived or its fetch ended: the whole chunk if
@@ -630,7 +600,7 @@ class Engine:
             gathered.flights[b] = done
         claim.wanted.extend((index, b) for b in mine)
 
-    async def _fetch_claim(self, layer: _Layer, claim: _Claim) -> None:
+    async def _fetch_claim(self, layer: LayerState, claim: _Claim) -> None:
         """Fetch a claim's blocks, then end their flights whatever happened."""
         try:
             await self._fetch_blocks(layer, claim)
@@ -640,7 +610,7 @@ class Engine:
             for done in claim.events.values():
                 done.set()
 
-    async def _fetch_blocks(self, layer: _Layer, claim: _Claim) -> None:
+    async def _fetch_blocks(self, layer: LayerState, claim: _Claim) -> None:
         """Fetch claimed (chunk, block) pairs into their partials, checking each block as it
         arrives.
 
@@ -726,11 +696,12 @@ class Engine:
                 raise error from None
 
     @staticmethod
-    def _bad_block(layer: _Layer, index: int, block: int) -> str:
+    def _bad_block(layer: LayerState, index: int, block: int) -> str:
         return (f"block {block} of chunk {index} of layer {layer.info.digest} "
                 "does not match its digest")
 
-    async def _complete(self, layer: _Layer, index: int, gathered: _Partial) -> ChunkData | None:
+    async def _complete(self, layer: LayerState, index: int, gathered: _Partial
+                        ) -> ChunkData | None:
         """A chunk gathered whole from blocks: check it whole and keep it like a fetched one.
 
         The partial stays registered (and serving its blocks) until the check is
@@ -752,7 +723,7 @@ class Engine:
             self._accept(layer, chunk, result)  # a fetch claimed meanwhile settles its own
         return None if isinstance(result, KitfsError) else result
 
-    async def _complete_soon(self, layer: _Layer, index: int, gathered: _Partial) -> None:
+    async def _complete_soon(self, layer: LayerState, index: int, gathered: _Partial) -> None:
         await self._complete(layer, index, gathered)
 
     def _drop_partials(self, keep: tuple[str, int]) -> None:
@@ -763,7 +734,7 @@ class Engine:
         for key in idle[:max(0, excess)]:
             del self._partials[key]
 
-    async def _from_disk(self, layer: _Layer, index: int) -> ChunkData | None:
+    async def _from_disk(self, layer: LayerState, index: int) -> ChunkData | None:
         """The chunk from the disk cache, else from memory if a fetch delivered it meanwhile.
 
         One load per chunk at a time: the kernel asks for a chunk's two 1 MiB
@@ -785,7 +756,7 @@ class Engine:
             del self._loads[where]
             load.done(data)
 
-    async def _load(self, layer: _Layer, index: int) -> ChunkData | None:
+    async def _load(self, layer: LayerState, index: int) -> ChunkData | None:
         """One read of the chunk file (for `_from_disk`), kept in memory if good.
 
         Straight to a thread, no stat first on the event loop: after a dropped
@@ -816,7 +787,7 @@ class Engine:
         self._got(layer, index)
         return data
 
-    def _claim_run(self, layer: _Layer, index: int, absent: set[int],
+    def _claim_run(self, layer: LayerState, index: int, absent: set[int],
                    last: int | None = None) -> list[Chunk]:
         """Chunk `index` and the chunks after it known to be `absent` from disk, up to the
         merge limit (and `last`, the end of a readahead window).
@@ -842,7 +813,7 @@ class Engine:
             nxt += 1
         return run
 
-    async def _fetch_run(self, layer: _Layer, run: list[Chunk], *, background: bool) -> None:
+    async def _fetch_run(self, layer: LayerState, run: list[Chunk], *, background: bool) -> None:
         """Fetch consecutive chunks with one range request and settle their flights.
 
         The response is received straight into one buffer per chunk, and each
@@ -921,7 +892,7 @@ class Engine:
                 self._fail(layer, index, err)
             raise
 
-    async def _settle(self, layer: _Layer, chunks: list[Chunk], raws: list[bytearray]) -> None:
+    async def _settle(self, layer: LayerState, chunks: list[Chunk], raws: list[bytearray]) -> None:
         """Check fetched chunks (one thread hop for the batch), then accept each.
 
         One hop per batch, not per chunk: hashing small chunks one hop each spent
@@ -939,14 +910,14 @@ class Engine:
         for chunk, result in zip(chunks, results, strict=True):
             self._accept(layer, chunk, result)
 
-    def _checked(self, layer: _Layer, chunk: Chunk, raw: bytearray) -> ChunkData | KitfsError:
+    def _checked(self, layer: LayerState, chunk: Chunk, raw: bytearray) -> ChunkData | KitfsError:
         """`_decode`, with a bad chunk as a value: it fails that chunk, not its neighbours."""
         try:
             return self._decode(layer, chunk, raw)
         except KitfsError as exc:
             return exc
 
-    def _failed(self, layer: _Layer, error: KitfsError) -> None:
+    def _failed(self, layer: LayerState, error: KitfsError) -> None:
         """A fetch or a check went wrong: noted, and a lie (IntegrityError) poisons a layer
         checked only as a whole.
 
@@ -959,7 +930,7 @@ class Engine:
             self._poison(layer, str(error))
         self._note_error(str(error))
 
-    def _accept(self, layer: _Layer, chunk: Chunk, result: ChunkData | KitfsError) -> None:
+    def _accept(self, layer: LayerState, chunk: Chunk, result: ChunkData | KitfsError) -> None:
         """Hand out and store a checked chunk, or fail its readers (a lie poisons the layer)."""
         if isinstance(result, KitfsError):
             self._failed(layer, result)
@@ -967,13 +938,13 @@ class Engine:
             return
         self._deliver(layer, chunk.index, chunk.key, result)
 
-    def _got(self, layer: _Layer, index: int) -> None:
+    def _got(self, layer: LayerState, index: int) -> None:
         """Chunk `index` is here; once all are, the layer is hashed against its digest."""
         layer.fetched.add(index)
-        if layer.state == "unverified" and len(layer.fetched) == len(layer.geo.chunks):
+        if layer.state is State.UNVERIFIED and len(layer.fetched) == len(layer.geo.chunks):
             self._ensure_verification(layer)
 
-    def _decode(self, layer: _Layer, chunk: Chunk, raw: bytearray) -> ChunkData:
+    def _decode(self, layer: LayerState, chunk: Chunk, raw: bytearray) -> ChunkData:
         """Decompress (seekable layers) and check the chunk's digest; runs in a thread."""
         data: ChunkData = raw
         if layer.geo.shape == "seekable":
@@ -992,7 +963,7 @@ class Engine:
             layer.recorded[chunk.index] = chunk_digest(data)
         return data
 
-    def _deliver(self, layer: _Layer, index: int, key: str, data: ChunkData) -> None:
+    def _deliver(self, layer: LayerState, index: int, key: str, data: ChunkData) -> None:
         self._partials.pop((layer.info.digest, index), None)  # whole now
         self._failed_reads.pop((layer.info.digest, index), None)
         self.memory.put(key, data)
@@ -1006,7 +977,7 @@ class Engine:
         if self._nursery is not None:
             self.writes.later(key, data)
 
-    def _fail(self, layer: _Layer, index: int, error: KitfsError) -> None:
+    def _fail(self, layer: LayerState, index: int, error: KitfsError) -> None:
         flight = self._flights.pop((layer.info.digest, index), None)
         if flight is not None:
             flight.done(None, error)
@@ -1022,13 +993,13 @@ class Engine:
 
     # -- readahead and prefetch -------------------------------------------------------
 
-    def _hinted(self, layer: _Layer) -> bool:
+    def _hinted(self, layer: LayerState) -> bool:
         """Whether tensor extents may steer reads of this layer: not if prefetch brings it
         whole anyway or it can only be streamed."""
         return (layer.geo.shape != "stream" and layer.info.digest not in self._planned
                 and self._nursery is not None)
 
-    async def _tensor_readahead(self, node: Node, layer: _Layer, cursor: Cursor, offset: int,
+    async def _tensor_readahead(self, node: Node, layer: LayerState, cursor: Cursor, offset: int,
                                 end: int, *, fresh: bool) -> None:
         """A read that begins a tensor asks for the rest of it at once, up to its end.
 
@@ -1084,7 +1055,7 @@ class Engine:
         if claim is not None:
             self._spawn(self._fetch_claimed, layer, claim)
 
-    async def _extents_of(self, node: Node, layer: _Layer) -> TensorExtents | None:
+    async def _extents_of(self, node: Node, layer: LayerState) -> TensorExtents | None:
         """The file's tensor extents, read once from its header (one read at a time)."""
         if node.path in self._extents:
             return self._extents[node.path]
@@ -1109,7 +1080,7 @@ class Engine:
             del self._extent_loads[node.path]
             loading.set()
 
-    async def _claim_blocks(self, layer: _Layer, start: int, end: int) -> _Claim | None:
+    async def _claim_blocks(self, layer: LayerState, start: int, end: int) -> _Claim | None:
         """Claim the blocks of bytes [start, end) of a layer that nobody has or fetches.
 
         Chunks in memory, on disk or being fetched whole are left alone. The
@@ -1137,7 +1108,7 @@ class Engine:
             self._claim(claim, index, gathered, self._blocks_of(layer, lo, hi))
         return claim if claim.wanted else None
 
-    async def _fetch_claimed(self, layer: _Layer, claim: _Claim) -> None:
+    async def _fetch_claimed(self, layer: LayerState, claim: _Claim) -> None:
         """Fetch claimed blocks in as few requests as can be, then end their flights.
 
         Failures are left to the readers, who fetch what they still need themselves.
@@ -1150,7 +1121,7 @@ class Engine:
         finally:
             self._tensor_fetches -= 1
 
-    def _prefetch_run(self, layer: _Layer, indexes: range) -> None:
+    def _prefetch_run(self, layer: LayerState, indexes: range) -> None:
         """Start fetching chunks not yet here, without waiting for them."""
         if layer.geo.shape == "stream" or self._nursery is None or not indexes:
             return
@@ -1158,7 +1129,7 @@ class Engine:
         if todo:
             self._spawn(self._ahead, layer, todo, indexes[-1])
 
-    def _coming(self, layer: _Layer, index: int) -> bool:
+    def _coming(self, layer: LayerState, index: int) -> bool:
         """In memory, or on its way whole or block by block: not worth another request.
 
         Blocks count too: a tensor longer than the mid-file readahead threshold
@@ -1170,7 +1141,7 @@ class Engine:
         return (key in self._flights or layer.geo.chunks[index].key in self.memory
                 or (gathered is not None and bool(gathered.flights)))
 
-    async def _ahead(self, layer: _Layer, todo: list[int], last: int) -> None:
+    async def _ahead(self, layer: LayerState, todo: list[int], last: int) -> None:
         """Bring chunks `todo` in ahead of their reader: from disk where they are, else fetch."""
         absent = await self._absent(layer, todo)
         for index in todo:
@@ -1184,7 +1155,7 @@ class Engine:
             self._spawn(partial(self._fetch_run, background=True), layer,
                         self._claim_run(layer, index, absent, last))
 
-    async def _absent(self, layer: _Layer, indexes: Sequence[int]) -> set[int]:
+    async def _absent(self, layer: LayerState, indexes: Sequence[int]) -> set[int]:
         """Which of these chunks have no file in the disk cache, asked in one thread hop.
 
         Not on the event loop: after the page cache was dropped each stat may
@@ -1203,7 +1174,7 @@ class Engine:
         absent = {i for i in indexes if i < len(chunks)} - set(wanted)
         return absent | {i for i, here in zip(wanted, present, strict=True) if not here}
 
-    async def _load_ahead(self, layer: _Layer, index: int, flight: _Flight) -> None:
+    async def _load_ahead(self, layer: LayerState, index: int, flight: _Flight) -> None:
         """Bring a disk-cached chunk into memory ahead of its reader (a flight others join)."""
         key = (layer.info.digest, index)
         try:
@@ -1237,7 +1208,7 @@ class Engine:
                 layer = self.layers[digest]
                 if streaming:
                     await self._prefetch_pace(layer, index)
-                if layer.state != "poisoned":
+                if layer.state is not State.POISONED:
                     try:
                         await self._chunk(layer, index, background=True)
                     except Exception as exc:
@@ -1252,7 +1223,7 @@ class Engine:
             if self.config.prefetch == "all" or layer.info.kind in ("model", "modelpart"):
                 self._ensure_verification(layer)
 
-    async def _prefetch_pace(self, layer: _Layer, index: int) -> None:
+    async def _prefetch_pace(self, layer: LayerState, index: int) -> None:
         """Keep prefetch at most half a memory tier ahead of a reader reading this layer now.
 
         Without a reader, prefetch fills the disk cache as fast as it can, but
@@ -1282,20 +1253,20 @@ class Engine:
             with trio.move_on_after(READER_IDLE_S):
                 await self._read_progress.park()
 
-    def _chunk_bytes(self, layer: _Layer, index: int) -> int:
+    def _chunk_bytes(self, layer: LayerState, index: int) -> int:
         if layer.geo.chunks:
             return layer.geo.chunks[index].size
         return layer.geo.chunk_size
 
     # -- streamed (non-seekable) layers -------------------------------------------------
 
-    def _ensure_stream(self, layer: _Layer, index: int) -> None:
+    def _ensure_stream(self, layer: LayerState, index: int) -> None:
         if layer.stream_running and index >= layer.stream_next:
             return
         layer.stream_running = True
         self._spawn(self._stream, layer)
 
-    async def _stream(self, layer: _Layer) -> None:
+    async def _stream(self, layer: LayerState) -> None:
         """Read a gzip/zstd layer from its start, cutting chunks as they decompress."""
         digest = layer.info.digest
         size = layer.geo.chunk_size
@@ -1371,7 +1342,7 @@ class Engine:
 
     # -- the layer's layout ------------------------------------------------------------
 
-    async def _layout_ready(self, layer: _Layer) -> None:
+    async def _layout_ready(self, layer: LayerState) -> None:
         """Wait until the layer's entries are known to be its tar's (one check, many waiters).
 
         A check that could not finish (the registry failed it) fails the reads
@@ -1392,7 +1363,7 @@ class Engine:
             if not layer.layout_ok and layer.layout_error is not None:
                 raise layer.layout_error
 
-    async def _check_layout(self, layer: _Layer, event: trio.Event) -> None:
+    async def _check_layout(self, layer: LayerState, event: trio.Event) -> None:
         """Walk the tar headers over verified chunks and hold the listed entries to them.
 
         Only headers are read (a block or chunk per big file, one window per
@@ -1428,7 +1399,7 @@ class Engine:
             layer.layout_check = None
             event.set()
 
-    def _keep_layout(self, layer: _Layer) -> None:
+    def _keep_layout(self, layer: LayerState) -> None:
         """Cache a layout now bound to the layer digest, so later mounts skip the walk."""
         if self.toc_cache is None or layer.layout is None:
             return
@@ -1439,8 +1410,8 @@ class Engine:
 
     # -- verification -----------------------------------------------------------------
 
-    def _ensure_verification(self, layer: _Layer) -> None:
-        if layer.state in ("verified", "poisoned") or layer.verify_started:
+    def _ensure_verification(self, layer: LayerState) -> None:
+        if layer.state in (State.VERIFIED, State.POISONED) or layer.verify_started:
             return
         layer.verify_started = True
         if layer.geo.shape == "stream":
@@ -1450,7 +1421,7 @@ class Engine:
             return
         self._spawn(self._verify, layer)
 
-    async def _verify(self, layer: _Layer) -> None:
+    async def _verify(self, layer: LayerState) -> None:
         """Hash the whole layer against its digest (fetching what is missing), in order.
 
         Until then nothing binds what was served to the layer digest: neither
@@ -1459,7 +1430,7 @@ class Engine:
         are walked over the same bytes and must give the entries it was
         listed with.
         """
-        layer.state = "verifying"
+        layer.verifying()
         try:
             if layer.geo.shape == "seekable":
                 problem = await self._hash_seekable(layer)
@@ -1467,16 +1438,14 @@ class Engine:
             else:
                 problem, digests = await self._hash_ranged(layer)
         except Exception as exc:
-            if layer.state != "poisoned":
-                layer.state = "unverified"
-            layer.verify_started = False
+            layer.postponed()
             self._note_error(f"verification of {layer.info.digest[:19]} postponed: "
                              f"{self._foreign(exc, 'verification')}")
             return
         if problem is not None:
             self._poison(layer, problem)
             return
-        if layer.state == "poisoned":  # by a reader while this hashed: stays so
+        if layer.state is State.POISONED:  # by a reader while this hashed: stays so
             return
         if layer.layout is not None and layer.layout.origin == "walked":
             self._keep_layout(layer)
@@ -1484,7 +1453,7 @@ class Engine:
         if any(c.digest is None for c in layer.geo.chunks):
             await self._adopt(layer, digests)
 
-    async def _hash_ranged(self, layer: _Layer) -> tuple[str | None, list[str]]:
+    async def _hash_ranged(self, layer: LayerState) -> tuple[str | None, list[str]]:
         """(what is wrong or None, the chunk digests to record) for a ranged layer."""
         whole = hashlib.sha256()
         own = [c.digest for c in layer.geo.chunks]
@@ -1515,7 +1484,7 @@ class Engine:
                 return f"its tar headers read when it was listed {problem}", digests
         return None, digests
 
-    async def _hash_seekable(self, layer: _Layer) -> str | None:
+    async def _hash_seekable(self, layer: LayerState) -> str | None:
         """What is wrong with a kitfs-packed gzip/zstd layer, or None: the blob is streamed
         (its digest checked at the end) and cut where the table of contents says its
         chunks are, each decompressed and checked as if it had been fetched alone."""
@@ -1536,7 +1505,7 @@ class Engine:
             return "the table of contents' chunks do not make up the layer's blob"
         return None
 
-    async def _adopt(self, layer: _Layer, digests: list[str]) -> None:
+    async def _adopt(self, layer: LayerState, digests: list[str]) -> None:
         """Give a verified layer's chunk files the digest keys later mounts look them up by."""
         await self.writes.flush()  # a chunk still being written would keep its old key
         geo = layer.geo
@@ -1548,11 +1517,9 @@ class Engine:
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
 
-    def _mark_verified(self, layer: _Layer, digests: list[str]) -> None:
-        if layer.state == "poisoned":  # final: a check that raced the poison changes nothing
+    def _mark_verified(self, layer: LayerState, digests: list[str]) -> None:
+        if not layer.verified():  # poisoned meanwhile: that is final
             return
-        layer.state = "verified"
-        layer.verified_event.set()
         log.info("layer %s verified end to end", layer.info.digest)
         if self.toc_cache is not None and layer.geo.shape != "stream":
             try:
@@ -1561,12 +1528,10 @@ class Engine:
             except _CacheErrorBase as exc:
                 self._note_error(str(exc))
 
-    def _poison(self, layer: _Layer, reason: str) -> None:
-        if layer.state == "poisoned":
+    def _poison(self, layer: LayerState, reason: str) -> None:
+        """The layer lied: fail every read of it from now on and forget what it left."""
+        if not layer.poisoned(reason):
             return
-        layer.state = "poisoned"
-        layer.reason = reason
-        layer.verified_event.set()
         log.error("layer %s poisoned: %s; every read of it fails from now on",
                   layer.info.digest, reason)
         self.counters.errors.append(f"layer {layer.info.digest[:19]} poisoned: {reason}")
@@ -1578,13 +1543,12 @@ class Engine:
         if layer.geo.shape == "stream":
             for i in range(layer.stream_next):
                 self.memory.discard(layer.geo.position_key(i))
-        layer.recorded.clear()
         if self.on_poison is not None:
             nodes = [n for n in self.tree.files() if n.layer == layer.info.digest]
             self._spawn(self.on_poison, nodes)
         self._spawn(self._purge, layer)
 
-    async def _purge(self, layer: _Layer) -> None:
+    async def _purge(self, layer: LayerState) -> None:
         try:
             await trio.to_thread.run_sync(self.store.remove_layer, layer.info.digest)
             if self.toc_cache is not None:

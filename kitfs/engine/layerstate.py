@@ -1,0 +1,96 @@
+"""One mounted layer: how far its bytes and its file list are bound to its digest.
+
+A layer starts UNVERIFIED unless this node verified it before (its chunks'
+digests then come from that record). VERIFYING while it is hashed whole
+(fetching what is missing); VERIFIED once its bytes matched the layer
+digest, and with them every chunk digest and tar header it was served by;
+POISONED once anything said it lied. The transitions, and only these:
+
+    UNVERIFIED -> VERIFYING -> VERIFIED
+    UNVERIFIED | VERIFYING -> UNVERIFIED    (a hash postponed: the registry failed it)
+    any -> POISONED                         (final: nothing un-poisons a layer but a remount)
+
+Invariants of a LayerState:
+- `verified_event` is set exactly when the state is VERIFIED or POISONED
+  (strict mode's readers wait on it);
+- `reason` is non-empty exactly when POISONED;
+- `recorded` holds the BLAKE3 of chunks this engine fetched that carry no
+  digest of their own, and is emptied when the layer is poisoned (nothing
+  of it is read back from disk again);
+- `layout_ok` is False until the listed entries are known to be those the
+  tar's own headers give (see Engine._check_layout); once True it stays.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import trio
+
+from kitfs.engine.geometry import LayerGeometry
+from kitfs.errors import IntegrityError, KitfsError
+from kitfs.inspection import LayerLayout
+from kitfs.modelkit.manifest import LayerInfo
+
+
+class State(enum.StrEnum):
+    UNVERIFIED = "unverified"
+    VERIFYING = "verifying"
+    VERIFIED = "verified"
+    POISONED = "poisoned"
+
+
+@dataclass
+class LayerState:
+    info: LayerInfo
+    geo: LayerGeometry
+    state: State = State.UNVERIFIED
+    reason: str = ""
+    # Where the layer's entries came from; None: not known to this engine (tests).
+    layout: LayerLayout | None = None
+    layout_ok: bool = True
+    layout_check: trio.Event | None = None  # set when a check in progress ends
+    layout_error: KitfsError | None = None  # why the last check could not finish
+    recorded: dict[int, str] = field(default_factory=dict)
+    verified_event: trio.Event = field(default_factory=trio.Event)
+    fetched: set[int] = field(default_factory=set)
+    verify_started: bool = False
+    # stream-shaped layers
+    stream_running: bool = False
+    stream_next: int = 0  # index of the next chunk the stream task will produce
+    stream_chunks: int | None = None  # known once the stream reached its end
+    stream_digests: dict[int, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """IntegrityError if the layer is poisoned: no byte of it is served any more."""
+        if self.state is State.POISONED:
+            raise IntegrityError(f"layer {self.info.digest} failed verification: {self.reason}")
+
+    def verifying(self) -> None:
+        if self.state is not State.POISONED:
+            self.state = State.VERIFYING
+
+    def postponed(self) -> None:
+        """A hash could not finish (the registry failed it): it may be tried again."""
+        if self.state is not State.POISONED:
+            self.state = State.UNVERIFIED
+        self.verify_started = False
+
+    def verified(self) -> bool:
+        """The layer matched its digest; False if it was poisoned meanwhile (that stays)."""
+        if self.state is State.POISONED:
+            return False
+        self.state = State.VERIFIED
+        self.verified_event.set()
+        return True
+
+    def poisoned(self, reason: str) -> bool:
+        """The layer lied; False if it was poisoned already (the first reason stays)."""
+        if self.state is State.POISONED:
+            return False
+        self.state = State.POISONED
+        self.reason = reason
+        self.verified_event.set()
+        self.recorded.clear()
+        return True
