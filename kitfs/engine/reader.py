@@ -45,6 +45,7 @@ from kitfs.cache.memory import ChunkData, MemoryTier
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
 from kitfs.engine.api import PrefetchMode, VerifyMode
+from kitfs.engine.flights import Flight, Flights
 from kitfs.engine.geometry import (
     Chunk,
     parse_verified,
@@ -116,21 +117,6 @@ class EngineConfig:
     verify: VerifyMode = "lazy"
     read_timeout: float = 30.0
     stream_timeout: float = 600.0
-
-
-class _Flight:
-    """One fetch (or chunk-file read) of one chunk that any number of readers wait for."""
-
-    __slots__ = ("data", "error", "event")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.data: ChunkData | None = None
-        self.error: KitfsError | None = None
-
-    def done(self, data: ChunkData | None, error: KitfsError | None = None) -> None:
-        self.data, self.error = data, error
-        self.event.set()
 
 
 class _Partial:
@@ -220,8 +206,8 @@ class Engine:
             layer.layout_ok = layout is None or layout.bound or (
                 layout.origin == "walked" and not geo.verified_by_chunk)
             self.layers[info.digest] = layer
-        self._flights: dict[tuple[str, int], _Flight] = {}
-        self._loads: dict[tuple[str, int], _Flight] = {}  # chunk files being read
+        self._flights: Flights[tuple[str, int], ChunkData] = Flights()  # chunk fetches
+        self._loads: Flights[tuple[str, int], ChunkData] = Flights()  # chunk-file reads
         self._partials: dict[tuple[str, int], _Partial] = {}  # insertion order = LRU
         self._planned: set[str] = set()  # layers prefetch brings whole
         self._slots = trio.CapacityLimiter(max(1, config.max_requests))
@@ -234,7 +220,7 @@ class Engine:
         self._open: dict[str, int] = {}
         # safetensors files read mid-file: their tensors' extents (None: not safetensors)
         self._extents: dict[str, TensorExtents | None] = {}
-        self._extent_loads: dict[str, trio.Event] = {}
+        self._extent_loads: Flights[str, TensorExtents] = Flights()
         self._tensor_fetches = 0  # _fetch_claimed tasks running
         # Prefetch pacing: per layer, the furthest chunk a reader got to, and when.
         self._front: dict[str, tuple[int, float]] = {}
@@ -488,7 +474,7 @@ class Engine:
         if flight is None:
             if layer.geo.shape == "stream":
                 self.counters.misses += 1
-                flight = self._flights.setdefault((layer.info.digest, index), _Flight())
+                flight = self._flights.joined((layer.info.digest, index))
                 self._ensure_stream(layer, index)
             elif background:
                 # Prefetch and verification merge the chunks after this one that are
@@ -508,18 +494,15 @@ class Engine:
                     if flight is None:  # nobody claimed it while we waited or looked
                         self.counters.misses += 1
                         run = self._claim_run(layer, index, absent)
-                        flight = self._flights[(layer.info.digest, index)]
+                        flight = self._flights.get((layer.info.digest, index))
                         await self._fetch_run(layer, run, background=True)
             else:  # a reader waiting now gets just its chunk
                 self.counters.misses += 1
                 run = self._claim_run(layer, index, set())
-                flight = self._flights[(layer.info.digest, index)]
+                flight = self._flights.get((layer.info.digest, index))
                 await self._fetch_run(layer, run, background=False)
-        await flight.event.wait()
-        if flight.error is not None:
-            raise flight.error
-        assert flight.data is not None
-        return flight.data
+        assert flight is not None  # claimed above, ended by the fetch (or its failure)
+        return await flight.result()
 
     async def _part(self, layer: LayerState, index: int, lo: int, hi: int) -> memoryview:
         """Bytes [lo, hi) of a chunk, fetching only the blocks they fall in if it is nowhere.
@@ -745,16 +728,15 @@ class Engine:
         where = (layer.info.digest, index)
         load = self._loads.get(where)
         if load is not None:
-            await load.event.wait()
-            return load.data if load.data is not None else self._cached(layer, index)
-        load = self._loads[where] = _Flight()
+            data = await load.wait()
+            return data if data is not None else self._cached(layer, index)
+        self._loads.start(where)
         data = None
         try:
             data = await self._load(layer, index)
             return data
         finally:
-            del self._loads[where]
-            load.done(data)
+            self._loads.land(where, data)
 
     async def _load(self, layer: LayerState, index: int) -> ChunkData | None:
         """One read of the chunk file (for `_from_disk`), kept in memory if good.
@@ -799,7 +781,7 @@ class Engine:
         """
         chunks = layer.geo.chunks
         run = [chunks[index]]
-        self._flights[(layer.info.digest, index)] = _Flight()
+        self._flights.start((layer.info.digest, index))
         total = chunks[index].blob_size
         nxt = index + 1
         end = len(chunks) if last is None else min(len(chunks), last + 1)
@@ -807,7 +789,7 @@ class Engine:
                and total + chunks[nxt].blob_size <= self.config.merge_limit):
             if self._coming(layer, nxt):
                 break
-            self._flights[(layer.info.digest, nxt)] = _Flight()
+            self._flights.start((layer.info.digest, nxt))
             run.append(chunks[nxt])
             total += chunks[nxt].blob_size
             nxt += 1
@@ -971,16 +953,12 @@ class Engine:
             self._got(layer, index)
         else:  # streamed: verified when the stream ends
             layer.fetched.add(index)
-        flight = self._flights.pop((layer.info.digest, index), None)
-        if flight is not None:
-            flight.done(data)
+        self._flights.land((layer.info.digest, index), data)
         if self._nursery is not None:
             self.writes.later(key, data)
 
     def _fail(self, layer: LayerState, index: int, error: KitfsError) -> None:
-        flight = self._flights.pop((layer.info.digest, index), None)
-        if flight is not None:
-            flight.done(None, error)
+        self._flights.abort((layer.info.digest, index), error)
 
     async def flush(self) -> None:
         """Wait until every fetched chunk is on disk: call before cancelling the nursery."""
@@ -1063,7 +1041,7 @@ class Engine:
         if loading is not None:
             await loading.wait()
             return self._extents.get(node.path)
-        loading = self._extent_loads[node.path] = trio.Event()
+        self._extent_loads.start(node.path)
         try:
             found = None
             prefix = await self._read_range(layer, node.offset, min(LENGTH_PREFIX, node.size),
@@ -1077,8 +1055,7 @@ class Engine:
         except KitfsError:
             return None  # the read itself says what is wrong
         finally:
-            del self._extent_loads[node.path]
-            loading.set()
+            self._extent_loads.land(node.path, self._extents.get(node.path))
 
     async def _claim_blocks(self, layer: LayerState, start: int, end: int) -> _Claim | None:
         """Claim the blocks of bytes [start, end) of a layer that nobody has or fetches.
@@ -1149,7 +1126,7 @@ class Engine:
                 continue  # someone else got to it while we looked
             if index not in absent:
                 # On disk: load it into memory ahead of the reader, as a flight others join.
-                flight = self._flights[(layer.info.digest, index)] = _Flight()
+                flight = self._flights.start((layer.info.digest, index))
                 self._spawn(self._load_ahead, layer, index, flight)
                 continue
             self._spawn(partial(self._fetch_run, background=True), layer,
@@ -1174,7 +1151,8 @@ class Engine:
         absent = {i for i in indexes if i < len(chunks)} - set(wanted)
         return absent | {i for i, here in zip(wanted, present, strict=True) if not here}
 
-    async def _load_ahead(self, layer: LayerState, index: int, flight: _Flight) -> None:
+    async def _load_ahead(self, layer: LayerState, index: int, flight: Flight[ChunkData]
+                          ) -> None:
         """Bring a disk-cached chunk into memory ahead of its reader (a flight others join)."""
         key = (layer.info.digest, index)
         try:
@@ -1185,12 +1163,11 @@ class Engine:
                 # flight stays registered so the fetch settles it.
                 await self._fetch_run(layer, [layer.geo.chunks[index]], background=True)
                 return
-            flight.done(data)
+            self._flights.land(key, data)
         finally:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-            if not flight.event.is_set():  # cancelled: waiting readers must not hang
-                flight.done(None, UnreachableError("reading a cached chunk was interrupted"))
+            self._flights.drop(key, flight)
+            if not flight.ended:  # cancelled: waiting readers must not hang
+                flight.end(None, UnreachableError("reading a cached chunk was interrupted"))
 
     async def _prefetch(self, plan: list[tuple[str, int]]) -> None:
         """Load what model loaders read first, in the order they read it, in the background."""
@@ -1330,13 +1307,13 @@ class Engine:
             elif not isinstance(error, IntegrityError):
                 layer.verify_started = False  # what was served is checked by a later stream
             self._failed(layer, error)
-            for (d, i) in list(self._flights):
+            for (d, i) in self._flights.pending():
                 if d == digest:
                     self._fail(layer, i, error)
         finally:
             layer.stream_running = False
         # Readers waiting for chunks past the end of the stream get nothing more.
-        for (d, i) in list(self._flights):
+        for (d, i) in self._flights.pending():
             if d == digest:
                 self._fail(layer, i, IntegrityError(f"layer {digest} has no chunk {i}"))
 

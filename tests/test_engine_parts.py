@@ -1,0 +1,112 @@
+"""Each small part of the engine held to the invariants its module states."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from kitfs.engine.flights import Flights
+from kitfs.engine.geometry import plan_layer
+from kitfs.engine.layerstate import LayerState, State
+from kitfs.engine.readahead import READAHEAD_MIN_RUN, READAHEAD_MIN_RUN_MIDFILE, Cursor
+from kitfs.errors import IntegrityError, UnreachableError
+from kitfs.modelkit import mediatypes as mt
+from kitfs.modelkit.manifest import LayerInfo
+
+MiB = 1 << 20
+
+
+async def test_a_flight_is_joined_while_in_progress_and_gone_once_ended() -> None:
+    flights: Flights[str, bytes] = Flights()
+    first = flights.start("k")
+    assert flights.joined("k") is first and "k" in flights and len(flights) == 1
+    got: list[bytes] = []
+
+    async def waiter() -> None:
+        got.append(await first.result())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(waiter)
+        await trio.sleep(0.01)
+        flights.land("k", b"x")
+        assert "k" not in flights  # nobody joins a flight that ended
+    assert got == [b"x"] * 3
+    assert flights.joined("k") is not first  # a new one
+    second = flights.get("k")
+    assert second is not None
+    flights.abort("k", UnreachableError("gone"))
+    with pytest.raises(UnreachableError):
+        await second.result()
+    flights.land("k", b"late")  # ending a flight not in progress changes nothing
+    assert not flights and second.error is not None
+
+
+async def test_drop_leaves_a_flight_to_its_owner() -> None:
+    flights: Flights[int, bytes] = Flights()
+    mine = flights.start(1)
+    flights.drop(1, mine)
+    other = flights.start(1)
+    flights.drop(1, mine)  # not mine any more: stays
+    assert flights.get(1) is other and not mine.ended
+
+
+def test_a_cursor_reads_ahead_only_of_a_long_enough_run() -> None:
+    c = Cursor()
+    assert c.step(0, MiB)  # the first read starts a run
+    for off in range(MiB, READAHEAD_MIN_RUN, MiB):
+        assert not c.step(off, off + MiB)
+        if off + MiB < READAHEAD_MIN_RUN:
+            assert c.window(0, 1 << 30, 2 * MiB, 64 * MiB, 32 * MiB) is None
+    ahead = c.window(0, 1 << 30, 2 * MiB, 64 * MiB, 32 * MiB)
+    assert ahead is not None and ahead.start == READAHEAD_MIN_RUN // (2 * MiB)
+    assert c.requested == ahead[-1]
+    assert c.window(0, 1 << 30, 2 * MiB, 64 * MiB, 32 * MiB) is None  # already asked for
+    assert c.step(5 * MiB, 6 * MiB) and c.requested == -1  # a jump: a new run, mid-file
+    assert not c.from_start
+    for off in range(6 * MiB, 5 * MiB + READAHEAD_MIN_RUN, MiB):
+        c.step(off, off + MiB)
+    assert READAHEAD_MIN_RUN < READAHEAD_MIN_RUN_MIDFILE
+    assert c.window(0, 1 << 30, 2 * MiB, 64 * MiB, 32 * MiB) is None  # mid-file needs more
+
+
+def test_two_cursors_do_not_share_a_run() -> None:
+    a, b = Cursor(), Cursor()
+    for off in range(0, 20 * MiB, MiB):
+        a.step(off, off + MiB)
+        b.step(100 * MiB - off, 100 * MiB - off + 4096)
+    assert a.from_start and a.window(0, 1 << 30, 2 * MiB, 64 * MiB, 32 * MiB) is not None
+
+
+def layer_state() -> LayerState:
+    """A 4 MiB uncompressed model layer, planned as a mount plans it."""
+    info = LayerInfo(0, "sha256:" + "a" * 64, 4 * MiB, mt.layer_media_type("model"), "model",
+                     "model", "tar", "none", "kitops", "./model", "model", None, 0, {},
+                     "sha256:" + "a" * 64)
+    return LayerState(info, plan_layer(info, None, MiB))
+
+
+def test_poison_is_final_and_says_why() -> None:
+    layer = layer_state()
+    assert layer.state is State.UNVERIFIED and not layer.verified_event.is_set()
+    layer.verifying()
+    layer.recorded[0] = "blake3:" + "0" * 64
+    assert layer.poisoned("lied")
+    assert not layer.poisoned("again") and layer.reason == "lied"
+    assert layer.verified_event.is_set() and not layer.recorded
+    assert not layer.verified() and layer.state is State.POISONED
+    layer.postponed()
+    assert layer.state is State.POISONED
+    with pytest.raises(IntegrityError, match="lied"):
+        layer.check()
+
+
+def test_a_postponed_hash_may_run_again_and_verified_wakes_strict_readers() -> None:
+    layer = layer_state()
+    layer.verify_started = True
+    layer.verifying()
+    layer.postponed()
+    assert layer.state is State.UNVERIFIED and not layer.verify_started
+    assert layer.verified() and layer.verified_event.is_set()
+    assert layer.state == "verified"  # status shows the plain word
+    layer.check()
