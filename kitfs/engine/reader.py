@@ -27,7 +27,6 @@ strict mode such a layer serves nothing until that verification passed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections import deque
@@ -55,16 +54,16 @@ from kitfs.engine.geometry import (
 from kitfs.engine.layerstate import LayerState, State
 from kitfs.engine.prefetch import prefetch_plan
 from kitfs.engine.readahead import Cursor
+from kitfs.engine.verify import hash_ranged, hash_seekable, walk_layout
 from kitfs.engine.writeback import WriteBack
 from kitfs.errors import FormatError, IntegrityError, KitfsError, UnreachableError
-from kitfs.inspection import LayerLayout, layout_mismatch, layout_record
+from kitfs.inspection import LayerLayout, layout_record
 from kitfs.modelkit.chunkdigest import block_matches, chunk_digest
 from kitfs.modelkit.chunkdigest import matches as chunk_digest_matches
 from kitfs.modelkit.decompress import StreamDecompressor
 from kitfs.modelkit.manifest import LayerInfo
 from kitfs.modelkit.safetensors import LENGTH_PREFIX, TensorExtents, header_length, tensor_extents
 from kitfs.modelkit.safetensors import SUFFIX as SAFETENSORS
-from kitfs.modelkit.tarindex import SequentialWalk, TarWalker
 from kitfs.modelkit.toc import DEFAULT_CHUNK_SIZE, LayerToc
 from kitfs.modelkit.tree import Node, Tree
 from kitfs.oci.source import BlobSource
@@ -1351,22 +1350,15 @@ class Engine:
         assert layer.layout is not None
         size = layer.geo.stream_size if layer.geo.stream_size is not None else layer.info.size
         try:
-            walker = TarWalker(size)
-            while (request := walker.next_request()) is not None:
-                offset, length = request
-                data = await self._read_range(layer, offset, length, False) if length else b""
-                walker.feed(offset, bytes(data))
-            problem = layout_mismatch(layer.layout.entries, tuple(walker.entries))
+            problem = await walk_layout(
+                layer.layout, size,
+                lambda offset, length: self._read_range(layer, offset, length, False))
             if problem is not None:
-                what = ("table of contents" if layer.layout.origin == "toc"
-                        else "tar headers read when it was listed")
-                self._poison(layer, f"its {what} {problem}")
+                self._poison(layer, problem)
                 return
             layer.layout_ok = True
             if layer.layout.origin == "walked":
                 self._keep_layout(layer)
-        except FormatError as exc:  # the verified bytes are not a tar kit could unpack
-            self._poison(layer, f"its tar is malformed: {exc}")
         except Exception as exc:
             layer.layout_error = exc if isinstance(exc, KitfsError) else KitfsError(
                 self._foreign(exc, "checking a layer's layout"))
@@ -1410,10 +1402,13 @@ class Engine:
         layer.verifying()
         try:
             if layer.geo.shape == "seekable":
-                problem = await self._hash_seekable(layer)
+                problem = await hash_seekable(layer.info, layer.geo.chunks, self.source,
+                                              partial(self._checked, layer))
                 digests = [c.digest or "" for c in layer.geo.chunks]
             else:
-                problem, digests = await self._hash_ranged(layer)
+                problem, digests = await hash_ranged(
+                    layer.info, layer.geo.chunks, layer.layout,
+                    partial(self._chunk, layer, background=True))
         except Exception as exc:
             layer.postponed()
             self._note_error(f"verification of {layer.info.digest[:19]} postponed: "
@@ -1429,58 +1424,6 @@ class Engine:
         self._mark_verified(layer, digests)
         if any(c.digest is None for c in layer.geo.chunks):
             await self._adopt(layer, digests)
-
-    async def _hash_ranged(self, layer: LayerState) -> tuple[str | None, list[str]]:
-        """(what is wrong or None, the chunk digests to record) for a ranged layer."""
-        whole = hashlib.sha256()
-        own = [c.digest for c in layer.geo.chunks]
-        digests: list[str] = []
-        walked = layer.layout is not None and layer.layout.origin == "walked"
-        walk = SequentialWalk(layer.info.size) if walked else None
-
-        def update(data: ChunkData, index: int) -> None:
-            whole.update(data)
-            digests.append(own[index] or chunk_digest(data))
-            if walk is not None and not walk.done:
-                walk.feed(data)
-
-        for chunk in layer.geo.chunks:
-            data = await self._chunk(layer, chunk.index, background=True)
-            await trio.to_thread.run_sync(update, data, chunk.index)
-        if "sha256:" + whole.hexdigest() != layer.info.digest:
-            what = "bytes" if any(d is None for d in own) else (
-                "table of contents' chunks (each matched its own digest)")
-            return f"the layer's {what} do not match its digest", digests
-        if walk is not None and layer.layout is not None:
-            try:
-                walk.finish()
-                problem = layout_mismatch(layer.layout.entries, tuple(walk.entries))
-            except (FormatError, ValueError) as exc:
-                problem = f"are not a tar kit could unpack ({exc})"
-            if problem is not None:
-                return f"its tar headers read when it was listed {problem}", digests
-        return None, digests
-
-    async def _hash_seekable(self, layer: LayerState) -> str | None:
-        """What is wrong with a kitfs-packed gzip/zstd layer, or None: the blob is streamed
-        (its digest checked at the end) and cut where the table of contents says its
-        chunks are, each decompressed and checked as if it had been fetched alone."""
-        chunks = layer.geo.chunks
-        i = 0
-        held = bytearray()
-        async with self.source.stream_blob(layer.info.digest, size=layer.info.size) as pieces:
-            async for piece in pieces:
-                held += piece
-                while i < len(chunks) and len(held) >= chunks[i].blob_size:
-                    raw = bytearray(held[: chunks[i].blob_size])
-                    del held[: chunks[i].blob_size]
-                    result = await trio.to_thread.run_sync(self._checked, layer, chunks[i], raw)
-                    if isinstance(result, KitfsError):
-                        return str(result)
-                    i += 1
-        if i != len(chunks) or held:
-            return "the table of contents' chunks do not make up the layer's blob"
-        return None
 
     async def _adopt(self, layer: LayerState, digests: list[str]) -> None:
         """Give a verified layer's chunk files the digest keys later mounts look them up by."""
