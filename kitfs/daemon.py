@@ -38,6 +38,7 @@ from kitfs.errors import KitfsError, leaf_errors
 from kitfs.fs.operations import FsConfig, KitfsOperations
 from kitfs.inspection import Inspection
 from kitfs.modelkit.filters import FilterSet
+from kitfs.modelkit.tree import Node
 from kitfs.mounts import (
     MountConfig,
     MountError,
@@ -220,8 +221,6 @@ async def _serve(
             # Only catches an engine that hangs: it must never fire before the engine's own.
             read_timeout=kit.engine.longest_wait + READ_BOUND_MARGIN_S,
         ))
-        kit.engine.on_poison = ops.forget_pages
-        await kit.engine.start(root)
         state = MountState(
             pid=os.getpid(), start_time=process_start_time(os.getpid()),
             reference=config.reference, digest=kit.inspection.digest,
@@ -230,6 +229,14 @@ async def _serve(
             started=time.time(), files=sum(1 for _ in kit.tree.files()),
             size=kit.tree.total_size, filters=list(config.filters),
         )
+
+        async def poisoned(nodes: list[Node]) -> None:
+            await ops.forget_pages(nodes)
+            if ops.attached:  # `kitfs status` says so now, not at the next refresh
+                _refresh(state, ops, kit.engine)
+
+        kit.engine.on_poison = poisoned
+        await kit.engine.start(root)
         await _mount_and_run(config, ops, kit.engine, state, ready, stopper)
         with trio.move_on_after(FLUSH_TIMEOUT_S):
             await kit.engine.flush()  # before the cancel: the engine's writes run in `root`
