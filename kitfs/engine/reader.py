@@ -54,9 +54,10 @@ from kitfs.engine.geometry import (
 from kitfs.engine.layerstate import LayerState, State
 from kitfs.engine.prefetch import prefetch_plan
 from kitfs.engine.readahead import Cursor
+from kitfs.engine.streamed import cut_chunks
 from kitfs.engine.verify import hash_ranged, hash_seekable, walk_layout
 from kitfs.engine.writeback import WriteBack
-from kitfs.errors import FormatError, IntegrityError, KitfsError, UnreachableError
+from kitfs.errors import IntegrityError, KitfsError, UnreachableError
 from kitfs.inspection import LayerLayout, layout_record
 from kitfs.modelkit.chunkdigest import block_matches, chunk_digest
 from kitfs.modelkit.chunkdigest import matches as chunk_digest_matches
@@ -96,8 +97,6 @@ TENSOR_FULL_REQUEST = 1 << 20
 #: partial chunks (2 MiB each) and requests a reader of many small pieces can start.
 MAX_TENSOR_FETCHES = 2
 PAGE = 4096
-#: A streamed (gzip/zstd) layer's chunks wait for the event loop at most this many bytes.
-STREAM_HANDOFF = 8 << 20
 #: After a read of a chunk timed out, reads of it fail at once for this long: the
 #: kernel asks again for the page it could not read ahead, and that second request
 #: must not wait a whole deadline more (a read fails within --timeout, once).
@@ -1243,67 +1242,36 @@ class Engine:
         self._spawn(self._stream, layer)
 
     async def _stream(self, layer: LayerState) -> None:
-        """Read a gzip/zstd layer from its start, cutting chunks as they decompress."""
+        """Read a gzip/zstd layer from its start, its chunks handed out as they decompress."""
         digest = layer.info.digest
-        size = layer.geo.chunk_size
-        decomp = StreamDecompressor(layer.geo.compression)
-        buf = bytearray()
-        index = 0
-        hashes: dict[int, str] = {}
-        # Chunks cut and hashed in the decompressing thread, waiting for the event loop.
-        # Handed over every STREAM_HANDOFF bytes from inside that thread, so a layer
-        # that expands 30000-fold (zeros) never holds more than that in memory.
-        ready: list[tuple[bytes, str]] = []
+        hashes: dict[int, str] = {}  # chunk index -> BLAKE3, in the order they came
 
-        def emit(data: bytes, digest: str) -> None:
-            nonlocal index
-            key = layer.geo.position_key(index)
-            hashes[index] = layer.recorded[index] = digest
+        def emit(data: bytes, blake3: str) -> None:
+            index = len(hashes)  # a stream started again counts from its start
+            hashes[index] = layer.recorded[index] = blake3
             layer.stream_next = index + 1
-            self._deliver(layer, index, key, data)
-            index += 1
+            self._deliver(layer, index, layer.geo.position_key(index), data)
 
-        async def hand_over() -> None:
-            while ready:
-                emit(*ready.pop(0))
-            await self.writes.backpressure()
-
-        def sink(out: bytes) -> None:  # in the decompressing thread
-            buf.extend(out)
-            while len(buf) >= size:
-                data = bytes(buf[:size])
-                del buf[:size]
-                ready.append((data, chunk_digest(data)))
-            if len(ready) * size >= STREAM_HANDOFF:
-                trio.from_thread.run(hand_over)
+        def received(n: int) -> None:
+            self.counters.bytes_fetched += n
 
         try:
             async with self._slots:
                 self.counters.in_flight += 1
                 self.counters.requests += 1
                 try:
-                    async with self.source.stream_blob(digest, size=layer.info.size) as pieces:
-                        async for piece in pieces:
-                            self.counters.bytes_fetched += len(piece)
-                            await trio.to_thread.run_sync(decomp.decompress_to, piece, sink)
-                            await hand_over()
-                    decomp.finish()
+                    count = await cut_chunks(self.source, layer.info, layer.geo.chunk_size,
+                                             emit, self.writes.backpressure, received)
                 finally:
                     self.counters.in_flight -= 1
-            if buf or index == 0:
-                emit(bytes(buf), chunk_digest(buf))
-            layer.stream_chunks = index
+            layer.stream_chunks = count
             layer.stream_digests = hashes
             # stream_blob checked the blob digest at its end: the layer is verified.
-            self._mark_verified(layer, [hashes[i] for i in range(index)])
+            self._mark_verified(layer, [hashes[i] for i in range(count)])
         except Exception as exc:
             error = exc if isinstance(exc, KitfsError) else KitfsError(
                 self._foreign(exc, f"streaming layer {digest[:19]}"))
-            if isinstance(exc, FormatError):
-                # The digest-pinned bytes `kit unpack` reads decompress cleanly: these did
-                # not, so the registry lied (before the digest at the end could say so).
-                error = IntegrityError(f"layer {digest} is not what its digest names: {exc}")
-            elif not isinstance(error, IntegrityError):
+            if not isinstance(error, IntegrityError):
                 layer.verify_started = False  # what was served is checked by a later stream
             self._failed(layer, error)
             for (d, i) in self._flights.pending():
