@@ -79,8 +79,8 @@ NO_READER_WAIT_S = 10.0
 #: Tasks walking the prefetch plan. Fetches among them are bounded by the background
 #: request slots (taken before a run is claimed, so no claimed chunk waits for one);
 #: the rest keep chunk-file reads in flight on a warm mount, where two workers read
-#: one chunk each at a time. Measured (2 GiB warm, 8 GiB cold peak RSS): two 0.63-0.91
-#: GB/s, 740-750 MiB; four 0.73-0.79 GB/s, 793 MiB; eight 0.75-1.06 GB/s, 900-990 MiB.
+#: one chunk each at a time. Four: faster warm than two, no better with eight, which
+#: hold more memory (benchmarks/TUNING.md).
 PREFETCH_WORKERS = 4
 #: Fetched chunks are checked and handed out in batches of about this many bytes.
 SETTLE_BATCH_BYTES = 1 << 20
@@ -328,8 +328,7 @@ class Engine:
         self._recently_failed(layer, chunks)
         # On arrival, not on completion: the kernel sends a sequential reader's
         # requests in order, but they finish in any order; judged on completion,
-        # a streamed shard kept looking like random reads and got no readahead
-        # (2 MiB requests, 0.13 GB/s at 8 GiB with --prefetch none).
+        # a streamed shard kept looking like random reads and got no readahead.
         if cursor is None:
             cursor = self._cursors.setdefault(node.path, Cursor())
         fresh = cursor.step(offset, end)
@@ -451,8 +450,7 @@ class Engine:
     def _cached(self, layer: LayerState, index: int) -> ChunkData | None:
         # First in, first out: a reader's touch does not keep a chunk. Its bytes are in the
         # kernel's page cache by then, and with LRU the chunks a reader had passed outlived
-        # the ones prefetch had brought for it (2 GiB warm read: 1103 instead of 1603
-        # disk reads for 1024 chunks).
+        # the ones prefetch had brought for it, which then came back from disk again.
         data = self.memory.get(self._key(layer, index), touch=False)
         if data is not None:
             self.counters.memory_hits += 1
@@ -720,8 +718,7 @@ class Engine:
 
         One load per chunk at a time: the kernel asks for a chunk's two 1 MiB
         halves at once and a prefetch worker may want it too; each used to read
-        the chunk file itself (a 2 GiB warm read made 1755 disk reads for 1024
-        chunks). Those who come while it loads get its answer.
+        the chunk file itself. Those who come while it loads get its answer.
         """
         where = (layer.info.digest, index)
         load = self._loads.get(where)
@@ -980,14 +977,14 @@ class Engine:
         """A read that begins a tensor asks for the rest of it at once, up to its end.
 
         The kernel splits a reader's pread of a tensor into 1 MiB requests, and
-        answered one by one each is a registry round trip (random tensors: 136
-        requests, 0.10 GB/s). Asked as one, the rest arrives while the kernel's
-        requests for it wait on its blocks. Its end bounds the fetch, so the
+        answered one by one each is a registry round trip. Asked as one, the rest
+        arrives while the kernel's requests for it wait on its blocks. Its end
+        bounds the fetch, so the
         bytes fetched per byte read stay what they were. Only a read that starts
         a run (`fresh`) near a tensor's start begins one: a read in a tensor's
         middle may be a slice of it, and one that continues a run is the
-        kernel's readahead running on past the tensor before, which alone took
-        random reads from 1.18 to 1.64 bytes fetched per byte read.
+        kernel's readahead running on past the tensor before (what each rule
+        bought: benchmarks/TUNING.md, random tensor reads).
         """
         self._check_poison(layer)
         extents = await self._extents_of(node, layer)
@@ -1108,8 +1105,7 @@ class Engine:
         """In memory, or on its way whole or block by block: not worth another request.
 
         Blocks count too: a tensor longer than the mid-file readahead threshold
-        had its chunks fetched both ways (1.31-1.39 bytes per byte read on a
-        100 MiB tensor, 1.04 without tensor extents).
+        had its chunks fetched both ways, by blocks and whole.
         """
         key = (layer.info.digest, index)
         gathered = self._partials.get(key)
@@ -1173,8 +1169,8 @@ class Engine:
             self._chunk_bytes(self.layers[d], i) for d, i in plan)
         # Only the weight stream is paced: a chunk right after the plan's previous
         # one. Headers and small files are single jumps ahead of any reader; pacing
-        # them held the whole plan behind the header of a shard far ahead (8 GiB:
-        # the reader then fetched on its own and prefetch came in behind it).
+        # them held the whole plan behind the header of a shard far ahead (the reader
+        # then fetched on its own and prefetch came in behind it).
         todo = iter([(d, i, k > 0 and plan[k - 1] == (d, i - 1))
                      for k, (d, i) in enumerate(plan)])
 
@@ -1208,8 +1204,7 @@ class Engine:
         out again before the reader got to them. With
         one streaming the model as it arrives, a prefetcher far ahead had its
         chunks pushed out of memory before the reader got there, and the reader
-        read them back from disk: at 2 GiB a cold read cost 4-4.8 CPU s per
-        GiB instead of 2.7-3.2 at 1 GiB.
+        read them back from disk (benchmarks/TUNING.md).
         """
         lead = max(1, self.config.memory_bytes // 2 // layer.geo.chunk_size)
         while True:
