@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from kitfs.engine.blocks import Claim, Partial, blocks_of
 from kitfs.engine.flights import Flights
 from kitfs.engine.geometry import plan_layer
 from kitfs.engine.layerstate import LayerState, State
@@ -110,3 +111,25 @@ def test_a_postponed_hash_may_run_again_and_verified_wakes_strict_readers() -> N
     assert layer.verified() and layer.verified_event.is_set()
     assert layer.state == "verified"  # status shows the plain word
     layer.check()
+
+
+def test_a_claim_holds_its_blocks_until_released_and_fetches_adjacent_runs() -> None:
+    layer = layer_state()
+    chunks, bs = layer.geo.chunks, 256 << 10
+    first, second = Partial(MiB), Partial(MiB)
+    first.have.add(0)
+    claim = Claim()
+    claim.add(0, first, blocks_of(bs, 0, MiB))  # block 0 is here: blocks 1-3 claimed
+    claim.add(1, second, blocks_of(bs, 0, bs + 1))  # blocks 0-1 of the next chunk
+    assert claim.wanted == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    assert set(first.flights) == {1, 2, 3} and set(second.flights) == {0, 1}
+    other = Claim()
+    other.add(0, first, range(4))  # nothing left to claim: all here or in flight
+    assert not other.wanted
+    assert claim.runs(chunks, bs) == [claim.wanted]  # adjacent in the blob: one request
+    events = list(claim.events.values())
+    claim.release()
+    assert not first.flights and not second.flights and all(e.is_set() for e in events)
+    assert not first.whole(bs)
+    first.have.update({1, 2, 3})
+    assert first.whole(bs) and first.has(range(4))

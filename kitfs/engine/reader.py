@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -44,6 +44,7 @@ from kitfs.cache.memory import ChunkData, MemoryTier
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
 from kitfs.engine.api import PrefetchMode, VerifyMode
+from kitfs.engine.blocks import Claim, Partial, blocks_of
 from kitfs.engine.flights import Flight, Flights
 from kitfs.engine.geometry import (
     Chunk,
@@ -117,37 +118,6 @@ class EngineConfig:
     stream_timeout: float = 600.0
 
 
-class _Partial:
-    """A chunk being gathered block by block: its buffer and which blocks are in it, checked.
-
-    A block in `flights` is being fetched; its event is set when that fetch
-    ends, whether or not the block arrived (waiters look at `have` again).
-    """
-
-    __slots__ = ("bad", "buffer", "completing", "flights", "have")
-
-    def __init__(self, size: int) -> None:
-        self.buffer = new_buffer(size)
-        self.have: set[int] = set()
-        self.flights: dict[int, trio.Event] = {}
-        self.completing = False  # all blocks here, the whole-chunk check under way
-        # Blocks that arrived wrong: the next reader of one fails with this error (and
-        # clears it, so the read after fetches the block again).
-        self.bad: dict[int, IntegrityError] = {}
-
-
-class _Claim:
-    """Blocks claimed for one fetch: (chunk, block) in blob order, and per chunk the event
-    its waiters wait on and the partial the blocks go into."""
-
-    __slots__ = ("events", "owners", "wanted")
-
-    def __init__(self) -> None:
-        self.wanted: list[tuple[int, int]] = []
-        self.events: dict[int, trio.Event] = {}
-        self.owners: dict[int, _Partial] = {}
-
-
 @dataclass
 class _Counters:
     bytes_fetched: int = 0
@@ -206,7 +176,7 @@ class Engine:
             self.layers[info.digest] = layer
         self._flights: Flights[tuple[str, int], ChunkData] = Flights()  # chunk fetches
         self._loads: Flights[tuple[str, int], ChunkData] = Flights()  # chunk-file reads
-        self._partials: dict[tuple[str, int], _Partial] = {}  # insertion order = LRU
+        self._partials: dict[tuple[str, int], Partial] = {}  # insertion order = LRU
         self._planned: set[str] = set()  # layers prefetch brings whole
         self._slots = trio.CapacityLimiter(max(1, config.max_requests))
         self.writes = WriteBack(store, self._spawn, self._note_error)
@@ -516,7 +486,7 @@ class Engine:
                     for b in self._blocks_of(layer, lo, hi):
                         if b in gathered.bad:
                             raise gathered.bad.pop(b)  # the next read fetches it again
-                if gathered is not None and self._has_blocks(layer, gathered, lo, hi):
+                if gathered is not None and gathered.has(self._blocks_of(layer, lo, hi)):
                     self._partials[key] = self._partials.pop(key)  # most recently used
                     return memoryview(gathered.buffer)[lo:hi]
                 if gathered is None:  # a partial means the disk had no copy when it began
@@ -532,15 +502,7 @@ class Engine:
 
     @staticmethod
     def _blocks_of(layer: LayerState, lo: int, hi: int) -> range:
-        """The blocks bytes [lo, hi) of a chunk fall in."""
-        bs = layer.geo.block_size
-        return range(lo // bs, (hi - 1) // bs + 1)
-
-    def _has_blocks(self, layer: LayerState, gathered: _Partial, lo: int, hi: int) -> bool:
-        return all(b in gathered.have for b in self._blocks_of(layer, lo, hi))
-
-    def _whole(self, layer: LayerState, gathered: _Partial) -> bool:
-        return len(gathered.have) * layer.geo.block_size >= len(gathered.buffer)
+        return blocks_of(layer.geo.block_size, lo, hi)
 
     async def _gather(self, layer: LayerState, index: int, lo: int, hi: int) -> ChunkData | None:
         """Fetch the blocks of [lo, hi) nobody is fetching, wait for those others are.
@@ -551,45 +513,29 @@ class Engine:
         key = (layer.info.digest, index)
         gathered = self._partials.get(key)
         if gathered is None:
-            gathered = self._partials[key] = _Partial(self._chunk_bytes(layer, index))
+            gathered = self._partials[key] = Partial(self._chunk_bytes(layer, index))
             self._drop_partials(keep=key)
         blocks = self._blocks_of(layer, lo, hi)
         theirs = {gathered.flights[b] for b in blocks if b in gathered.flights}
-        claim = _Claim()
-        self._claim(claim, index, gathered, blocks)
+        claim = Claim()
+        claim.add(index, gathered, blocks)
         if claim.wanted:
             self.counters.misses += 1
             await self._fetch_claim(layer, claim)
         for event in theirs:
             await event.wait()
-        if self._whole(layer, gathered):
+        if gathered.whole(layer.geo.block_size):
             return await self._complete(layer, index, gathered)
         return None
 
-    def _claim(self, claim: _Claim, index: int, gathered: _Partial, blocks: Iterable[int]
-               ) -> None:
-        """Add the blocks of chunk `index` that nobody has or fetches to `claim`: in flight
-        from here on, until `_fetch_claim` ends them."""
-        mine = [b for b in blocks if b not in gathered.have and b not in gathered.flights]
-        if not mine:
-            return
-        done = claim.events.setdefault(index, trio.Event())
-        claim.owners[index] = gathered
-        for b in mine:
-            gathered.flights[b] = done
-        claim.wanted.extend((index, b) for b in mine)
-
-    async def _fetch_claim(self, layer: LayerState, claim: _Claim) -> None:
+    async def _fetch_claim(self, layer: LayerState, claim: Claim) -> None:
         """Fetch a claim's blocks, then end their flights whatever happened."""
         try:
             await self._fetch_blocks(layer, claim)
         finally:
-            for index, b in claim.wanted:
-                claim.owners[index].flights.pop(b, None)
-            for done in claim.events.values():
-                done.set()
+            claim.release()
 
-    async def _fetch_blocks(self, layer: LayerState, claim: _Claim) -> None:
+    async def _fetch_blocks(self, layer: LayerState, claim: Claim) -> None:
         """Fetch claimed (chunk, block) pairs into their partials, checking each block as it
         arrives.
 
@@ -603,15 +549,7 @@ class Engine:
         chunks = layer.geo.chunks
         bs = layer.geo.block_size
         digest = layer.info.digest
-        runs: list[list[tuple[int, int]]] = []
-        run_end = -1
-        for index, b in wanted:
-            start = chunks[index].blob_offset + b * bs
-            if runs and start == run_end:
-                runs[-1].append((index, b))
-            else:
-                runs.append([(index, b)])
-            run_end = start + min(bs, chunks[index].size - b * bs)
+        runs = claim.runs(chunks, bs)
         left = dict.fromkeys(events, 0)
         for index, _ in wanted:
             left[index] += 1
@@ -621,7 +559,7 @@ class Engine:
             if left[index] == 0:
                 events[index].set()
                 gathered = owners[index]
-                if self._whole(layer, gathered) and not gathered.completing:
+                if gathered.whole(layer.geo.block_size) and not gathered.completing:
                     self._spawn(self._complete_soon, layer, index, gathered)
 
         for run in runs:
@@ -639,7 +577,7 @@ class Engine:
             def filled(i: int, parts: list[memoryview] = parts,
                        run: list[tuple[int, int]] = run, good: dict[int, bool] = good,
                        bad: list[tuple[int, int]] = bad,
-                       partials: list[_Partial] = partials) -> None:
+                       partials: list[Partial] = partials) -> None:
                 index, b = run[i]
                 self.counters.bytes_fetched += len(parts[i])
                 ok = good.pop(i) if i in good else block_matches(
@@ -679,7 +617,7 @@ class Engine:
         return (f"block {block} of chunk {index} of layer {layer.info.digest} "
                 "does not match its digest")
 
-    async def _complete(self, layer: LayerState, index: int, gathered: _Partial
+    async def _complete(self, layer: LayerState, index: int, gathered: Partial
                         ) -> ChunkData | None:
         """A chunk gathered whole from blocks: check it whole and keep it like a fetched one.
 
@@ -702,7 +640,7 @@ class Engine:
             self._accept(layer, chunk, result)  # a fetch claimed meanwhile settles its own
         return None if isinstance(result, KitfsError) else result
 
-    async def _complete_soon(self, layer: LayerState, index: int, gathered: _Partial) -> None:
+    async def _complete_soon(self, layer: LayerState, index: int, gathered: Partial) -> None:
         await self._complete(layer, index, gathered)
 
     def _drop_partials(self, keep: tuple[str, int]) -> None:
@@ -1052,7 +990,7 @@ class Engine:
         finally:
             self._extent_loads.land(node.path, self._extents.get(node.path))
 
-    async def _claim_blocks(self, layer: LayerState, start: int, end: int) -> _Claim | None:
+    async def _claim_blocks(self, layer: LayerState, start: int, end: int) -> Claim | None:
         """Claim the blocks of bytes [start, end) of a layer that nobody has or fetches.
 
         Chunks in memory, on disk or being fetched whole are left alone. The
@@ -1065,22 +1003,22 @@ class Engine:
         todo = [i for i in range(start // size, min(len(chunks), (end - 1) // size + 1))
                 if (digest, i) not in self._flights and chunks[i].key not in self.memory]
         absent = await self._absent(layer, todo)
-        claim = _Claim()
+        claim = Claim()
         for index in todo:
             key = (digest, index)
             if index not in absent or key in self._flights or chunks[index].key in self.memory:
                 continue
             gathered = self._partials.get(key)
             if gathered is None:
-                gathered = self._partials[key] = _Partial(chunks[index].size)
+                gathered = self._partials[key] = Partial(chunks[index].size)
                 self._drop_partials(keep=key)
             elif gathered.completing:
                 continue
             lo, hi = max(start - index * size, 0), min(end - index * size, chunks[index].size)
-            self._claim(claim, index, gathered, self._blocks_of(layer, lo, hi))
+            claim.add(index, gathered, self._blocks_of(layer, lo, hi))
         return claim if claim.wanted else None
 
-    async def _fetch_claimed(self, layer: LayerState, claim: _Claim) -> None:
+    async def _fetch_claimed(self, layer: LayerState, claim: Claim) -> None:
         """Fetch claimed blocks in as few requests as can be, then end their flights.
 
         Failures are left to the readers, who fetch what they still need themselves.
