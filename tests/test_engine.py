@@ -653,14 +653,14 @@ async def test_prefetch_leaves_disk_cached_chunks_alone_until_a_reader_comes(
 ) -> None:
     """On a warm mount prefetch loads half a memory tier and waits for a reader: loading
     on from disk pushed the chunks a reader wants first out of memory before it came."""
-    from kitfs.engine import reader as engine_reader
+    from kitfs.engine import prefetch as engine_prefetch
 
     ref, _ = packed(registry, tmp_path, "warm-wait", 64 << 20)
     config = EngineConfig(chunk_size=1 << 20, prefetch="model", memory_bytes=8 << 20,
                           merge_limit=2 << 20, read_timeout=10)
     async with opened(ref, tmp_path / "cache", config) as kit:  # cold: prefetch fills the disk
         await prefetch_done(kit)
-    monkeypatch.setattr(engine_reader, "NO_READER_WAIT_S", 1.5)
+    monkeypatch.setattr(engine_prefetch, "NO_READER_WAIT_S", 1.5)
     async with opened(ref, tmp_path / "cache", config) as kit:
         await trio.sleep(0.8)  # no reader yet
         lead = 4  # half the 8 MiB tier in 2 MiB chunks

@@ -9,6 +9,7 @@ from kitfs.engine.blocks import Claim, Partial, blocks_of
 from kitfs.engine.flights import Flights
 from kitfs.engine.geometry import plan_layer
 from kitfs.engine.layerstate import LayerState, State
+from kitfs.engine.prefetch import READER_IDLE_S, Pacer
 from kitfs.engine.readahead import READAHEAD_MIN_RUN, READAHEAD_MIN_RUN_MIDFILE, Cursor
 from kitfs.errors import IntegrityError, UnreachableError
 from kitfs.modelkit import mediatypes as mt
@@ -133,3 +134,35 @@ def test_a_claim_holds_its_blocks_until_released_and_fetches_adjacent_runs() -> 
     assert not first.whole(bs)
     first.have.update({1, 2, 3})
     assert first.whole(bs) and first.has(range(4))
+
+
+async def test_pacing_holds_prefetch_near_an_active_reader_only(autojump_clock: object) -> None:
+    pacer = Pacer(trio.current_time())
+
+    async def absent(index: int) -> bool:
+        return False
+
+    with trio.fail_after(0.1):  # no reader, chunk not on disk: at once
+        await pacer.pace("L", 100, 4, absent)
+    pacer.read("L", 10)
+    with trio.fail_after(0.1):  # within the lead of the reader
+        await pacer.pace("L", 14, 4, absent)
+    released: list[float] = []
+
+    async def far_ahead() -> None:
+        await pacer.pace("L", 30, 4, absent)
+        released.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        started = trio.current_time()
+        nursery.start_soon(far_ahead)
+        for last in range(11, 30, 2):  # a reader streaming on, faster than idle
+            await trio.sleep(READER_IDLE_S / 4)
+            pacer.read("L", last)
+            if released:
+                break
+    assert released and released[0] - started < READER_IDLE_S * 3
+    # a reader that went quiet holds nothing back after READER_IDLE_S
+    pacer.read("L", 0)
+    with trio.fail_after(READER_IDLE_S * 3):
+        await pacer.pace("L", 500, 4, absent)

@@ -8,7 +8,9 @@ first reads hit the cache and keeps the weight stream ahead of the loader.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+
+import trio
 
 from kitfs.engine.geometry import LayerGeometry
 from kitfs.modelkit.manifest import LayerInfo
@@ -70,3 +72,63 @@ def prefetch_plan(
         for node in group:  # then the rest, file by file in path order
             add(node.layer or "", _chunks_of(node, geometry[node.layer or ""]))
     return order
+
+
+#: A reader quiet for this long no longer holds prefetch back.
+READER_IDLE_S = 1.0
+#: How long prefetch keeps chunks already on disk out of memory while no reader has
+#: come (past the first half memory tier); then it loads them anyway.
+NO_READER_WAIT_S = 10.0
+
+
+class Pacer:
+    """Keeps the weight stream's prefetch at most a lead ahead of a reader of its layer.
+
+    Without a reader, prefetch fills the disk cache as fast as it can, but
+    leaves chunks already on disk (beyond the lead) until a reader comes or
+    NO_READER_WAIT_S pass: a warm mount's prefetch, started before its reader,
+    filled memory with chunks far ahead that were pushed out again before the
+    reader got to them. With one streaming the model as it arrives, a
+    prefetcher far ahead had its chunks pushed out of memory before the reader
+    got there, and the reader read them back from disk (benchmarks/TUNING.md).
+
+    Invariant: `_front[layer]` is (the furthest chunk a reader got to, when)
+    for a layer someone read; a reader quiet for READER_IDLE_S no longer
+    counts, and each read wakes every paced worker (a parking lot, so no
+    object is made per read).
+    """
+
+    def __init__(self, started_at: float) -> None:
+        self._started_at = started_at
+        self._front: dict[str, tuple[int, float]] = {}
+        self._progress = trio.lowlevel.ParkingLot()
+
+    def read(self, layer: str, last: int) -> None:
+        """A reader of `layer` got to chunk `last`."""
+        now = trio.current_time()
+        front = self._front.get(layer)
+        if front is not None and now - front[1] < READER_IDLE_S:
+            last = max(last, front[0])
+        self._front[layer] = (last, now)
+        self._progress.unpark_all()
+
+    async def pace(self, layer: str, index: int, lead: int,
+                   on_disk: Callable[[int], Awaitable[bool]]) -> None:
+        """Return when prefetching chunk `index` of `layer` no longer runs too far ahead."""
+        while True:
+            front = self._front.get(layer)
+            if front is None and index > lead and (
+                    trio.current_time() - self._started_at < NO_READER_WAIT_S
+                    and await on_disk(index)):
+                # Nobody reads this layer yet and the chunk is on disk: loading it now only
+                # pushed the chunks a reader wants first out of memory before it came.
+                await self._wait()
+                continue
+            if (front is None or index <= front[0] + lead
+                    or trio.current_time() - front[1] >= READER_IDLE_S):
+                return
+            await self._wait()
+
+    async def _wait(self) -> None:
+        with trio.move_on_after(READER_IDLE_S):
+            await self._progress.park()

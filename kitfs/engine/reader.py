@@ -53,7 +53,7 @@ from kitfs.engine.geometry import (
     verified_record,
 )
 from kitfs.engine.layerstate import LayerState, State
-from kitfs.engine.prefetch import prefetch_plan
+from kitfs.engine.prefetch import Pacer, prefetch_plan
 from kitfs.engine.readahead import Cursor
 from kitfs.engine.streamed import cut_chunks
 from kitfs.engine.verify import hash_ranged, hash_seekable, walk_layout
@@ -72,11 +72,6 @@ from kitfs.oci.source import BlobSource
 
 log = logging.getLogger(__name__)
 
-#: A reader quiet for this long no longer holds prefetch back (see _prefetch_pace).
-READER_IDLE_S = 1.0
-#: How long prefetch keeps chunks already on disk out of memory while no reader has
-#: come (past the first half memory tier); then it loads them anyway.
-NO_READER_WAIT_S = 10.0
 #: Tasks walking the prefetch plan. Fetches among them are bounded by the background
 #: request slots (taken before a run is claimed, so no claimed chunk waits for one);
 #: the rest keep chunk-file reads in flight on a warm mount, where two workers read
@@ -191,8 +186,7 @@ class Engine:
         self._extent_loads: Flights[str, TensorExtents] = Flights()
         self._tensor_fetches = 0  # _fetch_claimed tasks running
         # Prefetch pacing: per layer, the furthest chunk a reader got to, and when.
-        self._front: dict[str, tuple[int, float]] = {}
-        self._read_progress = trio.lowlevel.ParkingLot()  # paced prefetch waits here
+        self._pacer = Pacer(0.0)  # made again by start(), on the trio clock
         # (layer, chunk) -> (until when, why): chunks whose read just timed out
         self._failed_reads: dict[tuple[str, int], tuple[float, KitfsError]] = {}
         #: Told which files of a poisoned layer the kernel may still hold pages of
@@ -200,14 +194,13 @@ class Engine:
         self.on_poison: Callable[[list[Node]], Awaitable[None]] | None = None
         self.counters = _Counters()
         self.started = time.time()
-        self._started_at = 0.0  # trio clock, set by start()
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start background work (prefetch, verification) in the caller's nursery."""
         self._nursery = nursery
-        self._started_at = trio.current_time()
+        self._pacer = Pacer(trio.current_time())
         if self.config.prefetch != "none":
             plan = prefetch_plan(self.tree, {d: layer.info for d, layer in self.layers.items()},
                                  {d: layer.geo for d, layer in self.layers.items()},
@@ -344,13 +337,7 @@ class Engine:
 
     def _note_read(self, layer: LayerState, start: int, end: int) -> None:
         """Tell prefetch pacing that a reader got to `end` of the layer's stream."""
-        now = trio.current_time()
-        last = (end - 1) // layer.geo.chunk_size
-        front = self._front.get(layer.info.digest)
-        if front is not None and now - front[1] < READER_IDLE_S:
-            last = max(last, front[0])
-        self._front[layer.info.digest] = (last, now)
-        self._read_progress.unpark_all()  # no object made per read, unlike an Event
+        self._pacer.read(layer.info.digest, (end - 1) // layer.geo.chunk_size)
 
     def status(self) -> dict[str, Any]:
         c = self.counters
@@ -1133,33 +1120,13 @@ class Engine:
                 self._ensure_verification(layer)
 
     async def _prefetch_pace(self, layer: LayerState, index: int) -> None:
-        """Keep prefetch at most half a memory tier ahead of a reader reading this layer now.
-
-        Without a reader, prefetch fills the disk cache as fast as it can, but
-        leaves chunks already there on disk (beyond the first half tier) until a
-        reader comes or NO_READER_WAIT_S pass: a warm mount's prefetch, started
-        before its reader, filled memory with chunks far ahead that were pushed
-        out again before the reader got to them. With
-        one streaming the model as it arrives, a prefetcher far ahead had its
-        chunks pushed out of memory before the reader got there, and the reader
-        read them back from disk (benchmarks/TUNING.md).
-        """
+        """At most half a memory tier ahead of a reader of this layer (see Pacer)."""
         lead = max(1, self.config.memory_bytes // 2 // layer.geo.chunk_size)
-        while True:
-            front = self._front.get(layer.info.digest)
-            if front is None and index > lead and (
-                    trio.current_time() - self._started_at < NO_READER_WAIT_S
-                    and not await self._absent(layer, [index])):
-                # Nobody reads this layer yet and the chunk is on disk: loading it now only
-                # pushed the chunks a reader wants first out of memory before it came.
-                with trio.move_on_after(READER_IDLE_S):
-                    await self._read_progress.park()
-                continue
-            if (front is None or index <= front[0] + lead
-                    or trio.current_time() - front[1] >= READER_IDLE_S):
-                return
-            with trio.move_on_after(READER_IDLE_S):
-                await self._read_progress.park()
+
+        async def on_disk(i: int) -> bool:
+            return not await self._absent(layer, [i])
+
+        await self._pacer.pace(layer.info.digest, index, lead, on_disk)
 
     def _chunk_bytes(self, layer: LayerState, index: int) -> int:
         if layer.geo.chunks:
