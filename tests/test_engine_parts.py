@@ -98,6 +98,7 @@ def test_poison_is_final_and_says_why() -> None:
     assert layer.verified_event.is_set() and not layer.recorded
     assert not layer.verified() and layer.state is State.POISONED
     layer.postponed()
+    layer.verifying()  # a hash scheduled before the poison, starting after it
     assert layer.state is State.POISONED
     with pytest.raises(IntegrityError, match="lied"):
         layer.check()

@@ -10,9 +10,10 @@ kept like a fetched chunk. A `Claim` is the blocks one request fetches.
 Invariants of a Partial:
 - a block is in `have` only once it matched its digest, and is never
   taken out (its bytes in `buffer` never change after that);
-- a block is in `flights` exactly while one fetch holds it; the event is
-  set when that fetch ends, whether or not the block arrived (a waiter then
-  looks at `have` again);
+- a block is in `flights` while one fetch holds it, until that fetch's claim
+  is released; the event is set once the chunk's claimed blocks have all
+  landed or the fetch ended, whether or not they arrived (a waiter then
+  looks at `have` and `bad` again);
 - a block in `bad` arrived wrong: the next reader of it fails with that
   error and clears it, so the read after fetches the block again;
 - `completing` is True while the whole-chunk check runs: nobody claims its

@@ -7,16 +7,22 @@ digest, and with them every chunk digest and tar header it was served by;
 POISONED once anything said it lied. The transitions, and only these:
 
     UNVERIFIED -> VERIFYING -> VERIFIED
+    UNVERIFIED -> VERIFIED                  (a verified record at mount; a streamed layer
+                                             whose digest matched at the stream's end)
     UNVERIFIED | VERIFYING -> UNVERIFIED    (a hash postponed: the registry failed it)
     any -> POISONED                         (final: nothing un-poisons a layer but a remount)
+
+The methods below refuse to leave POISONED; the engine calls them only in
+the order above.
 
 Invariants of a LayerState:
 - `verified_event` is set exactly when the state is VERIFIED or POISONED
   (strict mode's readers wait on it);
 - `reason` is non-empty exactly when POISONED;
 - `recorded` holds the BLAKE3 of chunks this engine fetched that carry no
-  digest of their own, and is emptied when the layer is poisoned (nothing
-  of it is read back from disk again);
+  digest of their own, and is emptied when the layer is poisoned (a stream
+  failing at that moment may still add a chunk, but no read of a poisoned
+  layer reaches the disk);
 - `layout_ok` is False until the listed entries are known to be those the
   tar's own headers give (see Engine._check_layout); once True it stays.
 """

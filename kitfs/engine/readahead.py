@@ -21,12 +21,12 @@ the registry spends more on a request than on a megabyte. Measurements
 behind these numbers: benchmarks/TUNING.md.
 
 Invariants of a Cursor:
-- `run_start <= run_end`; `run_end` is where the last read ended (-1 before
-  the first read);
+- `run_end` is where the last read ended (-1 before the first read), and
+  from the first read on `run_start <= run_end`;
 - `requested` is the last chunk (layer index) asked for ahead in this run,
   -1 when nothing was: it only grows within a run;
 - `tensor_stop`/`tensor_front`: the end of the safetensors tensor this
-  handle's reads asked for ahead, and how far (-1: none).
+  handle's reads asked for ahead (-1: none), and how far.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 `cut_chunks` decompresses a layer's blob as it streams in and hands out its
 chunks in order, each with its BLAKE3, while readers wait for theirs. The
-decompression runs in a worker thread and never holds more than a chunk of
-output plus STREAM_HANDOFF bytes of finished chunks: those are handed to
+decompression runs in a worker thread and holds at most about a chunk of
+output plus STREAM_HANDOFF bytes of finished chunks (plus one decompressed
+piece, at most 1 MiB): those are handed to
 the event loop from inside that thread (`trio.from_thread`), so a layer that
 expands 30000-fold (zeros) is cut as it comes instead of piling up.
 

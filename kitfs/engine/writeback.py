@@ -46,7 +46,8 @@ class WriteBack:
         self._finished = trio.Event()
 
     def later(self, key: str, data: ChunkData) -> None:
-        """Queue chunk `key` for the disk cache; returns at once."""
+        """Queue chunk `key` for the disk cache; returns at once. Only once the engine runs
+        in its nursery: `spawn` must run the write, or `flush` would wait for it forever."""
         self.pending += 1  # counted now: flush() sees writes not started
         self._spawn(self._write, key, data)
 
