@@ -21,7 +21,7 @@ from kitfs.errors import FormatError, IntegrityError, KitfsError
 from kitfs.modelkit.decompress import StreamDecompressor
 from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.kitfile import kitfile_to_yaml
-from kitfs.modelkit.manifest import LayerInfo, ModelKitView, parse_modelkit, sha256_digest
+from kitfs.modelkit.manifest import LayerInfo, ModelKitView, parse_modelkit
 from kitfs.modelkit.tarindex import SequentialWalk, TarWalker
 from kitfs.modelkit.toc import (
     TOC_ANNOTATION,
@@ -91,9 +91,7 @@ async def load_kitfs_toc(source: BlobSource, view: ModelKitView) -> ModelKitToc 
         log.warning("no kitfs table of contents (%s): layers are checked whole, not chunk by "
                     "chunk (%s)", toc_digest, exc)
         return None
-    if sha256_digest(data) != toc_digest:
-        raise IntegrityError(f"table of contents {toc_digest} does not match its digest")
-    toc = load_toc(data)
+    toc = load_toc(data)  # get_blob checked it against its digest
     for layer in view.layers:
         entry = toc.layer(layer.digest)
         if entry is not None:

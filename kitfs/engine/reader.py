@@ -17,12 +17,16 @@ Where such a read is the kernel's first request for a safetensors tensor, the
 whole tensor's blocks are asked for at once, bounded by its extent in the
 shard's header (`_tensor_readahead`), instead of a round trip per 1 MiB.
 
-Integrity: a chunk with a known digest (kitfs table of contents, or a layer
-verified end to end by an earlier mount) is checked before anyone sees it.
-Layers without per-chunk digests are served as fetched and verified in the
-background against the layer digest; a mismatch poisons the layer: every
-later read fails with EIO, its chunks are purged, `status` says why. In
-strict mode such a layer serves nothing until that verification passed.
+Integrity (SECURITY.md): a chunk with a known digest (kitfs table of contents,
+or a layer verified end to end by an earlier mount) is checked before anyone
+sees it, and the tar headers of a table of contents' layer are walked over
+checked chunks before its first file is served (`_check_layout`). Chunks of
+layers without digests are served as fetched. Every layer is hashed end to
+end once all of it has been here (`_verify`, engine/verify.py), which binds
+those bytes, and a table's chunk digests, to the layer digest; a mismatch
+poisons the layer: every later read fails with EIO, its records and
+unverified chunks are purged, the kernel's pages of its files dropped,
+`status` says why. In strict mode a layer serves nothing until it verified.
 """
 
 from __future__ import annotations
@@ -185,8 +189,7 @@ class Engine:
         self._extents: dict[str, TensorExtents | None] = {}
         self._extent_loads: Flights[str, TensorExtents] = Flights()
         self._tensor_fetches = 0  # _fetch_claimed tasks running
-        # Prefetch pacing: per layer, the furthest chunk a reader got to, and when.
-        self._pacer = Pacer(0.0)  # made again by start(), on the trio clock
+        self._pacer = Pacer(0.0)  # prefetch pacing; made again by start(), on the trio clock
         # (layer, chunk) -> (until when, why): chunks whose read just timed out
         self._failed_reads: dict[tuple[str, int], tuple[float, KitfsError]] = {}
         #: Told which files of a poisoned layer the kernel may still hold pages of
@@ -223,15 +226,16 @@ class Engine:
         try:
             await fn(*args)
         except Exception as exc:
-            self._note_error(self._foreign(exc, getattr(fn, "__name__", "background task")))
+            self._note_error(str(self._foreign(exc, getattr(fn, "__name__", "background task"))))
 
     @staticmethod
-    def _foreign(exc: BaseException, where: str) -> str:
-        """One line for an exception that is not a KitfsError (logged with its traceback)."""
+    def _foreign(exc: Exception, where: str) -> KitfsError:
+        """`exc` as the KitfsError its readers get: itself, or (a bug, or a library's own
+        exception, logged with its traceback) one line saying where it came from."""
         if isinstance(exc, KitfsError):
-            return str(exc)
+            return exc
         log.error("unexpected error in %s", where, exc_info=exc)
-        return f"{where}: unexpected {type(exc).__name__}: {exc}"
+        return KitfsError(f"{where}: unexpected {type(exc).__name__}: {exc}")
 
     @property
     def longest_wait(self) -> float:
@@ -369,11 +373,11 @@ class Engine:
 
     async def _read_range(self, layer: LayerState, start: int, length: int,
                           whole: bool = True) -> bytes | memoryview:
-        self._check_poison(layer)
+        layer.check()
         if self.config.verify == "strict" and layer.state is not State.VERIFIED:
             self._ensure_verification(layer)
             await layer.verified_event.wait()
-            self._check_poison(layer)
+            layer.check()
         size = layer.geo.chunk_size
         first, last = start // size, (start + length - 1) // size
         by_part = not whole and layer.geo.block_size > 0 and layer.info.digest not in self._planned
@@ -395,9 +399,6 @@ class Engine:
             data = await self._chunk(layer, index, background=False)
             parts.append(memoryview(data)[lo:hi])
         return b"".join(parts)
-
-    def _check_poison(self, layer: LayerState) -> None:
-        layer.check()
 
     def _key(self, layer: LayerState, index: int) -> str:
         if layer.geo.chunks:
@@ -465,7 +466,7 @@ class Engine:
         """
         key = (layer.info.digest, index)
         while True:
-            self._check_poison(layer)
+            layer.check()
             data = self._cached(layer, index)
             if data is None and key not in self._flights:
                 gathered = self._partials.get(key)
@@ -591,12 +592,11 @@ class Engine:
                         self.counters.in_flight -= 1
                 if bad:
                     raise IntegrityError(self._bad_block(layer, *bad[0]))
-            except KitfsError as exc:
-                self._failed(layer, exc)
-                raise
             except Exception as exc:
-                error = KitfsError(self._foreign(exc, f"fetching blocks of {digest[:19]}"))
+                error = self._foreign(exc, f"fetching blocks of {digest[:19]}")
                 self._failed(layer, error)
+                if error is exc:
+                    raise
                 raise error from None
 
     @staticmethod
@@ -783,8 +783,7 @@ class Engine:
                     self.counters.in_flight -= 1
                     settle_batch()  # what arrived whole is good whatever happens next
         except Exception as exc:
-            error = exc if isinstance(exc, KitfsError) else KitfsError(
-                self._foreign(exc, f"fetching layer {digest[:19]}"))
+            error = self._foreign(exc, f"fetching layer {digest[:19]}")
             self._failed(layer, error)
             for index in pending:
                 self._fail(layer, index, error)
@@ -833,7 +832,7 @@ class Engine:
         self._note_error(str(error))
 
     def _accept(self, layer: LayerState, chunk: Chunk, result: ChunkData | KitfsError) -> None:
-        """Hand out and store a checked chunk, or fail its readers (a lie poisons the layer)."""
+        """Hand out and store a checked chunk, or fail its readers (see `_failed`)."""
         if isinstance(result, KitfsError):
             self._failed(layer, result)
             self._fail(layer, chunk.index, result)
@@ -904,14 +903,14 @@ class Engine:
         The kernel splits a reader's pread of a tensor into 1 MiB requests, and
         answered one by one each is a registry round trip. Asked as one, the rest
         arrives while the kernel's requests for it wait on its blocks. Its end
-        bounds the fetch, so the
-        bytes fetched per byte read stay what they were. Only a read that starts
+        bounds the fetch, so the bytes fetched per byte read stay what they were.
+        Only a read that starts
         a run (`fresh`) near a tensor's start begins one: a read in a tensor's
         middle may be a slice of it, and one that continues a run is the
         kernel's readahead running on past the tensor before (what each rule
         bought: benchmarks/TUNING.md, random tensor reads).
         """
-        self._check_poison(layer)
+        layer.check()
         extents = await self._extents_of(node, layer)
         span = extents.at(end - 1) if extents is not None else None
         if span is None:
@@ -1167,10 +1166,9 @@ class Engine:
             layer.stream_chunks = count
             layer.stream_digests = hashes
             # stream_blob checked the blob digest at its end: the layer is verified.
-            self._mark_verified(layer, [hashes[i] for i in range(count)])
+            await self._mark_verified(layer, [hashes[i] for i in range(count)])
         except Exception as exc:
-            error = exc if isinstance(exc, KitfsError) else KitfsError(
-                self._foreign(exc, f"streaming layer {digest[:19]}"))
+            error = self._foreign(exc, f"streaming layer {digest[:19]}")
             if not isinstance(error, IntegrityError):
                 layer.verify_started = False  # what was served is checked by a later stream
             self._failed(layer, error)
@@ -1193,7 +1191,7 @@ class Engine:
         waiting for it; the next read starts another.
         """
         while not layer.layout_ok:
-            self._check_poison(layer)
+            layer.check()
             event = layer.layout_check
             if event is None:
                 event = layer.layout_check = trio.Event()
@@ -1203,7 +1201,7 @@ class Engine:
                 else:
                     self._spawn(self._check_layout, layer, event)
             await event.wait()
-            self._check_poison(layer)
+            layer.check()
             if not layer.layout_ok and layer.layout_error is not None:
                 raise layer.layout_error
 
@@ -1226,22 +1224,28 @@ class Engine:
                 return
             layer.layout_ok = True
             if layer.layout.origin == "walked":
-                self._keep_layout(layer)
+                await self._keep_layout(layer)
         except Exception as exc:
-            layer.layout_error = exc if isinstance(exc, KitfsError) else KitfsError(
-                self._foreign(exc, "checking a layer's layout"))
+            layer.layout_error = self._foreign(exc, "checking a layer's layout")
             self._note_error(f"checking the files of layer {layer.info.digest[:19]}: "
                              f"{layer.layout_error}")
         finally:
             layer.layout_check = None
             event.set()
 
-    def _keep_layout(self, layer: LayerState) -> None:
+    async def _keep_layout(self, layer: LayerState) -> None:
         """Cache a layout now bound to the layer digest, so later mounts skip the walk."""
         if self.toc_cache is None or layer.layout is None:
             return
+        await self._record(self.toc_cache.put, layer.info.digest,
+                           layout_record(layer.info, layer.layout.entries))
+
+    async def _record(self, put: Callable[[str, bytes], None], digest: str, data: bytes
+                      ) -> None:
+        """Write a per-layer record in a thread: it is synced, and the event loop serves
+        every FUSE request meanwhile. A record that cannot be written is only noted."""
         try:
-            self.toc_cache.put(layer.info.digest, layout_record(layer.info, layer.layout.entries))
+            await trio.to_thread.run_sync(put, digest, data)
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
 
@@ -1288,8 +1292,8 @@ class Engine:
         if layer.state is State.POISONED:  # by a reader while this hashed: stays so
             return
         if layer.layout is not None and layer.layout.origin == "walked":
-            self._keep_layout(layer)
-        self._mark_verified(layer, digests)
+            await self._keep_layout(layer)
+        await self._mark_verified(layer, digests)
         if any(c.digest is None for c in layer.geo.chunks):
             await self._adopt(layer, digests)
 
@@ -1305,16 +1309,13 @@ class Engine:
         except _CacheErrorBase as exc:
             self._note_error(str(exc))
 
-    def _mark_verified(self, layer: LayerState, digests: list[str]) -> None:
+    async def _mark_verified(self, layer: LayerState, digests: list[str]) -> None:
         if not layer.verified():  # poisoned meanwhile: that is final
             return
         log.info("layer %s verified end to end", layer.info.digest)
         if self.toc_cache is not None and layer.geo.shape != "stream":
-            try:
-                self.toc_cache.put_verified(layer.info.digest, verified_record(
-                    layer.geo.chunk_size, layer.info.size, digests))
-            except _CacheErrorBase as exc:
-                self._note_error(str(exc))
+            await self._record(self.toc_cache.put_verified, layer.info.digest,
+                               verified_record(layer.geo.chunk_size, layer.info.size, digests))
 
     def _poison(self, layer: LayerState, reason: str) -> None:
         """The layer lied: fail every read of it from now on and forget what it left."""

@@ -204,9 +204,11 @@ class KitfsOperations(pyfuse3.Operations):
         worker thread: the kernel takes the pages' locks, which a read request
         of ours may hold while it waits for this loop to answer it.
         """
+        if not self.attached:  # no session: the kernel holds nothing of this mount
+            return
         for node in nodes:
             inode = self.inodes.inode_of(node.path)
-            if inode is None or not self.attached:
+            if inode is None:
                 continue
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
