@@ -19,14 +19,13 @@ from kitfs.mounts import default_cache_dir
 from kitfs.units import human_bytes, parse_size
 
 
-def _store(args: argparse.Namespace) -> ChunkStore | None:
+def _store(root: Path) -> ChunkStore | None:
     """The store at the cache directory, None if there is no cache there.
 
     A cache that is there but not ours (someone else's, a symlink, writable by
     others) is an error from ChunkStore, not "no cache": lstat rather than
     is_dir, which would call a directory we may not enter absent.
     """
-    root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     try:
         os.lstat(root / "chunks")
     except FileNotFoundError:
@@ -46,11 +45,12 @@ def _emit(args: argparse.Namespace, doc: dict[str, object], text: str) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    target = 0
     if args.action == "gc":  # a bad size is wrong whether or not there is a cache
         if args.max_size is None:
             raise UsageError("kitfs cache gc needs --max-size SIZE (e.g. --max-size 100G)")
-        parse_size(args.max_size)
-    store = _store(args)
+        target = parse_size(args.max_size)
+    store = _store(root)
     if store is None:
         _emit(args, {"cache_dir": str(root), "bytes": 0, "chunks": 0, "exists": False},
               f"no kitfs cache at {root}")
@@ -61,9 +61,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
               f"{human_bytes(usage.bytes)} in {usage.chunks} chunks at {root}")
         return 0
     if args.action == "gc":
-        if args.max_size is None:
-            raise UsageError("kitfs cache gc needs --max-size SIZE (e.g. --max-size 100G)")
-        target = parse_size(args.max_size)
         result = store.gc(target)
         usage = store.scan()
         _emit(args, {"cache_dir": str(root), "removed_chunks": result.removed_chunks,

@@ -38,7 +38,7 @@ from kitfs.errors import (
 from kitfs.oci.auth import Credential, pull_scope, push_scope
 from kitfs.oci.blobtransport import Sink
 from kitfs.oci.credentials import lookup_credential
-from kitfs.oci.digest import DigestVerifier, digest_of, short, split_digest
+from kitfs.oci.digest import THREADED_HASH_MIN, DigestVerifier, digest_of, short, split_digest
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import is_digest
 from kitfs.oci.retry import RetryBudget
@@ -87,7 +87,6 @@ FILE_READ_SIZE = 1 << 20
 LOCATION_TTL = 300.0
 """Seconds a blob's storage redirect is reused; presigned URLs live longer (S3: 20 min)
 and a stale one is re-resolved on the first error anyway."""
-_THREADED_HASH_MIN = 16 << 20
 _ACCEPT_MANIFESTS = ", ".join((*MANIFEST_MEDIA_TYPES, *INDEX_MEDIA_TYPES))
 _IDENTITY = {"Accept-Encoding": "identity"}
 _BLOB_ANSWERS = (200, 206, 416)
@@ -283,7 +282,7 @@ class RegistryClient:
             return None
         length = response.headers.get("content-length")
         try:
-            return int(length) if length is not None else None
+            return _number(length) if length is not None else None
         except ValueError:
             raise RegistryError(
                 f"checking blob {short(digest)} in {self._name(repo)}: bad Content-Length"
@@ -297,10 +296,8 @@ class RegistryClient:
         `size`, the descriptor's, is checked like the digest (see stream_blob).
         """
         parts: list[bytes] = []
-        total = 0
         async with self._stream(repo, digest, max_size=max_size, size=size) as chunks:
             async for chunk in chunks:
-                total += len(chunk)
                 parts.append(chunk)
         return b"".join(parts)
 
@@ -334,7 +331,7 @@ class RegistryClient:
                 )
             verifier = DigestVerifier(
                 digest, expected, what,
-                threaded=expected is None or expected >= _THREADED_HASH_MIN,
+                threaded=expected is None or expected >= THREADED_HASH_MIN,
             )
             try:
                 async with aclosing(_verified(body, verifier, max_size, what)) as chunks:

@@ -39,6 +39,10 @@ def short(digest: str) -> str:
     return f"{algo}:{hexpart[:12]}"
 
 
+#: Blobs from this size (or of unknown size) are hashed in a helper thread while they arrive.
+THREADED_HASH_MIN = 16 << 20
+
+
 class DigestVerifier:
     """Hashes a stream as it passes and checks its length and digest at the end.
 

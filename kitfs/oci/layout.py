@@ -153,12 +153,16 @@ class LocalStorage:
     # -- indexes -----------------------------------------------------------
 
     def _load_json(self, path: Path, default: Any) -> Any:
+        """The JSON object in `path` (every file kit keeps here holds one), or `default`."""
         try:
-            return json.loads(path.read_bytes())
+            doc = json.loads(path.read_bytes())
         except FileNotFoundError:
             return default
         except (OSError, ValueError) as exc:
             raise LocalStorageError(f"cannot read {path}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise LocalStorageError(f"cannot read {path}: not a JSON object")
+        return doc
 
     def _index_path(self, name: str) -> Path:
         return self.root / f"{repo_key(name)}-index.json"

@@ -19,16 +19,14 @@ from typing import Protocol
 
 import trio
 
-from kitfs.errors import IntegrityError, LocalStorageError
+from kitfs.errors import IntegrityError, LocalStorageError, UsageError
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.credentials import kitops_home
-from kitfs.oci.digest import DigestVerifier
+from kitfs.oci.digest import THREADED_HASH_MIN, DigestVerifier
 from kitfs.oci.layout import LocalStorage
 from kitfs.oci.reference import Reference
 
 STREAM_PIECE = 1 << 20
-_THREADED_HASH_MIN = 16 << 20
-"""Blobs from this size are hashed in a helper thread while they are read."""
 
 
 class BlobSource(Protocol):
@@ -137,13 +135,28 @@ class LocalSource:
     async def get_blob(
         self, digest: str, max_size: int = 64 << 20, *, size: int | None = None
     ) -> bytes:
-        data = await trio.to_thread.run_sync(self.storage.read_blob, digest)
-        _check_size(digest, len(data), size)
-        return data
+        def read() -> bytes:
+            # Sizes first: a lying descriptor or a huge file is refused before it is read.
+            with self.storage.open_blob(digest) as f:
+                actual = os.fstat(f.fileno()).st_size
+            _check_size(digest, actual, size)
+            if actual > max_size:
+                raise LocalStorageError(f"blob {digest} in kit's local storage is {actual} "
+                                        f"bytes, more than the {max_size} expected here")
+            return self.storage.read_blob(digest)
+
+        try:
+            return await trio.to_thread.run_sync(read)
+        except OSError as exc:  # a KitfsError, like every other source's failures
+            raise LocalStorageError(
+                f"reading blob {digest} from kit's local storage: {exc.strerror or exc}"
+            ) from None
 
     async def read_range(
         self, digest: str, offset: int, length: int, *, size: int | None = None
     ) -> bytes:
+        if length < 0:
+            raise UsageError(f"invalid blob range offset={offset} length={length}")
         buf = bytearray(length)
         await self.read_range_into(digest, offset, [memoryview(buf)], size=size)
         return bytes(buf)
@@ -160,7 +173,8 @@ class LocalSource:
     ) -> None:
         def read() -> None:
             with self.storage.open_blob(digest) as f:
-                _check_size(digest, os.fstat(f.fileno()).st_size, size)
+                if size is not None:
+                    _check_size(digest, os.fstat(f.fileno()).st_size, size)
                 at = offset
                 for i, buf in enumerate(buffers):
                     done = 0
@@ -201,7 +215,7 @@ class LocalSource:
                 actual = os.fstat(f.fileno()).st_size
                 _check_size(digest, actual, size)
                 verifier = DigestVerifier(
-                    digest, actual, what, threaded=actual >= _THREADED_HASH_MIN
+                    digest, actual, what, threaded=actual >= THREADED_HASH_MIN
                 )
                 try:
                     while True:
