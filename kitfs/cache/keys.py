@@ -21,8 +21,9 @@ Three kinds of key, which never collide (only a digest key lacks `-`):
 - `chunk_key_for_position`: `<layer hex>-<chunk size>-<index>` for layers
   without per-chunk digests; the chunk size is part of the key so two mounts
   configured with different chunk sizes cannot read each other's chunks as
-  their own. All chunks of one layer share a shard, so a poisoned layer's
-  chunks are found by listing one directory.
+  their own. Position keys and layer-scoped keys of one layer share a
+  shard (they start with the layer's hex), so a poisoned layer's chunks are
+  found by listing one directory.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ MAX_KEY_LENGTH = 200
 _KEY_RE = re.compile(r"[0-9a-f]{2}[0-9a-f._-]*")
 _DIGEST_RE = re.compile(r"(?:sha256:)?([0-9a-f]{64})|(?:sha512:)?([0-9a-f]{128})")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_CHUNK_DIGEST_RE = re.compile(r"(?:sha256|blake3):[0-9a-f]{64}")
 
 
 class BadKeyError(CacheError, ValueError):
@@ -92,7 +92,7 @@ def chunk_key_for_position(layer_digest: str, chunk_size: int, index: int) -> st
 
 
 def layer_key_prefix(layer_digest: str) -> str:
-    """The prefix every position key of `layer_digest` starts with."""
+    """The prefix every position key and layer-scoped key of `layer_digest` starts with."""
     return f"{digest_hex(layer_digest)}-"
 
 
@@ -103,10 +103,3 @@ def key_digest(key: str) -> str | None:
     if key.endswith(".b3") and _HEX64.fullmatch(key[:-3]):
         return "blake3:" + key[:-3]
     return None
-
-
-def validate_chunk_digest(digest: str) -> str:
-    """`digest` unchanged if it is `sha256:<hex>` or `blake3:<hex>`; BadKeyError otherwise."""
-    if _CHUNK_DIGEST_RE.fullmatch(digest) is None:
-        raise BadKeyError(f"invalid chunk digest {digest[:80]!r}")
-    return digest

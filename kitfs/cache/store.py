@@ -74,13 +74,14 @@ from kitfs.cache.fileformat import (
 from kitfs.cache.keys import (
     MAX_KEY_LENGTH,
     BadKeyError,
+    is_position_key,
     key_digest,
     layer_key_prefix,
-    validate_chunk_digest,
     validate_key,
 )
 from kitfs.cache.ownership import DIR_MODE, DIR_OPEN_FLAGS, secure_directory
-from kitfs.modelkit.chunkdigest import matches
+from kitfs.errors import FormatError
+from kitfs.modelkit.chunkdigest import matches, parse_chunk_digest
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,12 @@ class ChunkStore:
         validate_key(key)
         want = key_digest(key)
         if want is None and digest is not None:
-            want = validate_chunk_digest(digest)
+            try:  # `<algorithm>:<hex>` only: bare hex is a table of contents' form
+                want = parse_chunk_digest(digest) if ":" in digest else None
+            except FormatError:
+                want = None
+            if want is None:
+                raise BadKeyError(f"invalid chunk digest {digest[:80]!r}")
         try:
             shard = _open_shard(self._chunks, key)
             if shard is None:
@@ -290,9 +296,10 @@ class ChunkStore:
         return size is not None
 
     def remove_layer(self, layer_digest: str) -> int:
-        """Delete every position-keyed chunk of a layer; the number removed.
+        """Delete every chunk kept under a layer (position and layer-scoped keys); the number
+        removed.
 
-        Position keys start with the layer's hex, so they all sit in one shard.
+        Those keys start with the layer's hex, so they all sit in one shard.
         """
         prefix = layer_key_prefix(layer_digest)
         shard = self._chunks / prefix[:2]
@@ -323,7 +330,7 @@ class ChunkStore:
         """
         validate_key(old_key)
         validate_key(new_key)
-        if key_digest(old_key) is not None or key_digest(new_key) is None:
+        if not is_position_key(old_key) or key_digest(new_key) is None:
             raise BadKeyError(f"cannot adopt {old_key[:80]!r} as {new_key[:80]!r}: "
                               f"only a position key can take a digest key")
         if self._exists(new_key):
