@@ -408,3 +408,16 @@ def test_chunks_carry_their_digest_forms() -> None:
     validate_layer_toc(toc, 4096, False)
     validate_layer_toc(_chunk(toc, 0, digest=chunk_digest(data)), 4096, False)
     json.dumps(layer_to_json(toc))  # serialisable as is
+
+
+def test_a_compressed_chunk_cannot_span_more_blob_than_it_could_take() -> None:
+    """A chunk of 1 KiB claiming gigabytes of the blob would be fetched into one buffer
+    that big (every chunk still tiling the blob): refused."""
+    crafted = craft_layer(sample_tar(), compression="zstd", **SMALL)
+    toc = crafted.toc
+    assert toc is not None
+    last = toc.chunks[-1]
+    huge = last.size * 2 + 8192
+    lie = replace(_chunk(toc, len(toc.chunks) - 1, blob_size=huge),
+                  blob_size=last.blob_offset + huge)
+    assert f"takes {huge} bytes of the blob" in refused(lie, lie.blob_size, True)
