@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from kitfs.errors import KitfsError, UsageError, leaf_errors
+from kitfs.errors import KitfsError, UsageError, user_error
 from kitfs.modelkit.filters import FilterSet
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import parse_reference
@@ -69,20 +69,6 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
         if cause is group:
             raise
         raise cause from group
-
-
-def user_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error to report out of (nested) exception groups: an interrupt, else the
-    first KitfsError, else the group itself (a bug, with all its tracebacks)."""
-    leaves = leaf_errors(group)
-    chosen = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None) or next(
-        (e for e in leaves if isinstance(e, KitfsError)), None)
-    if chosen is None:
-        return group
-    for other in leaves:
-        if other is not chosen:
-            log.debug("also failed: %r", other, exc_info=other)
-    return chosen
 
 
 def cmd_pack(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ import trio
 from kitfs.engine.api import FileReader
 from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import open_kit
-from kitfs.errors import KitfsError, leaf_errors
+from kitfs.errors import user_error
 from kitfs.fs.operations import FsConfig, KitfsOperations
 from kitfs.inspection import Inspection
 from kitfs.modelkit.filters import FilterSet
@@ -164,7 +164,7 @@ async def serve(config: MountConfig, ready: Callable[[MountState], None]) -> Non
                 await _serve(config, ready, root, stopper)
                 root.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _cause(group) from None
+        raise user_error(group) from None
     finally:
         logging.getLogger().removeHandler(troubles)
     if stopper.signalled is not None and not stopper.fuse_running:
@@ -183,22 +183,6 @@ class _WarningCounter(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.count += 1
-
-
-def _cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error a user should see out of nested nurseries' exception groups.
-
-    A KitfsError (what the user can act on) wins over anything else; the rest
-    is logged, so nothing disappears.
-    """
-    leaves = leaf_errors(group)
-    if not leaves:
-        return group
-    chosen = next((e for e in leaves if isinstance(e, KitfsError)), leaves[0])
-    for other in leaves:
-        if other is not chosen:
-            log.error("also failed: %r", other, exc_info=other)
-    return chosen
 
 
 async def _serve(

@@ -8,6 +8,10 @@ one of these so that no foreign exception reaches a user or a FUSE handler.
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger(__name__)
+
 
 class KitfsError(Exception):
     """Base of every error kitfs reports to a user."""
@@ -76,3 +80,18 @@ def leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]
 
     collect(group)
     return leaves
+
+
+def user_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error to report out of (nested) exception groups: an interrupt, else the
+    first KitfsError, else the group itself (a bug, with all its tracebacks). The
+    others are logged, so nothing disappears."""
+    leaves = leaf_errors(group)
+    chosen = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None) or next(
+        (e for e in leaves if isinstance(e, KitfsError)), None)
+    if chosen is None:
+        return group
+    for other in leaves:
+        if other is not chosen:
+            log.warning("also failed: %r", other, exc_info=other)
+    return chosen
