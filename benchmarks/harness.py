@@ -347,7 +347,7 @@ def top_frames(collapsed: Path, n: int = 15) -> dict[str, object]:
         total += c
         own[frames[-1]] += c
         for f in set(frames):
-            if "kitfs/" in f and "kitfs/cli.py" not in f and "kitfs/commands.py" not in f:
+            if "kitfs/" in f and "kitfs/cli.py" not in f and "kitfs/commands/" not in f:
                 incl[f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0] + ")"] += c
     return {"samples": total,
             "self": [(f, c / total) for f, c in own.most_common(n)] if total else [],

@@ -58,7 +58,10 @@ class Inspection:
         return doc
 
 
-async def inspect(source: BlobSource) -> Inspection:
+async def inspect(source: BlobSource, *, toc: bool = True) -> Inspection:
+    """The manifest, config and Kitfile of the ModelKit `source` names; its kitfs table of
+    contents too unless `toc` is False (what only reads the Kitfile or compares layers,
+    `info` and `diff`, need not fetch a blob that can run to megabytes)."""
     manifest, _media_type, digest = await source.resolve()
     try:
         doc = json.loads(manifest)
@@ -72,8 +75,8 @@ async def inspect(source: BlobSource) -> Inspection:
         config = await source.get_blob(config_digest, MAX_CONFIG,
                                        size=size if isinstance(size, int) else None)
     view = parse_modelkit(manifest, config)
-    toc = await load_kitfs_toc(source, view)
-    return Inspection(digest, manifest, config, view, toc)
+    table = await load_kitfs_toc(source, view) if toc else None
+    return Inspection(digest, manifest, config, view, table)
 
 
 async def load_kitfs_toc(source: BlobSource, view: ModelKitView) -> ModelKitToc | None:

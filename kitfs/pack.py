@@ -37,7 +37,13 @@ import trio
 from kitfs import __version__
 from kitfs.errors import FormatError, KitfileError, LocalStorageError, NotFoundError, UsageError
 from kitfs.modelkit import mediatypes as mt
-from kitfs.modelkit.kitfile import Kitfile, LayerEntry, config_json, load_kitfile
+from kitfs.modelkit.kitfile import (
+    KITFILE_NAMES,
+    Kitfile,
+    LayerEntry,
+    config_json,
+    load_kitfile,
+)
 from kitfs.modelkit.kitignore import KitIgnore
 from kitfs.modelkit.layers import PlannedEntry, plan_layer
 from kitfs.modelkit.manifest import (
@@ -64,7 +70,6 @@ from kitfs.progress import Progress
 
 log = logging.getLogger(__name__)
 
-KITFILE_NAMES = ("Kitfile", "kitfile", ".kitfile")
 EMPTY_JSON = b"{}"
 ANNOTATION_KITFS_VERSION = "dev.kitfs.version"
 #: Two writers keep both cores busy hashing; more only thrash the disk.

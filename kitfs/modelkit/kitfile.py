@@ -48,6 +48,9 @@ from kitfs.oci.reference import parse_reference
 
 MANIFEST_VERSION = "1.0.0"
 PART_TYPE_MAX_LEN = 64
+#: The names `kit` looks for in a pack context, in order (constants.DefaultKitfileNames);
+#: never packed into a layer, never classified by `kit init`.
+KITFILE_NAMES = ("Kitfile", "kitfile", ".kitfile")
 
 EntryKind = Literal["model", "modelpart", "code", "dataset", "docs", "prompt", "mcpserver"]
 
@@ -2048,128 +2051,151 @@ def _ymap(
     return ("map", items + (extra or []), False)
 
 
+def _package_node(pkg: Package) -> _YNode:
+    authors: list[tuple[str, _YNode]] = []
+    if pkg.authors:
+        authors = [("authors", _authors_node(pkg.authors, flow=True))]
+    return _ymap(
+        [
+            ("name", pkg.name, True),
+            ("version", pkg.version, True),
+            ("description", pkg.description, True),
+            ("license", pkg.license, True),
+        ],
+        authors,
+    )
+
+
+def _authors_node(authors: Sequence[str], *, flow: bool) -> _YNode:
+    """Flow style inside `package` (the struct tag says `flow`), block style alone."""
+    return ("seq", [("str", a) for a in authors], flow)
+
+
+def _part_node(p: ModelPart) -> _YNode:
+    return _ymap(
+        [
+            ("name", p.name, True),
+            ("path", p.path, True),
+            ("license", p.license, True),
+            ("type", p.type, True),
+        ]
+    )
+
+
+def _model_node(model: Model) -> _YNode:
+    extra: list[tuple[str, _YNode]] = []
+    if model.parts:
+        extra.append(("parts", ("seq", [_part_node(p) for p in model.parts], False)))
+    if model.parameters is not None:
+        extra.append(("parameters", _yaml_param(model.parameters)))
+    return _ymap(
+        [
+            ("name", model.name, True),
+            ("path", model.path, True),
+            ("license", model.license, True),
+            ("framework", model.framework, True),
+            ("format", model.format, True),
+            ("version", model.version, True),
+            ("description", model.description, True),
+        ],
+        extra,
+    )
+
+
+def _code_node(c: Code) -> _YNode:
+    return _ymap(
+        [
+            ("path", c.path, True),
+            ("description", c.description, True),
+            ("license", c.license, True),
+        ]
+    )
+
+
+def _dataset_node(d: Dataset) -> _YNode:
+    params = [] if d.parameters is None else [("parameters", _yaml_param(d.parameters))]
+    return _ymap(
+        [
+            ("name", d.name, True),
+            ("path", d.path, True),
+            ("remotePath", d.remote_path, True),
+            ("remoteHash", d.remote_hash, True),
+            ("description", d.description, True),
+            ("license", d.license, True),
+        ],
+        params,
+    )
+
+
+def _docs_node(d: Docs) -> _YNode:
+    return _ymap([("path", d.path, False), ("description", d.description, True)])
+
+
+def _named_node(e: Prompt | McpServer) -> _YNode:
+    return _ymap(
+        [
+            ("name", e.name, True),
+            ("path", e.path, True),
+            ("description", e.description, True),
+        ]
+    )
+
+
+def _entry_node(entry: Package | AnyEntry) -> _YNode:
+    if isinstance(entry, Package):
+        return _package_node(entry)
+    if isinstance(entry, Model):
+        return _model_node(entry)
+    if isinstance(entry, ModelPart):
+        return _part_node(entry)
+    if isinstance(entry, Code):
+        return _code_node(entry)
+    if isinstance(entry, Dataset):
+        return _dataset_node(entry)
+    if isinstance(entry, Docs):
+        return _docs_node(entry)
+    return _named_node(entry)
+
+
 def kitfile_to_yaml(kf: Kitfile) -> str:
     """The Kitfile as `kit unpack` writes `<dir>/Kitfile` (yaml.v3, indent 2, no digests)."""
     top: list[tuple[str, _YNode]] = [("manifestVersion", ("str", kf.manifest_version))]
-    pkg = kf.package
-    if not pkg.is_empty():
-        authors: list[tuple[str, _YNode]] = []
-        if pkg.authors:
-            authors = [("authors", ("seq", [("str", a) for a in pkg.authors], True))]
-        top.append(
-            (
-                "package",
-                _ymap(
-                    [
-                        ("name", pkg.name, True),
-                        ("version", pkg.version, True),
-                        ("description", pkg.description, True),
-                        ("license", pkg.license, True),
-                    ],
-                    authors,
-                ),
-            )
-        )
-    model = kf.model
-    if model is not None:
-        extra: list[tuple[str, _YNode]] = []
-        if model.parts:
-            parts = [
-                _ymap(
-                    [
-                        ("name", p.name, True),
-                        ("path", p.path, True),
-                        ("license", p.license, True),
-                        ("type", p.type, True),
-                    ]
-                )
-                for p in model.parts
-            ]
-            extra.append(("parts", ("seq", parts, False)))
-        if model.parameters is not None:
-            extra.append(("parameters", _yaml_param(model.parameters)))
-        top.append(
-            (
-                "model",
-                _ymap(
-                    [
-                        ("name", model.name, True),
-                        ("path", model.path, True),
-                        ("license", model.license, True),
-                        ("framework", model.framework, True),
-                        ("format", model.format, True),
-                        ("version", model.version, True),
-                        ("description", model.description, True),
-                    ],
-                    extra,
-                ),
-            )
-        )
-    if kf.code:
-        top.append(
-            (
-                "code",
-                (
-                    "seq",
-                    [
-                        _ymap(
-                            [
-                                ("path", c.path, True),
-                                ("description", c.description, True),
-                                ("license", c.license, True),
-                            ]
-                        )
-                        for c in kf.code
-                    ],
-                    False,
-                ),
-            )
-        )
-    if kf.datasets:
-        items = []
-        for d in kf.datasets:
-            params = [] if d.parameters is None else [("parameters", _yaml_param(d.parameters))]
-            items.append(
-                _ymap(
-                    [
-                        ("name", d.name, True),
-                        ("path", d.path, True),
-                        ("remotePath", d.remote_path, True),
-                        ("remoteHash", d.remote_hash, True),
-                        ("description", d.description, True),
-                        ("license", d.license, True),
-                    ],
-                    params,
-                )
-            )
-        top.append(("datasets", ("seq", items, False)))
-    if kf.docs:
-        docs = [
-            _ymap([("path", d.path, False), ("description", d.description, True)]) for d in kf.docs
-        ]
-        top.append(("docs", ("seq", docs, False)))
-    if kf.prompts:
-        prompts = [
-            _ymap(
-                [
-                    ("name", p.name, True),
-                    ("path", p.path, True),
-                    ("description", p.description, True),
-                ]
-            )
-            for p in kf.prompts
-        ]
-        top.append(("prompts", ("seq", prompts, False)))
-    if kf.mcp_servers:
-        servers = [
-            _ymap(
-                [
-                    ("name", s.name, True),
-                    ("path", s.path, True),
-                    ("description", s.description, True),
-                ]
-            )
-            for s in kf.mcp_servers
-        ]
-        top.append(("mcpServers", ("seq", servers, False)))
+    if not kf.package.is_empty():
+        top.append(("package", _package_node(kf.package)))
+    if kf.model is not None:
+        top.append(("model", _model_node(kf.model)))
+    sections: list[tuple[str, Sequence[AnyEntry]]] = [
+        ("code", kf.code), ("datasets", kf.datasets), ("docs", kf.docs),
+        ("prompts", kf.prompts), ("mcpServers", kf.mcp_servers),
+    ]
+    for key, entries in sections:
+        if entries:
+            top.append((key, ("seq", [_entry_node(e) for e in entries], False)))
     return _Emitter().document(("map", top, False))
+
+
+#: One field of a Kitfile, as `kit info --filter` selects it (modelkit/infofilter.py).
+KitfileValue: TypeAlias = (
+    Package | AnyEntry | tuple[AnyEntry, ...] | tuple[str, ...] | ParamValue
+)
+
+
+def value_to_yaml(value: KitfileValue) -> str:
+    """One field of a Kitfile alone, as yaml.v3 (indent 2) encodes the Go value behind it.
+
+    `kit info --filter` encodes the struct, slice or string it selected: an
+    absent model is `null`, an empty list `[]`, an empty package `{}`, an
+    empty string `""`; a list of authors is a block sequence here (the flow
+    style belongs to the `package` field's tag). Tuples are Kitfile lists;
+    Python lists and dicts are `parameters` values.
+    """
+    node: _YNode
+    if isinstance(value, tuple):
+        node = ("seq", [("str", v) if isinstance(v, str) else _entry_node(v) for v in value],
+                False)
+    elif isinstance(value, Package | Model | ModelPart | Code | Dataset | Docs | Prompt
+                    | McpServer):
+        node = _entry_node(value)
+    else:
+        node = _yaml_param(value)
+    return _Emitter().document(node)

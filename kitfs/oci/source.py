@@ -15,11 +15,11 @@ import contextlib
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import trio
 
-from kitfs.errors import IntegrityError, LocalStorageError, UsageError
+from kitfs.errors import IntegrityError, LocalStorageError, NotFoundError, UsageError
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.credentials import kitops_home
 from kitfs.oci.digest import THREADED_HASH_MIN, DigestVerifier
@@ -241,9 +241,34 @@ def _check_size(digest: str, actual: int, size: int | None) -> None:
         )
 
 
-def open_source(reference: Reference, options: ClientOptions) -> BlobSource:
+#: Where to look for a reference: "reference" as the reference says (no registry: kit's
+#: local storage; every command but the two below); "local": kit's local storage whatever
+#: the reference names (a ModelKit pulled from `registry/repo` is kept there under that
+#: name); "remote": its registry; "local-first": local storage if it holds the reference,
+#: else its registry (`kit diff` without a `local://` or `remote://` prefix).
+Where = Literal["reference", "local", "remote", "local-first"]
+
+
+def open_source(
+    reference: Reference, options: ClientOptions, *, where: Where = "reference"
+) -> BlobSource:
     """The source for `reference`; the caller must `aclose()` it."""
-    if reference.is_local:
-        home = Path(kitops_home(options.kitops_home))
-        return LocalSource(reference, LocalStorage.for_home(home))
+    if where == "remote" and reference.is_local:
+        raise UsageError(f"can not check remote: {reference.repository} does not contain a "
+                         "registry (e.g. registry.example.com/repo:tag)")
+    storage = LocalStorage.for_home(Path(kitops_home(options.kitops_home)))
+    if where == "local-first":
+        local = reference.is_local or _in_local_storage(storage, reference)
+    else:
+        local = where == "local" or (where == "reference" and reference.is_local)
+    if local:
+        return LocalSource(reference, storage)
     return RegistrySource(reference, RegistryClient(reference.registry, options))
+
+
+def _in_local_storage(storage: LocalStorage, reference: Reference) -> bool:
+    try:
+        storage.resolve(reference.name, reference.target)
+    except NotFoundError:
+        return False
+    return True

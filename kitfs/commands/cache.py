@@ -8,15 +8,25 @@ store's own locking keeps two collections from racing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from kitfs.cache.store import ChunkStore
+from kitfs.commands.command import Command
 from kitfs.errors import UsageError
-from kitfs.mounts import default_cache_dir
-from kitfs.units import human_bytes, parse_size
+
+TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
+if TYPE_CHECKING:
+    from kitfs.cache.store import ChunkStore
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("du", "gc", "verify", "clear"))
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="the cache (default: $KITFS_CACHE_DIR, else /var/cache/kitfs for "
+                        "root, else $XDG_CACHE_HOME/kitfs)")
+    p.add_argument("--max-size", metavar="SIZE", help="for gc: the size to trim down to")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _store(root: Path) -> ChunkStore | None:
@@ -26,6 +36,8 @@ def _store(root: Path) -> ChunkStore | None:
     others) is an error from ChunkStore, not "no cache": lstat rather than
     is_dir, which would call a directory we may not enter absent.
     """
+    from kitfs.cache.store import ChunkStore
+
     try:
         os.lstat(root / "chunks")
     except FileNotFoundError:
@@ -36,6 +48,8 @@ def _store(root: Path) -> ChunkStore | None:
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, object], text: str) -> None:
+    import json
+
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()
@@ -43,7 +57,10 @@ def _emit(args: argparse.Namespace, doc: dict[str, object], text: str) -> None:
         print(text)
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    from kitfs.mounts import default_cache_dir
+    from kitfs.units import human_bytes, parse_size
+
     root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     target = 0
     if args.action == "gc":  # a bad size is wrong whether or not there is a cache
@@ -80,3 +97,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
     _emit(args, {"cache_dir": str(root), "removed_chunks": removed},
           f"removed {removed} chunks from {root}")
     return 0
+
+
+COMMAND = Command(
+    name="cache",
+    help="show, trim, check or empty the shared chunk cache",
+    description="""\
+Every mount on a node shares one content-addressed chunk cache. These actions
+are safe while mounts run: a removed chunk is simply fetched again.
+
+  du       how much the cache holds
+  gc       evict least-recently-used chunks until it holds at most --max-size
+  verify   check every chunk's checksum; remove bad ones (exit 1 if any)
+  clear    remove every chunk
+
+examples:
+  kitfs cache du
+  kitfs cache gc --max-size 200G
+  kitfs cache verify --cache-dir /mnt/nvme/kitfs
+""",
+    add_arguments=add_arguments,
+    run=run,
+)

@@ -1,0 +1,112 @@
+"""`kitfs inspect`: a ModelKit's manifest, Kitfile and layers, read from manifest and config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kitfs.commands.command import Command
+from kitfs.commands.common import (
+    add_network_options,
+    client_options,
+    inspect_reference,
+    run_async,
+)
+
+TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
+if TYPE_CHECKING:
+    from kitfs.inspection import Inspection
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("--json", action="store_true", help="print everything as one JSON document")
+    add_network_options(p)
+
+
+def _layer_rows(ins: Inspection) -> list[dict[str, object]]:
+    rows: list[dict[str, object]] = []
+    for layer in ins.view.layers:
+        toc = ins.toc.layer(layer.digest) if ins.toc is not None else None
+        rows.append({
+            "type": layer.kind, "path": layer.path, "name": layer.name,
+            "mediaType": layer.media_type, "format": layer.fmt,
+            "compression": layer.compression, "digest": layer.digest, "size": layer.size,
+            "diffId": layer.diff_id, "files": None if toc is None else sum(
+                1 for e in toc.entries if e.kind == "file"),
+            "chunks": None if toc is None else len(toc.chunks),
+        })
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from kitfs.modelkit.kitfile import kitfile_to_yaml
+    from kitfs.oci.reference import parse_reference
+    from kitfs.units import human_bytes
+
+    ref = parse_reference(args.reference)
+    options = client_options(args)
+    ins, _ = run_async(lambda: inspect_reference(ref, options))
+    view = ins.view
+    kitfile_yaml = kitfile_to_yaml(view.kitfile.without_layer_digests())
+    if args.json:
+        doc = {
+            "reference": args.reference,
+            "digest": ins.digest,
+            "manifest": ins.manifest_json,
+            "config": json.loads(ins.config) if ins.config and view.family == "kitops"
+            else None,
+            "kitfile": kitfile_yaml,
+            "kitfileSource": view.kitfile_source,
+            "layers": _layer_rows(ins),
+            "tableOfContents": view.annotations.get("dev.kitfs.toc.digest"),
+        }
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+        return 0
+    pkg = view.kitfile.package
+    print(f"ModelKit    {args.reference}")
+    print(f"Digest      {ins.digest}")
+    kind = f"{view.family}" + (f", made by kit {view.cli_version}" if view.cli_version else "")
+    print(f"Format      {kind}")
+    if view.created:
+        print(f"Created     {view.created}")
+    if pkg.name or pkg.version:
+        print(f"Package     {pkg.name} {pkg.version}".rstrip())
+    total = sum(layer.size for layer in view.layers)
+    print(f"Size        {human_bytes(total)} in {len(view.layers)} layers")
+    toc = view.annotations.get("dev.kitfs.toc.digest")
+    print("Index       " + (f"kitfs table of contents {toc}" if ins.toc else
+                           "none (mounts read tar headers on demand)"))
+    print("\nKitfile:")
+    for line in kitfile_yaml.rstrip("\n").splitlines():
+        print(f"  {line}")
+    print("\nLayers:")
+    rows = _layer_rows(ins)
+    width = max([len(str(r["path"])) for r in rows] + [4])
+    print(f"  {'TYPE':<9} {'PATH':<{width}} {'FORMAT':<9} {'SIZE':>10}  DIGEST")
+    for r in rows:
+        fmt = str(r["format"]) + ("" if r["compression"] == "none" else f"+{r['compression']}")
+        print(f"  {r['type']!s:<9} {r['path']!s:<{width}} {fmt:<9} "
+              f"{human_bytes(int(str(r['size']))):>10}  {str(r['digest'])[:19]}")
+    return 0
+
+
+COMMAND = Command(
+    name="inspect",
+    help="show a ModelKit's manifest, Kitfile and layers",
+    description="""\
+Fetch only the manifest and config of REF and show what it holds: its digest,
+the Kitfile, and every layer with its type, path, format and size. Works for
+ModelKits made by kitfs and by every generation of `kit`, and for ModelPack
+manifests. (`kitfs info` prints just the Kitfile, as `kit info` does.)
+
+examples:
+  kitfs inspect localhost:5000/demo/llm:v1
+  kitfs inspect mymodel:v1 --json | jq .layers
+""",
+    add_arguments=add_arguments,
+    run=run,
+)

@@ -1,0 +1,207 @@
+"""`kitfs mount`: start a daemon serving a ModelKit as a lazy, read-only directory.
+
+Run twice per mount: once as the command a user types, which checks its
+arguments and starts `kitfs mount --foreground --ready-fd N` detached, and
+once as that daemon. Both import this module to build the parser, so what
+only the daemon needs (trio, pyfuse3, the engine) is imported in `_mount`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from kitfs.commands.command import Command
+from kitfs.commands.common import add_network_options, client_options, run_async
+from kitfs.errors import KitfsError, UsageError
+
+TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
+if TYPE_CHECKING:
+    from kitfs.mounts import MountConfig, MountState, ReadyPipe
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="the shared chunk cache (default: $KITFS_CACHE_DIR, else "
+                        "/var/cache/kitfs for root, else $XDG_CACHE_HOME/kitfs)")
+    p.add_argument("--cache-size", metavar="SIZE",
+                   help="evict least-recently-used chunks beyond this much disk, e.g. 200G "
+                        "(default: no limit; trim with `kitfs cache gc`)")
+    p.add_argument("--memory", metavar="SIZE", default="256M",
+                   help="chunks the daemon keeps in memory (default 256M); its whole RSS "
+                        "stays within about 3x this, whatever the model size")
+    p.add_argument("--filter", action="append", metavar="FILTER", default=[],
+                   help="show only part of the ModelKit, as `kit unpack --filter`: "
+                        "TYPES[:IDS] with TYPES from kitfile, model, datasets, code, docs, "
+                        "prompts (repeatable)")
+    p.add_argument("--prefetch", choices=("none", "model", "all"), default="model",
+                   help="fetch ahead of readers: the Kitfile, small files, then weights in "
+                        "load order (model, the default), every file (all), or only what "
+                        "is read (none)")
+    p.add_argument("--verify", choices=("lazy", "strict"), default="lazy",
+                   help="lazy (default): serve bytes as they arrive and verify each layer "
+                        "in the background (a mismatch makes later reads fail); strict: "
+                        "serve only verified bytes (a layer without per-chunk digests is "
+                        "read whole before its first byte is served)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users read the mount (non-root needs user_allow_other "
+                        "in /etc/fuse.conf)")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr; Ctrl-C unmounts")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    add_network_options(p)
+
+
+def _mount_config(args: argparse.Namespace) -> MountConfig:
+    from kitfs.modelkit.filters import FilterSet
+    from kitfs.mounts import MountConfig, absolute_mountpoint, default_cache_dir, log_path
+    from kitfs.oci.reference import parse_reference
+    from kitfs.units import parse_size
+
+    parse_reference(args.reference)  # a bad reference fails here, before anything starts
+    FilterSet.parse(args.filter)
+    cache_size = None
+    if args.cache_size is not None and args.cache_size.lower() not in ("none", "unlimited"):
+        cache_size = parse_size(args.cache_size)
+    memory = parse_size(args.memory)
+    if memory < 8 << 20:
+        raise UsageError(f"--memory {args.memory}: at least 8M (a few chunks) is needed")
+    mountpoint = absolute_mountpoint(args.mountpoint)
+    options = client_options(args)
+    return MountConfig(
+        reference=args.reference, mountpoint=mountpoint,
+        cache_dir=Path(os.path.abspath(Path(args.cache_dir).expanduser())) if args.cache_dir
+        else default_cache_dir(),
+        client=options, filters=tuple(args.filter), prefetch=args.prefetch,
+        cache_size=cache_size, memory=memory, verify=args.verify, allow_other=args.allow_other,
+        foreground=bool(args.foreground),
+        request_timeout=options.read_timeout,
+        log_file=log_path(mountpoint) if args.ready_fd is not None else None,
+    )
+
+
+def _daemon_argv(args: argparse.Namespace, config: MountConfig) -> list[str]:
+    """The `kitfs mount --foreground` command line the background daemon runs."""
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else None
+
+    argv = ["mount", config.reference, str(config.mountpoint), "--foreground",
+            "--cache-dir", str(config.cache_dir), "--prefetch", config.prefetch,
+            "--verify", config.verify, "--timeout", repr(config.client.read_timeout),
+            "--memory", str(config.memory),
+            "--tls-verify", "true" if config.client.tls_verify else "false"]
+    if config.cache_size is not None:
+        argv += ["--cache-size", str(config.cache_size)]
+    for text in config.filters:
+        argv += ["--filter", text]
+    if config.allow_other:
+        argv.append("--allow-other")
+    if config.client.plain_http:
+        argv.append("--plain-http")
+    for flag, value in (("--ca-file", config.client.ca_file), ("--cert", config.client.cert_file),
+                        ("--key", config.client.key_file), ("--config", args.kitops_home)):
+        if value:
+            argv += [flag, str(absolute(value))]
+    if args.verbose:
+        argv.append("-" + "v" * args.verbose)
+    return argv
+
+
+def _print_mounted(state: MountState) -> None:
+    from kitfs.units import human_bytes
+
+    print(f"mounted {state.reference} at {state.mountpoint}")
+    print(f"  digest  {state.digest}")
+    print(f"  files   {state.files} ({human_bytes(state.size)})")
+    daemon = f"pid {state.pid}" + (f", log {state.log}" if state.log else "")
+    print(f"  daemon  {daemon}")
+    print(f"  cache   {state.cache_dir}")
+    sys.stdout.flush()
+
+
+def _daemon_logging(verbose: int, *, to_file: bool) -> None:
+    """A daemon's log is for after the fact: INFO and up (mounts, unmounts, failures).
+
+    Its own log file gets timestamps and the pid; stderr (a terminal, or the
+    journal under systemd, which stamps lines itself) does not.
+    """
+    level = logging.DEBUG if verbose >= 2 else logging.INFO
+    stamp = "%(asctime)s kitfs[%(process)d] " if to_file else "kitfs: "
+    logging.basicConfig(
+        force=True, level=level, format=stamp + "%(levelname)s: %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "httpcore", "pyfuse3"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def run(args: argparse.Namespace) -> int:
+    from kitfs.mounts import ReadyPipe
+
+    # A daemon (--ready-fd) reports every failure, even a bad argument, on the pipe
+    # too, so that `kitfs mount` relays it as its own one-line error.
+    pipe = ReadyPipe(args.ready_fd)
+    try:
+        return _mount(args, pipe)
+    except KitfsError as exc:
+        pipe.failed(exc.exit_code, str(exc))
+        raise
+    except BaseException as exc:
+        pipe.failed(70, f"internal error: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _mount(args: argparse.Namespace, pipe: ReadyPipe) -> int:
+    from kitfs.mounts import check_mountpoint, start_daemon
+
+    config = _mount_config(args)
+    check_mountpoint(config.mountpoint)
+    if not (args.foreground or args.ready_fd is not None):
+        state, earlier = start_daemon(_daemon_argv(args, config), config.mountpoint)
+        _print_mounted(state)
+        if earlier is not None:
+            print(f"  earlier log of the previous daemon here kept at {earlier}")
+        return 0
+
+    from kitfs.daemon import serve
+
+    _daemon_logging(args.verbose, to_file=args.ready_fd is not None)
+
+    def ready(state: MountState) -> None:
+        if pipe.pending:
+            pipe.ready()
+        else:
+            _print_mounted(state)
+
+    run_async(lambda: serve(config, ready))
+    pipe.failed(1, "the daemon stopped before the mount was ready")
+    return 0
+
+
+COMMAND = Command(
+    name="mount",
+    help="mount a ModelKit as a lazy, read-only directory",
+    description="""\
+Mount REF at MOUNTPOINT (an existing, empty directory) and return once the
+files are there. Nothing is downloaded up front: file bytes are fetched when
+read, plus what --prefetch predicts, into a chunk cache that every mount on
+the machine shares, and checked against the ModelKit's digests. The daemon
+runs in the background until `kitfs umount`; its log sits next to its state
+(`kitfs status` shows where) and is kept after it exits only if something
+went wrong. Readers get EIO, never a hang, when the registry stops
+answering (--timeout).
+
+examples:
+  kitfs mount registry.example.com/team/llama:v1 /mnt/llama
+  kitfs mount localhost:5000/demo/llm:v1 /mnt/llm --filter model --prefetch none
+  kitfs mount mymodel:v1 /mnt/m --cache-dir /nvme/kitfs --cache-size 200G --allow-other
+  kitfs umount /mnt/llama
+""",
+    add_arguments=add_arguments,
+    run=run,
+)
