@@ -19,8 +19,10 @@ import trio
 from opening import read_file
 
 from helpers import kitfs, make_project
-from kitfs.engine.reader import PREFETCH_WORKERS, TENSOR_AHEAD, EngineConfig
+from kitfs.engine.prefetch import PREFETCH_WORKERS
+from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import OpenedKit, open_kit
+from kitfs.engine.tensors import TENSOR_AHEAD
 from kitfs.errors import IntegrityError, KitfsError, UnreachableError
 from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.tree import Node
@@ -103,13 +105,13 @@ def no_tensor_hints(kit: OpenedKit) -> None:
     which the engine would otherwise fetch the first block of to look for a header."""
     layouts_taken_as_checked(kit)
     for node in kit.tree.files():
-        kit.engine._extents[node.path] = None
+        kit.engine.tensors.extents[node.path] = None
 
 
 async def settled(kit: OpenedKit) -> None:
     """Until no fetch is in flight: neither whole chunks nor blocks."""
     with trio.fail_after(10):
-        while kit.engine._flights or any(p.flights for p in kit.engine._partials.values()):
+        while kit.engine.ctx.flights or any(p.flights for p in kit.engine.ctx.partials.values()):
             await trio.sleep(0.01)
 
 
@@ -471,7 +473,7 @@ async def test_a_tensor_read_mid_file_gets_no_readahead_past_its_end(
             if first:  # the blocks the reads fall in: nothing merged, nothing ahead
                 await trio.sleep(0.3)  # readahead would have been asked for by now ...
                 with trio.fail_after(10):  # ... and has landed after this
-                    while kit.engine._flights:
+                    while kit.engine.ctx.flights:
                         await trio.sleep(0.01)
                 await kit.engine.flush()
                 status = kit.engine.status()
@@ -522,7 +524,7 @@ async def test_a_chunk_fetched_while_a_reader_looks_on_disk_is_not_fetched_again
 
             nursery.start_soon(reader)
             await trio.sleep(0.1)  # the reader is in its disk lookup now
-            kit.engine._prefetch_run(layer, range(index, index + 1))
+            kit.engine.chunks.ahead(layer, range(index, index + 1))
             with trio.fail_after(10):
                 while layer.geo.chunks[index].key not in kit.engine.memory:
                     await trio.sleep(0.01)
@@ -543,7 +545,7 @@ async def test_a_reader_never_waits_behind_prefetch_queued_for_a_request_slot(
     async with open_kit(parse_reference(ref), ClientOptions(read_timeout=5, retry_budget=3),
                         tmp_path / "cache", config=config) as kit, \
             trio.open_nursery() as nursery:
-        slots = kit.engine._background
+        slots = kit.engine.ctx.background
         holders = [object() for _ in range(int(slots.total_tokens))]
         for holder in holders:  # every background request slot busy elsewhere
             await slots.acquire_on_behalf_of(holder)
@@ -571,10 +573,10 @@ async def test_a_fetch_cancelled_while_it_waits_for_the_disk_leaves_no_stuck_chu
         node = kit.tree.nodes["model/model.safetensors"]
         layer = engine.layers[node.layer]  # type: ignore[index]
         index = node.offset // layer.geo.chunk_size
-        run = engine._claim_run(layer, index, set())
+        run = engine.chunks.claim_run(layer, index, set())
         engine.writes.pending += 1000  # a write backlog that does not drain
         with trio.move_on_after(0.2):
-            await engine._fetch_run(layer, run, background=True)
+            await engine.chunks.fetch_run(layer, run, background=True)
         engine.writes.pending -= 1000
         with trio.fail_after(5):
             got = bytes(await engine.read(node, 0, 4096))

@@ -302,7 +302,7 @@ async def test_no_registry_fault_ends_the_engine(
                     pass
             proxy.clear()
             with trio.fail_after(15):  # requests that hung before the clear end first
-                while kit.engine._flights:
+                while kit.engine.ctx.flights:
                     await trio.sleep(0.05)
             await trio.sleep(2.1)  # past FAILED_READ_MEMORY_S
             assert await read_file(kit, "model/w.safetensors") == weights

@@ -97,3 +97,63 @@ class Claim:
                 runs.append([(index, b)])
             run_end = start + min(block_size, chunks[index].size - b * block_size)
         return runs
+
+
+#: Chunks being gathered block by block at once (a random reader's edges); beyond
+#: this the least recently used one with nothing in flight is dropped.
+MAX_PARTIALS = 16
+
+
+class Partials:
+    """The chunks being gathered, by (layer, chunk), least recently used first.
+
+    Bounded by MAX_PARTIALS idle entries: one with blocks in flight or being
+    completed is never dropped (its fetch or check still writes into it).
+    """
+
+    def __init__(self) -> None:
+        self._table: dict[tuple[str, int], Partial] = {}  # insertion order = LRU
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self._table
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def values(self) -> list[Partial]:
+        return list(self._table.values())
+
+    def get(self, key: tuple[str, int]) -> Partial | None:
+        return self._table.get(key)
+
+    def used(self, key: tuple[str, int]) -> Partial | None:
+        """The partial, now the most recently used."""
+        gathered = self._table.pop(key, None)
+        if gathered is not None:
+            self._table[key] = gathered
+        return gathered
+
+    def new(self, key: tuple[str, int], size: int) -> Partial:
+        """A partial for a chunk that has none; idle ones beyond the bound are dropped."""
+        gathered = self._table[key] = Partial(size)
+        excess = len(self._table) - MAX_PARTIALS
+        if excess > 0:
+            idle = [k for k, p in self._table.items()
+                    if not p.flights and not p.completing and k != key]
+            for old in idle[:excess]:
+                del self._table[old]
+        return gathered
+
+    def busy(self, key: tuple[str, int]) -> bool:
+        """Blocks of this chunk are being fetched."""
+        gathered = self._table.get(key)
+        return gathered is not None and bool(gathered.flights)
+
+    def discard(self, key: tuple[str, int], gathered: Partial | None = None) -> None:
+        """Forget the chunk's partial (only `gathered`, if given: not a newer one)."""
+        if gathered is None or self._table.get(key) is gathered:
+            self._table.pop(key, None)
+
+    def forget_layer(self, digest: str) -> None:
+        for key in [k for k in self._table if k[0] == digest]:
+            del self._table[key]

@@ -4,6 +4,11 @@ Model servers open the small files first (config.json, tokenizer files,
 the safetensors index), then read every shard's header to plan the load,
 then stream the weights shard by shard. Prefetching in that order makes the
 first reads hit the cache and keeps the weight stream ahead of the loader.
+
+`prefetch_plan` is that order; `Prefetcher` walks it with PREFETCH_WORKERS
+tasks, paced by a `Pacer` so the weight stream stays at most half a memory
+tier ahead of its reader, and starts each model layer's verification once
+the plan is done.
 """
 
 from __future__ import annotations
@@ -12,10 +17,19 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
+from kitfs.cache.memory import ChunkData
+from kitfs.engine.context import Context, foreign
 from kitfs.engine.geometry import LayerGeometry
+from kitfs.engine.layerstate import LayerState, State
 from kitfs.modelkit.manifest import LayerInfo
 from kitfs.modelkit.tree import Node, Tree
 
+#: Tasks walking the prefetch plan. Fetches among them are bounded by the background
+#: request slots (taken before a run is claimed, so no claimed chunk waits for one);
+#: the rest keep chunk-file reads in flight on a warm mount, where two workers read
+#: one chunk each at a time. Four: faster warm than two, no better with eight, which
+#: hold more memory (benchmarks/TUNING.md).
+PREFETCH_WORKERS = 4
 SMALL_FILE = 1 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".npz")
 HEADER_SUFFIXES = (".safetensors", ".gguf")
@@ -132,3 +146,72 @@ class Pacer:
     async def _wait(self) -> None:
         with trio.move_on_after(READER_IDLE_S):
             await self._progress.park()
+
+
+class Prefetcher:
+    def __init__(self, ctx: Context,
+                 chunk: Callable[[LayerState, int], Awaitable[ChunkData]],
+                 absent: Callable[[LayerState, list[int]], Awaitable[set[int]]],
+                 verify: Callable[[LayerState], None]) -> None:
+        self.ctx = ctx
+        self.chunk = chunk
+        self.absent = absent
+        self.verify = verify
+        self.pacer = Pacer(0.0)  # made again by start(), on the trio clock
+
+    def start(self) -> None:
+        """Plan and start prefetch (in the engine's nursery), unless it is off."""
+        ctx = self.ctx
+        self.pacer = Pacer(trio.current_time())
+        if ctx.config.prefetch == "none":
+            return
+        plan = prefetch_plan(ctx.tree, {d: layer.info for d, layer in ctx.layers.items()},
+                             {d: layer.geo for d, layer in ctx.layers.items()},
+                             ctx.config.prefetch)
+        ctx.planned = {d for d, _ in plan}
+        ctx.spawn(self._run, plan)
+
+    def read(self, layer: LayerState, end: int) -> None:
+        """A reader got to byte `end` of the layer's stream (paces the prefetch)."""
+        self.pacer.read(layer.info.digest, (end - 1) // layer.geo.chunk_size)
+
+    async def _run(self, plan: list[tuple[str, int]]) -> None:
+        """Load what model loaders read first, in the order they read it, in the background."""
+        ctx = self.ctx
+        ctx.counters.prefetch_total = sum(
+            ctx.chunk_bytes(ctx.layers[d], i) for d, i in plan)
+        # Only the weight stream is paced: a chunk right after the plan's previous
+        # one. Headers and small files are single jumps ahead of any reader; pacing
+        # them held the whole plan behind the header of a shard far ahead (the reader
+        # then fetched on its own and prefetch came in behind it).
+        todo = iter([(d, i, k > 0 and plan[k - 1] == (d, i - 1))
+                     for k, (d, i) in enumerate(plan)])
+
+        async def worker() -> None:
+            for digest, index, streaming in todo:
+                layer = ctx.layers[digest]
+                if streaming:
+                    await self._pace(layer, index)
+                if layer.state is not State.POISONED:
+                    try:
+                        await self.chunk(layer, index)
+                    except Exception as exc:
+                        ctx.note_error(f"prefetch: {foreign(exc, 'prefetch')}")
+                        await trio.sleep(1)
+                ctx.counters.prefetch_done += ctx.chunk_bytes(layer, index)
+
+        async with trio.open_nursery() as workers:
+            for _ in range(PREFETCH_WORKERS):
+                workers.start_soon(worker)
+        for layer in ctx.layers.values():
+            if ctx.config.prefetch == "all" or layer.info.kind in MODEL_KINDS:
+                self.verify(layer)
+
+    async def _pace(self, layer: LayerState, index: int) -> None:
+        """At most half a memory tier ahead of a reader of this layer (see Pacer)."""
+        lead = max(1, self.ctx.config.memory_bytes // 2 // layer.geo.chunk_size)
+
+        async def on_disk(i: int) -> bool:
+            return not await self.absent(layer, [i])
+
+        await self.pacer.pace(layer.info.digest, index, lead, on_disk)

@@ -12,6 +12,11 @@ The blob's digest is checked by the source when the stream ends: only
 then are the chunks handed out known to be the layer's. A stream that does
 not decompress is a lie (the digest-pinned bytes `kit unpack` reads do), and
 raises IntegrityError; anything else that ends it early is left to the caller.
+
+`Streams` runs one such stream per layer, as a reader or verification needs
+it. Invariants: at most one stream of a layer runs at a time
+(`LayerState.stream_running`); a stream that ends, well or not, ends every
+flight of its layer still waiting (a chunk past the end does not exist).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from kitfs.engine.chunks import Chunks
+from kitfs.engine.context import Context, foreign
+from kitfs.engine.layerstate import LayerState
 from kitfs.errors import FormatError, IntegrityError
 from kitfs.modelkit.chunkdigest import chunk_digest
 from kitfs.modelkit.decompress import StreamDecompressor
@@ -73,3 +81,80 @@ async def cut_chunks(source: BlobSource, info: LayerInfo, chunk_size: int,
         emit(bytes(buf), chunk_digest(buf))
         count += 1
     return count
+
+
+class Streams:
+    def __init__(self, ctx: Context, chunks: Chunks,
+                 verified: Callable[[LayerState, list[str]], Awaitable[None]]) -> None:
+        self.ctx = ctx
+        self.chunks = chunks
+        self.verified = verified
+
+    async def get(self, layer: LayerState, index: int) -> bytes | bytearray | memoryview:
+        """Chunk `index` of a streamed layer: from memory, from disk if this engine recorded
+        its digest, or once the stream gets there."""
+        ctx = self.ctx
+        data = ctx.cached(layer, index)
+        if data is not None:
+            return data
+        key = (layer.info.digest, index)
+        if key not in ctx.flights:
+            data = await self.chunks.from_disk(layer, index)
+            if data is not None:
+                return data
+        flight = ctx.flights.get(key)
+        if flight is None:
+            ctx.counters.misses += 1
+            flight = ctx.flights.start(key)
+            self.start(layer, index)
+        return await flight.result()
+
+    def start(self, layer: LayerState, index: int = 0) -> None:
+        """Stream the layer from its start unless a running stream will reach chunk `index`."""
+        if layer.stream_running and index >= layer.stream_next:
+            return
+        layer.stream_running = True
+        self.ctx.spawn(self._stream, layer)
+
+    async def _stream(self, layer: LayerState) -> None:
+        """Read a gzip/zstd layer from its start, its chunks handed out as they decompress."""
+        ctx = self.ctx
+        digest = layer.info.digest
+        hashes: dict[int, str] = {}  # chunk index -> BLAKE3, in the order they came
+
+        def emit(data: bytes, blake3: str) -> None:
+            index = len(hashes)  # a stream started again counts from its start
+            hashes[index] = layer.recorded[index] = blake3
+            layer.stream_next = index + 1
+            self.chunks.deliver(layer, index, layer.geo.position_key(index), data)
+
+        def received(n: int) -> None:
+            ctx.counters.bytes_fetched += n
+
+        try:
+            async with ctx.slots:
+                ctx.counters.in_flight += 1
+                ctx.counters.requests += 1
+                try:
+                    count = await cut_chunks(ctx.source, layer.info, layer.geo.chunk_size,
+                                             emit, ctx.writes.backpressure, received)
+                finally:
+                    ctx.counters.in_flight -= 1
+            layer.stream_chunks = count
+            layer.stream_digests = hashes
+            # stream_blob checked the blob digest at its end: the layer is verified.
+            await self.verified(layer, [hashes[i] for i in range(count)])
+        except Exception as exc:
+            error = foreign(exc, f"streaming layer {digest[:19]}")
+            if not isinstance(error, IntegrityError):
+                layer.verify_started = False  # what was served is checked by a later stream
+            self.chunks.verdicts.failed(layer, error)
+            for (d, i) in ctx.flights.pending():
+                if d == digest:
+                    self.chunks.fail(layer, i, error)
+        finally:
+            layer.stream_running = False
+        # Readers waiting for chunks past the end of the stream get nothing more.
+        for (d, i) in ctx.flights.pending():
+            if d == digest:
+                self.chunks.fail(layer, i, IntegrityError(f"layer {digest} has no chunk {i}"))
