@@ -17,6 +17,15 @@ every warm chunk in memory next to the mount's own page cache (2 GiB from
 the chunk files: 0.31-0.50 instead of 0.84-1.07 CPU seconds at the same
 speed, benchmarks/TUNING.md).
 
+Chunks are written with O_DIRECT too, straight from the buffer they were
+received into (`new_frame_buffer` keeps the header's 32 bytes free in front
+of the payload, at a block boundary): a buffered write copied every byte into
+the page cache, which was most of the cost of writing a chunk, and left all
+of it there, a copy nobody reads next to the mount's own (1 GiB per GiB of a
+cold read). The last partial block goes through the page cache, as does any
+payload not in such a buffer; a synced write then drops those pages (unsynced
+they are dirty, and the kernel keeps dirty pages whatever it is told).
+
 The payload length is checked against the file size before the payload is
 read, so a truncated file (a crash between write and rename on a file system
 that reorders, a full disk, a copy cut short) is caught without hashing, and
@@ -52,7 +61,7 @@ from pathlib import Path
 
 import xxhash
 
-from kitfs.buffers import DIRECT_ALIGN, new_aligned_buffer
+from kitfs.buffers import DIRECT_ALIGN, address_of, new_aligned_buffer
 from kitfs.errors import LocalStorageError
 
 log = logging.getLogger(__name__)
@@ -257,6 +266,54 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
 
 
+class _FrameBytes(bytearray):
+    """The memory of a frame buffer: only `new_frame_buffer` makes these, so no bytes a
+    caller holds (a view into someone else's buffer, data off the wire) can pass for a
+    frame and have a header written over their neighbours. `payload_at` is where in
+    it the payload starts: a view further in is not a frame's payload."""
+
+    __slots__ = ("payload_at",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.payload_at = -1
+
+
+def new_frame_buffer(size: int) -> memoryview:
+    """A writable view of `size` uninitialized bytes to receive a payload into, which
+    `write_frame` then writes to disk with O_DIRECT, straight from this memory.
+
+    The view is the payload part of an aligned frame: the header's 32 bytes
+    sit just before it (not visible through it) and are filled in by
+    `write_frame`, so the file's bytes leave in one piece from a block
+    boundary with no copy to assemble them. Any other payload is written
+    through the page cache.
+    """
+    if size < 0:
+        raise ValueError(f"frame payload size must be >= 0, got {size}")
+    frame = new_aligned_buffer(HEADER_SIZE + size, _FrameBytes)
+    owner = frame.obj
+    assert isinstance(owner, _FrameBytes)
+    payload = frame[HEADER_SIZE:]
+    if owner:
+        owner.payload_at = address_of(frame) - address_of(owner) + HEADER_SIZE
+    return payload
+
+
+def frame_of(payload: memoryview) -> memoryview | None:
+    """Header and payload as one aligned view, when `payload` came from `new_frame_buffer`
+    (or is a prefix of one) and is big enough for O_DIRECT to write any of it; else None."""
+    owner = payload.obj
+    if (not isinstance(owner, _FrameBytes) or payload.readonly or not payload.c_contiguous
+            or HEADER_SIZE + payload.nbytes < DIRECT_ALIGN):
+        return None
+    raw = memoryview(owner)
+    start = address_of(payload) - address_of(raw) - HEADER_SIZE
+    if start + HEADER_SIZE != owner.payload_at or start + HEADER_SIZE + payload.nbytes > raw.nbytes:
+        return None
+    return raw[start : start + HEADER_SIZE + payload.nbytes]
+
+
 def write_frame(
     directory: Path | int, name: str, magic: bytes, payload: memoryview, *, sync: bool = True
 ) -> int:
@@ -267,7 +324,9 @@ def write_frame(
     every caller). On any failure the temporary file is removed, so a full disk
     leaves nothing half-written behind, and the OSError propagates. The
     directory itself is not synced: losing the rename in a crash only loses a
-    cache entry, which is refetched.
+    cache entry, which is refetched. A payload from `new_frame_buffer` is
+    written with O_DIRECT where the file system allows it; the header is
+    written into the 32 bytes before it.
     """
     header = encode_header(magic, payload)
     if isinstance(directory, int):
@@ -276,13 +335,24 @@ def write_frame(
         final: Path | str = name
     else:
         dir_fd, tmp, final = None, directory / temp_name(name), directory / name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 FILE_MODE, dir_fd=dir_fd)
+    frame = frame_of(payload) if hasattr(os, "O_DIRECT") else None
+    if frame is not None and _no_direct and _device(directory) in _no_direct:
+        frame = None
+    fd, direct = _create(tmp, dir_fd, directory, direct=frame is not None)
     try:
         try:
-            _write_all(fd, header, payload)
+            if frame is not None and direct:
+                frame[:HEADER_SIZE] = header
+                cached = _write_direct(fd, frame)
+            else:
+                _write_all(fd, header, payload)
+                cached = 0
             if sync:
                 os.fdatasync(fd)
+                if cached < HEADER_SIZE + payload.nbytes:
+                    # Clean now, so this drops them: they only duplicate what the
+                    # caller holds in memory.
+                    os.posix_fadvise(fd, cached, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         os.rename(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -293,11 +363,73 @@ def write_frame(
     return HEADER_SIZE + payload.nbytes
 
 
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _create(tmp: Path | str, dir_fd: int | None, directory: Path | int, *, direct: bool
+            ) -> tuple[int, bool]:
+    """Create the temporary file: (descriptor, whether it is open with O_DIRECT), which
+    is asked for with `direct` and left out where the file system refuses it."""
+    if direct:
+        try:
+            return os.open(tmp, _CREATE_FLAGS | os.O_DIRECT, FILE_MODE, dir_fd=dir_fd), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # Linux creates the file before it checks O_DIRECT (tmpfs before 6.6)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            _refused(_device(directory))
+    return os.open(tmp, _CREATE_FLAGS, FILE_MODE, dir_fd=dir_fd), False
+
+
+def _device(directory: Path | int) -> int:
+    return os.fstat(directory).st_dev if isinstance(directory, int) else os.stat(directory).st_dev
+
+
+def _refused(device: int) -> None:
+    if device not in _no_direct:
+        _no_direct.add(device)  # tmpfs before Linux 6.6, some FUSE and network fs
+        log.info("O_DIRECT refused on device %#x: cache files read and written buffered",
+                 device)
+
+
+def _write_direct(fd: int, frame: memoryview) -> int:
+    """Write `frame` at offset 0 of `fd`, opened with O_DIRECT: its whole blocks from
+    memory to disk, the rest (the last partial block; all of it if the file system
+    refuses O_DIRECT) through the page cache. Returns where that rest starts.
+
+    The partial block goes through the page cache rather than being padded to a
+    whole block and cut off with ftruncate, because shrinking a file to the
+    middle of a block makes ext4 read that block back from disk first: one
+    synchronous read per chunk file.
+    """
+    whole = frame.nbytes - frame.nbytes % DIRECT_ALIGN
+    at = 0
+    try:
+        while at < whole and at % DIRECT_ALIGN == 0:  # short writes: only at a full disk
+            at += _progress(os.pwrite(fd, frame[at:whole], at))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        if at == 0:
+            _refused(os.fstat(fd).st_dev)
+    cached = at
+    if at < frame.nbytes:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        while at < frame.nbytes:
+            at += _progress(os.pwrite(fd, frame[at:], at))
+    return cached
+
+
+def _progress(written: int) -> int:
+    if written <= 0:  # a regular file never does this; do not spin if one does
+        raise OSError(errno.EIO, "write made no progress")
+    return written
+
+
 def _write_all(fd: int, header: bytes, payload: memoryview) -> None:
     """Write header and payload with as few syscalls as the kernel allows (usually one)."""
     buffers = [memoryview(header), payload]
     while buffers:
-        written = os.writev(fd, buffers)
-        if written == 0:  # a regular file never does this; do not spin if one does
-            raise OSError(errno.EIO, "write made no progress")
-        _consume(buffers, written)
+        _consume(buffers, _progress(os.writev(fd, buffers)))

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import trio
 
-from kitfs.buffers import new_buffer
+from kitfs.cache.fileformat import new_frame_buffer
 from kitfs.engine.geometry import Chunk
 from kitfs.errors import IntegrityError
 
@@ -44,7 +44,7 @@ class Partial:
     __slots__ = ("bad", "buffer", "completing", "flights", "have")
 
     def __init__(self, size: int) -> None:
-        self.buffer = new_buffer(size)
+        self.buffer = new_frame_buffer(size)  # kept with O_DIRECT once whole
         self.have: set[int] = set()
         self.flights: dict[int, trio.Event] = {}
         self.completing = False

@@ -35,8 +35,7 @@ from typing import Protocol
 
 import trio
 
-from kitfs.buffers import new_buffer
-from kitfs.cache.fileformat import CacheError
+from kitfs.cache.fileformat import CacheError, new_frame_buffer
 from kitfs.cache.memory import ChunkData
 from kitfs.engine.context import Context, foreign
 from kitfs.engine.flights import Flight, Flights
@@ -305,7 +304,7 @@ class Chunks:
         """
         ctx = self.ctx
         digest = layer.info.digest
-        buffers: list[bytearray] = []
+        buffers: list[memoryview] = []
         pending = {c.index for c in run}
         batch: list[int] = []
         batch_bytes = 0
@@ -330,13 +329,14 @@ class Chunks:
             if background:  # inside the try: cancelled here, the claimed flights still settle
                 await ctx.writes.backpressure()
             async with ctx.slots:
-                # Allocated only now: runs queued for a slot must not hold memory.
-                buffers.extend(new_buffer(c.blob_size) for c in run)
+                # Allocated only now: runs queued for a slot must not hold memory. Frame
+                # buffers: the disk cache writes them with O_DIRECT, no second copy.
+                buffers.extend(new_frame_buffer(c.blob_size) for c in run)
                 ctx.counters.in_flight += 1
                 ctx.counters.requests += 1
                 try:
                     await ctx.source.read_range_into(
-                        digest, run[0].blob_offset, [memoryview(b) for b in buffers], filled,
+                        digest, run[0].blob_offset, buffers, filled,
                         size=layer.info.size)
                 finally:
                     ctx.counters.in_flight -= 1
@@ -352,7 +352,7 @@ class Chunks:
                 self.fail(layer, index, err)
             raise
 
-    async def _settle(self, layer: LayerState, chunks: list[Chunk], raws: list[bytearray]
+    async def _settle(self, layer: LayerState, chunks: list[Chunk], raws: list[memoryview]
                       ) -> None:
         """Check fetched chunks (one thread hop for the batch), then accept each.
 
