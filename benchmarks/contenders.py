@@ -39,6 +39,7 @@ from benchmarks.workload import Registry, ShardRef, Usage
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "benchmarks" / ".venv-tools" / "bin"
 KITFS = [sys.executable, "-m", "kitfs.cli"]
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ class Curl(Contender):
         return {"seq_gbps": self.sc.model_layer_size / el / 1e9, "ready_s": na,
                 "first_tensor_s": na, "load_all_s": na, "random_gbps": na,
                 "amplification": na, "weights_at_ready": na, "cpu_s": use.cpu_s,
+                "seq_cpu_per_gib": use.cpu_s / (self.sc.model_layer_size / GIB),
                 "peak_rss": use.peak_rss, "served": served.total}
 
     def phases(self) -> list[Callable[[], Result]]:
@@ -271,6 +273,11 @@ class Mounted:
     weights_at_ready: int = 0
     usage: Usage = field(default_factory=Usage)
     extra: Result = field(default_factory=dict)  # contender-specific figures at the end
+    cache: Path | None = None  # the contender's own cache directory, if it has one
+
+    def cpu_s(self) -> float:
+        """CPU seconds the mount's process has used so far (read around a phase)."""
+        return w.cpu_seconds(self.pid)
 
 
 class Mounter(Contender):
@@ -296,6 +303,7 @@ class Mounter(Contender):
         try:
             self.sc.drop()
             with self.mounted(cache, **kw) as m:
+                m.cache = cache
                 yield m
         finally:
             shutil.rmtree(cache, ignore_errors=True)
@@ -318,13 +326,19 @@ class Mounter(Contender):
 
     def seq(self) -> Result:
         with self.cold() as m:
-            t0 = time.perf_counter()
+            c0, t0 = m.cpu_s(), time.perf_counter()
             n = w.sequential(m.shards)
             cold = n / (time.perf_counter() - t0) / 1e9
+            cold_cpu = (m.cpu_s() - c0) / (n / GIB)
+            # Bytes of the cache's files the page cache holds next to the mount's own
+            # pages of the same data: a second copy of the model in memory.
+            assert m.cache is not None
+            resident = w.resident_bytes(w.cached_files(m.cache)) / n
             t0 = time.perf_counter()
             n = w.sequential(m.shards)
             hot = n / (time.perf_counter() - t0) / 1e9
         return {"seq_gbps": cold, "hot_gbps": hot, "seq_cpu_s": m.usage.cpu_s,
+                "seq_cpu_per_gib": cold_cpu, "seq_cache_resident": resident,
                 "peak_rss_seq": m.usage.peak_rss, "rss_anon_seq": m.usage.rss_anon,
                 "rss_file_seq": m.usage.rss_file, **{f"seq_{k}": v for k, v in m.extra.items()}}
 
@@ -358,13 +372,15 @@ class Mounter(Contender):
             # daemon's memory tier would be read back from memory, not the disk cache.
             self.sc.drop()
             with self.mounted(cache) as m:
-                t0 = time.perf_counter()
+                c0, t0 = m.cpu_s(), time.perf_counter()
                 n = w.sequential(m.shards)
                 gbps = n / (time.perf_counter() - t0) / 1e9
+                warm_cpu = (m.cpu_s() - c0) / (n / GIB)
             served += self.sc.registry.served(m.mark).by_blob.get(self.sc.model_layer, 0)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
-        return {"warm_load_s": warm_load, "warm_gbps": gbps, "warm_served": served}
+        return {"warm_load_s": warm_load, "warm_gbps": gbps, "warm_served": served,
+                "warm_cpu_per_gib": warm_cpu}
 
 
 def _stop_child(proc: subprocess.Popen[bytes], mnt: Path) -> Usage:

@@ -373,6 +373,8 @@ def fmt(v: Value, kind: str) -> str:
         return f"{x:.2f}"
     if kind == "bytes":
         return f"{x / 2**20:.1f} MiB" if x >= 2**20 else f"{x:.0f} B"
+    if kind == "pct":
+        return f"{x:.0%}"
     return f"{x:.2f}"
 
 
@@ -401,23 +403,27 @@ def markdown(doc: dict[str, object], med: dict[str, Result], targets: list[Targe
         "",
         "## Getting to the weights (cold: page cache dropped, empty caches)",
         "",
-        "Times count from the start of the mount / download command.",
+        "Times count from the start of the mount / download command. CPU: the mount's (or "
+        "curl's) user + system seconds during the cold sequential read, per GiB read (/proc). "
+        "Its cache in the page cache: bytes of the contender's cache files resident after "
+        "that read, per byte read (fincore): a second copy of the model in memory.",
         "",
         "| contender | files listable | first tensor | every tensor loaded (mmap) "
-        "| sequential read |",
-        "| --- | --- | --- | --- | --- |",
+        "| sequential read | CPU s per GiB read | its cache in the page cache |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in contenders:
         r = med[c.name]
         if all(k.startswith("error") for k in r):
             why = next((v for v in r.values() if isinstance(v, NA)), NA("did not run"))
-            lines.append(f"| {c.name} | {fmt(why, '')} | | | |")
+            lines.append(f"| {c.name} | {fmt(why, '')} | | | | | |")
             continue
         lines.append(
             f"| {c.name} | {fmt(r.get('ready_s'), 's')} | {fmt(r.get('first_tensor_s'), 's')} | "
             f"{with_ratio(r.get('load_all_s'), pull.get('load_all_s'), 's', 'pull')} | "
             f"{with_ratio(r.get('seq_gbps'), curl.get('seq_gbps'), 'gbps', 'curl')}"
-            f"{'' if c.name == 'local disk' else _vs(r.get('seq_gbps'), loc.get('seq_gbps'))} |")
+            f"{'' if c.name == 'local disk' else _vs(r.get('seq_gbps'), loc.get('seq_gbps'))} | "
+            f"{fmt(r.get('seq_cpu_per_gib'), 'x')} | {fmt(r.get('seq_cache_resident'), 'pct')} |")
     lines += [
         "",
         "## Restarts and re-reads",
@@ -426,8 +432,9 @@ def markdown(doc: dict[str, object], med: dict[str, Result], targets: list[Targe
         "with the page cache dropped). Hot: the same files read again (ratio to local disk from "
         "the page cache).",
         "",
-        "| contender | warm: mount + load every tensor | warm sequential | hot sequential |",
-        "| --- | --- | --- | --- |",
+        "| contender | warm: mount + load every tensor | warm sequential "
+        "| warm CPU s per GiB | hot sequential |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for c in contenders:
         r = med[c.name]
@@ -438,6 +445,7 @@ def markdown(doc: dict[str, object], med: dict[str, Result], targets: list[Targe
         lines.append(
             f"| {c.name} | {with_ratio(warm_load, loc.get('load_all_s'), 's', 'local')} | "
             f"{with_ratio(warm_gbps, loc.get('seq_gbps'), 'gbps', 'local')} | "
+            f"{fmt(r.get('warm_cpu_per_gib'), 'x')} | "
             f"{with_ratio(r.get('hot_gbps'), loc.get('hot_gbps'), 'gbps', 'local')} |")
     lines += [
         "",

@@ -290,6 +290,36 @@ def daemon_usage(pid: int) -> Usage:
                  mem.get("VmHWM", 0), mem.get("RssAnon", 0), mem.get("RssFile", 0))
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system seconds of a live process and its reaped children, from /proc (0 if
+    it is gone): read before and after a phase, the difference is that phase's CPU."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # after the ")" the state is field 3, so utime (14) .. cstime (17) are [11:15]
+    return sum(int(x) for x in fields[11:15]) / _TICK
+
+
+def cached_files(root: Path) -> list[Path]:
+    """The regular files under a cache directory, temporary ones (dot names) left out."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def resident_bytes(paths: list[Path]) -> int:
+    """How many bytes of these files the page cache holds (util-linux fincore)."""
+    total = 0
+    for i in range(0, len(paths), 500):
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES",
+                              *map(str, paths[i:i + 500])],
+                             capture_output=True, text=True, check=True).stdout
+        total += sum(int(x) for x in out.split())
+    return total
+
+
 def wait_for(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -901,19 +901,17 @@ async def test_a_reader_of_a_lying_block_fails_before_the_rest_of_the_request_ar
         tail_sent = trio.Event()
 
         async def stalls_after_4_mib(digest: str, offset: int, buffers: Any,
-                                     filled: Any = None, prepare: Any = None,
-                                     **kw: Any) -> None:
+                                     filled: Any = None, **kw: Any) -> None:
             head, size = 0, 0
             while head < len(buffers) and size < (4 << 20):
                 size += len(buffers[head])
                 head += 1
-            await fetch(digest, offset, buffers[:head], filled, prepare, **kw)
+            await fetch(digest, offset, buffers[:head], filled, **kw)
             if head < len(buffers):
                 await trio.sleep(2)  # the registry stalls mid-response
                 tail_sent.set()
                 await fetch(digest, offset + size, buffers[head:],
-                            filled and (lambda i: filled(i + head)),
-                            prepare and (lambda i: prepare(i + head)), **kw)
+                            filled and (lambda i: filled(i + head)), **kw)
 
         kit.engine.source.read_range_into = stalls_after_4_mib  # type: ignore[method-assign]
         failed: tuple[int, bool] | None = None

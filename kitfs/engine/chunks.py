@@ -48,8 +48,6 @@ from kitfs.modelkit.decompress import StreamDecompressor
 
 log = logging.getLogger(__name__)
 
-#: Fetched chunks are checked and handed out in batches of about this many bytes.
-SETTLE_BATCH_BYTES = 1 << 20
 #: Chunk files read ahead of a reader at once.
 DISK_READS_AHEAD = 4
 
@@ -292,10 +290,11 @@ class Chunks:
                         ) -> None:
         """Fetch consecutive claimed chunks with one range request and settle their flights.
 
-        The response is received straight into one buffer per chunk, and each
-        batch of chunks is checked and handed out as soon as it is complete,
-        while the rest of the range still arrives: a reader waiting for the
-        first chunk of a long readahead run does not wait for the whole run.
+        The response is received straight into one buffer per chunk; the chunks
+        each receiving hop completed are checked together in one thread hop and
+        handed out while the rest of the range still arrives: a reader waiting
+        for the first chunk of a long readahead run does not wait for the whole
+        run.
 
         Background fetches (readahead, prefetch, verification) first wait for the
         disk writes behind them to drain, so memory holds a bounded backlog of
@@ -306,24 +305,38 @@ class Chunks:
         digest = layer.info.digest
         buffers: list[memoryview] = []
         pending = {c.index for c in run}
-        batch: list[int] = []
-        batch_bytes = 0
+        batch: list[int] = []  # filled, not yet being checked
+        settling = False
 
-        def settle_batch() -> None:
-            nonlocal batch, batch_bytes
-            if batch:
-                chunks = [run[i] for i in batch]
-                pending.difference_update(c.index for c in chunks)
-                ctx.spawn(self._settle, layer, chunks, [buffers[i] for i in batch])
-                batch, batch_bytes = [], 0
+        def take() -> tuple[list[Chunk], list[memoryview]]:
+            """What arrived so far and is not being checked yet."""
+            nonlocal batch
+            chunks = [run[i] for i in batch]
+            raws = [buffers[i] for i in batch]
+            pending.difference_update(c.index for c in chunks)
+            batch = []
+            return chunks, raws
 
         def filled(i: int) -> None:
-            nonlocal batch_bytes
+            nonlocal settling
             ctx.counters.bytes_fetched += len(buffers[i])
+            if ctx.nursery is None:  # not started (tools, tests): checked right here
+                pending.discard(run[i].index)
+                self.accept(layer, run[i], checked(layer, run[i], buffers[i]))
+                return
             batch.append(i)
-            batch_bytes += len(buffers[i])
-            if batch_bytes >= SETTLE_BATCH_BYTES:
-                settle_batch()
+            if not settling:
+                # One check per receiving hop, not per chunk: the client reports every
+                # buffer a hop filled in one go, before this task runs.
+                settling = True
+                ctx.spawn(settle_soon)
+
+        async def settle_soon() -> None:
+            nonlocal settling
+            settling = False
+            chunks, raws = take()
+            if chunks:  # else the request's end took them
+                await self._settle(layer, chunks, raws)
 
         try:
             if background:  # inside the try: cancelled here, the claimed flights still settle
@@ -340,7 +353,8 @@ class Chunks:
                         size=layer.info.size)
                 finally:
                     ctx.counters.in_flight -= 1
-                    settle_batch()  # what arrived whole is good whatever happens next
+                    if batch:  # what arrived whole is good whatever happens next
+                        ctx.spawn(self._settle, layer, *take())
         except Exception as exc:
             error = foreign(exc, f"fetching layer {digest[:19]}")
             self.verdicts.failed(layer, error)

@@ -10,7 +10,10 @@ model size, and `flush()` at unmount waits for every write to land.
 Invariants:
 - `pending` counts writes handed over by `later()` and not yet finished,
   started or not (so `flush()` also sees writes still waiting for a writer);
-- at most WRITERS writes run at once, each in a worker thread;
+- at most WRITERS writer tasks run, each writing up to WRITE_BATCH queued
+  chunks per worker-thread hop (one hop per chunk cost more in thread
+  wake-ups than the O_DIRECT write itself, benchmarks/TUNING.md); a writer
+  ends when the queue is empty, and `later` starts one while fewer run;
 - `_finished` is set and replaced only by a finishing write, never by a
   waiter: a waiter that replaced it would strand the waiters before it;
 - a write that fails is noted (the chunk is fetched again when next
@@ -19,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +35,10 @@ from kitfs.cache.store import ChunkStore
 
 #: Chunks fetched but not yet on disk before background fetching pauses (bounds memory).
 MAX_PENDING = 16
-#: Chunk writes running at once.
+#: Writer tasks (and so chunk writes) running at once.
 WRITERS = 2
+#: Chunks one writer writes per worker-thread hop, at most.
+WRITE_BATCH = 8
 
 
 class WriteBack:
@@ -41,7 +47,8 @@ class WriteBack:
         self.store = store
         self._spawn = spawn
         self._note_error = note_error
-        self._writers = trio.CapacityLimiter(WRITERS)
+        self._queue: deque[tuple[str, ChunkData]] = deque()
+        self._writers = 0
         self.pending = 0
         self._finished = trio.Event()
 
@@ -49,18 +56,36 @@ class WriteBack:
         """Queue chunk `key` for the disk cache; returns at once. Only once the engine runs
         in its nursery: `spawn` must run the write, or `flush` would wait for it forever."""
         self.pending += 1  # counted now: flush() sees writes not started
-        self._spawn(self._write, key, data)
+        self._queue.append((key, data))
+        if self._writers < WRITERS:
+            self._writers += 1
+            self._spawn(self._writer)
 
-    async def _write(self, key: str, data: ChunkData) -> None:
+    async def _writer(self) -> None:
         try:
-            async with self._writers:
-                await trio.to_thread.run_sync(self._put, key, data)
-        except CacheError as exc:
-            self._note_error(str(exc))
+            while self._queue:
+                batch = [self._queue.popleft()
+                         for _ in range(min(WRITE_BATCH, len(self._queue)))]
+                try:
+                    errors = await trio.to_thread.run_sync(self._put_all, batch)
+                finally:
+                    self.pending -= len(batch)
+                    self._finished.set()
+                    self._finished = trio.Event()
+                for message in errors:
+                    self._note_error(message)
         finally:
-            self.pending -= 1
-            self._finished.set()
-            self._finished = trio.Event()
+            self._writers -= 1
+
+    def _put_all(self, batch: list[tuple[str, ChunkData]]) -> list[str]:
+        """Store chunks (in a thread); why each that failed did."""
+        errors = []
+        for key, data in batch:
+            try:
+                self._put(key, data)
+            except CacheError as exc:
+                errors.append(str(exc))
+        return errors
 
     def _put(self, key: str, data: ChunkData) -> None:
         """Store a chunk (in a thread). A file under a position key may be one nobody

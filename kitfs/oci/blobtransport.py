@@ -49,21 +49,19 @@ class Sink:
     plain TCP connection, small buffers are received up to 2 MiB at a time).
 
     On a plain TCP connection buffers are received whole in a worker thread
-    (no event-loop work per socket read), and `prepare(i)`, when given, runs in
-    that same thread right after buffer i is complete and before `filled(i)`:
-    the place for per-buffer work that should not hold up the event loop
-    (hashing). Buffers that arrive any other way are not prepared.
+    (no event-loop work per socket read); `filled(i)` is then called on the
+    event loop for every buffer that hop completed, one after another. What
+    the consumer does with them (checks, hashing) is its own business: no
+    consumer code runs in the receiving thread.
     """
 
     def __init__(
         self,
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
-        prepare: Callable[[int], None] | None = None,
     ) -> None:
         self._buffers = buffers
         self._filled = filled
-        self.prepare = prepare
         self._index = 0
         self._at = 0
         self.enabled = False
@@ -73,18 +71,18 @@ class Sink:
     def full(self) -> bool:
         return self._index >= len(self._buffers)
 
-    def rooms(self, limit: int, most: int) -> list[tuple[memoryview, int | None]]:
+    def rooms(self, limit: int, most: int) -> list[memoryview]:
         """Where the next received bytes go (at most `limit`): the rest of the current
-        buffer, then whole buffers after it while the total is under `most`; each with
-        the buffer it completes, if it does. Empty: use your own buffer."""
-        out: list[tuple[memoryview, int | None]] = []
+        buffer, then whole buffers after it while the total is under `most`. Empty: use
+        your own buffer."""
+        out: list[memoryview] = []
         if not self.enabled:
             return out
         index, at, total = self._index, self._at, 0
         while index < len(self._buffers) and total < limit and (not out or total < most):
             buf = self._buffers[index]
             n = min(len(buf) - at, limit - total)
-            out.append((buf[at : at + n], index if at + n == len(buf) else None))
+            out.append(buf[at : at + n])
             total += n
             index, at = index + 1, 0
         return out
@@ -328,8 +326,7 @@ _RECEIVE_BATCH = 2 << 20
 
 
 async def _receive_into_sink(
-    stream: trio.SocketStream, sink: Sink, rooms: list[tuple[memoryview, int | None]],
-    timeout: float,
+    stream: trio.SocketStream, rooms: list[memoryview], timeout: float,
 ) -> tuple[list[memoryview], BaseException | None]:
     """Fill `rooms` (the rest of a sink buffer and whole ones after it) in one worker
     thread: what arrived of each (fewer at EOF), and what stopped it early, if anything.
@@ -346,7 +343,6 @@ async def _receive_into_sink(
     before a timeout, an error or a cancellation are still handed out.
     """
     fd = stream.socket.fileno()
-    prepare = sink.prepare
     got = [0] * len(rooms)
     stopped: list[BaseException] = []
 
@@ -357,7 +353,7 @@ async def _receive_into_sink(
         k = 0
         try:
             while k < len(rooms):
-                views = [rooms[k][0][got[k] :]] + [view for view, _ in rooms[k + 1 :]]
+                views = [rooms[k][got[k] :], *rooms[k + 1 :]]
                 try:
                     n = os.readv(fd, views)
                 except BlockingIOError:
@@ -372,19 +368,17 @@ async def _receive_into_sink(
                     raise EOFError  # the peer closed: what arrived is handed out first
                 quiet_since = time.monotonic()
                 while n and k < len(rooms):
-                    view, completes = rooms[k]
+                    view = rooms[k]
                     take = min(n, len(view) - got[k])
                     got[k] += take
                     n -= take
                     if got[k] == len(view):
-                        if prepare is not None and completes is not None:
-                            prepare(completes)
                         k += 1
         except BaseException as exc:  # handed to the event loop with what did arrive
             stopped.append(exc)
 
     await trio.to_thread.run_sync(fill)
-    pieces = [view[:n] for (view, _), n in zip(rooms, got, strict=True) if n]
+    pieces = [view[:n] for view, n in zip(rooms, got, strict=True) if n]
     cause = stopped[0] if stopped else None
     error: BaseException | None = cause
     if isinstance(cause, TimeoutError):
@@ -447,7 +441,7 @@ class _Body(httpx.AsyncByteStream):
                 sink is not None and length) else []
             if rooms and sink is not None:
                 pieces, error = await _receive_into_sink(
-                    conn.stream, sink, rooms, self._timeout  # type: ignore[arg-type]
+                    conn.stream, rooms, self._timeout  # type: ignore[arg-type]
                 )
                 for piece in pieces:
                     received += len(piece)

@@ -363,7 +363,6 @@ class RegistryClient:
         offset: int,
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
-        prepare: Callable[[int], None] | None = None,
         *,
         size: int | None = None,
     ) -> None:
@@ -372,9 +371,8 @@ class RegistryClient:
         The body is received straight into the buffers (see blobtransport.Sink),
         so a range costs one copy, kernel to buffer. `filled(i)` is called as
         soon as buffer i is complete, so its consumer can start on it while the
-        rest of the range arrives; `prepare(i)` may run before it in the worker
-        thread that received the buffer (not for every buffer: see Sink). On an
-        error, buffers not reported filled hold unspecified bytes.
+        rest of the range arrives. On an error, buffers not reported filled
+        hold unspecified bytes.
 
         `size`, the blob's size as its descriptor says, is checked against the
         size the registry reports (Content-Range's total, or a whole body's
@@ -387,7 +385,7 @@ class RegistryClient:
             raise UsageError(f"invalid blob range offset={offset}")
         if length == 0:
             return
-        sink = Sink(buffers, filled, prepare)
+        sink = Sink(buffers, filled)
         split_digest(digest)
         what = (
             f"reading bytes {offset}-{offset + length - 1} of blob {short(digest)} "

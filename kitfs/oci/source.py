@@ -54,16 +54,14 @@ class BlobSource(Protocol):
         offset: int,
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
-        prepare: Callable[[int], None] | None = None,
         *,
         size: int | None = None,
     ) -> None:
         """Fill `buffers` in order from `offset`; `filled(i)` as soon as buffer i is whole.
 
-        `prepare(i)`, if given, may be called first in the worker thread that
-        read buffer i (so heavy per-buffer work stays off the event loop); a
-        buffer it was not called for must be prepared by the caller. `size`,
-        the blob's descriptor size: a blob of another size is an IntegrityError.
+        `filled` runs on the event loop; no caller code runs in a thread that
+        receives or reads. `size`, the blob's descriptor size: a blob of
+        another size is an IntegrityError.
         """
         ...
 
@@ -103,12 +101,11 @@ class RegistrySource:
         offset: int,
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
-        prepare: Callable[[int], None] | None = None,
         *,
         size: int | None = None,
     ) -> None:
         await self.client.read_range_into(
-            self.reference.repository, digest, offset, buffers, filled, prepare, size=size
+            self.reference.repository, digest, offset, buffers, filled, size=size
         )
 
     def stream_blob(
@@ -167,7 +164,6 @@ class LocalSource:
         offset: int,
         buffers: Sequence[memoryview],
         filled: Callable[[int], None] | None = None,
-        prepare: Callable[[int], None] | None = None,
         *,
         size: int | None = None,
     ) -> None:
@@ -176,7 +172,7 @@ class LocalSource:
                 if size is not None:
                     _check_size(digest, os.fstat(f.fileno()).st_size, size)
                 at = offset
-                for i, buf in enumerate(buffers):
+                for buf in buffers:
                     done = 0
                     while done < len(buf):
                         n = os.preadv(f.fileno(), [buf[done:]], at)
@@ -186,8 +182,6 @@ class LocalSource:
                             )
                         done += n
                         at += n
-                    if prepare is not None:
-                        prepare(i)
 
         try:
             await trio.to_thread.run_sync(read)
