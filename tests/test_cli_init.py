@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -145,15 +149,31 @@ def test_a_directory_that_is_not_there_is_one_line(tmp_path: Path, what: str) ->
 
 
 def test_unreadable_subdirectory_is_one_line(tmp_path: Path) -> None:
+    """A directory init cannot read is one line. Root reads every directory, so as root
+    kitfs runs as nobody (setpriv) on a project in a world-traversable place."""
+    as_nobody: list[str] = []
+    base = tmp_path
     if os.geteuid() == 0:
-        pytest.skip("root reads every directory")
-    project = sample_project(tmp_path / "p")
-    (project / "src").chmod(0)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        base = Path(tempfile.mkdtemp(prefix="kitfs-init-", dir="/var/tmp"))
+        base.chmod(0o755)
     try:
-        proc = kitfs("init", str(project), home=tmp_path / "h")
-    finally:
+        project = sample_project(base / "p")
+        for path in [project, *project.rglob("*")]:
+            path.chmod(0o777 if path.is_dir() else 0o666)
+        (project / "src").chmod(0)
+        cmd = [*as_nobody, sys.executable, "-m", "kitfs.cli", "init", str(project),
+               "--config", str(base / "h")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         (project / "src").chmod(0o755)
-    assert proc.returncode == 1 and "cannot read directory" in proc.stderr
+        wrote = (project / "Kitfile").exists()
+    finally:
+        if base is not tmp_path:
+            shutil.rmtree(base, ignore_errors=True)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert "cannot read directory" in lines[0] and "Traceback" not in proc.stderr
+    assert not wrote  # nothing half-done left behind
 
 
 def test_help_teaches_with_examples() -> None:
