@@ -958,3 +958,34 @@ async def test_two_readers_of_one_file_keep_their_own_readahead(
         assert not jumper.from_start and jumper.requested == -1, jumper
         kit.engine.released(node)
         kit.engine.released(node)
+
+
+async def test_a_corrupt_chunk_file_read_ahead_is_fetched_for_its_waiters(
+    registry: RegistryServer, tmp_path: Path
+) -> None:
+    """Regression (review of the engine split): a chunk file found bad while it was loaded
+    ahead of a reader was fetched instead, but the load ended the flight with an error
+    before the fetch's check landed the chunk: the joined reader got EIO."""
+    from opening import opened
+
+    ref, want = packed(registry, tmp_path, "corrupt-ahead", 8 << 20)
+    async with opened(ref, tmp_path / "cache") as kit:
+        node = kit.tree.nodes["model/model.safetensors"]
+        await read_file(kit, node.path)
+    async with opened(ref, tmp_path / "cache") as kit:
+        no_tensor_hints(kit)
+        node = kit.tree.nodes["model/model.safetensors"]
+        layer = kit.engine.layers[node.layer or ""]
+        geo = layer.geo
+        index = node.offset // geo.chunk_size + 2
+        path = kit.engine.store.path(geo.chunks[index].key)
+        raw = bytearray(path.read_bytes())
+        raw[32 + 100] ^= 0xFF  # a flipped payload byte: the file fails its check
+        path.write_bytes(bytes(raw))
+        kit.engine.chunks.ahead(layer, range(index, index + 1))
+        with trio.fail_after(5):
+            while (layer.info.digest, index) not in kit.engine.ctx.flights:
+                await trio.sleep(0)
+        data = await kit.engine.chunks.get(layer, index, background=False)
+        lo = index * geo.chunk_size - node.offset
+        assert bytes(data) == want[lo : lo + geo.chunk_size]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 
@@ -167,3 +169,31 @@ async def test_pacing_holds_prefetch_near_an_active_reader_only(autojump_clock: 
     pacer.read("L", 0)
     with trio.fail_after(READER_IDLE_S * 3):
         await pacer.pace("L", 500, 4, absent)
+
+
+async def test_write_back_survives_a_write_that_fails_unexpectedly(tmp_path: Path) -> None:
+    """Regression (review of write batching): a put that raised anything but CacheError
+    ended its writer with the rest of its batch unwritten and `pending` never falling, so
+    flush() and every background fetch's backpressure waited forever."""
+    from kitfs.cache.store import ChunkStore
+    from kitfs.engine.writeback import WriteBack
+
+    store = ChunkStore(tmp_path / "cache", sync=False)
+    real_put = store.put
+
+    def put(key: str, data: bytes | bytearray | memoryview) -> None:
+        if key.endswith(("01", "09")):
+            raise OSError(5, "an I/O error nobody wrapped")
+        real_put(key, data)
+
+    store.put = put  # type: ignore[method-assign]
+    notes: list[str] = []
+    async with trio.open_nursery() as nursery:
+        writes = WriteBack(store, nursery.start_soon, notes.append)
+        for i in range(20):
+            writes.later(f"{i:064x}", bytes([i]) * 4096)
+        with trio.fail_after(10):
+            await writes.flush()
+    assert writes.pending == 0
+    assert store.usage().chunks == 18
+    assert len(notes) == 2 and all("OSError" in n for n in notes)

@@ -223,8 +223,7 @@ def _read_whole(fd: int, st: os.stat_result) -> memoryview:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            _no_direct.add(st.st_dev)  # tmpfs before Linux 6.6, some FUSE and network fs
-            log.info("O_DIRECT refused on device %#x: cache files read buffered", st.st_dev)
+            _refused(st.st_dev)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # read on below without it
     _read_all(fd, [buffer[:size]], size)
     return buffer[:size]
@@ -343,7 +342,7 @@ def write_frame(
         try:
             if frame is not None and direct:
                 frame[:HEADER_SIZE] = header
-                cached = _write_direct(fd, frame)
+                cached = _write_direct(fd, frame, directory)
             else:
                 _write_all(fd, header, payload)
                 cached = 0
@@ -394,7 +393,7 @@ def _refused(device: int) -> None:
                  device)
 
 
-def _write_direct(fd: int, frame: memoryview) -> int:
+def _write_direct(fd: int, frame: memoryview, directory: Path | int) -> int:
     """Write `frame` at offset 0 of `fd`, opened with O_DIRECT: its whole blocks from
     memory to disk, the rest (the last partial block; all of it if the file system
     refuses O_DIRECT) through the page cache. Returns where that rest starts.
@@ -412,8 +411,9 @@ def _write_direct(fd: int, frame: memoryview) -> int:
     except OSError as exc:
         if exc.errno != errno.EINVAL:
             raise
-        if at == 0:
-            _refused(os.fstat(fd).st_dev)
+        if at == 0:  # remembered for the file's device and the directory's (which
+            _refused(os.fstat(fd).st_dev)  # later writes look up): overlayfs tells apart
+            _refused(_device(directory))
     cached = at
     if at < frame.nbytes:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)

@@ -20,7 +20,9 @@ Invariants:
 - a (layer, chunk) is fetched by at most one request at a time: a run is
   claimed (its flights started) before its request is made, and every
   claimed flight ends, with the chunk or an error, whatever happens to the
-  request (`fetch_run`'s finally and except clauses);
+  request: a chunk that arrived is checked in a task `fetch_run` spawns
+  (which may end its flight after `fetch_run` returned), one that did not is
+  failed by `fetch_run`'s except clauses;
 - a chunk file is read by at most one task at a time (`loads`), and a read
   of one never runs on the event loop;
 - what `get` returns matched its digest, if it has one, and has its size.
@@ -243,19 +245,23 @@ class Chunks:
                           ) -> None:
         """Bring a disk-cached chunk into memory ahead of its reader (a flight others join)."""
         key = (layer.info.digest, index)
+        fetching = False
         try:
             async with self._disk_reads:
                 data = await self.from_disk(layer, index)
             if data is None:
-                # Vanished or corrupt since contains(): fetch it for those waiting; the
-                # flight stays registered so the fetch settles it.
+                # Vanished or corrupt since contains(): fetch it for those waiting. The
+                # flight is the fetch's from here on: it ends it, maybe after returning
+                # (its chunks are checked in a task of their own).
+                fetching = True
                 await self.fetch_run(layer, [layer.geo.chunks[index]], background=True)
                 return
             self.ctx.flights.land(key, data)
         finally:
-            self.ctx.flights.drop(key, flight)
-            if not flight.ended:  # cancelled: waiting readers must not hang
-                flight.end(None, UnreachableError("reading a cached chunk was interrupted"))
+            if not fetching:
+                self.ctx.flights.drop(key, flight)
+                if not flight.ended:  # cancelled: waiting readers must not hang
+                    flight.end(None, UnreachableError("reading a cached chunk was interrupted"))
 
     # -- fetching ---------------------------------------------------------------------
 
@@ -332,10 +338,12 @@ class Chunks:
                 ctx.spawn(settle_soon)
 
         async def settle_soon() -> None:
+            # Takes the batch only once it runs: a spawn that fails (the nursery is
+            # closing) leaves the chunks in `pending`, which the except clauses fail.
             nonlocal settling
             settling = False
             chunks, raws = take()
-            if chunks:  # else the request's end took them
+            if chunks:
                 await self._settle(layer, chunks, raws)
 
         try:
@@ -353,8 +361,8 @@ class Chunks:
                         size=layer.info.size)
                 finally:
                     ctx.counters.in_flight -= 1
-                    if batch:  # what arrived whole is good whatever happens next
-                        ctx.spawn(self._settle, layer, *take())
+                    if batch:  # what arrived whole is good, whatever happens next
+                        self._settle_later(layer, *take())
         except Exception as exc:
             error = foreign(exc, f"fetching layer {digest[:19]}")
             self.verdicts.failed(layer, error)
@@ -365,6 +373,17 @@ class Chunks:
             for index in pending:
                 self.fail(layer, index, err)
             raise
+
+    def _settle_later(self, layer: LayerState, chunks: list[Chunk], raws: list[memoryview]
+                      ) -> None:
+        """`_settle` in a task of its own; if none can start (the nursery is closing),
+        the chunks' flights end at once, so nobody waits on them."""
+        try:
+            self.ctx.spawn(self._settle, layer, chunks, raws)
+        except RuntimeError:
+            err = UnreachableError(f"layer {layer.info.digest[:19]}: the mount is stopping")
+            for chunk in chunks:
+                self.fail(layer, chunk.index, err)
 
     async def _settle(self, layer: LayerState, chunks: list[Chunk], raws: list[memoryview]
                       ) -> None:

@@ -4,8 +4,10 @@ work in flight, the request slots and the nursery background work runs in.
 The parts (engine/chunks.py, blocks.py, tensors.py, prefetch.py, streamed.py,
 integrity.py) each own their logic and keep no second copy of this state, so
 "is chunk i of layer L here, coming, or failed?" has one answer wherever it
-is asked. Everything here lives on the Trio event loop: nothing in it is
-touched from a worker thread except the MemoryTier, which locks.
+is asked. Everything here lives on the Trio event loop: from worker threads
+only the MemoryTier (which locks) and a layer's `recorded` digests (one
+chunk's entry per check, read on the loop only after that check returned)
+are touched.
 
 Invariants of a Context:
 - `flights` holds a (layer, chunk) exactly while one fetch or chunk-file load
@@ -44,6 +46,10 @@ from kitfs.modelkit.tree import Node, Tree
 from kitfs.oci.source import BlobSource
 
 log = logging.getLogger(__name__)
+
+#: Reads bytes [offset, offset + length) of a layer's stream, each chunk checked, block by
+#: block where it can (the engine's `_read_parts`): what header walks and tensor extents use.
+LayerRead = Callable[[LayerState, int, int], Awaitable[bytes | memoryview]]
 
 
 @dataclass(frozen=True)

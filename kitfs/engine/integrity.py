@@ -22,7 +22,6 @@ The layer's state machine and its invariants are in engine/layerstate.py.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
@@ -30,7 +29,7 @@ import trio
 from kitfs.cache.fileformat import CacheError
 from kitfs.cache.keys import chunk_key_for_digest
 from kitfs.engine.chunks import Chunks, checked
-from kitfs.engine.context import Context, foreign
+from kitfs.engine.context import Context, LayerRead, foreign
 from kitfs.engine.geometry import verified_record
 from kitfs.engine.layerstate import LayerState, State
 from kitfs.engine.streamed import Streams
@@ -40,8 +39,6 @@ from kitfs.inspection import layout_record
 
 log = logging.getLogger(__name__)
 
-#: Reads bytes [offset, offset + length) of a layer, block by block where it can.
-ReadRange = Callable[[LayerState, int, int], Awaitable[bytes | memoryview]]
 
 
 class Integrity:
@@ -55,9 +52,9 @@ class Integrity:
         self.ctx = ctx
         self._chunks: Chunks | None = None
         self._streams: Streams | None = None
-        self._read: ReadRange | None = None
+        self._read: LayerRead | None = None
 
-    def attach(self, chunks: Chunks, streams: Streams, read: ReadRange) -> None:
+    def attach(self, chunks: Chunks, streams: Streams, read: LayerRead) -> None:
         self._chunks, self._streams, self._read = chunks, streams, read
 
     # -- what the chunks report (chunks.Verdicts) -------------------------------------

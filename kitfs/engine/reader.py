@@ -24,7 +24,6 @@ each chunk the range covers from `Chunks.get` (or only its blocks,
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -55,7 +54,6 @@ from kitfs.oci.source import BlobSource
 
 __all__ = ["Engine", "EngineConfig"]
 
-log = logging.getLogger(__name__)
 
 #: After a read of a chunk timed out, reads of it fail at once for this long: the
 #: kernel asks again for the page it could not read ahead, and that second request

@@ -13,10 +13,12 @@ then are the chunks handed out known to be the layer's. A stream that does
 not decompress is a lie (the digest-pinned bytes `kit unpack` reads do), and
 raises IntegrityError; anything else that ends it early is left to the caller.
 
-`Streams` runs one such stream per layer, as a reader or verification needs
-it. Invariants: at most one stream of a layer runs at a time
-(`LayerState.stream_running`); a stream that ends, well or not, ends every
-flight of its layer still waiting (a chunk past the end does not exist).
+`Streams` runs such a stream as a reader or verification needs it: one
+while readers wait for chunks it has yet to reach, and another from the
+start for a chunk a running stream already passed that neither memory nor
+disk kept (each counts its chunks from the start). Invariant: a stream that
+ends, well or not, ends every flight of its layer still waiting (a chunk
+past the end does not exist; a reader it failed that way asks again).
 """
 
 from __future__ import annotations

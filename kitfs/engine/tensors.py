@@ -15,11 +15,11 @@ once, by one task, and kept while the engine lives (None: not safetensors).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import mmap
 
 from kitfs.engine.blocks import Claim
 from kitfs.engine.chunks import Chunks
-from kitfs.engine.context import Context
+from kitfs.engine.context import Context, LayerRead
 from kitfs.engine.flights import Flights
 from kitfs.engine.gather import Gatherer
 from kitfs.engine.layerstate import LayerState
@@ -37,15 +37,13 @@ TENSOR_FULL_REQUEST = 1 << 20
 #: Tensors asked for ahead at once; past this, reads fetch their own blocks. Bounds the
 #: partial chunks (2 MiB each) and requests a reader of many small pieces can start.
 MAX_TENSOR_FETCHES = 2
-PAGE = 4096
+PAGE = mmap.PAGESIZE
 
-#: Reads bytes [offset, offset + length) of a layer, block by block where it can.
-ReadRange = Callable[[LayerState, int, int], Awaitable[bytes | memoryview]]
 
 
 class TensorAhead:
     def __init__(self, ctx: Context, chunks: Chunks, gatherer: Gatherer,
-                 read: ReadRange) -> None:
+                 read: LayerRead) -> None:
         self.ctx = ctx
         self.chunks = chunks
         self.gatherer = gatherer

@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,8 @@ from kitfs.cache.fileformat import CacheError
 from kitfs.cache.keys import is_position_key
 from kitfs.cache.memory import ChunkData
 from kitfs.cache.store import ChunkStore
+
+log = logging.getLogger(__name__)
 
 #: Chunks fetched but not yet on disk before background fetching pauses (bounds memory).
 MAX_PENDING = 16
@@ -74,17 +77,21 @@ class WriteBack:
                     self._finished = trio.Event()
                 for message in errors:
                     self._note_error(message)
-        finally:
+        finally:  # only cancellation ends a writer early: _put_all raises nothing else
             self._writers -= 1
 
     def _put_all(self, batch: list[tuple[str, ChunkData]]) -> list[str]:
-        """Store chunks (in a thread); why each that failed did."""
+        """Store chunks (in a thread); why each that failed did. Every chunk is tried: one
+        that fails, however, must not keep the others from the disk."""
         errors = []
         for key, data in batch:
             try:
                 self._put(key, data)
             except CacheError as exc:
                 errors.append(str(exc))
+            except Exception as exc:  # a bug or a library's surprise: logged with its trace
+                log.error("writing chunk %s to the cache", key, exc_info=exc)
+                errors.append(f"writing chunk {key}: unexpected {type(exc).__name__}: {exc}")
         return errors
 
     def _put(self, key: str, data: ChunkData) -> None:
