@@ -86,8 +86,8 @@ class PullResult:
 async def pull(ref: Reference, options: ClientOptions, *, jobs: int = DEFAULT_JOBS) -> PullResult:
     """Pull `ref` and its parent ModelKits into kit's local storage."""
     if ref.is_local:
-        raise UsageError(f"registry is required when pulling: {ref} names kit's local storage "
-                         "(e.g. registry.example.com/repo:tag)")
+        raise UsageError(f"registry is required when pulling: {display_name(str(ref))} names "
+                         "kit's local storage (e.g. registry.example.com/repo:tag)")
     if ref.extra_tags:
         raise UsageError("reference cannot include multiple tags")
     if jobs < 1:
@@ -164,6 +164,7 @@ async def _pull_one(
         config = await trio.to_thread.run_sync(storage.read_blob, descs[0].digest)
         view = parse_modelkit(manifest, config)
         tags = ref.tags if ref.digest is None else ()
+        await trio.to_thread.run_sync(storage.put_blob_bytes, manifest, BLOB_MODE)
         stored = await trio.to_thread.run_sync(storage.add_manifest, ref.name, manifest, tags)
     if stored != digest:  # pragma: no cover - both hash the same bytes
         raise IntegrityError(f"{ref}: stored manifest as {stored}, expected {digest}")
@@ -251,13 +252,15 @@ async def _lock(f: BinaryIO) -> None:
 
 @contextlib.contextmanager
 def _ingest_file(path: Path) -> Iterator[BinaryIO]:
+    """The ingest file, unbuffered: every write reaches the file (or fails) at once, so
+    nothing is left to fail when it is closed."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise LocalStorageError(f"cannot write to kit storage at {path.parent.parent}: "
                                 f"{exc.strerror or exc}") from None
-    with os.fdopen(fd, "r+b") as f:
+    with os.fdopen(fd, "r+b", buffering=0) as f:
         yield f
 
 
@@ -326,7 +329,9 @@ async def _download(
 
 def _write(f: BinaryIO, data: bytes) -> None:
     try:
-        f.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(f.fileno(), view):]
     except OSError as exc:
         raise LocalStorageError(f"cannot write to kit storage: {exc.strerror or exc}") from None
 

@@ -261,12 +261,12 @@ class LocalStorage:
         except OSError as exc:
             raise LocalStorageError(f"cannot store blob {digest}: {exc}") from None
 
-    def put_blob_bytes(self, data: bytes) -> str:
+    def put_blob_bytes(self, data: bytes, mode: int = 0o644) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         target = self.blob_path(digest)
         if not target.exists():
             try:
-                atomic_write(target, data)
+                atomic_write(target, data, mode)
             except OSError as exc:
                 raise LocalStorageError(f"cannot store blob {digest}: {exc}") from None
         return digest
