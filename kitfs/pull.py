@@ -162,14 +162,20 @@ async def _pull_one(
             progress.close()
         # The config is whole and checked now: read the Kitfile for a parent reference.
         config = await trio.to_thread.run_sync(storage.read_blob, descs[0].digest)
-        view = parse_modelkit(manifest, config)
+        try:
+            parent = parse_modelkit(manifest, config).model_reference
+        except FormatError as exc:
+            # kit stores what its config media type calls a ModelKit; so does kitfs,
+            # though it could not read this one (inspect and mount will say why).
+            log.warning("%s: %s", ref, exc)
+            parent = None
         tags = ref.tags if ref.digest is None else ()
         await trio.to_thread.run_sync(storage.put_blob_bytes, manifest, BLOB_MODE)
         stored = await trio.to_thread.run_sync(storage.add_manifest, ref.name, manifest, tags)
     if stored != digest:  # pragma: no cover - both hash the same bytes
         raise IntegrityError(f"{ref}: stored manifest as {stored}, expected {digest}")
     result = PullResult(ref.with_digest(digest), digest, len(wanted), fetched, present)
-    return result, view.model_reference
+    return result, parent
 
 
 def _check_is_modelkit(ref: Reference, manifest: bytes, config_type: str) -> None:
