@@ -28,7 +28,7 @@ from kitfs.modelkit.manifest import manifest_blobs, sha256_digest
 from kitfs.modelkit.toc import TOC_ANNOTATION, TOC_ARTIFACT_TYPE, TOC_MEDIA_TYPE
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.credentials import kitops_home
-from kitfs.oci.layout import LocalStorage
+from kitfs.oci.layout import LocalStorage, display_name
 from kitfs.oci.reference import Reference, is_digest
 from kitfs.progress import Progress
 
@@ -148,8 +148,8 @@ def push_targets(source: Reference, destination: Reference | None) -> tuple[Refe
         raise UsageError("reference cannot include multiple tags")
     dest = destination or source
     if dest.is_local:
-        raise UsageError(f"registry is required when pushing: {dest} names kit's local "
-                         "storage (e.g. registry.example.com/repo:tag)")
+        raise UsageError(f"registry is required when pushing: {display_name(str(dest))} names "
+                         "kit's local storage (e.g. registry.example.com/repo:tag)")
     return source, dest
 
 
@@ -166,8 +166,8 @@ async def push(
     blobs = {d.digest: d.size for d in descs}
     for digest, size in blobs.items():
         if not storage.has_blob(digest):
-            raise NotFoundError(f"{source}: blob {digest} ({size} bytes) is missing from kit's "
-                                f"local storage {storage.root}")
+            raise NotFoundError(f"{display_name(str(source))}: blob {digest} ({size} bytes) is "
+                                f"missing from kit's local storage {storage.root}")
     toc = await trio.to_thread.run_sync(_local_toc, storage, annotations)
     # Blobs of a ModelKit pulled from (or pushed to) another repository of the same
     # registry are mounted there, not uploaded again.
