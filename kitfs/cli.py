@@ -28,9 +28,14 @@ from kitfs.commands import (
     ls,
     mount,
     pack,
+    pull,
+    push,
+    remove,
     status,
+    tag,
     umount,
 )
+from kitfs.commands import list as list_
 from kitfs.commands.command import Command
 from kitfs.errors import KitfsError
 
@@ -52,6 +57,10 @@ over plain HTTP; others over HTTPS unless --plain-http.
 examples:
   kitfs init ./my-model --name llama --desc "Llama fine-tune"
   kitfs pack ./my-model -t registry.example.com/team/llama:v1
+  kitfs pull registry.example.com/team/llama:v1 && kitfs list
+  kitfs tag registry.example.com/team/llama:v1 llama:v1
+  kitfs push llama:v1 registry.example.com/other/llama:v1
+  kitfs remove llama:v1
   kitfs mount registry.example.com/team/llama:v1 /mnt/llama
   kitfs inspect registry.example.com/team/llama:v1
   kitfs info -r registry.example.com/team/llama:v1 --filter package.name
@@ -71,7 +80,8 @@ def _add_global_options(p: argparse.ArgumentParser) -> None:
 
 #: Every verb, in the order `kitfs --help` lists them.
 COMMANDS: tuple[Command, ...] = (
-    pack.COMMAND, init.COMMAND, inspect.COMMAND, info.COMMAND, diff.COMMAND, ls.COMMAND,
+    pack.COMMAND, init.COMMAND, pull.COMMAND, push.COMMAND, tag.COMMAND, list_.COMMAND,
+    remove.COMMAND, inspect.COMMAND, info.COMMAND, diff.COMMAND, ls.COMMAND,
     login.COMMAND, logout.COMMAND, mount.COMMAND, umount.COMMAND, status.COMMAND,
     cache.COMMAND,
 )

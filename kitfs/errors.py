@@ -85,13 +85,20 @@ def leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]
 def user_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The one error to report out of (nested) exception groups: an interrupt, else the
     first KitfsError, else the group itself (a bug, with all its tracebacks). The
-    others are logged, so nothing disappears."""
+    others are logged, so nothing disappears: other KitfsErrors at INFO (seen with
+    -v), anything else as a warning with its traceback."""
     leaves = leaf_errors(group)
     chosen = next((e for e in leaves if isinstance(e, KeyboardInterrupt)), None) or next(
         (e for e in leaves if isinstance(e, KitfsError)), None)
     if chosen is None:
         return group
     for other in leaves:
-        if other is not chosen:
+        if other is chosen:
+            continue
+        if isinstance(other, KitfsError):
+            # Parallel work meeting the same trouble (a full disk, a registry gone):
+            # the user gets one line; -v shows the rest.
+            log.info("also failed: %s", other)
+        else:
             log.warning("also failed: %r", other, exc_info=other)
     return chosen

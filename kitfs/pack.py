@@ -16,14 +16,13 @@ pinned in the manifest annotation `dev.kitfs.toc.digest`, and attached as
 an OCI referrer of the manifest (with the tag-schema fallback
 `sha256-<hex>` for registries without the referrers API) so that registry
 garbage collection keeps it and other tools can discover it. `kit` ignores
-both.
+both. Uploading blobs, the manifest and the referrer is push.py's, shared
+with `kitfs push`.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -35,7 +34,7 @@ from typing import BinaryIO
 import trio
 
 from kitfs import __version__
-from kitfs.errors import FormatError, KitfileError, LocalStorageError, NotFoundError, UsageError
+from kitfs.errors import KitfileError, LocalStorageError, UsageError
 from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.kitfile import (
     KITFILE_NAMES,
@@ -56,8 +55,6 @@ from kitfs.modelkit.tarwriter import Compression, write_layer
 from kitfs.modelkit.toc import (
     DEFAULT_CHUNK_SIZE,
     TOC_ANNOTATION,
-    TOC_ARTIFACT_TYPE,
-    TOC_MEDIA_TYPE,
     LayerToc,
     ModelKitToc,
     dump_toc,
@@ -67,11 +64,10 @@ from kitfs.oci.credentials import kitops_home
 from kitfs.oci.layout import LocalStorage
 from kitfs.oci.reference import Reference
 from kitfs.progress import Progress
+from kitfs.push import ANNOTATION_KITFS_VERSION, publish_manifest, upload_file
 
 log = logging.getLogger(__name__)
 
-EMPTY_JSON = b"{}"
-ANNOTATION_KITFS_VERSION = "dev.kitfs.version"
 #: Two writers keep both cores busy hashing; more only thrash the disk.
 WRITE_JOBS = 2
 
@@ -139,26 +135,6 @@ def layer_annotations(entry: LayerEntry) -> dict[str, str] | None:
     if entry.kind == "prompt":
         return {mt.ANNOTATION_LAYER_SUBTYPE: mt.LAYER_SUBTYPE_PROMPT}
     return None
-
-
-def toc_referrer(manifest: bytes, manifest_digest: str, toc: bytes, toc_digest: str) -> bytes:
-    """An OCI 1.1 artifact manifest whose subject is the ModelKit and whose layer is the TOC."""
-    doc = {
-        "schemaVersion": 2,
-        "mediaType": mt.OCI_MANIFEST,
-        "artifactType": TOC_ARTIFACT_TYPE,
-        "config": {
-            "mediaType": mt.OCI_EMPTY_JSON,
-            "digest": sha256_digest(EMPTY_JSON),
-            "size": len(EMPTY_JSON),
-            "data": base64.b64encode(EMPTY_JSON).decode(),
-        },
-        "layers": [{"mediaType": TOC_MEDIA_TYPE, "digest": toc_digest, "size": len(toc)}],
-        "subject": {"mediaType": mt.OCI_MANIFEST, "digest": manifest_digest,
-                    "size": len(manifest)},
-        "annotations": {ANNOTATION_KITFS_VERSION: __version__},
-    }
-    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _write_layer_file(
@@ -307,11 +283,8 @@ async def _pack_remote(
             nonlocal uploaded
             progress.add_total(toc.blob_size)
             async with push_limit:
-                if await client.push_blob(repo, toc.digest, toc.blob_size, str(path),
-                                          progress=progress.update):
-                    uploaded += toc.blob_size
-                else:
-                    progress.update(toc.blob_size)
+                sent = await upload_file(client, repo, toc.digest, toc.blob_size, path, progress)
+            uploaded += sent  # after the await: tasks run this concurrently
 
         with _staging_dir(req.work_dir) as staging:
 
@@ -327,39 +300,5 @@ async def _pack_remote(
         config, manifest, toc_blob, toc_digest = _finish_manifest(
             kitfile, [e for e, _ in plans], tocs)
         await client.push_blob_bytes(repo, sha256_digest(config), config)
-        await client.push_blob_bytes(repo, toc_digest, toc_blob)
-        digest = ""
-        for tag in ref.tags:
-            digest, _ = await client.put_manifest(repo, tag, manifest, mt.OCI_MANIFEST)
-        await attach_toc(client, repo, manifest, digest, toc_blob, toc_digest)
+        digest = await publish_manifest(client, repo, ref.tags, manifest, (toc_blob, toc_digest))
     return PackResult(ref.with_digest(digest), digest, manifest, tuple(tocs), toc_digest, uploaded)
-
-
-async def attach_toc(
-    client: RegistryClient, repo: str, manifest: bytes, digest: str, toc: bytes, toc_digest: str
-) -> None:
-    """Push the TOC referrer; fall back to the `sha256-<hex>` tag schema where needed."""
-    await client.push_blob_bytes(repo, sha256_digest(EMPTY_JSON), EMPTY_JSON)
-    referrer = toc_referrer(manifest, digest, toc, toc_digest)
-    referrer_digest = sha256_digest(referrer)
-    _, has_referrers_api = await client.put_manifest(repo, referrer_digest, referrer,
-                                                     mt.OCI_MANIFEST)
-    if has_referrers_api:
-        return
-    fallback_tag = digest.replace(":", "-")
-    try:
-        body, media_type, _ = await client.get_manifest(repo, fallback_tag)
-        index = json.loads(body) if media_type == mt.OCI_INDEX else None
-    except NotFoundError:
-        index = None
-    except ValueError:
-        raise FormatError(f"referrers tag {fallback_tag} in {repo} is not JSON") from None
-    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
-        index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": []}
-    descriptor = {"mediaType": mt.OCI_MANIFEST, "digest": referrer_digest,
-                  "size": len(referrer), "artifactType": TOC_ARTIFACT_TYPE}
-    if any(m.get("digest") == referrer_digest for m in index["manifests"]):
-        return
-    index["manifests"].append(descriptor)
-    body = json.dumps(index, separators=(",", ":")).encode()
-    await client.put_manifest(repo, fallback_tag, body, mt.OCI_INDEX)

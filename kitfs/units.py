@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from kitfs.errors import UsageError
@@ -24,3 +25,16 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def kit_bytes(n: int) -> str:
+    """A size as `kit list` prints it (pkg/output/util.go FormatBytes): whole bytes under
+    1 KiB, else rounded down to a tenth of KiB, MiB, GiB or TiB, then PiB."""
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for suffix in ("KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            return f"{math.floor(size * 10) / 10:.1f} {suffix}"
+        size /= 1024
+    return f"{size:.1f} PiB"

@@ -369,7 +369,7 @@ async def publish_kit(
             await client.push_blob_bytes(repo, sha256(toc_blob), toc_blob)
         digest, _ = await client.put_manifest(repo, tag, manifest, mt.OCI_MANIFEST)
         if referrer and toc_blob is not None:
-            from kitfs.pack import attach_toc
+            from kitfs.push import attach_toc
 
             await attach_toc(client, repo, manifest, digest, toc_blob, sha256(toc_blob))
     return f"{registry_host}/{repo}:{tag}"

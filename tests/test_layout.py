@@ -46,3 +46,80 @@ def test_missing_and_corrupt(tmp_path: Path) -> None:
     store.blob_path(digest).write_bytes(b"hellO")
     with pytest.raises(IntegrityError):
         store.read_blob(digest)
+
+
+def _manifest(config: str, *layers: str, toc: str | None = None) -> bytes:
+    doc: dict[str, object] = {
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.kitops.modelkit.config.v1+json",
+                   "digest": config, "size": 1},
+        "layers": [{"mediaType": "application/vnd.kitops.modelkit.model.v1.tar",
+                    "digest": d, "size": 1} for d in layers],
+    }
+    if toc is not None:
+        doc["annotations"] = {"dev.kitfs.toc.digest": toc}
+    return json.dumps(doc).encode()
+
+
+def test_files_as_kit_writes_them(tmp_path: Path) -> None:
+    """Tags sorted (Go marshals a map sorted), a new layout index as oras writes it, and a
+    repository's files deleted once empty (kit's localIndex.save)."""
+    store = LocalStorage(tmp_path / "storage")
+    config = store.put_blob_bytes(b"c")
+    digest = store.add_manifest("localhost/m", _manifest(config), ("zeta", "alpha", "mid"))
+    root = tmp_path / "storage"
+    key = base64.urlsafe_b64encode(b"localhost/m").decode()
+    assert list(json.loads((root / f"{key}-tags.json").read_bytes())) == ["alpha", "mid", "zeta"]
+    layout = json.loads((root / "index.json").read_bytes())
+    assert list(layout) == ["schemaVersion", "mediaType", "manifests"]
+    assert layout["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    assert store.repositories() == ["localhost/m"]
+
+    repo = store.repo("localhost/m")
+    assert repo.tags_of(digest) == ["alpha", "mid", "zeta"]
+    repo.untag("mid")
+    repo.save()
+    assert store.list_tags("localhost/m") == ["alpha", "zeta"]
+    with pytest.raises(NotFoundError, match="m:mid is not in kit's local storage"):
+        repo.untag("mid")
+    store.delete_manifest("localhost/m", digest)
+    assert not (root / f"{key}-tags.json").exists()
+    assert not (root / f"{key}-index.json").exists()
+    assert store.repositories() == []
+    assert json.loads((root / "index.json").read_bytes())["manifests"] == []
+
+
+def test_delete_keeps_what_others_need(tmp_path: Path) -> None:
+    """A manifest another repository lists stays; blobs another manifest needs stay; the
+    rest goes, a table of contents pinned by annotation included."""
+    store = LocalStorage(tmp_path / "storage")
+    config, shared, own, toc = (store.put_blob_bytes(x) for x in (b"c", b"s", b"o", b"t"))
+    first = store.add_manifest("localhost/a", _manifest(config, shared, own, toc=toc), ("v1",))
+    second = store.add_manifest("localhost/b", _manifest(config, shared), ("v1",))
+    store.add_manifest("localhost/c", _manifest(config, shared, own, toc=toc), ("v1",))
+
+    # localhost/c lists the first manifest too: only a's index changes.
+    assert store.delete_manifest("localhost/a", first, ("dev.kitfs.toc.digest",)) == []
+    assert store.repositories() == ["localhost/b", "localhost/c"]
+    assert all(store.has_blob(d) for d in (first, config, shared, own, toc))
+
+    deleted = store.delete_manifest("localhost/c", first, ("dev.kitfs.toc.digest",))
+    assert set(deleted) == {first, own, toc}
+    assert all(store.has_blob(d) for d in (second, config, shared))
+    layout = json.loads((tmp_path / "storage" / "index.json").read_bytes())
+    assert [m["digest"] for m in layout["manifests"]] == [second]
+    with pytest.raises(NotFoundError):
+        store.delete_manifest("localhost/c", first)
+
+
+def test_repositories_read_kits_file_names(tmp_path: Path) -> None:
+    root = tmp_path / "storage"
+    root.mkdir()
+    for name in ("localhost/x", "registry.example.com:5000/team/model"):
+        key = base64.urlsafe_b64encode(name.encode()).decode()
+        (root / f"{key}-index.json").write_text('{"schemaVersion":2,"manifests":[]}')
+    (root / "index.json").write_text("{}")
+    (root / "not-base64!-index.json").write_text("{}")
+    (root / "ingest").mkdir()
+    assert LocalStorage(root).repositories() == ["localhost/x",
+                                                 "registry.example.com:5000/team/model"]

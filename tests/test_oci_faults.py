@@ -308,6 +308,7 @@ OPERATIONS: dict[str, Callable[[RegistryClient], Awaitable[object]]] = {
     "get_manifest": lambda c: c.get_manifest("r/x", "v1"),
     "resolve_modelkit": lambda c: c.resolve_modelkit("r/x", "v1"),
     "put_manifest": lambda c: c.put_manifest("r/x", "v1", b"{}", OCI_MANIFEST),
+    "delete_manifest": lambda c: c.delete_manifest("r/x", DIGEST),
     "head_blob": lambda c: c.head_blob("r/x", DIGEST),
     "get_blob": lambda c: c.get_blob("r/x", DIGEST),
     "stream_blob": _drain,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kitfs.errors import AuthError, NotFoundError
+from kitfs.errors import AuthError, IntegrityError, NotFoundError
 from kitfs.oci import client as client_module
 from kitfs.oci.client import OCI_INDEX, OCI_MANIFEST, ClientOptions, RegistryClient
 from kitfs.oci.credentials import login, lookup_credential
@@ -80,6 +80,25 @@ async def test_push_pull_roundtrip(
         assert await c.referrers("kitfs/real", digest) == []
         with pytest.raises(NotFoundError):
             await c.get_manifest("kitfs/real", "missing")
+
+        # A stream resumed after the bytes a caller has: checked against the whole digest.
+        have = data[: 3 << 20]
+        async with c.stream_blob("kitfs/real", layer, size=len(data),
+                                 prefix=(len(have), hashlib.sha256(have))) as chunks:
+            assert b"".join([x async for x in chunks]) == data[len(have):]
+        wrong = hashlib.sha256(b"x" * len(have))
+        with pytest.raises(IntegrityError, match="does not match its digest"):
+            async with c.stream_blob("kitfs/real", layer, size=len(data),
+                                     prefix=(len(have), wrong)) as chunks:
+                async for _ in chunks:
+                    pass
+
+        # Deleting a manifest by digest takes its tags along.
+        await c.put_manifest("kitfs/real", "doomed", manifest, OCI_MANIFEST)
+        await c.delete_manifest("kitfs/real", digest)
+        for tag in ("v1", "doomed"):
+            with pytest.raises(NotFoundError):
+                await c.get_manifest("kitfs/real", tag)
 
 
 async def test_login_against_htpasswd_registry(

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="REF")
+    p.add_argument("-r", "--remote", action="store_true",
+                   help="ask the registry, not kit's local storage (where `pull` keeps a "
+                        "registry's ModelKits)")
     p.add_argument("--json", action="store_true", help="print everything as one JSON document")
     add_network_options(p)
 
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     ref = parse_reference(args.reference)
     options = client_options(args)
-    ins, _ = run_async(lambda: inspect_reference(ref, options))
+    ins, _ = run_async(lambda: inspect_reference(
+        ref, options, where="remote" if args.remote else "local-first"))
     view = ins.view
     kitfile_yaml = kitfile_to_yaml(view.kitfile.without_layer_digests())
     if args.json:
@@ -103,8 +107,14 @@ the Kitfile, and every layer with its type, path, format and size. Works for
 ModelKits made by kitfs and by every generation of `kit`, and for ModelPack
 manifests. (`kitfs info` prints just the Kitfile, as `kit info` does.)
 
+Like `kit inspect`, kitfs looks in kit's local storage first (where `kitfs
+pull` and `kit pull` keep a registry's ModelKit under its registry name), so
+a pulled ModelKit inspects offline; unlike kit, it then asks the registry.
+--remote asks the registry only.
+
 examples:
   kitfs inspect localhost:5000/demo/llm:v1
+  kitfs inspect --remote localhost:5000/demo/llm:v1
   kitfs inspect mymodel:v1 --json | jq .layers
 """,
     add_arguments=add_arguments,

@@ -17,6 +17,9 @@ from kitfs.commands.common import (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="REF")
+    p.add_argument("-r", "--remote", action="store_true",
+                   help="ask the registry, not kit's local storage (where `pull` keeps a "
+                        "registry's ModelKits)")
     p.add_argument("--filter", action="append", metavar="FILTER", default=[],
                    help="as `kit unpack --filter`: TYPES[:IDS], TYPES from kitfile, model, "
                         "datasets, code, docs, prompts (repeatable)")
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     filters = FilterSet.parse(args.filter)
     ref = parse_reference(args.reference)
     options = client_options(args)
-    _, tree = run_async(lambda: inspect_reference(ref, options, tree_filters=filters))
+    _, tree = run_async(lambda: inspect_reference(
+        ref, options, where="remote" if args.remote else "local-first", tree_filters=filters))
     assert tree is not None
     if args.json:
         doc = [
@@ -68,7 +72,9 @@ COMMAND = Command(
     description="""\
 List every file of REF with its size and the layer it comes from, without
 downloading file data: kitfs reads its table of contents where one exists,
-otherwise the tar headers of each layer with range requests.
+otherwise the tar headers of each layer with range requests. A ModelKit in
+kit's local storage (packed there, or pulled from REF's registry) is read from
+there first; --remote asks the registry only.
 
 examples:
   kitfs ls localhost:5000/demo/llm:v1

@@ -194,7 +194,9 @@ the machine shares, and checked against the ModelKit's digests. The daemon
 runs in the background until `kitfs umount`; its log sits next to its state
 (`kitfs status` shows where) and is kept after it exits only if something
 went wrong. Readers get EIO, never a hang, when the registry stops
-answering (--timeout).
+answering (--timeout). A ModelKit in kit's local storage (packed there, or
+pulled from REF's registry with `kitfs pull`) is served from disk, as `kit
+unpack` would find it.
 
 examples:
   kitfs mount registry.example.com/team/llama:v1 /mnt/llama

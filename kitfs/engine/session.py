@@ -44,10 +44,12 @@ async def open_kit(
 ) -> AsyncIterator[OpenedKit]:
     """Resolve, read the metadata (tables of contents cached by layer digest), build the engine.
 
-    Fetches no file data. The caller starts the engine's background work with
+    A ModelKit in kit's local storage is served from there, a registry's one too
+    once pulled (as `kit unpack` finds it: local storage first). Fetches no file
+    data. The caller starts the engine's background work with
     `await kit.engine.start(nursery)`; the source is closed on exit.
     """
-    source = open_source(reference, options)
+    source = open_source(reference, options, where="local-first")
     try:
         # No fsync per chunk: every chunk file carries its xxh3, so one torn by a
         # crash reads as absent and is fetched again, never served; syncing each

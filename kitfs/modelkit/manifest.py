@@ -325,6 +325,26 @@ def _descriptor(value: Any, what: str) -> Descriptor:
     )
 
 
+def manifest_blobs(manifest: bytes) -> tuple[tuple[Descriptor, ...], dict[str, str]]:
+    """The blobs an image manifest needs, config first, then every layer whatever its media
+    type (what oras.Copy, under `kit pull` and `kit push`, copies), a digest once; and the
+    manifest's annotations. A FormatError if it is not an image manifest."""
+    try:
+        data = json.loads(manifest)
+    except ValueError as exc:
+        raise FormatError(f"manifest is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or "config" not in data:
+        raise FormatError("not an OCI image manifest (no config)")
+    layers = data.get("layers") or []
+    if not isinstance(layers, list):
+        raise FormatError("manifest layers is not a list")
+    descs = [_descriptor(data["config"], "config"),
+             *(_descriptor(v, f"layer {i}") for i, v in enumerate(layers))]
+    unique = {d.digest: d for d in reversed(descs)}
+    ordered = tuple(d for d in descs if unique.pop(d.digest, None) is not None)
+    return ordered, _str_map(data.get("annotations"), "annotations")
+
+
 def _verify_blob(desc: Descriptor, data: bytes, what: str) -> None:
     algorithm, _, encoded = desc.digest.partition(":")
     if len(data) != desc.size:

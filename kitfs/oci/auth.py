@@ -86,6 +86,10 @@ def push_scope(repo: str) -> str:
     return f"repository:{repo}:pull,push"
 
 
+def delete_scope(repo: str) -> str:
+    return f"repository:{repo}:delete"
+
+
 @dataclass
 class _Token:
     value: str

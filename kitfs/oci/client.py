@@ -14,6 +14,7 @@ exceptions are caught as `session.TRANSPORT_FAILURES` and mapped by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -35,7 +36,7 @@ from kitfs.errors import (
     UnreachableError,
     UsageError,
 )
-from kitfs.oci.auth import Credential, pull_scope, push_scope
+from kitfs.oci.auth import Credential, delete_scope, pull_scope, push_scope
 from kitfs.oci.blobtransport import Sink
 from kitfs.oci.credentials import lookup_credential
 from kitfs.oci.digest import THREADED_HASH_MIN, DigestVerifier, digest_of, short, split_digest
@@ -266,6 +267,25 @@ class RegistryClient:
             )
         return digest, "oci-subject" in response.headers
 
+    async def delete_manifest(self, repo: str, digest: str) -> None:
+        """Delete a manifest by digest (the registry drops every tag naming it).
+
+        A registry that does not allow deletion (405, Distribution's default, or
+        UNSUPPORTED) is a RegistryError saying so.
+        """
+        split_digest(digest)
+        what = f"deleting manifest {self._name(repo, digest)}"
+        response = await self._session.send(
+            "DELETE",
+            self._url(repo, f"manifests/{digest}"),
+            what=what,
+            scopes=(delete_scope(repo),),
+            ok=(200, 202, 204, 405),
+        )
+        if response.status_code == 405:
+            raise RegistryError(f"{what}: removing models is unsupported by registry "
+                                f"{self.registry} (HTTP 405)")
+
     # -- blobs -----------------------------------------------------------------------
 
     async def head_blob(self, repo: str, digest: str) -> int | None:
@@ -302,7 +322,12 @@ class RegistryClient:
         return b"".join(parts)
 
     def stream_blob(
-        self, repo: str, digest: str, *, size: int | None = None
+        self,
+        repo: str,
+        digest: str,
+        *,
+        size: int | None = None,
+        prefix: tuple[int, hashlib._Hash] | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """The blob as a stream of chunks, never held whole in memory.
 
@@ -312,16 +337,27 @@ class RegistryClient:
         the registry announced: a registry announcing another size fails at
         once, and one sending more bytes than `size` fails when they come.
         A connection that drops midway is resumed with a range request.
+
+        `prefix` (n, hash of the blob's first n bytes, which the caller has)
+        streams the blob from byte n on, and the digest checked at the end is
+        that of the prefix and the stream together.
         """
-        return self._stream(repo, digest, max_size=None, size=size)
+        return self._stream(repo, digest, max_size=None, size=size, prefix=prefix)
 
     @asynccontextmanager
     async def _stream(
-        self, repo: str, digest: str, *, max_size: int | None, size: int | None
+        self,
+        repo: str,
+        digest: str,
+        *,
+        max_size: int | None,
+        size: int | None,
+        prefix: tuple[int, hashlib._Hash] | None = None,
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         split_digest(digest)
         what = f"fetching blob {short(digest)} from {self._name(repo)}"
-        body = _BlobBody(self, repo, digest, 0, None, what, size=size)
+        start = prefix[0] if prefix is not None else 0
+        body = _BlobBody(self, repo, digest, start, None, what, size=size)
         try:
             await body.open()
             expected = size if size is not None else body.total
@@ -331,7 +367,8 @@ class RegistryClient:
                 )
             verifier = DigestVerifier(
                 digest, expected, what,
-                threaded=expected is None or expected >= THREADED_HASH_MIN,
+                threaded=expected is None or expected - start >= THREADED_HASH_MIN,
+                prefix=prefix,
             )
             try:
                 async with aclosing(_verified(body, verifier, max_size, what)) as chunks:

@@ -60,13 +60,21 @@ class DigestVerifier:
         *,
         threaded: bool = False,
         max_queued: int = 32,
+        prefix: tuple[int, hashlib._Hash] | None = None,
     ) -> None:
+        """`prefix`: (bytes already hashed, the hash of them), for a stream that resumes
+        a blob partway (a download picked up where an interrupted one stopped)."""
         self.algorithm, self.expected_hex = split_digest(digest)
         self.digest = digest
         self.size = size
         self.what = what
         self.received = 0
         self._hash = hashlib.new(self.algorithm)
+        if prefix is not None:
+            self.received, hashed = prefix
+            if hashed.name != self.algorithm:
+                raise ValueError(f"a {hashed.name} prefix cannot resume a {self.algorithm} digest")
+            self._hash = hashed.copy()
         self._queue: queue.Queue[bytes | None] | None = None
         self._thread: threading.Thread | None = None
         if threaded:
