@@ -17,7 +17,9 @@ Invariants of a Partial:
 - a block in `bad` arrived wrong: the next reader of it fails with that
   error and clears it, so the read after fetches the block again;
 - `completing` is True while the whole-chunk check runs: nobody claims its
-  blocks again meanwhile.
+  blocks again meanwhile; `completed` is set once that check has ended (the
+  chunk then is in memory, or failed), so a reader that finds the check
+  running waits for its outcome instead of racing it.
 
 Invariants of a Claim: every (chunk, block) in `wanted` is in its partial's
 `flights` with the chunk's event in `events`, from `add` until its fetch
@@ -41,13 +43,14 @@ def blocks_of(block_size: int, lo: int, hi: int) -> range:
 
 
 class Partial:
-    __slots__ = ("bad", "buffer", "completing", "flights", "have")
+    __slots__ = ("bad", "buffer", "completed", "completing", "flights", "have")
 
     def __init__(self, size: int) -> None:
         self.buffer = new_frame_buffer(size)  # kept with O_DIRECT once whole
         self.have: set[int] = set()
         self.flights: dict[int, trio.Event] = {}
         self.completing = False
+        self.completed = trio.Event()  # set when the whole-chunk check has ended
         self.bad: dict[int, IntegrityError] = {}
 
     def has(self, blocks: Iterable[int]) -> bool:

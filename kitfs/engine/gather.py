@@ -244,11 +244,15 @@ class Gatherer:
 
         The partial stays registered (and serving its blocks) until the check is
         done, so nobody fetches them again meanwhile. Returns the checked chunk,
-        or None when another task is completing it or it failed its digest.
+        or None when it failed its digest or another task completed it (this one
+        then waits for that outcome first).
         """
         ctx = self.ctx
         key = (layer.info.digest, index)
-        if gathered.completing or ctx.partials.get(key) is not gathered:
+        if gathered.completing:
+            await gathered.completed.wait()  # its outcome is in memory (or failed) now
+            return None
+        if ctx.partials.get(key) is not gathered:
             return None
         chunk = layer.geo.chunks[index]
         gathered.completing = True
@@ -256,6 +260,7 @@ class Gatherer:
             result = await trio.to_thread.run_sync(checked, layer, chunk, gathered.buffer)
         finally:
             ctx.partials.discard(key, gathered)
+            gathered.completed.set()
         if isinstance(result, KitfsError) or (
                 chunk.key not in ctx.memory and key not in ctx.flights):
             self.chunks.accept(layer, chunk, result)  # a fetch claimed meanwhile settles its own
