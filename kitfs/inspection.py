@@ -34,6 +34,7 @@ from kitfs.modelkit.toc import (
     validate_layer_toc,
 )
 from kitfs.modelkit.tree import Placement, Tree, build_tree
+from kitfs.oci.reference import Reference
 from kitfs.oci.source import BlobSource
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,38 @@ class Inspection:
     config: bytes | None
     view: ModelKitView
     toc: ModelKitToc | None
+    #: The ModelKits `model.path` names, nearest first (kitfs/parents.py finds them; empty
+    #: when not followed): their model layers are part of this ModelKit's tree.
+    parents: tuple[Parent, ...] = ()
 
     @property
     def manifest_json(self) -> dict[str, object]:
         doc: dict[str, object] = json.loads(self.manifest)
         return doc
+
+    def placed_layers(self) -> list[tuple[Inspection, LayerInfo]]:
+        """Every layer the tree may hold, with the ModelKit it belongs to, in the order
+        `kit unpack` writes them: the parents' model layers, farthest ancestor first,
+        then this ModelKit's own (pkg/cmd/unpack/unpack.go unpacks a parent before the
+        layers of the ModelKit naming it)."""
+        out = [(p.inspection, layer) for p in reversed(self.parents) for layer in p.model_layers]
+        return out + [(self, layer) for layer in self.view.layers]
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A ModelKit another one's `model.path` names; it lends its model layers to it."""
+
+    #: As the child's Kitfile names it (the digest it resolved to: `inspection.digest`).
+    reference: Reference
+    inspection: Inspection
+
+    @property
+    def model_layers(self) -> tuple[LayerInfo, ...]:
+        """What a child takes from it: the model and model part layers (kit unpacks a
+        parent with `--filter model`, which covers parts, and never its Kitfile)."""
+        return tuple(layer for layer in self.inspection.view.layers
+                     if layer.kind in ("model", "modelpart"))
 
 
 async def inspect(source: BlobSource, *, toc: bool = True) -> Inspection:
@@ -252,25 +280,30 @@ async def file_tree_and_layouts(
     source: BlobSource, inspection: Inspection, filters: FilterSet,
     cache: EntryCache | None = None,
 ) -> tuple[Tree, dict[str, LayerLayout]]:
-    """The tree, and the layout of each layer it places (what a mount must still check)."""
+    """The tree, and the layout of each layer it places (what a mount must still check).
+
+    A parent's model layers are kept or dropped by the same filters (kit
+    passes the `model` filters, ids included, on to the parent) and read
+    through `source`, which must serve them (oci/source.py: RoutedSource).
+    """
     chosen = [
-        layer for layer in inspection.view.layers
+        (owner, layer) for owner, layer in inspection.placed_layers()
         if filters.keeps_layer(layer.kind, layer.name, layer.path)
     ]
     results: dict[str, LayerLayout] = {}
 
-    async def load(layer: LayerInfo) -> None:
-        results[layer.digest] = await layer_layout(source, inspection, layer, cache)
+    async def load(owner: Inspection, layer: LayerInfo) -> None:
+        results[layer.digest] = await layer_layout(source, owner, layer, cache)
 
     async with trio.open_nursery() as nursery:
-        for layer in chosen:
-            nursery.start_soon(load, layer)
+        for owner, layer in {layer.digest: (owner, layer) for owner, layer in chosen}.values():
+            nursery.start_soon(load, owner, layer)
     placements = [
         Placement(
             layer.digest, results[layer.digest].entries,
             "" if layer.fmt == "raw" else placement_prefix(layer),
         )
-        for layer in chosen
+        for _, layer in chosen
     ]
     kitfile = None
     if filters.keeps_kitfile():

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -63,6 +63,7 @@ from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.credentials import kitops_home
 from kitfs.oci.layout import LocalStorage
 from kitfs.oci.reference import Reference
+from kitfs.parents import inherited_paths
 from kitfs.progress import Progress
 from kitfs.push import ANNOTATION_KITFS_VERSION, publish_manifest, upload_file
 
@@ -113,21 +114,21 @@ def read_kitfile(path: Path) -> Kitfile:
     except OSError as exc:
         raise KitfileError(f"cannot read {path}: {exc.strerror}") from None
     kitfile = load_kitfile(text, source=str(path))
-    if kitfile.model_reference is not None:
-        raise KitfileError(
-            f"{path}: model.path {kitfile.model_reference!r} names another ModelKit; "
-            "kitfs pack cannot build on a parent ModelKit yet (use kit pack)"
-        )
     if kitfile.mcp_servers:
         raise KitfileError(f"{path}: mcpServers are not supported by kitfs pack yet")
     return kitfile
 
 
-def plan(context: Path, kitfile: Kitfile) -> list[tuple[LayerEntry, list[PlannedEntry]]]:
-    """Every layer's entries; raises before anything is written if a path is missing."""
+def plan(context: Path, kitfile: Kitfile, inherited: Sequence[str] = ()
+         ) -> list[tuple[LayerEntry, list[PlannedEntry]]]:
+    """Every layer's entries; raises before anything is written if a path is missing.
+
+    `inherited`: the paths a parent ModelKit's chain names (parents.inherited_paths),
+    kept out of every layer as another layer's paths are (kit pack's extraLayerPaths).
+    """
     entries = kitfile.layer_entries()
     ignore = KitIgnore.from_context(context)
-    paths = [e.path for e in entries]
+    paths = [e.path for e in entries] + list(inherited)
     return [(e, plan_layer(context, e.path, paths, ignore)) for e in entries]
 
 
@@ -178,7 +179,13 @@ async def pack(req: PackRequest, options: ClientOptions) -> PackResult:
         raise UsageError(f"pack needs a tag to write, not a digest: {ref}")
     kitfile_path = find_kitfile(req.context, req.kitfile)
     kitfile = read_kitfile(kitfile_path)
-    plans = await trio.to_thread.run_sync(plan, req.context, kitfile)
+    inherited: list[str] = []
+    if kitfile.model_reference is not None:
+        # As kit pack: the parent chain must be readable (local storage, then its
+        # registry); no layer of it is copied, the config keeps the reference, and what
+        # the chain provides is not packed again (kitfs/parents.py).
+        inherited = await inherited_paths(ref, kitfile, options)
+    plans = await trio.to_thread.run_sync(plan, req.context, kitfile, inherited)
     file_bytes = sum(e.size for _, entries in plans for e in entries if e.kind == "file")
     progress = Progress(f"packing {ref}", file_bytes)
     try:

@@ -56,14 +56,13 @@ from kitfs.oci.client import (
 from kitfs.oci.credentials import kitops_home
 from kitfs.oci.layout import LocalStorage, display_name
 from kitfs.oci.reference import Reference, parse_reference
+from kitfs.parents import MAX_PARENTS, Chain
 from kitfs.progress import Progress
 
 log = logging.getLogger(__name__)
 
 #: kit's --concurrency default: blobs downloaded at once.
 DEFAULT_JOBS = 5
-#: kit's constants.MaxModelRefChain: a ModelKit and at most nine ancestors.
-MAX_CHAIN = 10
 #: Bytes gathered before one write to the ingest file (a thread hop per write).
 WRITE_BATCH = 4 << 20
 HASH_PIECE = 1 << 20
@@ -93,18 +92,13 @@ async def pull(ref: Reference, options: ClientOptions, *, jobs: int = DEFAULT_JO
     if jobs < 1:
         raise UsageError(f"invalid argument for concurrency ({jobs}): must be at least 1")
     storage = LocalStorage.for_home(Path(kitops_home(options.kitops_home)))
-    chain: list[str] = []
+    # kit pull counts the ModelKit itself among its MaxModelRefChain (parents.py).
+    chain = Chain(limit=MAX_PARENTS)
     first: PullResult | None = None
     parents: list[Reference] = []
     current: Reference | None = ref
     while current is not None:
-        shown = display_name(str(current))
-        if shown in chain:
-            cycle = "=>".join([*chain[chain.index(shown):], shown])
-            raise FormatError(f"found cycle in modelkit references: [{cycle}]")
-        chain.append(shown)
-        if len(chain) > MAX_CHAIN:
-            raise FormatError(f"reached maximum number of model references: [{'=>'.join(chain)}]")
+        chain.enter(current)
         if current.is_local:
             # A parent named without a registry can only come from local storage.
             await trio.to_thread.run_sync(storage.resolve, current.name, current.target)

@@ -85,22 +85,21 @@ async def inspect_reference(
     where: Where = "reference",
     toc: bool = True,
     tree_filters: FilterSet | None = None,
+    parents: bool = True,
 ) -> tuple[Inspection, Tree | None]:
     """The one way a verb reads a ModelKit's manifest and Kitfile (and, given
     `tree_filters`, the files it holds), from kit's local storage or a registry as
-    `where` says (oci/source.py: open_source)."""
-    from kitfs.inspection import build_file_tree, inspect
-    from kitfs.oci.source import open_source
+    `where` says (oci/source.py: open_source), with the parent ModelKits its
+    `model.path` names unless `parents` is False (kitfs/parents.py)."""
+    from kitfs.inspection import build_file_tree
+    from kitfs.parents import open_modelkit
 
-    source = open_source(ref, options, where=where)
-    try:
-        result = await inspect(source, toc=toc or tree_filters is not None)
+    async with open_modelkit(ref, options, where=where, toc=toc or tree_filters is not None,
+                             parents=parents) as (source, result):
         tree = None
         if tree_filters is not None:
             tree = await build_file_tree(source, result, tree_filters)
         return result, tree
-    finally:
-        await source.aclose()
 
 
 def shown_path(path: str) -> str:

@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
         found: dict[int, Inspection] = {}
 
         async def one(i: int, ref: Reference, where: Where) -> None:
-            found[i], _ = await inspect_reference(ref, options, where=where, toc=False)
+            # kit diff compares the two ModelKits as they are, not their parents
+            found[i], _ = await inspect_reference(ref, options, where=where, toc=False,
+                                                  parents=False)
 
         async with trio.open_nursery() as nursery:  # both at once, as kit fetches them
             for i, (ref, where) in enumerate(targets):

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     fields = parse_filter(args.filter) if args.filter is not None else None
     options = client_options(args)
     ins, _ = run_async(lambda: inspect_reference(
-        ref, options, where="remote" if args.remote else "local-first", toc=False))
+        ref, options, where="remote" if args.remote else "local-first", toc=False,
+        parents=False))  # kit info shows the ModelKit's own Kitfile
     kitfile = ins.view.kitfile
     if fields is None:
         sys.stdout.write(kitfile_to_yaml(kitfile))

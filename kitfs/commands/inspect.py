@@ -15,7 +15,10 @@ from kitfs.commands.common import (
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kitfs.inspection import Inspection
+    from kitfs.modelkit.manifest import LayerInfo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_network_options(p)
 
 
-def _layer_rows(ins: Inspection) -> list[dict[str, object]]:
+def _layer_rows(ins: Inspection, layers: Sequence[LayerInfo] | None = None
+                ) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
-    for layer in ins.view.layers:
+    for layer in ins.view.layers if layers is None else layers:
         toc = ins.toc.layer(layer.digest) if ins.toc is not None else None
         rows.append({
             "type": layer.kind, "path": layer.path, "name": layer.name,
@@ -46,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from kitfs.modelkit.kitfile import kitfile_to_yaml
+    from kitfs.oci.layout import display_name
     from kitfs.oci.reference import parse_reference
     from kitfs.units import human_bytes
 
@@ -66,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
             "kitfileSource": view.kitfile_source,
             "layers": _layer_rows(ins),
             "tableOfContents": view.annotations.get("dev.kitfs.toc.digest"),
+            "parents": [
+                {"reference": str(p.reference), "digest": p.inspection.digest,
+                 "layers": _layer_rows(p.inspection, p.model_layers)}
+                for p in ins.parents
+            ],
         }
         json.dump(doc, sys.stdout, indent=2)
         print()
@@ -81,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"Package     {pkg.name} {pkg.version}".rstrip())
     total = sum(layer.size for layer in view.layers)
     print(f"Size        {human_bytes(total)} in {len(view.layers)} layers")
+    if ins.parents:
+        inherited = [layer for p in ins.parents for layer in p.model_layers]
+        chain = " => ".join(display_name(str(p.reference)) for p in ins.parents)
+        count = f"{len(inherited)} model layer" + ("" if len(inherited) == 1 else "s")
+        print(f"Parents     {chain} (via model.path: {count}, "
+              f"{human_bytes(sum(layer.size for layer in inherited))})")
     toc = view.annotations.get("dev.kitfs.toc.digest")
     print("Index       " + (f"kitfs table of contents {toc}" if ins.toc else
                            "none (mounts read tar headers on demand)"))
@@ -88,14 +104,24 @@ def run(args: argparse.Namespace) -> int:
     for line in kitfile_yaml.rstrip("\n").splitlines():
         print(f"  {line}")
     print("\nLayers:")
-    rows = _layer_rows(ins)
+    _print_layers(_layer_rows(ins))
+    for parent in ins.parents:
+        # kit unpack writes these where unpacking the parent alone would; so a mount shows them
+        print(f"\nModel layers of parent {display_name(str(parent.reference))} "
+              f"({parent.inspection.digest}):")
+        _print_layers(_layer_rows(parent.inspection, parent.model_layers))
+    return 0
+
+
+def _print_layers(rows: list[dict[str, object]]) -> None:
+    from kitfs.units import human_bytes
+
     width = max([len(str(r["path"])) for r in rows] + [4])
     print(f"  {'TYPE':<9} {'PATH':<{width}} {'FORMAT':<9} {'SIZE':>10}  DIGEST")
     for r in rows:
         fmt = str(r["format"]) + ("" if r["compression"] == "none" else f"+{r['compression']}")
         print(f"  {r['type']!s:<9} {r['path']!s:<{width}} {fmt:<9} "
               f"{human_bytes(int(str(r['size']))):>10}  {str(r['digest'])[:19]}")
-    return 0
 
 
 COMMAND = Command(
@@ -106,6 +132,10 @@ Fetch only the manifest and config of REF and show what it holds: its digest,
 the Kitfile, and every layer with its type, path, format and size. Works for
 ModelKits made by kitfs and by every generation of `kit`, and for ModelPack
 manifests. (`kitfs info` prints just the Kitfile, as `kit info` does.)
+
+A Kitfile whose model.path names another ModelKit has that parent (and its
+own parents) followed as `kit unpack` follows them: the parents and the
+model layers they add to a mount are listed too (--json: "parents").
 
 Like `kit inspect`, kitfs looks in kit's local storage first (where `kitfs
 pull` and `kit pull` keep a registry's ModelKit under its registry name), so

@@ -74,7 +74,10 @@ List every file of REF with its size and the layer it comes from, without
 downloading file data: kitfs reads its table of contents where one exists,
 otherwise the tar headers of each layer with range requests. A ModelKit in
 kit's local storage (packed there, or pulled from REF's registry) is read from
-there first; --remote asks the registry only.
+there first; --remote asks the registry only. When the Kitfile's model.path
+names another ModelKit, that parent's model layers are listed where `kit
+unpack` writes them (parents are looked for as kit does: local storage
+first, then their registry).
 
 examples:
   kitfs ls localhost:5000/demo/llm:v1

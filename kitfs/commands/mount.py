@@ -196,7 +196,10 @@ runs in the background until `kitfs umount`; its log sits next to its state
 went wrong. Readers get EIO, never a hang, when the registry stops
 answering (--timeout). A ModelKit in kit's local storage (packed there, or
 pulled from REF's registry with `kitfs pull`) is served from disk, as `kit
-unpack` would find it.
+unpack` would find it. A Kitfile whose model.path names another ModelKit
+mounts with that parent's model layers where `kit unpack` writes them, read
+from the parent's own repository and verified like the rest; a missing
+parent or a cycle fails the mount before anything is mounted.
 
 examples:
   kitfs mount registry.example.com/team/llama:v1 /mnt/llama

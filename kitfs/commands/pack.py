@@ -64,6 +64,11 @@ chunk and, uncompressed, of every 256 KiB block) with the ModelKit, as an OCI
 referrer, so that `kitfs mount` starts at once, verifies every byte it reads,
 and fetches only the blocks a random reader needs. `kit` ignores it.
 
+A model.path naming another ModelKit (registry/repo:tag) builds on it as
+`kit pack` does: the parent must be readable (kit's local storage, then its
+registry), its layers are not copied, and nothing at a path its Kitfile names
+is packed again.
+
 No Kitfile yet? `kitfs init DIR` writes one, as `kit init` does.
 
 examples:

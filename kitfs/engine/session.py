@@ -14,13 +14,15 @@ from pathlib import Path
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
 from kitfs.engine.reader import Engine, EngineConfig
-from kitfs.inspection import Inspection, file_tree_and_layouts, inspect
+from kitfs.inspection import Inspection, file_tree_and_layouts
 from kitfs.modelkit.filters import FilterSet
+from kitfs.modelkit.manifest import LayerInfo
 from kitfs.modelkit.toc import LayerToc
 from kitfs.modelkit.tree import Tree
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference
-from kitfs.oci.source import BlobSource, open_source
+from kitfs.oci.source import BlobSource
+from kitfs.parents import open_modelkit
 
 
 @dataclass
@@ -45,26 +47,29 @@ async def open_kit(
     """Resolve, read the metadata (tables of contents cached by layer digest), build the engine.
 
     A ModelKit in kit's local storage is served from there, a registry's one too
-    once pulled (as `kit unpack` finds it: local storage first). Fetches no file
-    data. The caller starts the engine's background work with
-    `await kit.engine.start(nursery)`; the source is closed on exit.
+    once pulled (as `kit unpack` finds it: local storage first); so is each parent
+    ModelKit its `model.path` names, whose model layers the tree holds and the
+    source serves (kitfs/parents.py). Fetches no file data. The caller starts the
+    engine's background work with `await kit.engine.start(nursery)`; the sources are
+    closed on exit.
     """
-    source = open_source(reference, options, where="local-first")
-    try:
+    async with open_modelkit(reference, options, where="local-first") as (source, ins):
         # No fsync per chunk: every chunk file carries its xxh3, so one torn by a
         # crash reads as absent and is fetched again, never served; syncing each
         # chunk cost more I/O wait than the fetch itself (design.md asked for it).
         store = ChunkStore(cache_dir, budget=cache_budget, sync=False)
         tocs = TocCache(cache_dir)
-        ins = await inspect(source)
         tree, layouts = await file_tree_and_layouts(source, ins, filters or FilterSet(), tocs)
-        layer_tocs: dict[str, LayerToc] = {}
-        if ins.toc is not None:
-            layer_tocs = {layer.digest: layer for layer in ins.toc.layers}
         used = {n.layer for n in tree.files() if n.layer is not None}
-        layers = [layer for layer in ins.view.layers if layer.digest in used]
-        engine = Engine(source, layers, layer_tocs, tree, store, config or EngineConfig(),
-                        toc_cache=tocs, layouts=layouts)
+        layers: dict[str, LayerInfo] = {}
+        layer_tocs: dict[str, LayerToc] = {}
+        for owner, layer in ins.placed_layers():  # a parent's model layers too
+            if layer.digest not in used:
+                continue
+            layers.setdefault(layer.digest, layer)
+            toc = owner.toc.layer(layer.digest) if owner.toc is not None else None
+            if toc is not None:
+                layer_tocs.setdefault(layer.digest, toc)
+        engine = Engine(source, list(layers.values()), layer_tocs, tree, store,
+                        config or EngineConfig(), toc_cache=tocs, layouts=layouts)
         yield OpenedKit(reference.with_digest(ins.digest), source, ins, tree, engine)
-    finally:
-        await source.aclose()

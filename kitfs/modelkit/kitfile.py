@@ -212,6 +212,13 @@ class Kitfile:
             return self.model.path
         return None
 
+    def layer_paths(self) -> list[str]:
+        """Every path the Kitfile gives a layer, as written: what `kit pack` keeps out of
+        a ModelKit that names this one as its parent (util.LayerPathsFromKitfile: code,
+        datasets, docs, the model and its parts; prompts and mcpServers too, which newer
+        kit packs as layers). A `model.path` naming a ModelKit is not a path."""
+        return [e.path for e in self.layer_entries()]
+
     def layer_entries(self) -> list[LayerEntry]:
         """The entries that own a layer, in manifest layer order.
 

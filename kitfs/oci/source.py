@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -226,6 +226,66 @@ class LocalSource:
 
     async def aclose(self) -> None:
         return None
+
+
+class RoutedSource:
+    """One ModelKit's source that also serves blobs held elsewhere, each from its own source.
+
+    A Kitfile whose `model.path` names a parent ModelKit (kitfs/parents.py)
+    is served with the parent's model layers, which live in the parent's
+    repository (or registry, or kit's local storage): `routes` maps each such
+    layer digest to the source that holds it; every other blob, and the
+    manifest, come from `primary`. Every source checks what it serves against
+    the digest (and size) asked for, so routing changes where bytes come
+    from, never what they must be. Closing it closes every source it routes to.
+    """
+
+    def __init__(self, primary: BlobSource, routes: Mapping[str, BlobSource]) -> None:
+        self.reference = primary.reference
+        self.primary = primary
+        self.routes = dict(routes)
+
+    def source_of(self, digest: str) -> BlobSource:
+        return self.routes.get(digest, self.primary)
+
+    async def resolve(self) -> tuple[bytes, str, str]:
+        return await self.primary.resolve()
+
+    async def get_blob(
+        self, digest: str, max_size: int = 64 << 20, *, size: int | None = None
+    ) -> bytes:
+        return await self.source_of(digest).get_blob(digest, max_size, size=size)
+
+    async def read_range(
+        self, digest: str, offset: int, length: int, *, size: int | None = None
+    ) -> bytes:
+        return await self.source_of(digest).read_range(digest, offset, length, size=size)
+
+    async def read_range_into(
+        self,
+        digest: str,
+        offset: int,
+        buffers: Sequence[memoryview],
+        filled: Callable[[int], None] | None = None,
+        *,
+        size: int | None = None,
+    ) -> None:
+        await self.source_of(digest).read_range_into(digest, offset, buffers, filled, size=size)
+
+    def stream_blob(
+        self, digest: str, *, size: int | None = None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self.source_of(digest).stream_blob(digest, size=size)
+
+    async def aclose(self) -> None:
+        # Each once (a parent's source serves all its layers), and every one even if
+        # another's close raises.
+        seen: list[BlobSource] = []
+        async with contextlib.AsyncExitStack() as stack:
+            for source in (self.primary, *self.routes.values()):
+                if not any(source is s for s in seen):
+                    seen.append(source)
+                    stack.push_async_callback(source.aclose)
 
 
 def _check_size(digest: str, actual: int, size: int | None) -> None:
