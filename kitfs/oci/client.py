@@ -47,6 +47,7 @@ from kitfs.oci.session import (
     TRANSPORT_FAILURES,
     RegistrySession,
     describe_transport_error,
+    proxy_for,
     resolve_url,
     retryable_transport_error,
 )
@@ -919,8 +920,8 @@ def _file_body(
 def _transport(
     exc: Exception, response: httpx.Response, options: ClientOptions, what: str
 ) -> KitfsError:
-    host = response.request.url.netloc.decode()
-    err = describe_transport_error(exc, host, options)
+    url = response.request.url
+    err = describe_transport_error(exc, url.netloc.decode(), options, proxy_for(url, options))
     return type(err)(f"{what}: {err}")
 
 
