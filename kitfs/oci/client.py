@@ -47,7 +47,6 @@ from kitfs.oci.session import (
     TRANSPORT_FAILURES,
     RegistrySession,
     describe_transport_error,
-    proxy_for,
     resolve_url,
     retryable_transport_error,
 )
@@ -921,7 +920,7 @@ def _transport(
     exc: Exception, response: httpx.Response, options: ClientOptions, what: str
 ) -> KitfsError:
     url = response.request.url
-    err = describe_transport_error(exc, url.netloc.decode(), options, proxy_for(url, options))
+    err = describe_transport_error(exc, url.netloc.decode(), options, url)
     return type(err)(f"{what}: {err}")
 
 

@@ -84,12 +84,13 @@ def root_reason(exc: BaseException) -> str:
 
 
 def describe_transport_error(
-    exc: Exception, host: str, options: ClientOptions, proxy: Proxy | None = None
+    exc: Exception, host: str, options: ClientOptions, url: httpx.URL | str | None = None
 ) -> KitfsError:
-    """The kitfs error for any of TRANSPORT_FAILURES while talking to `host`, through
-    `proxy` if one was asked (its password masked in the message)."""
+    """The kitfs error for any of TRANSPORT_FAILURES while talking to `host` (for `url`,
+    which says whether a proxy was asked: then it is named, its password masked)."""
+    proxy = proxy_for(url, options) if url is not None else None
     if proxy is not None:
-        return _through_proxy(exc, host, options, proxy)
+        return _through_proxy(exc, host, options, proxy, tunnel=str(url).startswith("https:"))
     reason = root_reason(exc)
     if isinstance(exc, httpx.InvalidURL):
         return RegistryError(f"unusable URL for {host}: {reason}")
@@ -121,9 +122,20 @@ def describe_transport_error(
     return RegistryError(f"request to {host} failed: {reason}")
 
 
-def _through_proxy(exc: Exception, host: str, options: ClientOptions, proxy: Proxy) -> KitfsError:
-    """What failed, naming the proxy: kitfs reaches only the proxy, which reaches `host`."""
+def _through_proxy(
+    exc: Exception, host: str, options: ClientOptions, proxy: Proxy, *, tunnel: bool
+) -> KitfsError:
+    """What failed, naming the proxy: kitfs reaches only the proxy, which reaches `host`
+    (through a CONNECT `tunnel` for https://, with TLS to `host` inside it)."""
     reason = root_reason(exc)
+    if proxy.scheme == "https" and _tls_reason(reason):
+        # TLS to the proxy comes first; without a tunnel it is the only TLS there is.
+        whose = f"proxy {proxy}" + (f" or {host}" if tunnel else "")
+        if "WRONG_VERSION_NUMBER" in reason or "record layer failure" in reason:
+            return UnreachableError(f"{whose} does not speak TLS ({reason}); use an http:// "
+                                    "proxy URL" + (", or --plain-http" if tunnel else ""))
+        return UnreachableError(f"TLS certificate of {whose} not trusted ({reason}); "
+                                "pass a CA file (--ca-file), or --tls-verify=false")
     if isinstance(exc, httpx.ProxyError):  # it answered CONNECT with something but 2xx
         if reason.startswith(("407", "401")):  # tinyproxy answers a CONNECT with 401
             return proxy_auth_error(proxy, f"HTTP {reason}")
@@ -264,8 +276,7 @@ class RegistrySession:
                 ):
                     continue
                 raise _with_context(
-                    describe_transport_error(
-                        exc, host, self.options, proxy_for(request.url, self.options)),
+                    describe_transport_error(exc, host, self.options, request.url),
                     what,
                 ) from exc
             if response.status_code in RETRY_STATUSES and await budget.wait(
@@ -326,7 +337,7 @@ class RegistrySession:
                     continue
                 host = _host(url, self.registry)
                 raise _with_context(
-                    describe_transport_error(exc, host, self.options, proxy_for(url, self.options)),
+                    describe_transport_error(exc, host, self.options, url),
                     what,
                 ) from exc
             status = response.status_code
@@ -361,8 +372,7 @@ class RegistrySession:
                         request_url = response.request.url
                         raise _with_context(
                             describe_transport_error(
-                                exc, request_url.netloc.decode(), self.options,
-                                proxy_for(request_url, self.options)),
+                                exc, request_url.netloc.decode(), self.options, request_url),
                             what,
                         ) from exc
                 return response
