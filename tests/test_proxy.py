@@ -149,9 +149,11 @@ def test_unusable_proxies(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(UsageError, match="http:// and https:// proxies only") as err:
         Proxies.from_environment({}, "socks5://u:secret@h:1080")
     assert "secret" not in str(err.value) and "u:***@h" in str(err.value)
-    # in the environment too: going round a SOCKS proxy silently could break a network's rules
-    with pytest.raises(UsageError, match="HTTPS_PROXY"):
-        Proxies.from_environment({"HTTPS_PROXY": "socks5://h:1080"})
+    # from the environment it is kept, and refused when a request would use it (going
+    # round a SOCKS proxy silently could break a network's rules; local verbs still work)
+    socks = Proxies.from_environment({"HTTPS_PROXY": "socks5://h"})
+    assert socks.for_url("https://r.example/v2/") == Proxy("socks5", "h", 1080)
+    assert socks.https is not None and not socks.https.supported
     with pytest.raises(UsageError, match="not a proxy URL"):
         Proxies.from_environment({}, "http://u:secret@[bad")
     # an environment value Go cannot parse is ignored, as Go ignores it
@@ -427,6 +429,16 @@ def test_environment_proxy_and_no_proxy(
     for no_proxy in (f"{name}:1", socket.gethostbyname(name), f".{name}", "other.example"):
         inspect(dict(with_proxy, NO_PROXY=no_proxy))
         watch.through_proxy()
+    # a SOCKS proxy (kit would use it, kitfs cannot): refused when a request needs it,
+    # in one line, while a verb that stays local works and NO_PROXY still exempts
+    socks = dict(base_env(), HTTP_PROXY=f"socks5://kit:{SECRET}@127.0.0.1:{free_port()}")
+    proc = kitfs("inspect", kit.ref, "--plain-http", home=tmp_path / "reader", env=socks)
+    line = one_line_error(proc)
+    assert "http:// and https:// proxies only, not socks5://" in line, line
+    assert "kit:***@" in line and SECRET not in proc.stderr, line
+    ok(kitfs("list", home=tmp_path / "puller", env=socks))
+    inspect(dict(socks, NO_PROXY=name))
+    watch.direct()
     # HTTPS_PROXY is not used for an http:// registry, even when it is the only one set
     inspect(dict(base_env(), HTTPS_PROXY=f"http://127.0.0.1:{free_port()}"))
     watch.direct()

@@ -202,6 +202,8 @@ class BlobTransport(httpx.AsyncBaseTransport):
     async def _checkout(self, url: httpx.URL) -> _Connection:
         port = url.port or (443 if url.scheme == "https" else 80)
         proxy = self._proxies.select(url.scheme, url.raw_host.decode("ascii"), port)
+        if proxy is not None and not proxy.supported:
+            raise httpx.UnsupportedProtocol(proxy.unsupported)
         key = (url.scheme, url.host, port, proxy)
         idle = self._idle.get(key, [])
         now = trio.current_time()

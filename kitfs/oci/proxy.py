@@ -44,11 +44,11 @@ from urllib.parse import quote, unquote, urlsplit
 
 from kitfs.errors import UsageError
 
-__all__ = ["NoProxy", "Proxies", "Proxy", "UnsupportedProxy", "mask_url", "parse_proxy"]
+__all__ = ["NoProxy", "Proxies", "Proxy", "mask_url", "parse_proxy"]
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS = {"http": 80, "https": 443, "socks5": 1080, "socks5h": 1080}
 _SUPPORTED = ("http", "https")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -59,12 +59,24 @@ class Proxy:
     """One proxy server, and the credentials to give it."""
 
     scheme: str
-    """"http" or "https": how kitfs talks to the proxy itself."""
+    """How kitfs talks to the proxy itself: "http" or "https" (see `supported`)."""
     host: str
     """Name or address, without brackets."""
     port: int
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+
+    @property
+    def supported(self) -> bool:
+        """Whether kitfs can use it: an http:// or https:// proxy, not socks5:// (which
+        Go, and so kit, would use; kitfs refuses a request rather than go round it)."""
+        return self.scheme in _SUPPORTED
+
+    @property
+    def unsupported(self) -> str:
+        """Why it cannot be used, for a message."""
+        return (f"proxy {self}: kitfs speaks to http:// and https:// proxies only, "
+                f"not {self.scheme}://")
 
     @property
     def netloc(self) -> str:
@@ -109,7 +121,8 @@ def parse_proxy(text: str, source: str) -> Proxy:
     """A proxy URL as Go's httpproxy reads one: a bare `host[:port]` means http://.
 
     Raises UsageError naming `source` (`--proxy`, `HTTPS_PROXY`) and the URL with its
-    password masked, for a URL that is not usable or a scheme kitfs does not speak.
+    password masked, for a URL that is not usable. A scheme kitfs does not speak is
+    parsed all the same (`Proxy.supported` says so).
     """
     raw = text.strip()
     shown = f"{source} {mask_url(raw)!r}"
@@ -122,18 +135,11 @@ def parse_proxy(text: str, source: str) -> Proxy:
         port = parts.port
     except ValueError as exc:
         raise UsageError(f"{shown} is not a proxy URL ({exc})") from None
-    if scheme not in _SUPPORTED:
-        raise UnsupportedProxy(
-            f"{shown}: kitfs speaks to http:// and https:// proxies only, not {scheme}://")
     if not host:
         raise UsageError(f"{shown} is not a proxy URL (no host)")
     username = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
-    return Proxy(scheme, host, port or _DEFAULT_PORTS[scheme], username, password)
-
-
-class UnsupportedProxy(UsageError):
-    """A proxy URL whose scheme kitfs does not speak (socks5://)."""
+    return Proxy(scheme, host, port or _DEFAULT_PORTS.get(scheme, 0), username, password)
 
 
 # -- NO_PROXY ------------------------------------------------------------------------------
@@ -285,11 +291,16 @@ class Proxies:
         HTTP(S)_PROXY and NO_PROXY.
 
         An environment value Go could not parse is ignored, as Go ignores it (with a
-        warning here); one naming a scheme kitfs does not speak (socks5://) is an
-        error, since going around it silently could break a network's rules.
+        warning here). One naming a scheme kitfs does not speak (socks5://) is kept:
+        a request it applies to fails, naming it (going round it silently could break
+        a network's rules), while verbs that stay local, and hosts NO_PROXY exempts,
+        work. Given explicitly, such a proxy is a usage error at once.
         """
         if explicit:
-            return cls(explicit=parse_proxy(explicit, source))
+            proxy = parse_proxy(explicit, source)
+            if not proxy.supported:
+                raise UsageError(f"{source}: {proxy.unsupported}")
+            return cls(explicit=proxy)
 
         def env(name: str) -> tuple[str, str]:
             for key in (name, name.lower()):
@@ -305,8 +316,6 @@ class Proxies:
             if value:
                 try:
                     found[name] = parse_proxy(value, key)
-                except UnsupportedProxy:
-                    raise
                 except UsageError as exc:
                     log.warning("%s; ignored, as kit ignores it", exc)
         return cls(http=found["HTTP_PROXY"], https=found["HTTPS_PROXY"],

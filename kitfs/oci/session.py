@@ -26,6 +26,7 @@ from kitfs.errors import (
     NotFoundError,
     RegistryError,
     UnreachableError,
+    UsageError,
 )
 from kitfs.oci.auth import Authenticator, Credential, CredentialSource
 from kitfs.oci.blobtransport import BLOB_EXTENSION, Sink
@@ -127,6 +128,8 @@ def _through_proxy(
 ) -> KitfsError:
     """What failed, naming the proxy: kitfs reaches only the proxy, which reaches `host`
     (through a CONNECT `tunnel` for https://, with TLS to `host` inside it)."""
+    if not proxy.supported:
+        return UsageError(proxy.unsupported)
     reason = root_reason(exc)
     if proxy.scheme == "https" and _tls_reason(reason):
         # TLS to the proxy comes first; without a tunnel it is the only TLS there is.

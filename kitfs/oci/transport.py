@@ -134,6 +134,8 @@ class ProxyRouter(httpx.AsyncBaseTransport):
         proxy = self._options.proxies.select(url.scheme, url.raw_host.decode("ascii"), url.port)
         if proxy is None:
             return await self._direct.handle_async_request(request)
+        if not proxy.supported:
+            raise httpx.UnsupportedProtocol(proxy.unsupported)
         transport = self._through.get(proxy)
         if transport is None:
             transport = self._through[proxy] = self._transport(proxy)
