@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -469,8 +469,13 @@ def _read_line(fd: int) -> str:
     return data.decode(errors="replace").strip()
 
 
-def start_daemon(argv: Sequence[str], mountpoint: Path) -> tuple[MountState, Path | None]:
+def start_daemon(
+    argv: Sequence[str], mountpoint: Path, env: Mapping[str, str] | None = None
+) -> tuple[MountState, Path | None]:
     """Run `python -m kitfs.cli mount --foreground ...` detached; return once it is mounted.
+
+    The daemon gets `env`, or this process's environment (HTTP_PROXY and the
+    like included, so it reaches the registry as the command did).
 
     Returns the daemon's state and where the log an earlier daemon at this
     mountpoint left was kept (see keep_earlier_log), if it left one.
@@ -484,7 +489,7 @@ def start_daemon(argv: Sequence[str], mountpoint: Path) -> tuple[MountState, Pat
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kitfs.cli", *argv, "--ready-fd", str(w)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=(w,),
-                start_new_session=True, cwd="/",
+                start_new_session=True, cwd="/", env=env,
             )
     except OSError as exc:
         os.close(r)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 LONG_NAME = "ünïcødé-" + "x" * 120 + ".bin"
@@ -50,9 +51,11 @@ def source_files(root: Path, kitignore_suffix: str = ".tmp") -> dict[str, str]:
 
 
 def kitfs(*args: str, home: Path | None = None, stdin: str | None = None,
-          timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the real `kitfs` command line in a subprocess."""
+          timeout: float = 120, env: Mapping[str, str] | None = None,
+          ) -> subprocess.CompletedProcess[str]:
+    """Run the real `kitfs` command line in a subprocess (in `env`, else this environment)."""
     cmd = [sys.executable, "-m", "kitfs.cli", *args]
     if home is not None:
         cmd += ["--config", str(home)]
-    return subprocess.run(cmd, capture_output=True, text=True, input=stdin, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, input=stdin, timeout=timeout,
+                          env=env)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from helpers import kitfs
@@ -12,10 +12,12 @@ from helpers import kitfs
 
 @contextlib.contextmanager
 def mounted(ref: str, mountpoint: Path, cache: Path, *extra: str,
-            home: Path | None = None) -> Iterator[Path]:
-    """`kitfs mount`, yield the mountpoint, always unmount (lazily if a test left it busy)."""
+            home: Path | None = None, env: Mapping[str, str] | None = None) -> Iterator[Path]:
+    """`kitfs mount` (in `env`, which its daemon inherits), yield the mountpoint, always
+    unmount (lazily if a test left it busy)."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    proc = kitfs("mount", ref, str(mountpoint), "--cache-dir", str(cache), *extra, home=home)
+    proc = kitfs("mount", ref, str(mountpoint), "--cache-dir", str(cache), *extra, home=home,
+                 env=env)
     assert proc.returncode == 0, proc.stderr
     try:
         yield mountpoint

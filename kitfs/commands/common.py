@@ -38,10 +38,25 @@ def add_network_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--key", metavar="PEM", help="private key for --cert")
     g.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="give up on a registry that stays silent this long (default: 30)")
+    g.add_argument("--proxy", metavar="URL",
+                   help="send every request through this proxy, loopback registries "
+                        "included (as kit's --proxy: it overrides HTTP_PROXY, HTTPS_PROXY "
+                        "and NO_PROXY); http://[USER:PASSWORD@]HOST:PORT or https://...; "
+                        f"also ${PROXY_ENV}")
+
+
+PROXY_ENV = "KITFS_PROXY"
+"""--proxy from the environment: how `kitfs mount` hands it to its daemon (a password in
+it stays out of `ps`), and a way to set it where flags are hard to pass."""
 
 
 def client_options(args: argparse.Namespace) -> ClientOptions:
+    """kit's network flags as options; proxies as kit takes them: --proxy (or $KITFS_PROXY)
+    for every request, else HTTP_PROXY / HTTPS_PROXY / NO_PROXY (oci/proxy.py)."""
+    import os
+
     from kitfs.oci.options import ClientOptions
+    from kitfs.oci.proxy import Proxies
 
     timeout = float(getattr(args, "timeout", 30.0))
     if timeout <= 0:
@@ -55,7 +70,18 @@ def client_options(args: argparse.Namespace) -> ClientOptions:
         read_timeout=timeout,
         retry_budget=timeout,
         kitops_home=getattr(args, "kitops_home", None),
+        proxies=Proxies.from_environment(os.environ, *_explicit_proxy(args)),
     )
+
+
+def _explicit_proxy(args: argparse.Namespace) -> tuple[str | None, str]:
+    """--proxy, else $KITFS_PROXY, with the name an error about it should give."""
+    import os
+
+    flag = getattr(args, "proxy", None)
+    if flag:
+        return flag, "--proxy"
+    return os.environ.get(PROXY_ENV) or None, PROXY_ENV
 
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from kitfs.commands.command import Command
-from kitfs.commands.common import add_network_options, client_options, run_async
+from kitfs.commands.common import PROXY_ENV, add_network_options, client_options, run_async
 from kitfs.errors import KitfsError, UsageError
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
@@ -113,6 +113,16 @@ def _daemon_argv(args: argparse.Namespace, config: MountConfig) -> list[str]:
     return argv
 
 
+def _daemon_env(config: MountConfig) -> dict[str, str] | None:
+    """The daemon's environment: this one (HTTP_PROXY, HTTPS_PROXY, NO_PROXY, ...), plus
+    --proxy as $KITFS_PROXY, which the daemon reads as its --proxy. Not on its command
+    line: a password in the proxy URL would show in `ps` for as long as the mount lives."""
+    explicit = config.client.proxies.explicit
+    if explicit is None:
+        return None
+    return dict(os.environ, **{PROXY_ENV: explicit.url})
+
+
 def _print_mounted(state: MountState) -> None:
     from kitfs.units import human_bytes
 
@@ -162,7 +172,8 @@ def _mount(args: argparse.Namespace, pipe: ReadyPipe) -> int:
     config = _mount_config(args)
     check_mountpoint(config.mountpoint)
     if not (args.foreground or args.ready_fd is not None):
-        state, earlier = start_daemon(_daemon_argv(args, config), config.mountpoint)
+        state, earlier = start_daemon(_daemon_argv(args, config), config.mountpoint,
+                                      _daemon_env(config))
         _print_mounted(state)
         if earlier is not None:
             print(f"  earlier log of the previous daemon here kept at {earlier}")

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
+from kitfs.oci.proxy import Proxies, Proxy
+
 BLOB_EXTENSION = "kitfs.blob"
 _MAX_HEAD = 64 << 10
 _IDLE_EXPIRY = 15.0
@@ -117,10 +119,16 @@ class Sink:
             self._index += 1
 
 
+_Key = tuple[str, str, int, Proxy | None]
+"""What a kept-alive connection can serve: scheme, host and port, through which proxy."""
+
+
 @dataclass
 class _Connection:
     stream: trio.abc.Stream
-    key: tuple[str, str, int]
+    key: _Key
+    forward: Proxy | None = None
+    """The http:// proxy this connection talks to: requests go in absolute form."""
     idle_since: float = 0.0
     reused: bool = False
     buffered: bytearray = field(default_factory=bytearray)
@@ -137,13 +145,15 @@ class BlobTransport(httpx.AsyncBaseTransport):
         connect_timeout: float,
         read_timeout: float,
         read_size: int,
+        proxies: Proxies = Proxies(),  # noqa: B008 - frozen, so sharing is safe
     ) -> None:
         self._inner = inner
+        self._proxies = proxies
         self._ssl = ssl_context
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._read_size = read_size
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[_Key, list[_Connection]] = {}
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, {}
@@ -191,7 +201,10 @@ class BlobTransport(httpx.AsyncBaseTransport):
 
     async def _checkout(self, url: httpx.URL) -> _Connection:
         port = url.port or (443 if url.scheme == "https" else 80)
-        key = (url.scheme, url.host, port)
+        proxy = self._proxies.select(url.scheme, url.raw_host.decode("ascii"), port)
+        if proxy is not None and not proxy.supported:
+            raise httpx.UnsupportedProtocol(proxy.unsupported)
+        key = (url.scheme, url.host, port, proxy)
         idle = self._idle.get(key, [])
         now = trio.current_time()
         while idle:
@@ -200,26 +213,65 @@ class BlobTransport(httpx.AsyncBaseTransport):
                 conn.reused = True
                 return conn
             await trio.aclose_forcefully(conn.stream)
-        return _Connection(await self._connect(url.scheme, url.host, port), key)
+        stream = await self._connect(url.scheme, url.raw_host.decode("ascii"), port, proxy)
+        forward = proxy if proxy is not None and url.scheme == "http" else None
+        return _Connection(stream, key, forward)
 
-    async def _connect(self, scheme: str, host: str, port: int) -> trio.abc.Stream:
+    async def _connect(
+        self, scheme: str, host: str, port: int, proxy: Proxy | None
+    ) -> trio.abc.Stream:
+        """A connection to `host:port`, or to its proxy: as it is for an http:// URL (the
+        request goes to the proxy in absolute form), tunnelled with CONNECT for https://."""
+        stream: trio.abc.Stream | None = None
         try:
             with trio.fail_after(self._connect_timeout):
-                tcp = await trio.open_tcp_stream(host, port)
-                if scheme == "http":
-                    return tcp
-                tls = trio.SSLStream(tcp, self._ssl, server_hostname=host, https_compatible=True)
-                try:
-                    await tls.do_handshake()
-                except BaseException:
-                    await trio.aclose_forcefully(tcp)
-                    raise
-                return tls
-        except trio.TooSlowError:
-            raise httpx.ConnectTimeout(f"no connection to {host}:{port}") from None
-        except (OSError, trio.BrokenResourceError, ValueError) as exc:
-            # ValueError: a host name the resolver cannot even encode (UnicodeError).
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+                if proxy is None:
+                    stream = await trio.open_tcp_stream(host, port)
+                else:
+                    stream = await trio.open_tcp_stream(proxy.host, proxy.port)
+                    if proxy.scheme == "https":
+                        stream = await self._tls(stream, proxy.host)
+                    if scheme == "https":
+                        await self._tunnel(stream, host, port, proxy)
+                if scheme == "https":
+                    stream = await self._tls(stream, host)
+                return stream
+        except BaseException as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            where = f"{host}:{port}" if proxy is None else f"proxy {proxy.netloc}"
+            if isinstance(exc, trio.TooSlowError):
+                raise httpx.ConnectTimeout(f"no connection to {where}") from None
+            if isinstance(exc, OSError | trio.BrokenResourceError | ValueError):
+                # ValueError: a host name the resolver cannot even encode (UnicodeError).
+                raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+            raise
+
+    async def _tls(self, stream: trio.abc.Stream, host: str) -> trio.SSLStream[trio.abc.Stream]:
+        tls = trio.SSLStream(stream, self._ssl, server_hostname=host, https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return tls
+
+    async def _tunnel(self, stream: trio.abc.Stream, host: str, port: int, proxy: Proxy) -> None:
+        """Ask `proxy` for a tunnel to `host:port`; httpx.ProxyError if it says no (as
+        httpcore's tunnel says it: "407 Proxy Authentication Required")."""
+        target = (f"[{host}]" if ":" in host else host) + f":{port}"
+        lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+        if proxy.authorization is not None:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        if any(c in line for line in lines for c in "\r\n\0"):
+            raise httpx.LocalProtocolError("line break or NUL in the CONNECT request")
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = _Connection(stream, ("", host, port, proxy))
+        status, reason, _ = await self._read_head(answer)
+        if not 200 <= status < 300:
+            raise httpx.ProxyError(f"{status} {reason.decode('latin-1')}".rstrip())
+        if answer.buffered:
+            raise httpx.ProxyError("the proxy sent data before the tunnel was used")
 
     async def _release(self, conn: _Connection) -> None:
         """Keep a connection whose response was read to the end, for the next request."""
@@ -233,7 +285,13 @@ class BlobTransport(httpx.AsyncBaseTransport):
     # -- the exchange -----------------------------------------------------------------
 
     async def _send_head(self, conn: _Connection, request: httpx.Request) -> None:
-        lines = [b"GET " + request.url.raw_path + b" HTTP/1.1"]
+        url = request.url
+        target = url.raw_path
+        lines = [b"GET " + target + b" HTTP/1.1"]
+        if conn.forward is not None:  # to an http:// proxy: the whole URL, and its credentials
+            lines[0] = b"GET " + url.raw_scheme + b"://" + url.netloc + target + b" HTTP/1.1"
+            if conn.forward.authorization is not None:
+                lines.append(b"Proxy-Authorization: " + conn.forward.authorization.encode())
         lines.extend(k + b": " + v for k, v in request.headers.raw)
         if any(c in line for line in lines for c in (b"\r", b"\n", b"\0")):
             # A token or path with a line break would smuggle headers (h11 refuses these too).

@@ -919,8 +919,8 @@ def _file_body(
 def _transport(
     exc: Exception, response: httpx.Response, options: ClientOptions, what: str
 ) -> KitfsError:
-    host = response.request.url.netloc.decode()
-    err = describe_transport_error(exc, host, options)
+    url = response.request.url
+    err = describe_transport_error(exc, url.netloc.decode(), options, url)
     return type(err)(f"{what}: {err}")
 
 

@@ -7,7 +7,9 @@ starts its daemon, do not pay for importing an HTTP client.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from kitfs.oci.proxy import Proxies
 
 __all__ = ["ClientOptions"]
 
@@ -36,5 +38,9 @@ class ClientOptions:
     """Seconds to keep retrying 5xx (and 408) answers, at most half of retry_budget:
     a registry that keeps failing is reported by its status well before a reader's
     deadline (a mount gives its readers `--timeout` too), not by that deadline."""
+    proxies: Proxies = field(default_factory=Proxies)
+    """Which proxy each connection goes through (--proxy, HTTP_PROXY, ...; see proxy.py).
+    None by default: commands read the environment (commands/common.py), a library
+    caller says what it wants."""
     kitops_home: str | None = None
     """Overrides $KITOPS_HOME when looking up credentials."""

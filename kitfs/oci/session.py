@@ -26,10 +26,12 @@ from kitfs.errors import (
     NotFoundError,
     RegistryError,
     UnreachableError,
+    UsageError,
 )
 from kitfs.oci.auth import Authenticator, Credential, CredentialSource
 from kitfs.oci.blobtransport import BLOB_EXTENSION, Sink
 from kitfs.oci.options import ClientOptions
+from kitfs.oci.proxy import Proxy
 from kitfs.oci.retry import RETRY_STATUSES, RetryBudget, parse_retry_after
 from kitfs.oci.transport import base_url, make_http_client
 
@@ -82,8 +84,14 @@ def root_reason(exc: BaseException) -> str:
     return best or type(exc).__name__
 
 
-def describe_transport_error(exc: Exception, host: str, options: ClientOptions) -> KitfsError:
-    """The kitfs error for any of TRANSPORT_FAILURES while talking to `host`."""
+def describe_transport_error(
+    exc: Exception, host: str, options: ClientOptions, url: httpx.URL | str | None = None
+) -> KitfsError:
+    """The kitfs error for any of TRANSPORT_FAILURES while talking to `host` (for `url`,
+    which says whether a proxy was asked: then it is named, its password masked)."""
+    proxy = proxy_for(url, options) if url is not None else None
+    if proxy is not None:
+        return _through_proxy(exc, host, options, proxy, tunnel=str(url).startswith("https:"))
     reason = root_reason(exc)
     if isinstance(exc, httpx.InvalidURL):
         return RegistryError(f"unusable URL for {host}: {reason}")
@@ -113,6 +121,58 @@ def describe_transport_error(exc: Exception, host: str, options: ClientOptions) 
     if isinstance(exc, httpx.NetworkError | OSError):
         return UnreachableError(f"connection to {host} lost: {reason}")
     return RegistryError(f"request to {host} failed: {reason}")
+
+
+def _through_proxy(
+    exc: Exception, host: str, options: ClientOptions, proxy: Proxy, *, tunnel: bool
+) -> KitfsError:
+    """What failed, naming the proxy: kitfs reaches only the proxy, which reaches `host`
+    (through a CONNECT `tunnel` for https://, with TLS to `host` inside it)."""
+    if not proxy.supported:
+        return UsageError(proxy.unsupported)
+    reason = root_reason(exc)
+    if proxy.scheme == "https" and _tls_reason(reason):
+        # TLS to the proxy comes first; without a tunnel it is the only TLS there is.
+        whose = f"proxy {proxy}" + (f" or {host}" if tunnel else "")
+        if "WRONG_VERSION_NUMBER" in reason or "record layer failure" in reason:
+            return UnreachableError(f"{whose} does not speak TLS ({reason}); use an http:// "
+                                    "proxy URL" + (", or --plain-http" if tunnel else ""))
+        return UnreachableError(f"TLS certificate of {whose} not trusted ({reason}); "
+                                "pass a CA file (--ca-file), or --tls-verify=false")
+    if isinstance(exc, httpx.ProxyError):  # it answered CONNECT with something but 2xx
+        if reason.startswith(("407", "401")):  # tinyproxy answers a CONNECT with 401
+            return proxy_auth_error(proxy, f"HTTP {reason}")
+        return UnreachableError(f"proxy {proxy} refused a tunnel to {host}: {reason}")
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UnreachableError(
+            f"no connection to {host} through proxy {proxy} within {options.connect_timeout:g}s")
+    if isinstance(exc, httpx.ConnectError) and not _tls_reason(reason):
+        return UnreachableError(f"cannot connect to proxy {proxy} (for {host}): {reason}")
+    if isinstance(exc, httpx.ReadTimeout):
+        return UnreachableError(
+            f"no answer from {host} through proxy {proxy} for {options.read_timeout:g}s")
+    direct = describe_transport_error(exc, host, options)
+    return type(direct)(f"{direct} (through proxy {proxy})")
+
+
+def proxy_auth_error(proxy: Proxy, answer: str) -> UnreachableError:
+    """A proxy that asked for credentials (`answer`: "HTTP 407 Proxy Authentication Required")."""
+    if proxy.authorization is None:
+        return UnreachableError(
+            f"proxy {proxy} wants credentials ({answer}); give them in its URL: "
+            "http://USER:PASSWORD@HOST:PORT")
+    return UnreachableError(f"proxy {proxy} refused the credentials in its URL ({answer})")
+
+
+def proxy_for(url: httpx.URL | str, options: ClientOptions) -> Proxy | None:
+    """The proxy a request to `url` went through, if any (for messages)."""
+    return options.proxies.for_url(str(url))
+
+
+def _tls_reason(reason: str) -> bool:
+    return any(s in reason for s in (
+        "CERTIFICATE_VERIFY_FAILED", "certificate verify failed", "WRONG_VERSION_NUMBER",
+        "record layer failure"))
 
 
 def retryable_transport_error(exc: Exception) -> bool:
@@ -219,7 +279,8 @@ class RegistrySession:
                 ):
                     continue
                 raise _with_context(
-                    describe_transport_error(exc, host, self.options), what
+                    describe_transport_error(exc, host, self.options, request.url),
+                    what,
                 ) from exc
             if response.status_code in RETRY_STATUSES and await budget.wait(
                 retry_after=parse_retry_after(response.headers.get("retry-after")),
@@ -279,7 +340,8 @@ class RegistrySession:
                     continue
                 host = _host(url, self.registry)
                 raise _with_context(
-                    describe_transport_error(exc, host, self.options), what
+                    describe_transport_error(exc, host, self.options, url),
+                    what,
                 ) from exc
             status = response.status_code
             from_registry = self._same_origin(response.request.url)
@@ -289,7 +351,7 @@ class RegistrySession:
                 try:
                     await self.auth.challenged(response, scopes)
                 except KitfsError as exc:
-                    raise _with_context(exc, what) from None
+                    raise self._forwarded(_with_context(exc, what), response) from None
                 continue
             if (
                 retry
@@ -310,9 +372,11 @@ class RegistrySession:
                         await response.aclose()
                         if retry and retryable_transport_error(exc) and await budget.wait():
                             continue
-                        host = response.request.url.netloc.decode()
+                        request_url = response.request.url
                         raise _with_context(
-                            describe_transport_error(exc, host, self.options), what
+                            describe_transport_error(
+                                exc, request_url.netloc.decode(), self.options, request_url),
+                            what,
                         ) from exc
                 return response
             await self._raise_for(response, what, scopes, budget.retries)
@@ -354,29 +418,49 @@ class RegistrySession:
     async def _raise_for(
         self, response: httpx.Response, what: str, scopes: tuple[str, ...], retries: int
     ) -> NoReturn:
+        proxy = proxy_for(response.request.url, self.options)
+        if proxy is not None and response.status_code == 407:
+            await response.aclose()
+            answer = f"HTTP 407 {response.reason_phrase}".rstrip()
+            raise _with_context(proxy_auth_error(proxy, answer), what)
+        raise self._forwarded(await self._status_error(response, what, retries), response)
+
+    def _forwarded(self, error: KitfsError, response: httpx.Response) -> KitfsError:
+        """`error` about `response`, naming the proxy if one forwarded the request: the
+        answer may be the proxy's own (tinyproxy answers wrong credentials with 401), while
+        through a CONNECT tunnel only the registry can answer."""
+        url = response.request.url
+        proxy = proxy_for(url, self.options)
+        if proxy is None or url.scheme != "http":
+            return error
+        return type(error)(f"{error} (through proxy {proxy})")
+
+    async def _status_error(
+        self, response: httpx.Response, what: str, retries: int
+    ) -> KitfsError:
         status = response.status_code
         detail = registry_error_text(await error_body(response))
         suffix = f" ({detail})" if detail else ""
         if status == 404:
-            raise NotFoundError(f"{what}: not found{suffix}")
+            return NotFoundError(f"{what}: not found{suffix}")
         if status in (401, 403):
             cred: Credential | None = await self.auth.credential()
             if cred is None:
-                raise AuthError(
+                return AuthError(
                     f"{what}: access denied (HTTP {status}){suffix}; the registry may need "
                     f"`kit login {self.registry}`"
                 )
             if status == 401 and self.auth.scheme == "basic":
-                raise AuthError(f"wrong username or password for {self.registry}")
-            raise AuthError(
+                return AuthError(f"wrong username or password for {self.registry}")
+            return AuthError(
                 f"{what}: access denied (HTTP {status}) for the stored credentials{suffix}"
             )
         after = f" after retrying {retries} times" if retries else ""
         if status == 429:
-            raise RegistryError(f"{what}: rate limited by {self.registry} (HTTP 429){after}")
+            return RegistryError(f"{what}: rate limited by {self.registry} (HTTP 429){after}")
         reason = response.reason_phrase or httpx.codes.get_reason_phrase(status)
         host = response.request.url.netloc.decode()
-        raise RegistryError(
+        return RegistryError(
             f"{what}: {host} answered HTTP {status} {reason}".rstrip() + f"{suffix}{after}"
         )
 

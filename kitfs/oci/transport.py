@@ -2,9 +2,10 @@
 
 Everything here is about the connection, nothing about OCI: the scheme a
 registry is reached with, the TLS context built from `kit`'s flags
-(`--plain-http`, `--tls-verify`, `--cert/--key`), the timeouts that keep a
-dead registry from hanging a FUSE reader, and the socket read size that
-decides how fast one blob stream can go.
+(`--plain-http`, `--tls-verify`, `--cert/--key`), the proxy each request goes
+through (`--proxy`, HTTP_PROXY and friends, as proxy.py decides), the
+timeouts that keep a dead registry from hanging a FUSE reader, and the socket
+read size that decides how fast one blob stream can go.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 from kitfs.errors import UsageError
 from kitfs.oci.blobtransport import BlobTransport
 from kitfs.oci.options import ClientOptions
+from kitfs.oci.proxy import Proxy
 
 # httpcore reads a socket 64 KiB at a time (AsyncHTTP11Connection.READ_NUM_BYTES),
 # which caps one blob stream near 0.45 GB/s on these machines because every read
@@ -101,23 +103,67 @@ class _BigReadHTTP11:
             cls.done = True
 
 
+class ProxyRouter(httpx.AsyncBaseTransport):
+    """Sends each request direct or through its proxy, as `Proxies.select` decides.
+
+    httpx's own proxy routing (`mounts`, `trust_env`) knows neither kit's rule
+    that --proxy covers every host nor Go's NO_PROXY; so kitfs asks the one
+    place that decides (proxy.py) for every request, and keeps one httpx
+    transport per destination: direct, or per proxy (http:// registries through
+    it with absolute request URIs, https:// ones through a CONNECT tunnel).
+    """
+
+    def __init__(self, options: ClientOptions, tls: ssl.SSLContext) -> None:
+        self._options = options
+        self._tls = tls
+        self._direct = self._transport(None)
+        self._through: dict[Proxy, httpx.AsyncHTTPTransport] = {}
+
+    def _transport(self, proxy: Proxy | None) -> httpx.AsyncHTTPTransport:
+        return httpx.AsyncHTTPTransport(
+            verify=self._tls,
+            http1=True,
+            http2=False,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            trust_env=False,
+            proxy=_httpx_proxy(proxy, self._tls) if proxy is not None else None,
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        proxy = self._options.proxies.select(url.scheme, url.raw_host.decode("ascii"), url.port)
+        if proxy is None:
+            return await self._direct.handle_async_request(request)
+        if not proxy.supported:
+            raise httpx.UnsupportedProtocol(proxy.unsupported)
+        transport = self._through.get(proxy)
+        if transport is None:
+            transport = self._through[proxy] = self._transport(proxy)
+        return await transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        through, self._through = self._through, {}
+        for transport in [self._direct, *through.values()]:
+            await transport.aclose()
+
+
+def _httpx_proxy(proxy: Proxy, tls: ssl.SSLContext) -> httpx.Proxy:
+    # An https:// proxy's own certificate is checked as the registry's is (as Go does).
+    return httpx.Proxy(proxy.url, ssl_context=tls if proxy.scheme == "https" else None)
+
+
 def make_transport(options: ClientOptions) -> httpx.AsyncBaseTransport:
-    """The real network transport: HTTP/1.1, TLS per options, big socket reads.
+    """The real network transport: HTTP/1.1, TLS per options, proxies, big socket reads.
 
     Blob bodies take the lean path in `blobtransport`; everything else is httpx's.
+    Both ask `options.proxies` where each connection goes.
     """
     _BigReadHTTP11.ensure()
     tls = ssl_context(options)
-    inner = httpx.AsyncHTTPTransport(
-        verify=tls,
-        http1=True,
-        http2=False,
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-        trust_env=False,
-    )
     return BlobTransport(
-        inner,
+        ProxyRouter(options, tls),
         tls,
+        proxies=options.proxies,
         connect_timeout=options.connect_timeout,
         read_timeout=options.read_timeout,
         read_size=BLOB_READ_SIZE,
