@@ -17,9 +17,10 @@ Invariants of a Partial:
 - a block in `bad` arrived wrong: the next reader of it fails with that
   error and clears it, so the read after fetches the block again;
 - `completing` is True while the whole-chunk check runs: nobody claims its
-  blocks again meanwhile; `completed` is set once that check has ended (the
-  chunk then is in memory, or failed), so a reader that finds the check
-  running waits for its outcome instead of racing it.
+  blocks again meanwhile; `completed` is set once that check has ended, with
+  `checked` the chunk if it passed, so a reader that finds the check running
+  waits for its outcome instead of racing it (and is served from it even
+  where neither memory nor disk keeps the chunk).
 
 Invariants of a Claim: every (chunk, block) in `wanted` is in its partial's
 `flights` with the chunk's event in `events`, from `add` until its fetch
@@ -43,7 +44,7 @@ def blocks_of(block_size: int, lo: int, hi: int) -> range:
 
 
 class Partial:
-    __slots__ = ("bad", "buffer", "completed", "completing", "flights", "have")
+    __slots__ = ("bad", "buffer", "checked", "completed", "completing", "flights", "have")
 
     def __init__(self, size: int) -> None:
         self.buffer = new_frame_buffer(size)  # kept with O_DIRECT once whole
@@ -51,6 +52,7 @@ class Partial:
         self.flights: dict[int, trio.Event] = {}
         self.completing = False
         self.completed = trio.Event()  # set when the whole-chunk check has ended
+        self.checked: memoryview | None = None  # the chunk, if that check passed
         self.bad: dict[int, IntegrityError] = {}
 
     def has(self, blocks: Iterable[int]) -> bool:

@@ -244,22 +244,25 @@ class Gatherer:
 
         The partial stays registered (and serving its blocks) until the check is
         done, so nobody fetches them again meanwhile. Returns the checked chunk,
-        or None when it failed its digest or another task completed it (this one
-        then waits for that outcome first).
+        or None when it failed its digest; a task that finds another's check
+        running waits for it and returns its outcome.
         """
         ctx = self.ctx
         key = (layer.info.digest, index)
         if gathered.completing:
-            await gathered.completed.wait()  # its outcome is in memory (or failed) now
-            return None
+            await gathered.completed.wait()
+            return gathered.checked
         if ctx.partials.get(key) is not gathered:
             return None
         chunk = layer.geo.chunks[index]
         gathered.completing = True
+        result: ChunkData | KitfsError | None = None
         try:
             result = await trio.to_thread.run_sync(checked, layer, chunk, gathered.buffer)
         finally:
             ctx.partials.discard(key, gathered)
+            if result is not None and not isinstance(result, KitfsError):
+                gathered.checked = memoryview(result)
             gathered.completed.set()
         if isinstance(result, KitfsError) or (
                 chunk.key not in ctx.memory and key not in ctx.flights):
