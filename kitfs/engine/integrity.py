@@ -65,7 +65,8 @@ class Integrity:
     def got(self, layer: LayerState, index: int) -> None:
         """Chunk `index` is here; once all are, the layer is hashed against its digest."""
         layer.fetched.add(index)
-        if layer.state is State.UNVERIFIED and len(layer.fetched) == len(layer.geo.chunks):
+        if (layer.state is State.UNVERIFIED and len(layer.fetched) == len(layer.geo.chunks)
+                and self.ctx.config.verify_when_whole):
             self.ensure_verification(layer)
 
     def failed(self, layer: LayerState, error: KitfsError) -> None:
@@ -173,9 +174,9 @@ class Integrity:
                     layer.info, layer.geo.chunks, layer.layout,
                     partial(self._chunks.get, layer, background=True))
         except Exception as exc:
-            layer.postponed()
-            self.ctx.note_error(f"verification of {layer.info.digest[:19]} postponed: "
-                                f"{foreign(exc, 'verification')}")
+            why = foreign(exc, "verification")
+            layer.postponed(why)
+            self.ctx.note_error(f"verification of {layer.info.digest[:19]} postponed: {why}")
             return
         if problem is not None:
             self.poison(layer, problem)

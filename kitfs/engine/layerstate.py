@@ -18,6 +18,10 @@ the order above.
 Invariants of a LayerState:
 - `verified_event` is set exactly when the state is VERIFIED or POISONED
   (strict mode's readers wait on it);
+- `attempt_over` is set when the verification attempt under way (or the
+  next one) ends: verified, poisoned, or postponed; a postponement sets it
+  and puts a fresh one in its place for the next attempt, with its cause in
+  `postponed_by` (what `Engine.verified` waits on and reports);
 - `reason` is non-empty exactly when POISONED;
 - `recorded` holds the BLAKE3 of chunks this engine fetched that carry no
   digest of their own, and is emptied when the layer is poisoned (a stream
@@ -60,6 +64,8 @@ class LayerState:
     layout_error: KitfsError | None = None  # why the last check could not finish
     recorded: dict[int, str] = field(default_factory=dict)
     verified_event: trio.Event = field(default_factory=trio.Event)
+    attempt_over: trio.Event = field(default_factory=trio.Event)
+    postponed_by: KitfsError | None = None  # why the last verification could not finish
     fetched: set[int] = field(default_factory=set)
     verify_started: bool = False
     # stream-shaped layers
@@ -77,11 +83,14 @@ class LayerState:
         if self.state is not State.POISONED:
             self.state = State.VERIFYING
 
-    def postponed(self) -> None:
-        """A hash could not finish (the registry failed it): it may be tried again."""
-        if self.state is not State.POISONED:
+    def postponed(self, why: KitfsError) -> None:
+        """A hash or stream could not finish (the registry failed it): it may be tried again."""
+        if self.state is State.VERIFYING:
             self.state = State.UNVERIFIED
         self.verify_started = False
+        self.postponed_by = why
+        over, self.attempt_over = self.attempt_over, trio.Event()
+        over.set()
 
     def verified(self) -> bool:
         """The layer matched its digest; False if it was poisoned meanwhile (that stays)."""
@@ -89,6 +98,7 @@ class LayerState:
             return False
         self.state = State.VERIFIED
         self.verified_event.set()
+        self.attempt_over.set()
         return True
 
     def poisoned(self, reason: str) -> bool:
@@ -98,5 +108,6 @@ class LayerState:
         self.state = State.POISONED
         self.reason = reason
         self.verified_event.set()
+        self.attempt_over.set()
         self.recorded.clear()
         return True

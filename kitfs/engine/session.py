@@ -20,7 +20,7 @@ from kitfs.modelkit.toc import LayerToc
 from kitfs.modelkit.tree import Tree
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference
-from kitfs.oci.source import BlobSource, open_source
+from kitfs.oci.source import BlobSource, Where, open_source
 
 
 @dataclass
@@ -41,13 +41,15 @@ async def open_kit(
     filters: FilterSet | None = None,
     config: EngineConfig | None = None,
     cache_budget: int | None = None,
+    where: Where = "reference",
 ) -> AsyncIterator[OpenedKit]:
     """Resolve, read the metadata (tables of contents cached by layer digest), build the engine.
 
     Fetches no file data. The caller starts the engine's background work with
-    `await kit.engine.start(nursery)`; the source is closed on exit.
+    `await kit.engine.start(nursery)`; the source is closed on exit. `where`:
+    kit's local storage or a registry, as oci/source.py's open_source says.
     """
-    source = open_source(reference, options)
+    source = open_source(reference, options, where=where)
     try:
         # No fsync per chunk: every chunk file carries its xxh3, so one torn by a
         # crash reads as absent and is fetched again, never served; syncing each
