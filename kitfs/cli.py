@@ -30,6 +30,7 @@ from kitfs.commands import (
     pack,
     status,
     umount,
+    unpack,
 )
 from kitfs.commands.command import Command
 from kitfs.errors import KitfsError
@@ -57,6 +58,7 @@ examples:
   kitfs info -r registry.example.com/team/llama:v1 --filter package.name
   kitfs diff registry.example.com/team/llama:v1 registry.example.com/team/llama:v2
   kitfs ls registry.example.com/team/llama:v1 --filter model
+  kitfs unpack registry.example.com/team/llama:v1 -d ./llama --filter model
   echo "$TOKEN" | kitfs login registry.example.com -u me --password-stdin
 """
 
@@ -72,7 +74,7 @@ def _add_global_options(p: argparse.ArgumentParser) -> None:
 #: Every verb, in the order `kitfs --help` lists them.
 COMMANDS: tuple[Command, ...] = (
     pack.COMMAND, init.COMMAND, inspect.COMMAND, info.COMMAND, diff.COMMAND, ls.COMMAND,
-    login.COMMAND, logout.COMMAND, mount.COMMAND, umount.COMMAND, status.COMMAND,
+    unpack.COMMAND, login.COMMAND, logout.COMMAND, mount.COMMAND, umount.COMMAND, status.COMMAND,
     cache.COMMAND,
 )
 
