@@ -186,8 +186,6 @@ class Integrity:
         if layer.layout is not None and layer.layout.origin == "walked":
             await self._keep_layout(layer)
         await self.mark_verified(layer, digests)
-        if any(c.digest is None for c in layer.geo.chunks):
-            await self._adopt(layer, digests)
 
     async def _adopt(self, layer: LayerState, digests: list[str]) -> None:
         """Give a verified layer's chunk files the digest keys later mounts look them up by."""
@@ -203,14 +201,20 @@ class Integrity:
             ctx.note_error(str(exc))
 
     async def mark_verified(self, layer: LayerState, digests: list[str]) -> None:
-        """The layer matched its digest: recorded, so later mounts check chunks by digest."""
+        """The layer matched its digest: recorded, so later mounts check chunks by digest
+        (a streamed layer's chunks, by position, are then read back instead of streamed
+        again), and its chunk files moved to the keys those digests give; then the
+        attempt is over (`Engine.verified` returns once all of that is on disk)."""
         if not layer.verified():  # poisoned meanwhile: that is final
             return
         log.info("layer %s verified end to end", layer.info.digest)
         ctx = self.ctx
-        if ctx.toc_cache is not None and layer.geo.shape != "stream":
+        if ctx.toc_cache is not None:
             await ctx.record(ctx.toc_cache.put_verified, layer.info.digest,
                              verified_record(layer.geo.chunk_size, layer.info.size, digests))
+        if any(c.digest is None for c in layer.geo.chunks):
+            await self._adopt(layer, digests)
+        layer.attempt_over.set()
 
     # -- poisoning --------------------------------------------------------------------
 

@@ -19,12 +19,14 @@ Invariants of a LayerState:
 - `verified_event` is set exactly when the state is VERIFIED or POISONED
   (strict mode's readers wait on it);
 - `attempt_over` is set when the verification attempt under way (or the
-  next one) ends: verified, poisoned, or postponed; a postponement sets it
-  and puts a fresh one in its place for the next attempt, with its cause in
-  `postponed_by` (what `Engine.verified` waits on and reports);
+  next one) is over: poisoned, postponed, or verified with its records
+  written (Integrity.mark_verified); a postponement sets it and puts a fresh
+  one in its place for the next attempt, with its cause in `postponed_by`
+  (what `Engine.verified` waits on and reports);
 - `reason` is non-empty exactly when POISONED;
 - `recorded` holds the BLAKE3 of chunks this engine fetched that carry no
-  digest of their own, and is emptied when the layer is poisoned (a stream
+  digest of their own (for a streamed layer verified before, every chunk's,
+  from its verified record), and is emptied when the layer is poisoned (a stream
   failing at that moment may still add a chunk, but no read of a poisoned
   layer reaches the disk);
 - `layout_ok` is False until the listed entries are known to be those the
@@ -98,7 +100,6 @@ class LayerState:
             return False
         self.state = State.VERIFIED
         self.verified_event.set()
-        self.attempt_over.set()
         return True
 
     def poisoned(self, reason: str) -> bool:

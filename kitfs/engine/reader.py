@@ -95,6 +95,14 @@ class Engine:
             geo = plan_layer(info, toc, config.chunk_size, verified)
             layout = layouts.get(info.digest) if layouts is not None else None
             layer = LayerState(info, geo, layout=layout)
+            if geo.shape == "stream" and verified is not None:
+                # Verified by an earlier mount or unpack: its chunks, kept by position,
+                # are read back against the digests recorded then; streamed only if gone.
+                digests = parse_verified(verified, geo.chunk_size, info.size)
+                if digests:
+                    layer.recorded.update(enumerate(digests))
+                    layer.stream_chunks = len(digests)
+                    layer.verified()
             # Chunk digests from a verified record were computed from the layer's own
             # bytes; a table of contents' are its author's word until this node hashed
             # the layer (they could be another layer's: shared cache keys would then
