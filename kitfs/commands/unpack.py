@@ -46,6 +46,7 @@ def filter_texts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
     import os
     from pathlib import Path
 
@@ -59,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from kitfs.progress import Progress
     from kitfs.unpack import UnpackOptions, engine_config, unpack
 
+    if not args.verbose:
+        # What goes wrong reaches the user as the one line cli.main prints; the warnings
+        # the read path logs on the way (a mount's log) would only repeat it (-v shows them).
+        logging.getLogger("kitfs").setLevel(logging.CRITICAL)
     ref = parse_reference(args.reference)
     if ref.extra_tags:
         raise UsageError(f"{args.reference}: can not unpack multiple tags")
