@@ -90,6 +90,9 @@ WRITE_BATCH = 8 << 20
 #: The engine's memory tier for an unpack: the chunks between their arrival and their
 #: write, and those a layer's end-to-end hash is about to read in order.
 MEMORY_BYTES = 128 << 20
+#: A range of a layer checked whole starts at most this far ahead of the layer's hash
+#: (with the ranges in flight, within the memory tier).
+HASH_LEAD = MEMORY_BYTES * 2 // 4
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -441,6 +444,10 @@ class Writer:
             await self._range(job, start, length)
 
     async def _range(self, job: FileJob, start: int, length: int) -> None:
+        layer = job.node.layer
+        if layer is not None and layer in self.gated:
+            # Stay within reach of the layer's hash, which reads what it hashes from memory.
+            await self.engine.hashed_past(job.node.offset + start - HASH_LEAD, layer)
         batch: list[bytes | memoryview] = []
         held = 0
         at = start

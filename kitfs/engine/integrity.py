@@ -29,6 +29,7 @@ import trio
 
 from kitfs.cache.fileformat import CacheError
 from kitfs.cache.keys import chunk_key_for_digest
+from kitfs.cache.memory import ChunkData
 from kitfs.engine.chunks import Chunks, checked
 from kitfs.engine.context import Context, foreign
 from kitfs.engine.geometry import verified_record
@@ -40,6 +41,8 @@ from kitfs.inspection import layout_record
 
 log = logging.getLogger(__name__)
 
+#: Chunks a whole-layer hash asks for ahead of the one it hashes.
+HASH_AHEAD = 8
 #: Reads bytes [offset, offset + length) of a layer, block by block where it can.
 ReadRange = Callable[[LayerState, int, int], Awaitable[bytes | memoryview]]
 
@@ -172,7 +175,7 @@ class Integrity:
             else:
                 problem, digests = await hash_ranged(
                     layer.info, layer.geo.chunks, layer.layout,
-                    partial(self._chunks.get, layer, background=True))
+                    partial(self._in_order, layer), layer.recorded, layer.hashed_to)
         except Exception as exc:
             why = foreign(exc, "verification")
             layer.postponed(why)
@@ -186,6 +189,15 @@ class Integrity:
         if layer.layout is not None and layer.layout.origin == "walked":
             await self._keep_layout(layer)
         await self.mark_verified(layer, digests)
+
+    async def _in_order(self, layer: LayerState, index: int) -> ChunkData:
+        """Chunk `index` for the hash, the next HASH_AHEAD asked for ahead of it: a hash
+        that fell behind its readers finds its chunks on disk, and reading them one at a
+        time left it further behind with every chunk."""
+        assert self._chunks is not None
+        if index % HASH_AHEAD == 0:
+            self._chunks.ahead(layer, range(index + 1, index + 1 + HASH_AHEAD))
+        return await self._chunks.get(layer, index, background=True)
 
     async def _adopt(self, layer: LayerState, digests: list[str]) -> None:
         """Give a verified layer's chunk files the digest keys later mounts look them up by."""

@@ -23,6 +23,9 @@ Invariants of a LayerState:
   written (Integrity.mark_verified); a postponement sets it and puts a fresh
   one in its place for the next attempt, with its cause in `postponed_by`
   (what `Engine.verified` waits on and reports);
+- `hashed` is how far (bytes of its stream) the whole-layer hash under way
+  has got; `hash_moved` is set, and replaced, whenever it moves or the
+  attempt ends (a caller pacing itself on the hash waits on it);
 - `reason` is non-empty exactly when POISONED;
 - `recorded` holds the BLAKE3 of chunks this engine fetched that carry no
   digest of their own (for a streamed layer verified before, every chunk's,
@@ -68,6 +71,8 @@ class LayerState:
     verified_event: trio.Event = field(default_factory=trio.Event)
     attempt_over: trio.Event = field(default_factory=trio.Event)
     postponed_by: KitfsError | None = None  # why the last verification could not finish
+    hashed: int = 0  # bytes of the stream the whole-layer hash in progress has passed
+    hash_moved: trio.Event = field(default_factory=trio.Event)
     fetched: set[int] = field(default_factory=set)
     verify_started: bool = False
     # stream-shaped layers
@@ -84,6 +89,16 @@ class LayerState:
     def verifying(self) -> None:
         if self.state is not State.POISONED:
             self.state = State.VERIFYING
+        self.hashed = 0
+
+    def hashed_to(self, offset: int) -> None:
+        """The hash in progress has passed `offset`: wake who waits for it (Engine.hashed_past)."""
+        self.hashed = offset
+        self._moved()
+
+    def _moved(self) -> None:
+        moved, self.hash_moved = self.hash_moved, trio.Event()
+        moved.set()
 
     def postponed(self, why: KitfsError) -> None:
         """A hash or stream could not finish (the registry failed it): it may be tried again."""
@@ -93,6 +108,7 @@ class LayerState:
         self.postponed_by = why
         over, self.attempt_over = self.attempt_over, trio.Event()
         over.set()
+        self._moved()
 
     def verified(self) -> bool:
         """The layer matched its digest; False if it was poisoned meanwhile (that stays)."""
@@ -100,6 +116,7 @@ class LayerState:
             return False
         self.state = State.VERIFIED
         self.verified_event.set()
+        self._moved()
         return True
 
     def poisoned(self, reason: str) -> bool:
@@ -110,5 +127,6 @@ class LayerState:
         self.reason = reason
         self.verified_event.set()
         self.attempt_over.set()
+        self._moved()
         self.recorded.clear()
         return True

@@ -315,6 +315,19 @@ class Engine:
             yield data
             pos = stop
 
+    async def hashed_past(self, offset: int, digest: str) -> None:
+        """Until the whole-layer hash under way of ranged layer `digest` has passed `offset`
+        of its stream, or is over; at once where none runs.
+
+        For a reader that fetches ahead of a hash it will wait for (unpack):
+        kept within a memory tier's reach of it, the hash finds its chunks in
+        memory instead of reading them all back from disk.
+        """
+        layer = self.layers[digest]
+        while (layer.geo.shape == "ranged" and layer.verify_started and layer.hashed < offset
+               and not layer.verified_event.is_set()):
+            await layer.hash_moved.wait()
+
     async def verified(self, digest: str) -> None:
         """Until layer `digest` has matched its digest end to end, starting that if nothing has.
 
