@@ -40,10 +40,12 @@ How (fast, and never a half-written file under its final name):
   tasks in one nursery, so several files (and parts of one big file) are
   fetched and written at once while the request slots stay full;
 - each file is written to a temporary name (TEMP_PREFIX + 16 hex digits) in
-  its own directory and renamed into place once whole; a layer whose chunks
-  carry no digests of their own (what `kit` wrote, streamed gzip/zstd) is
-  renamed into place only after `Engine.verified` says the layer matched its
-  digest, so no unverified byte ever sits under a final name;
+  its own directory and renamed into place once whole; the files of a layer
+  whose chunks carry no digests of their own (what `kit` wrote, streamed
+  gzip/zstd) only after `Engine.verified` says the layer matched its digest,
+  so no unverified byte ever sits under a final name. That hash starts at
+  once and runs beside the writes, which keep within HASH_LEAD of it
+  (`Engine.hashed_past`), so it finds its chunks in memory;
 - on an error or Ctrl-C the temporary files are removed; after a kill -9
   they are left, and the next unpack into the directory removes them. The
   chunks fetched before are in the cache (the engine reads back even those
@@ -70,12 +72,12 @@ from pathlib import Path
 import trio
 
 from kitfs.cache.fileformat import DISK_FULL_ERRNOS, describe_oserror
-from kitfs.commands.common import shown_path
 from kitfs.engine.reader import Engine, EngineConfig
 from kitfs.engine.session import OpenedKit
 from kitfs.errors import LocalStorageError
 from kitfs.modelkit.tree import KITFILE_NAME, Node, Tree
 from kitfs.progress import Progress
+from kitfs.units import shown_path
 
 #: Temporary files are named this plus 16 hex digits, in the directory of the file they become.
 TEMP_PREFIX = ".kitfs-unpack."
