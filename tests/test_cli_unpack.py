@@ -716,10 +716,11 @@ async def test_a_registry_that_lies_fails_the_unpack_and_leaves_no_file_of_it(
     assert not temp_files(out)
 
 
+@pytest.mark.parametrize("toc", [False, True], ids=["kit-layer", "kitfs-layer"])
 async def test_a_registry_that_dies_mid_unpack_is_one_line_and_no_temporary_file(
-    registry: RegistryServer, tmp_path: Path
+    registry: RegistryServer, tmp_path: Path, toc: bool
 ) -> None:
-    kit, big = await big_kit(registry, tmp_path, toc=True, size=24 * MiB)
+    kit, big = await big_kit(registry, tmp_path, toc=toc, size=24 * MiB)
     out = tmp_path / "out"
     with FaultProxy(registry.host) as proxy:
         proxy.add(Reset(), path=sha(big.blob), overlaps=(12 * MiB, 13 * MiB))
