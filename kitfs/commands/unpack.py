@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(repeatable: what any filter matches is unpacked)")
     for name in SHORTHANDS:
         p.add_argument(f"--{name}", action="store_true", dest=f"only_{name}",
-                       help=f"unpack only the {name} (as --filter={name}; ignored with "
-                            "--filter)")
+                       help=f"unpack the {name} (kit's older flags: together they make one "
+                            f"filter, e.g. --filter={name},...; ignored with --filter)")
     p.add_argument("-o", "--overwrite", action="store_true",
                    help="replace files that already exist (default: an existing file is an "
                         "error)")
