@@ -24,18 +24,18 @@ import json
 import mmap
 import os
 import random
-import re
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import psutil
 
 import registry  # tests/registry.py: the callers put tests/ on sys.path
+from registry import Served
 
 READ_BUFFER = 8 << 20
 PAGE = mmap.ALLOCATIONGRANULARITY
@@ -347,9 +347,6 @@ def fusermount_u(path: Path) -> None:
 
 # -- the registry ---------------------------------------------------------------------
 
-_LOG_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
-
-
 @dataclass
 class Registry:
     """A Distribution registry on loopback whose access log counts every byte it serves.
@@ -372,34 +369,12 @@ class Registry:
         self.server.stop()
 
     def mark(self) -> int:
-        return self.log.stat().st_size
+        return self.server.mark()
 
     def served(self, since: int, settle: float = 0.2) -> Served:
         """Bytes served since `mark()`; waits briefly: a line is written when a response ends."""
         time.sleep(settle)
-        out = Served()
-        with self.log.open("rb") as f:
-            f.seek(since)
-            for raw in f:
-                m = _LOG_LINE.search(raw.decode(errors="replace"))
-                if not m or m.group(1) != "GET" or m.group(4) == "-":
-                    continue
-                n = int(m.group(4))
-                out.total += n
-                out.requests += 1
-                digest = m.group(2).rsplit("/", 1)[-1]
-                if "/blobs/" in m.group(2):
-                    out.by_blob[digest] = out.by_blob.get(digest, 0) + n
-                    out.sizes.setdefault(digest, []).append(n)
-        return out
-
-
-@dataclass
-class Served:
-    total: int = 0
-    requests: int = 0
-    by_blob: dict[str, int] = field(default_factory=dict)
-    sizes: dict[str, list[int]] = field(default_factory=dict)  # each response's bytes, by blob
+        return self.server.served(since)
 
 
 def start_registry(root: Path) -> Registry:

@@ -34,6 +34,7 @@ from kitfs.commands import (
     status,
     tag,
     umount,
+    unpack,
 )
 from kitfs.commands import list as list_
 from kitfs.commands.command import Command
@@ -66,6 +67,7 @@ examples:
   kitfs info -r registry.example.com/team/llama:v1 --filter package.name
   kitfs diff registry.example.com/team/llama:v1 registry.example.com/team/llama:v2
   kitfs ls registry.example.com/team/llama:v1 --filter model
+  kitfs unpack registry.example.com/team/llama:v1 -d ./llama --filter model
   echo "$TOKEN" | kitfs login registry.example.com -u me --password-stdin
 """
 
@@ -82,7 +84,8 @@ def _add_global_options(p: argparse.ArgumentParser) -> None:
 COMMANDS: tuple[Command, ...] = (
     pack.COMMAND, init.COMMAND, pull.COMMAND, push.COMMAND, tag.COMMAND, list_.COMMAND,
     remove.COMMAND, inspect.COMMAND, info.COMMAND, diff.COMMAND, ls.COMMAND,
-    login.COMMAND, logout.COMMAND, mount.COMMAND, umount.COMMAND, status.COMMAND,
+    unpack.COMMAND, login.COMMAND, logout.COMMAND, mount.COMMAND, umount.COMMAND,
+    status.COMMAND,
     cache.COMMAND,
 )
 

@@ -16,8 +16,6 @@ stopped by anything but SIGKILL never leaves a dead mount behind.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import datetime
 import logging
 import os
@@ -31,6 +29,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from kitfs.buffers import trim_memory, tune_malloc
 from kitfs.engine.api import FileReader
 from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import open_kit
@@ -54,8 +53,6 @@ log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STATE_INTERVAL_S = 1.0
-#: How often freed heap memory is handed back to the system (see tune_malloc).
-TRIM_INTERVAL_S = 2.0
 # Writing fetched chunks out on the way down must not hold `kitfs umount` for long.
 FLUSH_TIMEOUT_S = 10.0
 READ_BOUND_MARGIN_S = 5.0
@@ -96,54 +93,6 @@ async def _watch_signals(signals: Any, stopper: _Stopper) -> None:
         await stopper.stop(signum)
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-
-
-def tune_malloc() -> Callable[[], None] | None:
-    """Keep the daemon's memory bounded without paying a page fault per chunk byte.
-
-    Returns the trim to run every few seconds (see `_trim_memory`), or None
-    where the C library is not glibc. Measured on this project's harness:
-
-    - glibc's defaults (an arena per thread, an mmap threshold that rises as
-      big blocks are freed) let RSS grow with the model: 313 MiB at 256 MiB,
-      822 MiB at 8 GiB (ee0b44d).
-    - A fixed 1 MiB mmap threshold maps every chunk afresh: flat, but every
-      chunk byte is a page fault and a zeroing (2 GiB cold read 0.27 instead of
-      0.45 GB/s, 9.4 instead of 5.3 CPU s).
-    - So chunk buffers come from the heap (threshold 64 MiB, 64 MiB kept free
-      at its top), from one arena (chunks are allocated on the event loop and
-      in worker threads; with two arenas a block freed into one could not serve
-      the other: 8 GiB peak 905 -> 763 MiB), and the free pages inside the heap
-      are handed back every few seconds (8 GiB peak 938 -> 760 MiB).
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-        libc.mallopt(_M_ARENA_MAX, 1)
-        malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError) as exc:  # not glibc: nothing to tune
-        log.debug("mallopt unavailable: %s", exc)
-        return None
-    malloc_trim.argtypes = [ctypes.c_size_t]
-
-    def trim() -> None:
-        malloc_trim(0)
-
-    return trim
-
-
-async def _trim_memory(trim: Callable[[], None]) -> None:
-    """Hand the free pages inside the heaps back to the system, every TRIM_INTERVAL_S."""
-    while True:
-        await trio.sleep(TRIM_INTERVAL_S)
-        await trio.to_thread.run_sync(trim)
-
-
 async def serve(config: MountConfig, ready: Callable[[MountState], None]) -> None:
     """Mount `config.reference` at `config.mountpoint` and serve it until stopped.
 
@@ -160,7 +109,7 @@ async def serve(config: MountConfig, ready: Callable[[MountState], None]) -> Non
                 stopper = _Stopper(root.cancel_scope)
                 root.start_soon(_watch_signals, signals, stopper)
                 if trim is not None:
-                    root.start_soon(_trim_memory, trim)
+                    root.start_soon(trim_memory, trim)
                 await _serve(config, ready, root, stopper)
                 root.cancel_scope.cancel()
     except BaseExceptionGroup as group:

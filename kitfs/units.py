@@ -1,4 +1,5 @@
-"""Byte sizes as people write and read them: `50G`, `512MiB`, `1.5 GiB`."""
+"""Byte sizes as people write and read them (`50G`, `512MiB`, `1.5 GiB`), and names from a
+ModelKit as one line of a terminal shows them."""
 
 from __future__ import annotations
 
@@ -38,3 +39,34 @@ def kit_bytes(n: int) -> str:
             return f"{math.floor(size * 10) / 10:.1f} {suffix}"
         size /= 1024
     return f"{size:.1f} PiB"
+
+
+def shown_path(path: str) -> str:
+    """A path as a listing prints it, one line whatever it holds (JSON output keeps it exact).
+
+    Tar names and Kitfile paths come from whoever packed the ModelKit. Names
+    that are not UTF-8 arrive surrogate-escaped (as os.fsdecode gives them)
+    and cannot be printed to a UTF-8 stdout; they are shown as \\xNN. Control
+    characters are escaped too, so a newline cannot fake a second entry, nor
+    an escape sequence rewrite the terminal; a backslash is doubled so the
+    escaping stays unambiguous.
+    """
+    if path.isprintable() and "\\" not in path:
+        return path
+    out = []
+    for ch in path:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else
+                                            f"\\u{code:04x}" if code < 0x10000 else
+                                            f"\\U{code:08x}"))
+    return "".join(out)
+
+
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}

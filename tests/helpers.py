@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+from kitfs.modelkit import mediatypes as mt
+from kitfs.modelkit.kitignore import KitIgnore
+from kitfs.modelkit.layers import plan_layer
+from kitfs.modelkit.tarwriter import write_layer
+from kitfs.oci.client import ClientOptions, RegistryClient
 
 LONG_NAME = "ünïcødé-" + "x" * 120 + ".bin"
 
@@ -59,3 +67,35 @@ def kitfs(*args: str, home: Path | None = None, stdin: str | None = None,
         cmd += ["--config", str(home)]
     return subprocess.run(cmd, capture_output=True, text=True, input=stdin, timeout=timeout,
                           env=env)
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def kit_tar(context: Path, path: str, others: list[str]) -> bytes:
+    """The uncompressed tar `kit pack` writes for one layer."""
+    buf = io.BytesIO()
+    entries = plan_layer(context, path, others, KitIgnore.from_context(context))
+    write_layer(entries, buf, compression="none", media_type="x")
+    return buf.getvalue()
+
+
+async def push_manifest(registry_host: str, repo: str, manifest: dict[str, object],
+                        blobs: list[bytes], tag: str = "v1") -> str:
+    """Push these blobs and a hand-written manifest (any generation's shape); its digest."""
+    async with RegistryClient(registry_host, ClientOptions()) as client:
+        for blob in blobs:
+            await client.push_blob_bytes(repo, sha(blob), blob)
+        body = json.dumps(manifest).encode()
+        digest, _ = await client.put_manifest(repo, tag, body, mt.OCI_MANIFEST)
+        return digest
+
+
+def layer_desc(media_type: str, blob: bytes, annotations: dict[str, str] | None = None
+               ) -> dict[str, object]:
+    """A manifest descriptor of `blob`."""
+    d: dict[str, object] = {"mediaType": media_type, "digest": sha(blob), "size": len(blob)}
+    if annotations:
+        d["annotations"] = annotations
+    return d

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REGISTRY_BINARY = shutil.which("docker-registry") or shutil.which("registry")
@@ -28,6 +28,19 @@ def free_port(address: str = "127.0.0.1") -> int:
         s.bind((address, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+_LOG_LINE = re.compile(r'"(GET|HEAD) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
+
+
+@dataclass
+class Served:
+    """What an access log says a registry served: GET bodies, in all and by blob."""
+
+    total: int = 0
+    requests: int = 0
+    by_blob: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, list[int]] = field(default_factory=dict)  # each response's bytes, by blob
 
 
 @dataclass
@@ -64,6 +77,29 @@ class RegistryServer:
 
     def log_size(self) -> int:
         return self.log.stat().st_size
+
+    def mark(self) -> int:
+        """Where the access log ends now: what `served` counts from."""
+        return self.log.stat().st_size
+
+    def served(self, since: int = 0) -> Served:
+        """Bytes the registry served since `mark()` (started with `access_log`). A line is
+        written when a response ends: wait for the responses first."""
+        out = Served()
+        with self.log.open("rb") as f:
+            f.seek(since)
+            for raw in f:
+                m = _LOG_LINE.search(raw.decode(errors="replace"))
+                if not m or m.group(1) != "GET" or m.group(4) == "-":
+                    continue
+                n = int(m.group(4))
+                out.total += n
+                out.requests += 1
+                digest = m.group(2).rsplit("/", 1)[-1]
+                if "/blobs/" in m.group(2):
+                    out.by_blob[digest] = out.by_blob.get(digest, 0) + n
+                    out.sizes.setdefault(digest, []).append(n)
+        return out
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -13,7 +13,7 @@ from kitfs.engine.geometry import plan_layer
 from kitfs.engine.layerstate import LayerState, State
 from kitfs.engine.prefetch import READER_IDLE_S, Pacer
 from kitfs.engine.readahead import READAHEAD_MIN_RUN, READAHEAD_MIN_RUN_MIDFILE, Cursor
-from kitfs.errors import IntegrityError, UnreachableError
+from kitfs.errors import IntegrityError, KitfsError, UnreachableError
 from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.manifest import LayerInfo
 
@@ -99,7 +99,7 @@ def test_poison_is_final_and_says_why() -> None:
     assert not layer.poisoned("again") and layer.reason == "lied"
     assert layer.verified_event.is_set() and not layer.recorded
     assert not layer.verified() and layer.state is State.POISONED
-    layer.postponed()
+    layer.postponed(KitfsError("registry gone"))
     layer.verifying()  # a hash scheduled before the poison, starting after it
     assert layer.state is State.POISONED
     with pytest.raises(IntegrityError, match="lied"):
@@ -110,8 +110,11 @@ def test_a_postponed_hash_may_run_again_and_verified_wakes_strict_readers() -> N
     layer = layer_state()
     layer.verify_started = True
     layer.verifying()
-    layer.postponed()
+    attempt = layer.attempt_over
+    layer.postponed(KitfsError("registry gone"))
     assert layer.state is State.UNVERIFIED and not layer.verify_started
+    assert attempt.is_set() and not layer.attempt_over.is_set()  # the next attempt's
+    assert str(layer.postponed_by) == "registry gone"
     assert layer.verified() and layer.verified_event.is_set()
     assert layer.state == "verified"  # status shows the plain word
     layer.check()

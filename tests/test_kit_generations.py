@@ -9,52 +9,24 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 from pathlib import Path
 
 import zstandard
 
-from helpers import kitfs, make_project, source_files
+from helpers import (
+    kit_tar,
+    kitfs,
+    layer_desc,
+    make_project,
+    push_manifest,
+    sha,
+    source_files,
+)
 from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.kitfile import config_json, load_kitfile
-from kitfs.modelkit.kitignore import KitIgnore
-from kitfs.modelkit.layers import plan_layer
-from kitfs.modelkit.tarwriter import write_layer
-from kitfs.oci.client import ClientOptions, RegistryClient
 from mounting import mounted
 from registry import RegistryServer
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def kit_tar(context: Path, path: str, others: list[str]) -> bytes:
-    """The uncompressed tar `kit pack` writes for one layer."""
-    buf = io.BytesIO()
-    entries = plan_layer(context, path, others, KitIgnore.from_context(context))
-    write_layer(entries, buf, compression="none", media_type="x")
-    return buf.getvalue()
-
-
-async def push(
-    registry: RegistryServer, repo: str, manifest: dict[str, object], blobs: list[bytes]
-) -> str:
-    async with RegistryClient(registry.host, ClientOptions()) as client:
-        for blob in blobs:
-            await client.push_blob_bytes(repo, sha(blob), blob)
-        body = json.dumps(manifest).encode()
-        digest, _ = await client.put_manifest(repo, "v1", body, mt.OCI_MANIFEST)
-        return digest
-
-
-def desc(media_type: str, blob: bytes, annotations: dict[str, str] | None = None
-         ) -> dict[str, object]:
-    d: dict[str, object] = {"mediaType": media_type, "digest": sha(blob), "size": len(blob)}
-    if annotations:
-        d["annotations"] = annotations
-    return d
 
 
 def check_mount(ref: str, tmp_path: Path, want: dict[str, str]) -> None:
@@ -84,11 +56,11 @@ async def test_kit_1_7_uncompressed_without_media_type(
     kinds = ["model", "dataset", "docs"]
     manifest = {  # kit <= 1.7: no mediaType, no artifactType
         "schemaVersion": 2,
-        "config": desc(mt.KITOPS_CONFIG, config),
-        "layers": [desc(mt.layer_media_type(k), t) for k, t in zip(kinds, tars, strict=True)],
+        "config": layer_desc(mt.KITOPS_CONFIG, config),
+        "layers": [layer_desc(mt.layer_media_type(k), t) for k, t in zip(kinds, tars, strict=True)],
         "annotations": {mt.ANNOTATION_CLI_VERSION: "1.7.0"},
     }
-    await push(registry, "gen/kit17", manifest, [config, *tars])
+    await push_manifest(registry.host, "gen/kit17", manifest, [config, *tars])
     files = ls(f"{registry.host}/gen/kit17:v1")
     assert files["model/model.safetensors"] == 3 << 20
     assert files["data/train.csv"] == len("a,b\n1,2\n" * 1000)
@@ -131,22 +103,22 @@ async def test_newer_kit_gzip_zstd_raw_and_prompts(
         "schemaVersion": 2,
         "mediaType": mt.OCI_MANIFEST,
         "artifactType": mt.KITOPS_ARTIFACT_TYPE,
-        "config": desc(mt.KITOPS_CONFIG, config),
+        "config": layer_desc(mt.KITOPS_CONFIG, config),
         "layers": [
-            desc(mt.layer_media_type("model", "raw"), raw,
+            layer_desc(mt.layer_media_type("model", "raw"), raw,
                  {mt.ANNOTATION_FILEPATH: "model.gguf", mt.ANNOTATION_FILE_METADATA: meta}),
-            desc(mt.layer_media_type("modelpart", "tar", "gzip"), part,
+            layer_desc(mt.layer_media_type("modelpart", "tar", "gzip"), part,
                  {mt.ANNOTATION_FILEPATH: "weights"}),
-            desc(mt.layer_media_type("dataset", "tar", "zstd"), data,
+            layer_desc(mt.layer_media_type("dataset", "tar", "zstd"), data,
                  {mt.ANNOTATION_FILEPATH: "data"}),
-            desc(mt.layer_media_type("code"), prompts,
+            layer_desc(mt.layer_media_type("code"), prompts,
                  {mt.ANNOTATION_FILEPATH: "prompts",
                   mt.ANNOTATION_LAYER_SUBTYPE: mt.LAYER_SUBTYPE_PROMPT}),
         ],
         "annotations": {mt.ANNOTATION_CLI_VERSION: "1.9.0",
                         mt.ANNOTATION_CREATED: "2026-01-01T00:00:00Z"},
     }
-    await push(registry, "gen/newer", manifest, [config, raw, part, data, prompts])
+    await push_manifest(registry.host, "gen/newer", manifest, [config, raw, part, data, prompts])
     ref = f"{registry.host}/gen/newer:v1"
     assert ls(ref) == {"Kitfile": ls(ref)["Kitfile"], "model.gguf": len(raw),
                        "weights/a.bin": 70000, "data/x.txt": 5000, "prompts/system.md": 8}
@@ -173,16 +145,16 @@ async def test_modelpack_with_kitfile_annotation(registry: RegistryServer, tmp_p
         "schemaVersion": 2,
         "mediaType": mt.OCI_MANIFEST,
         "artifactType": mt.MODELPACK_ARTIFACT_TYPE,
-        "config": desc(mt.MODELPACK_CONFIG, model_config),
+        "config": layer_desc(mt.MODELPACK_CONFIG, model_config),
         "layers": [
-            desc("application/vnd.cncf.model.weight.v1.raw", weights,
+            layer_desc("application/vnd.cncf.model.weight.v1.raw", weights,
                  {mt.ANNOTATION_FILEPATH: "model.safetensors"}),
-            desc("application/vnd.cncf.model.weight.config.v1.raw", cfg,
+            layer_desc("application/vnd.cncf.model.weight.config.v1.raw", cfg,
                  {mt.ANNOTATION_FILEPATH: "config.json"}),
         ],
         "annotations": {mt.ANNOTATION_KITFILE: json.dumps(kitfile)},
     }
-    await push(registry, "gen/modelpack", manifest, [model_config, weights, cfg])
+    await push_manifest(registry.host, "gen/modelpack", manifest, [model_config, weights, cfg])
     files = ls(f"{registry.host}/gen/modelpack:v1")
     assert files["model.safetensors"] == 4096 and files["config.json"] == len(cfg)
     check_mount(f"{registry.host}/gen/modelpack:v1", tmp_path,
@@ -199,9 +171,9 @@ async def test_pre_v0_5_layers_are_rooted_at_the_parent(
     tar = kit_tar(project / "models", "./bert.pkl", ["./bert.pkl"])
     config = json.dumps({"manifestVersion": "1.0.0", "package": {},
                          "model": {"name": "bert", "path": "models/bert.pkl"}}).encode()
-    manifest = {"schemaVersion": 2, "config": desc(mt.KITOPS_CONFIG, config),
-                "layers": [desc(mt.layer_media_type("model"), tar)]}
-    await push(registry, "gen/legacy", manifest, [config, tar])
+    manifest = {"schemaVersion": 2, "config": layer_desc(mt.KITOPS_CONFIG, config),
+                "layers": [layer_desc(mt.layer_media_type("model"), tar)]}
+    await push_manifest(registry.host, "gen/legacy", manifest, [config, tar])
     files = ls(f"{registry.host}/gen/legacy:v1")
     assert files["models/bert.pkl"] == 3000
     check_mount(f"{registry.host}/gen/legacy:v1", tmp_path,
@@ -227,9 +199,9 @@ async def test_four_hundred_small_files_and_long_names(
     tar = kit_tar(project, "./data", ["./data"])
     kf = load_kitfile((project / "Kitfile").read_bytes())
     config = config_json(kf.with_layer_digests([(sha(tar), sha(tar))]))
-    manifest = {"schemaVersion": 2, "config": desc(mt.KITOPS_CONFIG, config),
-                "layers": [desc(mt.layer_media_type("dataset"), tar)]}
-    await push(registry, "gen/small-files", manifest, [config, tar])
+    manifest = {"schemaVersion": 2, "config": layer_desc(mt.KITOPS_CONFIG, config),
+                "layers": [layer_desc(mt.layer_media_type("dataset"), tar)]}
+    await push_manifest(registry.host, "gen/small-files", manifest, [config, tar])
     check_mount(f"{registry.host}/gen/small-files:v1", tmp_path / "kit", want)
     ref = f"{registry.host}/gen/small-files-kitfs:v1"
     proc = kitfs("pack", str(project), "-t", ref, "--compression", "gzip",

@@ -11,6 +11,10 @@ import argparse
 from collections.abc import Awaitable, Callable
 
 from kitfs.errors import UsageError, user_error
+from kitfs.units import shown_path
+
+__all__ = ["add_network_options", "client_options", "inspect_reference", "run_async",
+           "shown_path"]
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
@@ -126,34 +130,3 @@ async def inspect_reference(
         if tree_filters is not None:
             tree = await build_file_tree(source, result, tree_filters)
         return result, tree
-
-
-def shown_path(path: str) -> str:
-    """A path as a listing prints it, one line whatever it holds (JSON output keeps it exact).
-
-    Tar names and Kitfile paths come from whoever packed the ModelKit. Names
-    that are not UTF-8 arrive surrogate-escaped (as os.fsdecode gives them)
-    and cannot be printed to a UTF-8 stdout; they are shown as \\xNN. Control
-    characters are escaped too, so a newline cannot fake a second entry, nor
-    an escape sequence rewrite the terminal; a backslash is doubled so the
-    escaping stays unambiguous.
-    """
-    if path.isprintable() and "\\" not in path:
-        return path
-    out = []
-    for ch in path:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            out.append(_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else
-                                            f"\\u{code:04x}" if code < 0x10000 else
-                                            f"\\U{code:08x}"))
-    return "".join(out)
-
-
-_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}

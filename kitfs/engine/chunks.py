@@ -16,6 +16,10 @@ decompressed (seekable layers), its size, and its digest where one is known;
 a chunk without a digest gets its BLAKE3 recorded so the disk copy can be
 checked on its way back (integrity.py binds those to the layer digest).
 
+A chunk without a digest that this engine did not fetch is not read back
+from disk (nobody checked it), unless the engine was told that nothing of
+such a layer counts before it is verified whole (`reuse_unverified`).
+
 Invariants:
 - a (layer, chunk) is fetched by at most one request at a time: a run is
   claimed (its flights started) before its request is made, and every
@@ -179,7 +183,7 @@ class Chunks:
         digest = chunk.digest if chunk is not None else None
         if digest is None:
             digest = layer.recorded.get(index)
-            if digest is None:  # never verified by anyone: fetched again
+            if digest is None and not self.reuses(layer):  # never verified: fetched again
                 return ctx.cached(layer, index)
         try:
             data = await trio.to_thread.run_sync(ctx.store.get, key, digest)
@@ -205,8 +209,9 @@ class Chunks:
         A cache that cannot be looked into counts as empty (the chunks are fetched).
         """
         chunks = layer.geo.chunks
+        reuse = self.reuses(layer)
         wanted = [i for i in indexes if i < len(chunks)
-                  and (chunks[i].digest is not None or i in layer.recorded)]
+                  and (reuse or chunks[i].digest is not None or i in layer.recorded)]
         try:
             present = await trio.to_thread.run_sync(
                 lambda: [self.ctx.store.contains(chunks[i].key) for i in wanted])
@@ -215,6 +220,12 @@ class Chunks:
             return set(wanted)
         absent = {i for i in indexes if i < len(chunks)} - set(wanted)
         return absent | {i for i, here in zip(wanted, present, strict=True) if not here}
+
+    def reuses(self, layer: LayerState) -> bool:
+        """Whether this layer's chunks without a digest may be read back from disk though
+        nobody recorded one (EngineConfig.reuse_unverified; ranged layers only: a stream
+        is read from its start whatever is on disk)."""
+        return self.ctx.config.reuse_unverified and layer.geo.shape == "ranged"
 
     # -- ahead of a reader ------------------------------------------------------------
 

@@ -63,6 +63,17 @@ class EngineConfig:
     verify: VerifyMode = "lazy"
     read_timeout: float = 30.0
     stream_timeout: float = 600.0
+    #: Read back chunks of uncompressed layers without digests that another process
+    #: fetched and never verified (one killed mid-unpack), their frame's xxh3 checked:
+    #: only for a caller that uses nothing of such a layer before `Engine.verified`
+    #: says it matched its digest end to end (unpack). A mount serves bytes before
+    #: that, so it keeps to the chunks it fetched itself.
+    reuse_unverified: bool = False
+    #: Hash each layer end to end as soon as all of it has been here (a mount: that binds
+    #: what it served to the digest and records the layer for later mounts). Off, a layer
+    #: is hashed only when `Engine.verified` asks (unpack: a layer whose chunks carry
+    #: digests needs no more, and the hash would read it all back from disk).
+    verify_when_whole: bool = True
 
 
 @dataclass

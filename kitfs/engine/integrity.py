@@ -28,6 +28,7 @@ import trio
 
 from kitfs.cache.fileformat import CacheError
 from kitfs.cache.keys import chunk_key_for_digest
+from kitfs.cache.memory import ChunkData
 from kitfs.engine.chunks import Chunks, checked
 from kitfs.engine.context import Context, LayerRead, foreign
 from kitfs.engine.geometry import verified_record
@@ -39,6 +40,8 @@ from kitfs.inspection import layout_record
 
 log = logging.getLogger(__name__)
 
+#: Chunks a whole-layer hash asks for ahead of the one it hashes.
+HASH_AHEAD = 8
 
 
 class Integrity:
@@ -62,7 +65,8 @@ class Integrity:
     def got(self, layer: LayerState, index: int) -> None:
         """Chunk `index` is here; once all are, the layer is hashed against its digest."""
         layer.fetched.add(index)
-        if layer.state is State.UNVERIFIED and len(layer.fetched) == len(layer.geo.chunks):
+        if (layer.state is State.UNVERIFIED and len(layer.fetched) == len(layer.geo.chunks)
+                and self.ctx.config.verify_when_whole):
             self.ensure_verification(layer)
 
     def failed(self, layer: LayerState, error: KitfsError) -> None:
@@ -168,11 +172,11 @@ class Integrity:
             else:
                 problem, digests = await hash_ranged(
                     layer.info, layer.geo.chunks, layer.layout,
-                    partial(self._chunks.get, layer, background=True))
+                    partial(self._in_order, layer), layer.recorded, layer.hashed_to)
         except Exception as exc:
-            layer.postponed()
-            self.ctx.note_error(f"verification of {layer.info.digest[:19]} postponed: "
-                                f"{foreign(exc, 'verification')}")
+            why = foreign(exc, "verification")
+            layer.postponed(why)
+            self.ctx.note_error(f"verification of {layer.info.digest[:19]} postponed: {why}")
             return
         if problem is not None:
             self.poison(layer, problem)
@@ -182,8 +186,15 @@ class Integrity:
         if layer.layout is not None and layer.layout.origin == "walked":
             await self._keep_layout(layer)
         await self.mark_verified(layer, digests)
-        if any(c.digest is None for c in layer.geo.chunks):
-            await self._adopt(layer, digests)
+
+    async def _in_order(self, layer: LayerState, index: int) -> ChunkData:
+        """Chunk `index` for the hash, the next HASH_AHEAD asked for ahead of it: a hash
+        that fell behind its readers finds its chunks on disk, and reading them one at a
+        time left it further behind with every chunk."""
+        assert self._chunks is not None
+        if index % HASH_AHEAD == 0:
+            self._chunks.ahead(layer, range(index + 1, index + 1 + HASH_AHEAD))
+        return await self._chunks.get(layer, index, background=True)
 
     async def _adopt(self, layer: LayerState, digests: list[str]) -> None:
         """Give a verified layer's chunk files the digest keys later mounts look them up by."""
@@ -199,14 +210,20 @@ class Integrity:
             ctx.note_error(str(exc))
 
     async def mark_verified(self, layer: LayerState, digests: list[str]) -> None:
-        """The layer matched its digest: recorded, so later mounts check chunks by digest."""
+        """The layer matched its digest: recorded, so later mounts check chunks by digest
+        (a streamed layer's chunks, by position, are then read back instead of streamed
+        again), and its chunk files moved to the keys those digests give; then the
+        attempt is over (`Engine.verified` returns once all of that is on disk)."""
         if not layer.verified():  # poisoned meanwhile: that is final
             return
         log.info("layer %s verified end to end", layer.info.digest)
         ctx = self.ctx
-        if ctx.toc_cache is not None and layer.geo.shape != "stream":
+        if ctx.toc_cache is not None:
             await ctx.record(ctx.toc_cache.put_verified, layer.info.digest,
                              verified_record(layer.geo.chunk_size, layer.info.size, digests))
+        if any(c.digest is None for c in layer.geo.chunks):
+            await self._adopt(layer, digests)
+        layer.attempt_over.set()
 
     # -- poisoning --------------------------------------------------------------------
 

@@ -14,6 +14,11 @@ The parts, each a small module with its invariants at its top:
   verification, poisoning;
 - writeback.py: fetched chunks to the disk cache, off the read path.
 
+Besides `read` (what FUSE asks for), a reader that takes whole ranges and
+writes them out (unpack) uses `views`, which asks for a range's chunks at
+once instead of waiting for readahead to grow, and `verified`, to know when
+a layer's bytes are bound to its digest.
+
 A read, through them: `Engine.read` owns the one deadline of the read and
 the handle's cursor; it starts readahead (`Chunks.ahead`), waits for the
 layer's layout check the first time (`Integrity.layout_ready`), lets a
@@ -24,8 +29,9 @@ each chunk the range covers from `Chunks.get` (or only its blocks,
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import trio
@@ -87,6 +93,14 @@ class Engine:
             geo = plan_layer(info, toc, config.chunk_size, verified)
             layout = layouts.get(info.digest) if layouts is not None else None
             layer = LayerState(info, geo, layout=layout)
+            if geo.shape == "stream" and verified is not None:
+                # Verified by an earlier mount or unpack: its chunks, kept by position,
+                # are read back against the digests recorded then; streamed only if gone.
+                digests = parse_verified(verified, geo.chunk_size, info.size)
+                if digests:
+                    layer.recorded.update(enumerate(digests))
+                    layer.stream_chunks = len(digests)
+                    layer.verified()
             # Chunk digests from a verified record were computed from the layer's own
             # bytes; a table of contents' are its author's word until this node hashed
             # the layer (they could be another layer's: shared cache keys would then
@@ -210,8 +224,6 @@ class Engine:
         if offset >= end or node.layer is None:
             return b""
         layer = self.layers[node.layer]
-        limit = self.config.stream_timeout if layer.geo.shape == "stream" else (
-            self.config.read_timeout)
         chunks = range((node.offset + offset) // layer.geo.chunk_size,
                        (node.offset + end - 1) // layer.geo.chunk_size + 1)
         self._recently_failed(layer, chunks)
@@ -229,27 +241,110 @@ class Engine:
         # A run from the file's start is a stream (cp, a hash, a loader): it reads on,
         # so its chunks are fetched whole. Any other may be one tensor of a random reader.
         whole = cursor.from_start
-        data: bytes | memoryview | None = None
-        # The read's one deadline. A bare cancel scope, not trio.fail_after: that one's
-        # context-manager machinery was a few percent of the event loop per 1 MiB read.
-        with trio.CancelScope(deadline=trio.current_time() + limit):
+        with self._deadline(node, layer, chunks):
             if not layer.layout_ok:
                 await self.integrity.layout_ready(layer)
             if (not whole and node.path.endswith(SAFETENSORS)
                     and self.tensors.hinted(layer)):
                 await self.tensors.step(node, layer, cursor, offset, end, fresh=fresh)
             data = await self._read_range(layer, node.offset + offset, end - offset, whole)
-        if data is None:  # the deadline passed (any other cancellation propagates)
-            msg = f"{node.path}: no data from the registry within {limit:.0f} s"
-            ctx.note_error(msg)
-            error = UnreachableError(msg)
-            until = trio.current_time() + FAILED_READ_MEMORY_S
-            for index in chunks:
-                ctx.recent_failures[(layer.info.digest, index)] = (until, error)
-            raise error from None
         ctx.counters.bytes_served += len(data)
         self.prefetcher.read(layer, node.offset + end)
         return data
+
+    @contextlib.contextmanager
+    def _deadline(self, node: Node, layer: LayerState, chunks: range) -> Iterator[None]:
+        """The one deadline of a read of `chunks` of `node`: past it, UnreachableError, and
+        reads of those chunks fail at once for a while (see FAILED_READ_MEMORY_S)."""
+        limit = self.config.stream_timeout if layer.geo.shape == "stream" else (
+            self.config.read_timeout)
+        # A bare cancel scope, not trio.fail_after (a second context manager around
+        # this one: a few percent of the event loop per 1 MiB read).
+        with trio.CancelScope(deadline=trio.current_time() + limit) as scope:
+            yield
+        if scope.cancelled_caught:  # any other cancellation propagates through it
+            msg = f"{node.path}: no data from the registry within {limit:.0f} s"
+            self.ctx.note_error(msg)
+            error = UnreachableError(msg)
+            until = trio.current_time() + FAILED_READ_MEMORY_S
+            for index in chunks:
+                self.ctx.recent_failures[(layer.info.digest, index)] = (until, error)
+            raise error from None
+
+    async def views(self, node: Node, offset: int, length: int
+                    ) -> AsyncGenerator[bytes | memoryview, None]:
+        """Bytes [offset, offset + length) of `node` in order, one checked chunk's view at a time.
+
+        For a reader that takes the whole range and writes it out (unpack):
+        the chunks ahead of the one handed out are asked for at once, whole
+        and merged as readahead merges them, up to `readahead_bytes` ahead,
+        without waiting for a sequential run to build up. Each view passes
+        the checks a `read` of it would (layout, poison, strict mode) within
+        one read deadline. A view is only valid until the next is asked for
+        (the chunk it shows may leave memory); use it, or copy it, at once.
+        Chunks of a layer without digests are only as good as the layer's
+        end-to-end check: a caller that must not use them before then waits
+        for `verified`.
+        """
+        end = min(node.size, offset + length)
+        if offset >= end:
+            return
+        if node.inline is not None or node.layer is None:
+            yield (node.inline or b"")[offset:end]
+            return
+        layer = self.layers[node.layer]
+        size = layer.geo.chunk_size
+        first, last = (node.offset + offset) // size, (node.offset + end - 1) // size
+        window = max(2, self.config.readahead_bytes // size)
+        asked = first - 1  # the last chunk asked for ahead
+        pos = offset
+        for index in range(first, last + 1):
+            if asked - index < window // 2 and asked < last:
+                self.chunks.ahead(layer, range(max(index, asked + 1),
+                                               min(last, index + window) + 1))
+                asked = min(last, index + window)
+            stop = min(end, (index + 1) * size - node.offset)
+            one = range(index, index + 1)
+            self._recently_failed(layer, one)
+            with self._deadline(node, layer, one):
+                if not layer.layout_ok:
+                    await self.integrity.layout_ready(layer)
+                data = await self._read_range(layer, node.offset + pos, stop - pos)
+            self.ctx.counters.bytes_served += len(data)
+            yield data
+            pos = stop
+
+    async def hashed_past(self, offset: int, digest: str) -> None:
+        """Until the whole-layer hash under way of ranged layer `digest` has passed `offset`
+        of its stream, or is over; at once where none runs.
+
+        For a reader that fetches ahead of a hash it will wait for (unpack):
+        kept within a memory tier's reach of it, the hash finds its chunks in
+        memory instead of reading them all back from disk.
+        """
+        layer = self.layers[digest]
+        while (layer.geo.shape == "ranged" and layer.verify_started and layer.hashed < offset
+               and not layer.verified_event.is_set()):
+            await layer.hash_moved.wait()
+
+    async def verified(self, digest: str) -> None:
+        """Until layer `digest` has matched its digest end to end, starting that if nothing has.
+
+        IntegrityError if it did not (the layer is poisoned); the error that
+        stopped the check otherwise (the registry failed bytes it still
+        needed), after which a later call tries again.
+        """
+        layer = self.layers[digest]
+        layer.check()
+        if layer.verified_event.is_set():
+            return
+        attempt = layer.attempt_over
+        self.integrity.ensure_verification(layer)
+        await attempt.wait()
+        layer.check()  # not poisoned: so the event is set if, and only if, it verified
+        if not layer.verified_event.is_set():
+            raise layer.postponed_by or UnreachableError(
+                f"layer {digest[:19]} could not be verified")
 
     def _recently_failed(self, layer: LayerState, chunks: range) -> None:
         """Fail at once a read of a chunk whose read just timed out (see FAILED_READ_MEMORY_S)."""

@@ -21,7 +21,7 @@ from kitfs.modelkit.toc import LayerToc
 from kitfs.modelkit.tree import Tree
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference
-from kitfs.oci.source import BlobSource
+from kitfs.oci.source import BlobSource, Where
 from kitfs.parents import open_modelkit
 
 
@@ -43,17 +43,19 @@ async def open_kit(
     filters: FilterSet | None = None,
     config: EngineConfig | None = None,
     cache_budget: int | None = None,
+    where: Where = "local-first",
 ) -> AsyncIterator[OpenedKit]:
     """Resolve, read the metadata (tables of contents cached by layer digest), build the engine.
 
     A ModelKit in kit's local storage is served from there, a registry's one too
-    once pulled (as `kit unpack` finds it: local storage first); so is each parent
+    once pulled (as `kit unpack` finds it: local storage first; `where` says
+    otherwise, as oci/source.py's open_source reads it); so is each parent
     ModelKit its `model.path` names, whose model layers the tree holds and the
     source serves (kitfs/parents.py). Fetches no file data. The caller starts the
     engine's background work with `await kit.engine.start(nursery)`; the sources are
     closed on exit.
     """
-    async with open_modelkit(reference, options, where="local-first") as (source, ins):
+    async with open_modelkit(reference, options, where=where) as (source, ins):
         # No fsync per chunk: every chunk file carries its xxh3, so one torn by a
         # crash reads as absent and is fetched again, never served; syncing each
         # chunk cost more I/O wait than the fetch itself (design.md asked for it).

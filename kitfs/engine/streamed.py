@@ -149,7 +149,7 @@ class Streams:
         except Exception as exc:
             error = foreign(exc, f"streaming layer {digest[:19]}")
             if not isinstance(error, IntegrityError):
-                layer.verify_started = False  # what was served is checked by a later stream
+                layer.postponed(error)  # what was served is checked by a later stream
             self.chunks.verdicts.failed(layer, error)
             for (d, i) in ctx.flights.pending():
                 if d == digest:

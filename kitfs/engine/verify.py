@@ -19,7 +19,7 @@ Each returns what is wrong (one line, for the poisoned layer's reason) or None.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import trio
 
@@ -33,6 +33,8 @@ from kitfs.modelkit.tarindex import SequentialWalk, TarWalker
 from kitfs.oci.source import BlobSource
 
 ReadRange = Callable[[int, int], Awaitable[bytes | memoryview]]
+#: A whole-layer hash takes this much to a worker thread at a time.
+HASH_BATCH = 8 << 20
 
 
 async def walk_layout(layout: LayerLayout, size: int, read: ReadRange) -> str | None:
@@ -56,25 +58,59 @@ async def walk_layout(layout: LayerLayout, size: int, read: ReadRange) -> str | 
 
 async def hash_ranged(info: LayerInfo, chunks: Sequence[Chunk], layout: LayerLayout | None,
                       recorded: Callable[[int], Awaitable[ChunkData]],
+                      known: Mapping[int, str] | None = None,
+                      progress: Callable[[int], None] | None = None,
                       ) -> tuple[str | None, list[str]]:
     """(what is wrong or None, each chunk's digest) for an uncompressed layer whose chunk i
     `recorded(i)` returns, in order. A chunk's digest is its table of contents' where it
-    has one, else its BLAKE3 (what a verified record keeps)."""
+    has one, else its BLAKE3 (what a verified record keeps): taken from `known` where
+    the chunk's bytes were hashed as they arrived (the whole-layer hash then binds it).
+    `progress(n)` is told the bytes hashed so far, batch by batch."""
     whole = hashlib.sha256()
     own = [c.digest for c in chunks]
     digests: list[str] = []
     walked = layout is not None and layout.origin == "walked"
     walk = SequentialWalk(info.size) if walked else None
+    known = known or {}
 
     def update(data: ChunkData, index: int) -> None:
         whole.update(data)
-        digests.append(own[index] or chunk_digest(data))
+        digests.append(own[index] or known.get(index) or chunk_digest(data))
         if walk is not None and not walk.done:
             walk.feed(data)
 
-    for chunk in chunks:
-        data = await recorded(chunk.index)
-        await trio.to_thread.run_sync(update, data, chunk.index)
+    def update_all(batch: list[tuple[ChunkData, int]]) -> None:
+        for data, index in batch:
+            update(data, index)
+
+    # The chunks are fetched (or read back) while the ones before them are hashed: a
+    # hash that waited for each chunk, then for a thread to hash it, fell behind its
+    # readers on a busy machine, and then read every chunk back from disk.
+    send, receive = trio.open_memory_channel[list[tuple[ChunkData, int]]](1)
+
+    async def hasher() -> None:
+        done = 0
+        async with receive:
+            async for batch in receive:
+                await trio.to_thread.run_sync(update_all, batch)
+                done += sum(len(data) for data, _ in batch)
+                if progress is not None:
+                    progress(done)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hasher)
+        async with send:
+            batch: list[tuple[ChunkData, int]] = []
+            held = 0
+            for chunk in chunks:
+                data = await recorded(chunk.index)
+                batch.append((data, chunk.index))
+                held += len(data)
+                if held >= HASH_BATCH:
+                    await send.send(batch)
+                    batch, held = [], 0
+            if batch:
+                await send.send(batch)
     if "sha256:" + whole.hexdigest() != info.digest:
         what = "bytes" if any(d is None for d in own) else (
             "table of contents' chunks (each matched its own digest)")

@@ -110,6 +110,20 @@ class Sink:
             view = view[n:]
             self._advance(n)
 
+    def release(self) -> None:
+        """Let go of the caller's buffers and callbacks: the read is over.
+
+        A finished httpx response is a reference cycle (the response and its
+        bound stream) that only the cyclic garbage collector frees, and the
+        sink hangs off its request: while the sink held them, every buffer of
+        the range (and through `filled`, the caller's own) stayed alive until a
+        collection, hundreds of MiB at a time on a fast read.
+        """
+        self._buffers = ()
+        self._filled = self.prepare = None
+        self._last = None
+        self.enabled = False
+
     def _advance(self, n: int) -> None:
         self._at += n
         while not self.full and self._at >= len(self._buffers[self._index]):

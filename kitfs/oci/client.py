@@ -433,9 +433,11 @@ class RegistryClient:
             await body.open()
             async for chunk in body:
                 sink.place(chunk)
+            complete = sink.full
         finally:
             await body.aclose()
-        if not sink.full:  # pragma: no cover - _BlobBody raises first
+            sink.release()
+        if not complete:  # pragma: no cover - _BlobBody raises first
             raise RegistryError(f"{what}: the body ended early")
 
     async def _open_blob(
