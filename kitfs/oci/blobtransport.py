@@ -120,7 +120,7 @@ class Sink:
         collection, hundreds of MiB at a time on a fast read.
         """
         self._buffers = ()
-        self._filled = self.prepare = None
+        self._filled = None
         self._last = None
         self.enabled = False
 
