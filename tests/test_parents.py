@@ -304,3 +304,26 @@ def test_at_most_ten_parents(registry: RegistryServer, tmp_path: Path) -> None:
     assert files["weights/w.bin"]["size"] == len(weights)
     line = one_line_error(kitfs("ls", refs[0], home=home))  # eleven
     assert line.endswith(f"reached maximum number of model references: [{'=>'.join(refs)}]")
+
+
+def test_a_child_unpacks_with_its_parents_weights(
+    chain: tuple[str, str, str, Path, Path], tmp_path: Path
+) -> None:
+    """`kitfs unpack` of a child writes what kit unpack writes: the parent's model files at
+    the parent's model.path first, then the child's Kitfile and layers; `--model` reaches
+    the parent as kit passes filters on."""
+    base, _, child, base_project, project = chain
+    home = tmp_path / "home"
+    out = tmp_path / "out"
+    ok(kitfs("unpack", child, "-d", str(out), "--cache-dir", str(tmp_path / "cache"),
+             home=home))
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert written == {"Kitfile", "CHILD.md", "src/serve.py"} | PARENT_MODEL_FILES
+    assert digests(out, PARENT_MODEL_FILES) == digests(base_project, PARENT_MODEL_FILES)
+    assert digests(out, {"CHILD.md"}) == digests(project, {"CHILD.md"})
+    assert f"path: {base}" in (out / "Kitfile").read_text()
+    only_model = tmp_path / "only-model"
+    ok(kitfs("unpack", child, "-d", str(only_model), "--model",
+             "--cache-dir", str(tmp_path / "cache"), home=home))
+    assert {str(p.relative_to(only_model)) for p in only_model.rglob("*")
+            if p.is_file()} == PARENT_MODEL_FILES

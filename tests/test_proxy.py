@@ -309,7 +309,7 @@ def publish(registry: RegistryServer, repo: str, root: Path, *extra: str) -> Pub
 def test_every_verb_through_the_proxy_flag(
     loopback_registry: RegistryServer, proxy: Tinyproxy, tmp_path: Path
 ) -> None:
-    """pack, push, inspect, ls, info, pull, list and remove -r, each with --proxy against a
+    """pack, push, inspect, ls, info, pull, unpack, list and remove -r, each with --proxy against a
     registry on 127.0.0.1: every request the registry answered came through tinyproxy,
     which forwarded each as an absolute http:// URL."""
     reg, env = loopback_registry, base_env()
@@ -334,6 +334,11 @@ def test_every_verb_through_the_proxy_flag(
     assert "model/model.safetensors" in run("ls", ref, home="reader")
     assert "tiny-llm" in run("info", "--remote", ref, home="reader")
     assert run("pull", ref).splitlines()[-1] == f"{reg.host}/flag/tiny@{digest}"
+    out = tmp_path / "unpacked"
+    run("unpack", ref, "-d", str(out), "--cache-dir", str(tmp_path / "ucache"),
+        home="unpacker")
+    assert (out / "model" / "model.safetensors").read_bytes() == (
+        project / "model" / "model.safetensors").read_bytes()
     listed = run("list", f"{reg.host}/flag/tiny", home="reader")
     assert "v1" in listed and "v2" in listed
     run("remove", "-r", f"{reg.host}/flag/tiny:v2", home="reader")
