@@ -785,3 +785,24 @@ async def test_a_full_disk_is_one_line_and_no_temporary_file(
         assert not (small / "out" / "model" / "weights.bin").exists()
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_pulled_modelkit_unpacks_with_the_registry_stopped(tmp_path: Path) -> None:
+    """pull, then unpack offline: kit's local storage is looked in first, as kit does, and
+    nothing asks a registry that is gone (a fresh chunk cache: every byte from storage)."""
+    from registry import running_registry
+
+    home = tmp_path / "home"
+    project = make_project(tmp_path / "project", weight_bytes=3 << 20)
+    with running_registry(tmp_path / "registry") as server:
+        ref = f"{server.host}/offline/unpack:v1"
+        packed = kitfs("pack", str(project), "-t", ref, home=tmp_path / "packer")
+        assert packed.returncode == 0, packed.stderr
+        pulled = kitfs("pull", ref, home=home)
+        assert pulled.returncode == 0, pulled.stderr
+    out = tmp_path / "out"
+    done = kitfs("unpack", ref, "-d", str(out), "--cache-dir", str(tmp_path / "cache"),
+                 "--timeout", "2", home=home)
+    assert done.returncode == 0, done.stderr
+    for name in ("model/model.safetensors", "Kitfile"):
+        assert (out / name).read_bytes() == (project / name).read_bytes()
