@@ -883,8 +883,11 @@ async def test_a_long_tensor_is_not_fetched_twice_by_blocks_and_by_chunks(
         start, stop = spans[1]
         await read_as_the_kernel(kit, node, want, start, stop)
         status = kit.engine.status()
-    # the tensor, the header's block and what readahead takes of the 1 MiB after it
-    assert status["bytes_fetched"] <= (stop - start) + (2 << 20), status
+    # The tensor, the header's block and what readahead takes of the 1 MiB after it, plus
+    # at most one chunk: under load the chunk at the front of a block window can be asked
+    # for whole by readahead after some of its blocks came (seen in CI: +0.5 MiB). The
+    # double fetch this guards against cost 25-30 MiB here.
+    assert status["bytes_fetched"] <= (stop - start) + (4 << 20), status
 
 
 async def test_a_reader_of_a_lying_block_fails_before_the_rest_of_the_request_arrives(
