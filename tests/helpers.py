@@ -99,3 +99,20 @@ def layer_desc(media_type: str, blob: bytes, annotations: dict[str, str] | None 
     if annotations:
         d["annotations"] = annotations
     return d
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    """The command's stdout, once it exited 0 (else its stderr says why)."""
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], exit_code: int | None = None) -> str:
+    """The one line a failing command printed: non-zero exit, no traceback, and `exit_code`
+    if given."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(lines) == 1, (
+        proc.returncode, proc.stderr)
+    if exit_code is not None:
+        assert proc.returncode == exit_code, proc.stderr
+    return lines[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import kitfs, make_project
+from helpers import kitfs, make_project, one_line_error
 from kitfs.units import human_bytes
 from registry import RegistryServer, free_port
 
@@ -73,15 +73,6 @@ def versions(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory)
     digests["v3"] = _pack(project, f"{base}:v3", home)
     return Versions(home, f"{base}:v1", f"{base}:v2", f"{base}:v3", "diff/tiny:v2", digests)
 
-
-def one_line_error(proc: object, exit_code: int | None = None) -> str:
-    rc = getattr(proc, "returncode")  # noqa: B009
-    err: str = getattr(proc, "stderr")  # noqa: B009
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc != 0 and "Traceback" not in err and len(lines) == 1, err
-    if exit_code is not None:
-        assert rc == exit_code, err
-    return lines[0]
 
 
 # -- info ----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 from crafted import build_tar, craft_layer, publish_kit
 from faultproxy import FaultProxy, Slow
 
-from helpers import kitfs, make_project, source_files
+from helpers import kitfs, make_project, ok, one_line_error, source_files
 from kitfs.units import kit_bytes
 from registry import RegistryServer, running_registry
 
@@ -35,18 +35,6 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 TOC = "dev.kitfs.toc.digest"
 
 
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], exit_code: int | None = None) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(lines) == 1, (
-        proc.returncode, proc.stderr)
-    if exit_code is not None:
-        assert proc.returncode == exit_code, proc.stderr
-    return lines[0]
 
 
 def pack(project: Path, ref: str, home: Path) -> str:

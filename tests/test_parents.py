@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import trio
 from crafted import CraftLayer, build_tar, craft_layer, publish_kit, sha256
 from opening import opened, read_file
 
-from helpers import LONG_NAME, kitfs, make_project
+from helpers import LONG_NAME, kitfs, make_project, ok, one_line_error
 from kitfs.errors import IntegrityError
 from kitfs.modelkit import mediatypes as mt
 from kitfs.oci.client import ClientOptions, RegistryClient
@@ -34,16 +33,6 @@ PARENT_MODEL_FILES = {"model/model.safetensors", "model/config.json", "model/emp
                       f"model/nested/deeper/{LONG_NAME}"}
 
 
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(lines) == 1, (
-        proc.returncode, proc.stderr)
-    return lines[0]
 
 
 def pack(project: Path, ref: str, home: Path) -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from tinyproxy import OUTGOING, Tinyproxy, running_tinyproxy, tls_front
 
-from helpers import kitfs, make_project, source_files
+from helpers import kitfs, make_project, ok, one_line_error, source_files
 from kitfs.errors import UsageError
 from kitfs.oci.proxy import NoProxy, Proxies, Proxy, mask_url, parse_proxy
 from mounting import mounted
@@ -171,16 +171,6 @@ def base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.upper() not in PROXY_VARS}
 
 
-def ok(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(lines) == 1, (
-        proc.returncode, proc.stderr)
-    return lines[0]
 
 
 @dataclass
