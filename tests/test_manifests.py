@@ -41,10 +41,12 @@ DEPLOY = ROOT / "deploy"
 KSERVE_CRDS = Path(__file__).parent / "data" / "kserve"
 CONTAINERFILE = ROOT / "Containerfile"
 
-# The Kubernetes release whose API schemas the manifests must satisfy: the
-# oldest still widely run that has everything they use (sidecar-free CSI
-# inline volumes, Pod Security admission labels). kubernetes-validate ships it.
-K8S_VERSION = "1.30.0"
+# The Kubernetes releases whose API schemas the manifests must satisfy: an old
+# one still widely run (everything used here is GA by then: CSI inline volumes,
+# Pod Security admission) and a recent one (catches fields since removed).
+# Pinned, not "latest", so a kubernetes-validate upgrade cannot move the target.
+K8S_VERSIONS = ("1.30.0", "1.34.0")
+K8S_VERSION = K8S_VERSIONS[0]
 
 DRIVER = "kitfs.kitops.org"
 IMAGE = "ghcr.io/kitfs/kitfs:latest"
@@ -178,7 +180,7 @@ def validate_custom_resource(doc: Doc) -> None:
                                   "metadata": doc["metadata"]}, K8S_VERSION, strict=True)
 
 
-def validate_document(doc: Doc) -> None:
+def validate_document(doc: Doc, version: str = K8S_VERSION) -> None:
     """Validate one document by its kind; an unknown kind is an error, never a pass."""
     group = doc["apiVersion"].rsplit("/", 1)[0] if "/" in doc["apiVersion"] else ""
     if group.endswith("kserve.io"):
@@ -186,14 +188,15 @@ def validate_document(doc: Doc) -> None:
     elif group == "kustomize.config.k8s.io":
         pytest.fail("a Kustomization is checked by test_kustomization_lists_the_driver")
     else:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(doc, version, strict=True)
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize(
     "doc", [pytest.param(d, id=f"{p}#{i}-{d['kind']}") for p, i, d in DOCS
             if d["kind"] != "Kustomization"])
-def test_document_matches_its_api_schema(doc: Doc) -> None:
-    validate_document(doc)
+def test_document_matches_its_api_schema(doc: Doc, version: str) -> None:
+    validate_document(doc, version)
 
 
 def test_kustomization_lists_the_driver_and_not_the_examples() -> None:
