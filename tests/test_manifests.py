@@ -396,6 +396,13 @@ def test_driver_args_are_flags_kitfs_csi_accepts(driver_args: dict[str, str]) ->
     assert set(driver_args) <= accepted, sorted(set(driver_args) - accepted)
 
 
+def test_volume_attributes_documented_here_are_the_drivers() -> None:
+    """The keys the example and the README promise are the ones NodePublishVolume reads
+    (kitfs/csi/node.py, from the csi branch: until it is merged this fails, by design)."""
+    from kitfs.csi.node import ATTRIBUTES
+    assert set(ATTRIBUTES) == VOLUME_ATTRIBUTES
+
+
 # --- the example pod ---------------------------------------------------------------
 
 def mount_choices(flag: str) -> set[str]:
