@@ -15,9 +15,12 @@ images), so each file is checked as far as that is possible offline:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import importlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -34,7 +37,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import kitfs, ok
+from helpers import kitfs, make_project, ok
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -437,13 +440,10 @@ def test_example_pod_uses_the_driver_with_attributes_it_reads() -> None:
         assert mounted and all(m.get("readOnly") for m in mounted)
         secret_ref = csi.get("nodePublishSecretRef")
         if secret_ref:
-            secrets = [s for s in in_file("deploy/kubernetes/example-pod.yaml", "Secret")
-                       if s["metadata"]["name"] == secret_ref["name"]]
-            assert len(secrets) == 1
-            secret = secrets[0]
-            assert secret["metadata"]["namespace"] == pod["metadata"]["namespace"]
-            assert secret["type"] == "kubernetes.io/dockerconfigjson"
-            assert "auths" in json.loads(secret["stringData"][".dockerconfigjson"])
+            # The Secret is the user's to make; the file says how, by this name.
+            text = (DEPLOY / "kubernetes" / "example-pod.yaml").read_text()
+            assert f"kubectl create secret docker-registry {secret_ref['name']}" in text
+            assert "--from-file=.dockerconfigjson=" in text
 
 
 # --- KServe ---------------------------------------------------------------------
@@ -561,3 +561,144 @@ def test_package_builds_as_the_containerfile_installs_it(tmp_path: Path) -> None
 def test_test_extra_names_the_validators() -> None:
     extra = " ".join(pyproject()["project"]["optional-dependencies"]["test"])
     assert "kubernetes-validate" in extra and "jsonschema" in extra
+
+
+# --- the DaemonSet's container, run as written ------------------------------------
+
+# Runs inside a private mount namespace (unshare -m) as the kitfs container would: each
+# volumeMount of the manifest is a bind mount of a fresh "host" directory at its mountPath,
+# the command, args and env are the manifest's own. It then speaks to the socket as kubelet
+# does and publishes the example pod's volume (its reference swapped for the test
+# registry's), reads through it, unpublishes and stops the driver. Prints a JSON report.
+POD_EMULATION = r'''
+import hashlib, json, os, re, signal, subprocess, sys, time
+import grpc
+from kitfs.csi import csi_pb2, csi_pb2_grpc
+
+cfg = json.loads(sys.argv[1])
+for host, path in cfg["binds"]:
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "--bind", host, path], check=True)
+env = dict(os.environ, **cfg["env"])
+# kubelet expands $(VAR) in args from the container's env
+args = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], a)
+        for a in cfg["args"]]
+log = open(cfg["log"], "ab")
+driver = subprocess.Popen(cfg["command"] + args, env=env, stdout=log, stderr=log,
+                          start_new_session=True)
+report = {}
+try:
+    socket_path = [a for a in args if a.startswith("unix://")][0]
+    channel = grpc.insecure_channel(socket_path)
+    identity = csi_pb2_grpc.IdentityStub(channel)
+    node = csi_pb2_grpc.NodeStub(channel)
+    info = identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=60,
+                                  wait_for_ready=True)
+    report["name"] = info.name
+    report["node_id"] = node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=60).node_id
+    uid = "0f0e0d0c-0b0a-0908-0706-050403020100"
+    parent = f"/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~csi/model"
+    os.makedirs(parent)
+    target = parent + "/mount"
+    context = dict(cfg["attributes"], **{
+        "csi.storage.k8s.io/ephemeral": "true", "csi.storage.k8s.io/pod.name": "llm-server",
+        "csi.storage.k8s.io/pod.namespace": "default", "csi.storage.k8s.io/pod.uid": uid,
+        "csi.storage.k8s.io/serviceAccount.name": "default"})
+    capability = csi_pb2.VolumeCapability(
+        access_mode=csi_pb2.VolumeCapability.AccessMode(
+            mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_READER_ONLY))
+    capability.mount.SetInParent()
+    volume_id = "csi-" + hashlib.sha256((uid + "model").encode()).hexdigest()
+    node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=volume_id, target_path=target, volume_capability=capability,
+        readonly=True, volume_context=context, secrets=cfg["secrets"]), timeout=120)
+    with open(os.path.join(target, cfg["read"]), "rb") as f:
+        report["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    report["staged_under"] = [line.split()[4] for line in open("/proc/self/mountinfo")
+                              if "fuse.kitfs" in line]
+    node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=volume_id, target_path=target), timeout=120)
+    report["target_left"] = os.path.exists(target)
+    report["fuse_left"] = [line.split()[4] for line in open("/proc/self/mountinfo")
+                           if "fuse.kitfs" in line]
+    channel.close()
+finally:
+    driver.send_signal(signal.SIGTERM)
+    try:
+        report["driver_exit"] = driver.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        report["driver_exit"] = driver.wait()
+    print(json.dumps(report))
+'''
+
+
+@pytest.mark.fuse
+@pytest.mark.registry
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None
+                    or not os.path.exists("/dev/fuse"),
+                    reason="needs root, unshare(1) and /dev/fuse to mount as the driver does")
+def test_daemonset_container_serves_the_example_pod(
+        pod_spec: Doc, registry: Any, tmp_path: Path) -> None:
+    """The kitfs container's command, args, env and volume paths, run as written, make a
+    driver that registers under the CSIDriver's name and serves the example pod's volume."""
+    project = make_project(tmp_path / "proj", weight_bytes=1 << 20)
+    ref = f"{registry.host}/deploy/example:v1"
+    ok(kitfs("pack", str(project), "-t", ref, home=tmp_path / "home"))
+
+    kitfs_container = container(pod_spec, "kitfs")
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    binds = []
+    for mount in kitfs_container["volumeMounts"]:
+        if mount["mountPath"] == "/dev/fuse":
+            continue  # the device itself, not a directory to fake
+        assert "hostPath" in volumes[mount["name"]]
+        host = tmp_path / "host" / mount["name"]
+        host.mkdir(parents=True)
+        binds.append((str(host), mount["mountPath"]))
+    env = {e["name"]: e["value"] for e in kitfs_container["env"] if "value" in e}
+    env["NODE_NAME"] = "gpu-node-7"  # from the fieldRef spec.nodeName
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    command = kitfs_container["command"]
+    assert command[0] == "kitfs"  # the console script is `python -m kitfs.cli`
+    example = in_file("deploy/kubernetes/example-pod.yaml", "Pod")[0]
+    [csi] = [v["csi"] for v in example["spec"]["volumes"] if "csi" in v]
+    # The Secret behind nodePublishSecretRef, made as the example's comment says.
+    creds = tmp_path / "secret-home"
+    ok(kitfs("login", registry.host, "-u", "reader", "--password-stdin", home=creds,
+             stdin="not-a-real-password\n"))
+    assert registry.host in json.loads((creds / "credentials.json").read_text())["auths"]
+    assert csi["nodePublishSecretRef"]["name"]
+    config = {
+        "binds": binds, "env": env, "log": str(tmp_path / "driver.log"),
+        "command": [sys.executable, "-m", "kitfs.cli", *command[1:]],
+        "args": kitfs_container["args"],
+        "attributes": dict(csi["volumeAttributes"], reference=ref),
+        "secrets": {".dockerconfigjson": (creds / "credentials.json").read_text()},
+        "read": "model/model.safetensors",
+    }
+    script = tmp_path / "pod.py"
+    script.write_text(POD_EMULATION)
+    created = [p for _, p in binds if not os.path.exists(p)]
+    try:
+        proc = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "--",
+             sys.executable, str(script), json.dumps(config)],
+            capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        for path in sorted(created, key=len, reverse=True):
+            with contextlib.suppress(OSError):
+                while path not in ("", "/"):
+                    os.rmdir(path)  # only the empty directories this test made
+                    path = os.path.dirname(path)
+    log = (tmp_path / "driver.log").read_text(errors="replace")
+    assert proc.returncode == 0, proc.stderr[-3000:] + log[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["name"] == find("CSIDriver")["metadata"]["name"]
+    assert report["node_id"] == "gpu-node-7"
+    want = hashlib.sha256((project / "model" / "model.safetensors").read_bytes()).hexdigest()
+    assert report["sha256"] == want
+    staging = flag_values(kitfs_container["args"])["--staging-dir"]
+    assert any(p.startswith(staging + "/") for p in report["staged_under"]), report
+    assert not report["target_left"] and not report["fuse_left"], report
+    assert report["driver_exit"] == 0, log[-3000:]
