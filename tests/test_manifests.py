@@ -514,10 +514,16 @@ def test_containerfile_shape() -> None:
     assert len(stages) == 2 and all(s.split()[1] == "${PYTHON_IMAGE}" for s in stages)
     requires = pyproject()["project"]["requires-python"]
     assert requires == ">=3.11"
+    # The build context is cut down to what is copied (.dockerignore); every source must
+    # exist and be let back in.
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignore
     for line in lines:
         if line.startswith("COPY") and "--from=" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), source
+                assert f"!{source.rstrip('/')}" in ignore or f"!{source}" in ignore \
+                    or f"!{source.rstrip('/')}/" in ignore, source
     installs = [line for line in lines if "pip install" in line]
     assert len(installs) == 1 and " -e " not in installs[0]
     runtime = lines[lines.index(stages[1]):]
