@@ -25,7 +25,14 @@ import pytest
 from helpers import kitfs, make_project, ok, one_line_error, source_files
 from kitfs.errors import UsageError
 from kitfs.mounthelper import kitfs_mount_argv, split_options
-from kitfs.mounts import find_mount, log_path, process_start_time, read_state, state_path
+from kitfs.mounts import (
+    find_mount,
+    kept_log_path,
+    log_path,
+    process_start_time,
+    read_state,
+    state_path,
+)
 from registry import RegistryServer
 
 HELPER = Path("/sbin/mount.fuse.kitfs")
@@ -101,8 +108,8 @@ def mountpoint(tmp_path: Path, helper_installed: Path) -> Iterator[Path]:
             run("umount", "-l", str(path))
         if state is not None and process_start_time(state.pid) is not None:
             os.kill(state.pid, signal.SIGKILL)
-        state_path(path).unlink(missing_ok=True)
-        log_path(path).unlink(missing_ok=True)
+        for left in (state_path(path), log_path(path), kept_log_path(path)):
+            left.unlink(missing_ok=True)  # a failed start keeps its log, for the user
 
 
 def wait_gone(pid: int) -> bool:
@@ -272,6 +279,47 @@ def test_verbose_says_what_was_mounted(kit: Kit, mountpoint: Path, tmp_path: Pat
                  f"cache_dir={tmp_path / 'cache'}"))
     assert f"mounted {kit.ref} at {mountpoint}" in out
     ok(run("umount", str(mountpoint)))
+
+
+# -- the examples in systemd/ ---------------------------------------------------------
+
+
+def test_fstab_example_lines_mount_as_written(kit: Kit, tmp_path: Path,
+                                              helper_installed: Path) -> None:
+    """systemd/fstab.example with its reference and paths swapped for this test's: the
+    options a user copies work (x-systemd.automount is systemd's, taken out by mount)."""
+    example = (REPO / "systemd" / "fstab.example").read_text()
+    lines = [line.split() for line in example.splitlines() if line and not line.startswith("#")]
+    assert len(lines) == 2 and all(fields[2] == "fuse.kitfs" for fields in lines)
+    fstab = tmp_path / "fstab"
+    points = []
+    for i, (_, _, fstype, options, *rest) in enumerate(lines):
+        point = tmp_path / f"mnt{i}"
+        point.mkdir()
+        points.append(point)
+        options = options.replace("/var/cache/kitfs", str(tmp_path / "cache"))
+        if "cache_dir=" not in options:
+            options += f",cache_dir={tmp_path / 'cache'}"
+        with fstab.open("a") as f:
+            f.write(" ".join([kit.ref, str(point), fstype, options, *rest]) + "\n")
+    try:
+        ok(run("mount", "-a", "-T", str(fstab)))  # the noauto line stays unmounted
+        assert find_mount(points[0]) is not None and find_mount(points[1]) is None
+        assert seen_files(points[0]) == model_files(kit)
+        ok(run("mount", "--fstab", str(fstab), str(points[1])))
+        assert seen_files(points[1]) == {
+            f: d for f, d in kit.files.items() if f.startswith("model/") or f == "README.md"}
+    finally:
+        for point in points:
+            if find_mount(point) is not None:
+                run("umount", str(point))
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_mount_unit_example_is_valid() -> None:
+    proc = run("systemd-analyze", "verify", "--man=no",
+               str(REPO / "systemd" / "mnt-model.mount"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 # -- option mapping (no mount) ------------------------------------------------------
