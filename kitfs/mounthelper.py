@@ -131,12 +131,14 @@ def kitfs_mount_argv(
 
 
 def _mount_flags() -> frozenset[str]:
-    """Every option string `kitfs mount` accepts, read off its own parser."""
+    """Every long flag `kitfs mount` has, read off its own parser (the names of what a
+    minimal command line parses to), so that this helper never lists them a second time."""
     from kitfs.commands import mount
 
     parser = argparse.ArgumentParser(add_help=False)
     mount.add_arguments(parser)
-    return frozenset(parser._option_string_actions) | {"--config"}
+    names = vars(parser.parse_args(["REF", "DIR"]))
+    return frozenset("--" + name.replace("_", "-") for name in names) | {"--config"}
 
 
 def _exit_status(code: int) -> int:

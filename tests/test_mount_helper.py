@@ -274,11 +274,18 @@ def test_fake_mount_checks_but_mounts_nothing(
                        "memory=1k"))
 
 
-def test_verbose_says_what_was_mounted(kit: Kit, mountpoint: Path, tmp_path: Path) -> None:
-    out = ok(run("mount", "-v", "-t", "fuse.kitfs", kit.ref, str(mountpoint), "-o",
+def test_verbose_says_what_was_mounted_and_kitfs_umount_works_too(
+    kit: Kit, mountpoint: Path, tmp_path: Path,
+) -> None:
+    # by digest: `@` and `:` in the mount's source are fine
+    digest = json.loads(ok(kitfs("inspect", "--json", kit.ref, home=kit.home)))["digest"]
+    ref = kit.ref.removesuffix(":v1") + "@" + digest
+    out = ok(run("mount", "-n", "-v", "-t", "fuse.kitfs", ref, str(mountpoint), "-o",
                  f"cache_dir={tmp_path / 'cache'}"))
-    assert f"mounted {kit.ref} at {mountpoint}" in out
-    ok(run("umount", str(mountpoint)))
+    assert f"mounted {ref} at {mountpoint}" in out
+    assert findmnt(mountpoint)["source"] == ref
+    assert f"unmounted {mountpoint}" in ok(kitfs("umount", str(mountpoint)))
+    assert find_mount(mountpoint) is None and not state_path(mountpoint).exists()
 
 
 # -- the examples in systemd/ ---------------------------------------------------------
