@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,25 @@ def test_mount_t_fuse_kitfs_serves_files_and_plain_umount_ends_the_daemon(
     assert not log_path(mountpoint).exists()  # a clean end leaves no log
 
 
+def test_lazy_umount_lets_an_open_file_finish_then_the_daemon_goes(
+    kit: Kit, mountpoint: Path, tmp_path: Path,
+) -> None:
+    ok(run("mount", "-t", "fuse.kitfs", kit.ref, str(mountpoint), "-o",
+           f"cache_dir={tmp_path / 'cache'},prefetch=none"))
+    state = read_state(mountpoint)
+    assert state is not None
+    with (mountpoint / "model" / "model.safetensors").open("rb") as f:
+        head = f.read(4096)
+        assert run("umount", str(mountpoint)).returncode != 0  # busy: a plain umount refuses
+        ok(run("umount", "-l", str(mountpoint)))
+        assert find_mount(mountpoint) is None
+        data = head + f.read()  # the detached mount still serves the open file
+        assert process_start_time(state.pid) is not None
+    assert hashlib.sha256(data).hexdigest() == kit.files["model/model.safetensors"]
+    assert wait_gone(state.pid)  # last file closed: the kernel ends the session
+    assert not state_path(mountpoint).exists()
+
+
 def test_fstab_line_mounts_with_mount_a_and_again_is_a_no_op(
     kit: Kit, mountpoint: Path, tmp_path: Path,
 ) -> None:
@@ -237,6 +257,18 @@ def test_bare_environment_with_credentials_from_config(
     state = read_state(mountpoint)
     assert state is not None and "s3cret" not in json.dumps(state.to_json())
     ok(run("umount", str(mountpoint)))
+
+
+def test_defaults_under_systemds_bare_environment_are_roots() -> None:
+    """No $HOME, no $KITOPS_HOME: root's kit home and the node's cache, as documented."""
+    code = ("from kitfs.oci.credentials import kitops_home, docker_config_path\n"
+            "from kitfs.mounts import default_cache_dir\n"
+            "print(kitops_home()); print(docker_config_path()); print(default_cache_dir())")
+    out = ok(run(sys.executable, "-c", code, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                                  "PYTHONPATH": str(REPO)}))
+    root = pwd.getpwuid(0).pw_dir
+    assert out.split() == [f"{root}/.local/share/kitops", f"{root}/.docker/config.json",
+                           "/var/cache/kitfs"]
 
 
 def test_bad_input_is_one_line_and_nothing_is_mounted(
