@@ -108,7 +108,7 @@ def kitfs_mount_argv(
                 raise UsageError(
                     "option proxy: a proxy URL with credentials must not be in mount options "
                     "(they show in ps and fstab); set KITFS_PROXY or HTTPS_PROXY in the "
-                    "environment of mount (for a .mount unit: Environment= in a drop-in)"
+                    "environment of mount (in a .mount unit: Environment= or EnvironmentFile=)"
                 )
             argv += [flag, value]
         elif name in SWITCH_OPTIONS and not eq:
