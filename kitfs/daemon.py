@@ -197,7 +197,10 @@ def _tree_time_ns(inspection: Inspection) -> int:
 
 
 def fuse_options(config: MountConfig) -> set[str]:
-    options = {"fsname=kitfs", "subtype=kitfs", "ro", "default_permissions"}
+    """Read-only, nosuid and nodev whatever the ModelKit's tar modes say. The reference is
+    the mount's source, as fstab names it: `mount -a` then sees the line is mounted."""
+    options = {f"fsname={config.reference}", "subtype=kitfs", "ro", "nosuid", "nodev",
+               "default_permissions"}
     if config.allow_other:
         options.add("allow_other")
     return options

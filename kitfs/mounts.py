@@ -229,6 +229,10 @@ def find_mount(mountpoint: Path) -> MountInfo | None:
 def check_mountpoint(mountpoint: Path) -> None:
     """Refuse, in one line, every mountpoint a mount would fail on or hide data behind."""
     existing = find_mount(mountpoint)
+    if existing is not None and existing.fstype == "autofs":
+        # systemd's automount (x-systemd.automount) waits at the mountpoint for exactly
+        # this mount; looking inside would wait on that automount: a deadlock.
+        return
     if existing is not None:
         what = "a kitfs mount" if existing.fstype == FS_TYPE else f"a {existing.fstype} mount"
         hint = f" (unmount it first: kitfs umount {mountpoint})" if existing.fstype == FS_TYPE \

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground and log to stderr; Ctrl-C unmounts")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    # `mount -f` through mount.fuse.kitfs: every check a mount makes, then no mount.
+    p.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
     add_network_options(p)
 
 
@@ -171,6 +173,8 @@ def _mount(args: argparse.Namespace, pipe: ReadyPipe) -> int:
 
     config = _mount_config(args)
     check_mountpoint(config.mountpoint)
+    if args.check_only:
+        return 0
     if not (args.foreground or args.ready_fd is not None):
         state, earlier = start_daemon(_daemon_argv(args, config), config.mountpoint,
                                       _daemon_env(config))
