@@ -80,3 +80,21 @@ def rpc(method: Callable[[Any, Any, Any], R]) -> Callable[[Any, Any, Any], R]:
             raise AssertionError("context.abort returned") from exc
 
     return wrapper
+
+
+def answer_unimplemented(service: type, base: type) -> None:
+    """Give `service` every RPC of its generated `base` it does not define, answering
+    UNIMPLEMENTED (the generated ones say so too, but grpc logs a traceback for each)."""
+
+    def make(name: str) -> Callable[[Any, Any, Any], Any]:
+        def unimplemented(self: Any, request: Any, context: Any) -> Any:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                          f"{name} is not implemented: kitfs is a node-only driver for "
+                          "inline ephemeral volumes")
+
+        unimplemented.__name__ = name
+        return unimplemented
+
+    for name in vars(base):
+        if name[:1].isupper() and name not in vars(service):
+            setattr(service, name, make(name))

@@ -8,7 +8,7 @@ from typing import Any
 
 from kitfs import __version__
 from kitfs.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc
-from kitfs.csi.codes import rpc
+from kitfs.csi.codes import answer_unimplemented, rpc
 from kitfs.csi.node import Node
 from kitfs.mounts import MountState, read_state
 
@@ -52,3 +52,6 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         response = csi_pb2.ProbeResponse()
         response.ready.value = not unhealthy
         return response
+
+
+answer_unimplemented(IdentityService, csi_pb2_grpc.IdentityServicer)

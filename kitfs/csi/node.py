@@ -25,7 +25,7 @@ import grpc
 import trio
 
 from kitfs.csi import binds, csi_pb2, csi_pb2_grpc
-from kitfs.csi.codes import CsiError, invalid, rpc
+from kitfs.csi.codes import CsiError, answer_unimplemented, invalid, rpc
 from kitfs.csi.volumes import Attributes, DaemonRecord, Records, VolumeRecord, daemon_key
 from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.modelkit.filters import FilterSet
@@ -364,3 +364,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     @rpc
     def NodeGetInfo(self, request: Any, context: Any) -> Any:
         return csi_pb2.NodeGetInfoResponse(node_id=self.node.config.node_id)
+
+
+answer_unimplemented(NodeService, csi_pb2_grpc.NodeServicer)
