@@ -271,6 +271,25 @@ def test_pods_share_one_daemon_until_the_last_unpublish(driver: Driver, model: M
     driver.unpublish(driver.target("never-published"))  # unknown target: OK
 
 
+def test_a_dead_daemon_is_reported_and_remounted(driver: Driver, model: Model) -> None:
+    target = driver.target("pod-dead")
+    driver.publish(target, model.ref, pod="dead", filter="model,docs")
+    (daemon,) = driver.daemons()
+    os.kill(daemon.pid, signal.SIGKILL)
+    with pytest.raises(OSError):  # the pod's mount is dead: every access says ENOTCONN
+        os.listdir(target)
+    assert not driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=RPC_WAIT).ready.value
+
+    driver.publish(target, model.ref, pod="dead", filter="model,docs")  # kubelet again
+    (again,) = driver.daemons()
+    assert again.pid != daemon.pid
+    assert read_all(target / WEIGHTS) == model.weights
+    assert driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=RPC_WAIT).ready.value
+    driver.unpublish(target)
+    assert driver.daemons() == [] and not target.exists()
+    assert not daemon_alive(again.pid, again.start_time)
+
+
 def test_concurrent_publishes_of_one_model(driver: Driver, model: Model) -> None:
     targets = [driver.target(f"pod-c{i}") for i in range(4)]
     errors: list[BaseException] = []

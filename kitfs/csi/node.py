@@ -196,7 +196,10 @@ class Node:
         try:
             state, _ = start_daemon(argv, mountpoint, self.config.daemon_env)
         except BaseException:
-            self._stop(record)
+            try:
+                self._stop(record)
+            except MountError as exc:
+                log.warning("cleaning up after the daemon for %s: %s", pinned, exc)
             raise
         log.info("started daemon pid %d for %s at %s", state.pid, pinned, mountpoint)
         return record
@@ -206,10 +209,9 @@ class Node:
         mountpoint = Path(daemon.mountpoint)
         state = read_state(mountpoint)
         if state is not None or find_mount(mountpoint) is not None:
-            try:
-                log.info("%s", umount(mountpoint))
-            except MountError as exc:
-                log.warning("stopping the daemon for %s: %s", daemon.reference, exc)
+            # A daemon that will not stop keeps its record: the next unpublish, publish
+            # or adoption tries again, rather than leaving a daemon nobody tracks.
+            log.info("%s", umount(mountpoint))
             if state is not None:
                 _reap(state.pid)
         self.records.drop_daemon(daemon.key)
