@@ -19,6 +19,7 @@ from pathlib import Path
 from kitfs import __version__
 from kitfs.commands import (
     cache,
+    csi,
     diff,
     info,
     init,
@@ -86,7 +87,7 @@ COMMANDS: tuple[Command, ...] = (
     remove.COMMAND, inspect.COMMAND, info.COMMAND, diff.COMMAND, ls.COMMAND,
     unpack.COMMAND, login.COMMAND, logout.COMMAND, mount.COMMAND, umount.COMMAND,
     status.COMMAND,
-    cache.COMMAND,
+    cache.COMMAND, csi.COMMAND,
 )
 
 

@@ -51,6 +51,11 @@ class AuthError(RegistryError):
     """Credentials are missing, wrong or not enough for the operation."""
 
 
+class AccessDeniedError(AuthError):
+    """The registry took the credentials and still refused (HTTP 403): logging in again
+    will not help, being granted access will (the CSI driver's PERMISSION_DENIED)."""
+
+
 class UnreachableError(RegistryError):
     """The registry could not be reached, or stopped answering within the deadline."""
 

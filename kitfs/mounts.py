@@ -473,6 +473,37 @@ def _read_line(fd: int) -> str:
     return data.decode(errors="replace").strip()
 
 
+def daemon_argv(
+    config: MountConfig, *, kitops_home: str | None = None, verbose: int = 0
+) -> list[str]:
+    """The `kitfs mount --foreground` command line a background daemon for `config` runs
+    (start_daemon adds --ready-fd); `kitfs mount` and the CSI driver both start daemons."""
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else None
+
+    argv = ["mount", config.reference, str(config.mountpoint), "--foreground",
+            "--cache-dir", str(config.cache_dir), "--prefetch", config.prefetch,
+            "--verify", config.verify, "--timeout", repr(config.client.read_timeout),
+            "--memory", str(config.memory),
+            "--tls-verify", "true" if config.client.tls_verify else "false"]
+    if config.cache_size is not None:
+        argv += ["--cache-size", str(config.cache_size)]
+    for text in config.filters:
+        argv += ["--filter", text]
+    if config.allow_other:
+        argv.append("--allow-other")
+    if config.client.plain_http:
+        argv.append("--plain-http")
+    for flag, value in (("--ca-file", config.client.ca_file), ("--cert", config.client.cert_file),
+                        ("--key", config.client.key_file), ("--config", kitops_home)):
+        if value:
+            argv += [flag, str(absolute(value))]
+    if verbose:
+        argv.append("-" + "v" * verbose)
+    return argv
+
+
 def start_daemon(
     argv: Sequence[str], mountpoint: Path, env: Mapping[str, str] | None = None
 ) -> tuple[MountState, Path | None]:

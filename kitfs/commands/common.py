@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from kitfs.errors import UsageError, user_error
 from kitfs.units import shown_path
 
-__all__ = ["add_network_options", "client_options", "inspect_reference", "run_async",
-           "shown_path"]
+__all__ = ["add_network_options", "client_options", "daemon_env", "inspect_reference",
+           "run_async", "shown_path"]
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
@@ -76,6 +76,19 @@ def client_options(args: argparse.Namespace) -> ClientOptions:
         kitops_home=getattr(args, "kitops_home", None),
         proxies=Proxies.from_environment(os.environ, *_explicit_proxy(args)),
     )
+
+
+def daemon_env(options: ClientOptions) -> dict[str, str] | None:
+    """A daemon's environment: this one (HTTP_PROXY, HTTPS_PROXY, NO_PROXY, ...), plus
+    --proxy as $KITFS_PROXY, which the daemon reads as its --proxy. Not on its command
+    line: a password in the proxy URL would show in `ps` for as long as the mount lives.
+    None: no --proxy, so the daemon inherits this environment as it is."""
+    import os
+
+    explicit = options.proxies.explicit
+    if explicit is None:
+        return None
+    return dict(os.environ, **{PROXY_ENV: explicit.url})
 
 
 def _explicit_proxy(args: argparse.Namespace) -> tuple[str | None, str]:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from kitfs.commands.command import Command
-from kitfs.commands.common import PROXY_ENV, add_network_options, client_options, run_async
+from kitfs.commands.common import add_network_options, client_options, daemon_env, run_async
 from kitfs.errors import KitfsError, UsageError
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
@@ -87,44 +87,6 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     )
 
 
-def _daemon_argv(args: argparse.Namespace, config: MountConfig) -> list[str]:
-    """The `kitfs mount --foreground` command line the background daemon runs."""
-
-    def absolute(path: str | None) -> str | None:
-        return os.path.abspath(path) if path else None
-
-    argv = ["mount", config.reference, str(config.mountpoint), "--foreground",
-            "--cache-dir", str(config.cache_dir), "--prefetch", config.prefetch,
-            "--verify", config.verify, "--timeout", repr(config.client.read_timeout),
-            "--memory", str(config.memory),
-            "--tls-verify", "true" if config.client.tls_verify else "false"]
-    if config.cache_size is not None:
-        argv += ["--cache-size", str(config.cache_size)]
-    for text in config.filters:
-        argv += ["--filter", text]
-    if config.allow_other:
-        argv.append("--allow-other")
-    if config.client.plain_http:
-        argv.append("--plain-http")
-    for flag, value in (("--ca-file", config.client.ca_file), ("--cert", config.client.cert_file),
-                        ("--key", config.client.key_file), ("--config", args.kitops_home)):
-        if value:
-            argv += [flag, str(absolute(value))]
-    if args.verbose:
-        argv.append("-" + "v" * args.verbose)
-    return argv
-
-
-def _daemon_env(config: MountConfig) -> dict[str, str] | None:
-    """The daemon's environment: this one (HTTP_PROXY, HTTPS_PROXY, NO_PROXY, ...), plus
-    --proxy as $KITFS_PROXY, which the daemon reads as its --proxy. Not on its command
-    line: a password in the proxy URL would show in `ps` for as long as the mount lives."""
-    explicit = config.client.proxies.explicit
-    if explicit is None:
-        return None
-    return dict(os.environ, **{PROXY_ENV: explicit.url})
-
-
 def _print_mounted(state: MountState) -> None:
     from kitfs.units import human_bytes
 
@@ -169,15 +131,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _mount(args: argparse.Namespace, pipe: ReadyPipe) -> int:
-    from kitfs.mounts import check_mountpoint, start_daemon
+    from kitfs.mounts import check_mountpoint, daemon_argv, start_daemon
 
     config = _mount_config(args)
     check_mountpoint(config.mountpoint)
     if args.check_only:
         return 0
     if not (args.foreground or args.ready_fd is not None):
-        state, earlier = start_daemon(_daemon_argv(args, config), config.mountpoint,
-                                      _daemon_env(config))
+        state, earlier = start_daemon(
+            daemon_argv(config, kitops_home=args.kitops_home, verbose=args.verbose),
+            config.mountpoint, daemon_env(config.client))
         _print_mounted(state)
         if earlier is not None:
             print(f"  earlier log of the previous daemon here kept at {earlier}")

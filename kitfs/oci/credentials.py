@@ -241,6 +241,12 @@ def _write_atomic(path: str, config: dict[str, Any]) -> None:
         raise LocalStorageError(f"cannot write credentials file {path}: {exc.strerror}") from exc
 
 
+def save_auths(home: str, auths: dict[str, Any]) -> None:
+    """Write a credentials file (0600) in `home` holding exactly these `auths` entries: the
+    CSI driver hands a pod's registry secret to the daemon that serves its volume this way."""
+    _write_atomic(credentials_path(home), {"auths": auths})
+
+
 def _helper_run(helper: str, action: str, payload: bytes) -> None:
     program = HELPER_PREFIX + helper
     try:

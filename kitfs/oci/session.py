@@ -21,6 +21,7 @@ import httpx
 import trio
 
 from kitfs.errors import (
+    AccessDeniedError,
     AuthError,
     KitfsError,
     NotFoundError,
@@ -452,7 +453,8 @@ class RegistrySession:
                 )
             if status == 401 and self.auth.scheme == "basic":
                 return AuthError(f"wrong username or password for {self.registry}")
-            return AuthError(
+            denied = AccessDeniedError if status == 403 else AuthError
+            return denied(
                 f"{what}: access denied (HTTP {status}) for the stored credentials{suffix}"
             )
         after = f" after retrying {retries} times" if retries else ""

@@ -1,0 +1,14 @@
+"""A Kubernetes CSI node driver serving ModelKits as inline ephemeral volumes.
+
+The only package that imports grpc. The generated stubs (csi_pb2*) come from
+csi.proto by scripts/gen-csi; the rest is split by what it holds: identity.py
+and node.py (the two gRPC services), volumes.py (the driver's records on disk),
+binds.py (bind mounts), codes.py (errors to gRPC status codes), server.py (the
+gRPC server) and supervisor.py (the process that keeps the server running).
+"""
+
+from __future__ import annotations
+
+#: The CSI driver name: reverse-domain, as the spec asks; the CSIDriver object and
+#: every pod's `csi.driver` field name it.
+DRIVER_NAME = "kitfs.kitops.org"

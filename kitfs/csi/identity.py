@@ -1,0 +1,57 @@
+"""The CSI Identity service: who the driver is, and whether it and its mounts are well."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from kitfs import __version__
+from kitfs.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc
+from kitfs.csi.codes import answer_unimplemented, rpc
+from kitfs.csi.node import Node
+from kitfs.mounts import MountState, read_state
+
+log = logging.getLogger(__name__)
+
+
+# PLACEHOLDER (merge): the lead replaces this with `kitfs.health.mount_health(state)`
+# from the health branch (registry reachable, no poisoned layer). Until then a mount
+# counts as healthy while its daemon process is alive.
+def _mount_healthy(state: MountState) -> bool:
+    return state.alive
+
+
+class IdentityService(csi_pb2_grpc.IdentityServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @rpc
+    def GetPluginInfo(self, request: Any, context: Any) -> Any:
+        return csi_pb2.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=__version__)
+
+    @rpc
+    def GetPluginCapabilities(self, request: Any, context: Any) -> Any:
+        # A node-only plugin: no CONTROLLER_SERVICE, no topology.
+        return csi_pb2.GetPluginCapabilitiesResponse()
+
+    @rpc
+    def Probe(self, request: Any, context: Any) -> Any:
+        """Ready while every daemon this driver manages serves a healthy mount.
+
+        Not ready is a report, not a reason to restart the driver: a restart of its
+        container would end every daemon in it (see the README's Kubernetes section).
+        """
+        unhealthy = []
+        for daemon in self.node.records.daemons():
+            state = read_state(Path(daemon.mountpoint))
+            if state is None or not _mount_healthy(state):
+                unhealthy.append(daemon.reference)
+        if unhealthy:
+            log.warning("probe: unhealthy mounts: %s", ", ".join(unhealthy))
+        response = csi_pb2.ProbeResponse()
+        response.ready.value = not unhealthy
+        return response
+
+
+answer_unimplemented(IdentityService, csi_pb2_grpc.IdentityServicer)

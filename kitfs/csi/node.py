@@ -1,0 +1,371 @@
+"""The CSI Node service: publish a ModelKit at a pod's target path, unpublish it.
+
+Publishing checks the pod's volume attributes, resolves the reference to its
+manifest digest with the pod's own credentials (the authorization check: a
+pod joins a daemon another pod started only after proving it may read that
+manifest), then joins or starts the daemon for (digest, filter, verify,
+prefetch) at <staging-dir>/<key>/mnt and bind-mounts it read-only at the
+target. The daemon is a `kitfs mount` process in its own session, so it
+outlives this server; the last user's unpublish stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import trio
+
+from kitfs.csi import binds, csi_pb2, csi_pb2_grpc
+from kitfs.csi.codes import CsiError, answer_unimplemented, invalid, rpc
+from kitfs.csi.volumes import Attributes, DaemonRecord, Records, VolumeRecord, daemon_key
+from kitfs.engine.api import PrefetchMode, VerifyMode
+from kitfs.modelkit.filters import FilterSet
+from kitfs.mounts import (
+    FS_TYPE,
+    MountConfig,
+    MountError,
+    daemon_argv,
+    find_mount,
+    read_state,
+    start_daemon,
+    umount,
+)
+from kitfs.oci.client import RegistryClient
+from kitfs.oci.credentials import save_auths
+from kitfs.oci.options import ClientOptions
+from kitfs.oci.reference import Reference, parse_reference
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTES = ("reference", "filter", "verify", "prefetch")
+#: kubelet adds these (podInfoOnMount, ephemeral): csi.storage.k8s.io/pod.name, ...
+KUBELET_PREFIX = "csi.storage.k8s.io/"
+VERIFY_MODES: tuple[VerifyMode, ...] = ("lazy", "strict")
+PREFETCH_MODES: tuple[PrefetchMode, ...] = ("model", "none", "all")
+#: The keys a kubernetes.io/dockerconfigjson (or legacy dockercfg) secret holds.
+SECRET_KEYS = (".dockerconfigjson", ".dockercfg")
+#: What a secret's registry entry may say; anything else (credsStore, credHelpers: a
+#: program to run on the node) is not taken from a pod's secret.
+ENTRY_FIELDS = ("auth", "username", "password", "identitytoken", "registrytoken")
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    """What `kitfs csi` was started with."""
+
+    node_id: str
+    state_dir: Path
+    staging_dir: Path
+    cache_dir: Path
+    client: ClientOptions
+    daemon_env: Mapping[str, str] | None = None  # None: the driver's own environment
+    verbose: int = 0
+
+
+# -- the request ------------------------------------------------------------------
+
+
+def parse_attributes(context: Mapping[str, str]) -> Attributes:
+    """The pod's volumeAttributes, checked; every mistake is INVALID_ARGUMENT naming it."""
+    unknown = sorted(k for k in context if k not in ATTRIBUTES
+                     and not k.startswith(KUBELET_PREFIX))
+    if unknown:
+        raise invalid(f"unknown volume attribute {', '.join(map(repr, unknown))} "
+                      f"(kitfs takes {', '.join(ATTRIBUTES)})")
+    text = context.get("reference", "").strip()
+    if not text:
+        raise invalid("volume attribute 'reference' is required: the ModelKit to serve, "
+                      "e.g. ghcr.io/org/model:v1")
+    ref = parse_reference(text)
+    if ref.is_local:
+        raise invalid(f"reference {text!r} names kit's local storage (its first part has no "
+                      "'.' or ':'); a volume needs a registry, e.g. ghcr.io/org/model:v1")
+    filter_ = context.get("filter", "model").strip() or "model"
+    FilterSet.parse([filter_])
+    verify = context.get("verify", "lazy")
+    if verify not in VERIFY_MODES:
+        raise invalid(f"volume attribute verify={verify!r}: use strict or lazy")
+    prefetch = context.get("prefetch", "model")
+    if prefetch not in PREFETCH_MODES:
+        raise invalid(f"volume attribute prefetch={prefetch!r}: use model, none or all")
+    return Attributes(text, filter_, verify, prefetch)
+
+
+def secret_auths(secrets: Mapping[str, str]) -> dict[str, Any] | None:
+    """The registry entries of the pod's nodePublishSecretRef; None without a secret.
+
+    Messages name keys, never values: they end up in pod events and logs.
+    """
+    if not secrets:
+        return None
+    raw = next((secrets[k] for k in SECRET_KEYS if k in secrets), None)
+    if raw is None:
+        raise invalid(f"the volume's secret has no {SECRET_KEYS[0]} key (it has "
+                      f"{', '.join(sorted(secrets))}); use a kubernetes.io/dockerconfigjson "
+                      "secret")
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise invalid(f"the volume's secret: {SECRET_KEYS[0]} is not valid JSON") from None
+    auths = doc.get("auths", doc) if isinstance(doc, dict) else None
+    entries = {
+        str(host): {f: entry[f] for f in ENTRY_FIELDS if isinstance(entry.get(f), str)}
+        for host, entry in (auths.items() if isinstance(auths, dict) else ())
+        if isinstance(entry, dict)
+    }
+    entries = {host: entry for host, entry in entries.items() if entry}
+    if not entries:
+        raise invalid(f"the volume's secret: {SECRET_KEYS[0]} holds no registry credentials "
+                      "(expected {\"auths\": {\"REGISTRY\": {\"auth\": ...}}})")
+    return entries
+
+
+async def _resolve(ref: Reference, options: ClientOptions) -> str:
+    async with RegistryClient(ref.registry, options) as client:
+        _, _, digest = await client.resolve_modelkit(ref.repository, ref.target)
+    return digest
+
+
+# -- the node -----------------------------------------------------------------------
+
+
+def _remove_dir(path: Path) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc.strerror)
+
+
+def _reap(pid: int) -> None:
+    """Collect a daemon this process started (its zombie); one a previous server started is
+    the supervisor's child, and the supervisor collects it."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _is_ours(target: Path) -> bool:
+    info = find_mount(target)
+    return info is not None and info.fstype == FS_TYPE
+
+
+class Node:
+    """Publish and unpublish, safe to call from many threads at once."""
+
+    def __init__(self, config: DriverConfig) -> None:
+        self.config = config
+        self.records = Records(config.state_dir)
+
+    # -- daemons --------------------------------------------------------------------
+
+    def serving(self, daemon: DaemonRecord) -> bool:
+        """The daemon is alive and its mount is in place."""
+        state = read_state(Path(daemon.mountpoint))
+        return state is not None and state.alive and _is_ours(Path(daemon.mountpoint))
+
+    def _start(self, key: str, digest: str, attrs: Attributes,
+               auths: dict[str, Any] | None) -> DaemonRecord:
+        ref = parse_reference(attrs.reference)
+        pinned = str(Reference(ref.registry, ref.repository, ref.tag, digest))
+        mountpoint = self.config.staging_dir / key / "mnt"
+        mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
+        home: Path | None = None
+        if auths is not None:
+            home = self.records.credentials_dir(key)
+            save_auths(str(home), auths)
+        record = DaemonRecord(key, pinned, digest, attrs, str(mountpoint),
+                              str(home) if home is not None else None)
+        self.records.save_daemon(record)  # first: a crash from here on leaves it to clean up
+        config = MountConfig(
+            reference=pinned, mountpoint=mountpoint, cache_dir=self.config.cache_dir,
+            client=self.config.client, filters=(attrs.filter,), prefetch=attrs.prefetch,
+            verify=attrs.verify, allow_other=True,  # pods run as any user
+        )
+        argv = daemon_argv(config, kitops_home=record.home or self.config.client.kitops_home,
+                           verbose=self.config.verbose)
+        try:
+            state, _ = start_daemon(argv, mountpoint, self.config.daemon_env)
+        except BaseException:
+            try:
+                self._stop(record)
+            except MountError as exc:
+                log.warning("cleaning up after the daemon for %s: %s", pinned, exc)
+            raise
+        log.info("started daemon pid %d for %s at %s", state.pid, pinned, mountpoint)
+        return record
+
+    def _stop(self, daemon: DaemonRecord) -> None:
+        """Stop the daemon (or clean up after a dead one) and forget it. Key lock held."""
+        mountpoint = Path(daemon.mountpoint)
+        state = read_state(mountpoint)
+        if state is not None or find_mount(mountpoint) is not None:
+            # A daemon that will not stop keeps its record: the next unpublish, publish
+            # or adoption tries again, rather than leaving a daemon nobody tracks.
+            log.info("%s", umount(mountpoint))
+            if state is not None:
+                _reap(state.pid)
+        self.records.drop_daemon(daemon.key)
+        _remove_dir(mountpoint)
+        _remove_dir(mountpoint.parent)
+
+    def _daemon_for(self, key: str, digest: str, attrs: Attributes,
+                    auths: dict[str, Any] | None) -> DaemonRecord:
+        """The daemon serving `key`, started if none is. Key lock held."""
+        existing = self.records.daemon(key)
+        if existing is not None:
+            if self.serving(existing):
+                return existing
+            log.warning("the daemon for %s is gone; starting a new one", existing.reference)
+            self._stop(existing)
+        return self._start(key, digest, attrs, auths)
+
+    # -- volumes --------------------------------------------------------------------
+
+    def _authorize(self, attrs: Attributes, auths: dict[str, Any] | None) -> str:
+        """The manifest digest, resolved with this request's credentials."""
+        ref = parse_reference(attrs.reference)
+        if auths is None:
+            return trio.run(_resolve, ref, self.config.client)
+        name = "request-" + uuid.uuid4().hex
+        home = self.records.credentials_dir(name)
+        try:
+            save_auths(str(home), auths)
+            return trio.run(_resolve, ref, replace(self.config.client, kitops_home=str(home)))
+        finally:
+            self.records.drop_credentials(name)
+
+    def _leave(self, volume: VolumeRecord) -> None:
+        """Undo one volume; the last user of a daemon stops it. Key lock held."""
+        target = Path(volume.target)
+        binds.unbind(target)
+        _remove_dir(target)
+        self.records.drop_volume(volume.target)
+        if not self.records.users(volume.key):
+            daemon = self.records.daemon(volume.key)
+            if daemon is not None:
+                self._stop(daemon)
+
+    def publish(self, volume_id: str, target: Path, attrs: Attributes,
+                auths: dict[str, Any] | None, pod: str = "") -> None:
+        with self.records.locked(f"target:{target}"):
+            existing = self.records.volume(str(target))
+            if existing is not None:
+                if existing.volume_id != volume_id or existing.attributes != attrs:
+                    raise CsiError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"{target} is already published as volume {existing.volume_id} "
+                        f"({existing.attributes.reference}); unpublish it first")
+                daemon = self.records.daemon(existing.key)
+                if daemon is not None and self.serving(daemon) and _is_ours(target):
+                    return
+                log.warning("republishing %s: its mount or its daemon is gone", target)
+                with self.records.locked(f"key:{existing.key}"):
+                    self._leave(existing)
+            elif find_mount(target) is not None:
+                raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"{target} is already a mount point that kitfs did not make")
+            digest = self._authorize(attrs, auths)
+            key = daemon_key(digest, attrs)
+            with self.records.locked(f"key:{key}"):
+                daemon = self._daemon_for(key, digest, attrs, auths)
+                volume = VolumeRecord(volume_id, str(target), key, attrs, pod)
+                self.records.save_volume(volume)
+                try:
+                    target.mkdir(mode=0o755, exist_ok=True)
+                    binds.bind_readonly(Path(daemon.mountpoint), target)
+                except BaseException:
+                    self._leave(volume)
+                    raise
+            log.info("published %s (%s) at %s for %s", attrs.reference, digest, target,
+                     pod or volume_id)
+
+    def unpublish(self, target: Path) -> None:
+        with self.records.locked(f"target:{target}"):
+            volume = self.records.volume(str(target))
+            if volume is None:
+                if _is_ours(target):  # a bind whose record was lost
+                    binds.unbind(target)
+                _remove_dir(target)
+                return
+            with self.records.locked(f"key:{volume.key}"):
+                self._leave(volume)
+            log.info("unpublished %s (%s)", target, volume.attributes.reference)
+
+    # -- after a restart ------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """Take over what an earlier server left: its volumes, their daemons."""
+        self.records.drop_leftover_credentials()
+        volumes = self.records.volumes()
+        for daemon in self.records.daemons():
+            users = [v for v in volumes if v.key == daemon.key]
+            with self.records.locked(f"key:{daemon.key}"):
+                if not users:
+                    log.info("stopping the daemon for %s: no volume uses it", daemon.reference)
+                    self._stop(daemon)
+                    continue
+            alive = self.serving(daemon)
+            log.info("adopted the daemon for %s serving %d volume(s)%s", daemon.reference,
+                     len(users), "" if alive else " (it is gone: a publish remounts it, an "
+                     "unpublish cleans up)")
+        for volume in volumes:
+            if not _is_ours(Path(volume.target)):
+                log.warning("volume %s at %s is not mounted; unpublish cleans it up",
+                            volume.volume_id, volume.target)
+
+
+# -- the gRPC service -----------------------------------------------------------------
+
+
+class NodeService(csi_pb2_grpc.NodeServicer):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @rpc
+    def NodePublishVolume(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise invalid("volume_id is missing")
+        if not request.target_path or not os.path.isabs(request.target_path):
+            raise invalid(f"target_path {request.target_path!r} is not an absolute path")
+        if not request.HasField("volume_capability"):
+            raise invalid("volume_capability is missing")
+        if request.volume_capability.HasField("block"):
+            raise invalid("block access is not supported: a ModelKit volume is a file system "
+                          "(use a mount volume)")
+        attrs = parse_attributes(request.volume_context)
+        auths = secret_auths(request.secrets)
+        pod = "/".join(request.volume_context.get(KUBELET_PREFIX + k, "")
+                       for k in ("pod.namespace", "pod.name")).strip("/")
+        self.node.publish(request.volume_id, Path(request.target_path), attrs, auths, pod)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    @rpc
+    def NodeUnpublishVolume(self, request: Any, context: Any) -> Any:
+        if not request.volume_id:
+            raise invalid("volume_id is missing")
+        if not request.target_path or not os.path.isabs(request.target_path):
+            raise invalid(f"target_path {request.target_path!r} is not an absolute path")
+        self.node.unpublish(Path(request.target_path))
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    @rpc
+    def NodeGetCapabilities(self, request: Any, context: Any) -> Any:
+        # No staging (each publish is self-contained), no stats, no expansion.
+        return csi_pb2.NodeGetCapabilitiesResponse()
+
+    @rpc
+    def NodeGetInfo(self, request: Any, context: Any) -> Any:
+        return csi_pb2.NodeGetInfoResponse(node_id=self.node.config.node_id)
+
+
+answer_unimplemented(NodeService, csi_pb2_grpc.NodeServicer)

@@ -1,0 +1,209 @@
+"""The driver's records on disk, the locks around them, and adoption after a restart.
+
+Nothing the driver knows lives only in its memory: a gRPC server killed at any
+point and started again must find every published volume and every daemon it
+started. So each fact is one small JSON file, replaced atomically:
+
+    STATE/volumes/<hash of target>.json  one per published target: who asked, which key
+    STATE/daemons/<key>.json             one per shared daemon: what it mounts, where
+    STATE/homes/<key>/credentials.json   the registry credentials that daemon uses (0600)
+
+A daemon's users are the volume records naming its key (derived, never stored
+twice, so they cannot disagree). A volume record is written before its bind
+mount is made and removed after it is undone, so a crash in between leaves a
+record that unpublish still cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kitfs.engine.api import PrefetchMode, VerifyMode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """What a pod asked for in its volumeAttributes, validated."""
+
+    reference: str
+    filter: str
+    verify: VerifyMode
+    prefetch: PrefetchMode
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    volume_id: str
+    target: str
+    key: str
+    attributes: Attributes
+    pod: str  # namespace/name, for the log only
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> VolumeRecord:
+        return cls(volume_id=doc["volume_id"], target=doc["target"], key=doc["key"],
+                   attributes=Attributes(**doc["attributes"]), pod=doc.get("pod", ""))
+
+
+@dataclass(frozen=True)
+class DaemonRecord:
+    key: str
+    reference: str  # pinned to the digest: the daemon serves exactly what was authorized
+    digest: str
+    attributes: Attributes
+    mountpoint: str
+    home: str | None  # --config of the daemon (the credentials of the volume that started it)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> DaemonRecord:
+        return cls(key=doc["key"], reference=doc["reference"], digest=doc["digest"],
+                   attributes=Attributes(**doc["attributes"]), mountpoint=doc["mountpoint"],
+                   home=doc.get("home"))
+
+
+def daemon_key(digest: str, attributes: Attributes) -> str:
+    """Pods asking for the same manifest digest, filter, verify and prefetch share a daemon."""
+    text = json.dumps([digest, attributes.filter, attributes.verify, attributes.prefetch])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Atomically and durably: a restarted driver reads the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable record %s: %s", path, exc)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+class Records:
+    """The records under the driver's --state-dir, and the locks that order changes to them.
+
+    Lock order: a target's lock, then a key's lock. Publish and unpublish of one
+    target are serialized; the key lock makes "start the daemon or join it" and
+    "leave it, and stop it if last" atomic with respect to each other.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._volumes = root / "volumes"
+        self._daemons = root / "daemons"
+        self._homes = root / "homes"
+        for directory in (root, self._volumes, self._daemons):
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._homes.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self._homes, 0o700)
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            yield
+
+    # -- volumes ------------------------------------------------------------------
+
+    def _volume_path(self, target: str) -> Path:
+        return self._volumes / (hashlib.sha256(os.fsencode(target)).hexdigest()[:32] + ".json")
+
+    def volume(self, target: str) -> VolumeRecord | None:
+        doc = _read_json(self._volume_path(target))
+        try:
+            return VolumeRecord.from_json(doc) if doc is not None else None
+        except (KeyError, TypeError):
+            log.warning("ignoring malformed volume record for %s", target)
+            return None
+
+    def volumes(self) -> list[VolumeRecord]:
+        found = []
+        for path in sorted(self._volumes.glob("*.json")):
+            doc = _read_json(path)
+            with contextlib.suppress(KeyError, TypeError):
+                if doc is not None:
+                    found.append(VolumeRecord.from_json(doc))
+        return found
+
+    def users(self, key: str) -> list[VolumeRecord]:
+        return [v for v in self.volumes() if v.key == key]
+
+    def save_volume(self, record: VolumeRecord) -> None:
+        _write_json(self._volume_path(record.target), record.to_json())
+
+    def drop_volume(self, target: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._volume_path(target).unlink()
+
+    # -- daemons ------------------------------------------------------------------
+
+    def daemon(self, key: str) -> DaemonRecord | None:
+        doc = _read_json(self._daemons / f"{key}.json")
+        try:
+            return DaemonRecord.from_json(doc) if doc is not None else None
+        except (KeyError, TypeError):
+            log.warning("ignoring malformed daemon record %s", key)
+            return None
+
+    def daemons(self) -> list[DaemonRecord]:
+        found = []
+        for path in sorted(self._daemons.glob("*.json")):
+            record = self.daemon(path.stem)
+            if record is not None:
+                found.append(record)
+        return found
+
+    def save_daemon(self, record: DaemonRecord) -> None:
+        _write_json(self._daemons / f"{record.key}.json", record.to_json())
+
+    def drop_daemon(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self._daemons / f"{key}.json").unlink()
+        shutil.rmtree(self._homes / key, ignore_errors=True)
+
+    # -- credentials --------------------------------------------------------------
+
+    def credentials_dir(self, name: str) -> Path:
+        """A fresh 0700 directory for one set of credentials (a kit home for --config)."""
+        path = self._homes / name
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700)
+        return path
+
+    def drop_credentials(self, name: str) -> None:
+        shutil.rmtree(self._homes / name, ignore_errors=True)
+
+    def drop_leftover_credentials(self) -> None:
+        """Remove what a server killed mid-publish left (request-*: not a daemon's)."""
+        for path in self._homes.glob("request-*"):
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,480 @@
+"""`kitfs csi` driven exactly as kubelet drives it: gRPC over its Unix socket.
+
+The driver runs as a real process tree (supervisor, gRPC server, one `kitfs
+mount` daemon per shared volume) against the real registry and real FUSE.
+Requests carry what kubelet sends for an inline ephemeral volume: its
+target-path layout (the parent made by kubelet, the target not), its
+volume_context keys (csi.storage.k8s.io/...), a dockerconfigjson secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from helpers import kitfs, make_project
+from kitfs.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc
+from kitfs.mounts import all_states, daemon_alive, find_mount
+from registry import RegistryServer, free_port
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.registry,
+    pytest.mark.skipif(
+        not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None
+        or os.geteuid() != 0,
+        reason="needs /dev/fuse, fusermount3 and root (bind mounts)",
+    ),
+]
+
+WEIGHTS = "model/model.safetensors"
+RPC_WAIT = 60.0  # a deadline for calls, not a timing check: a hang fails instead of blocking
+
+
+@dataclass
+class Model:
+    ref: str
+    weights: bytes
+
+
+@dataclass
+class Driver:
+    root: Path
+    socket: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+    node: Any  # csi_pb2_grpc.NodeStub
+    identity: Any  # csi_pb2_grpc.IdentityStub
+    channel: grpc.Channel
+
+    @property
+    def staging(self) -> Path:
+        return self.root / "staging"
+
+    def target(self, pod: str, volume: str = "model") -> Path:
+        """kubelet's layout: it makes the parent (and vol_data.json there), not the target."""
+        parent = (self.root / "var/lib/kubelet/pods" / pod / "volumes/kubernetes.io~csi"
+                  / volume)
+        parent.mkdir(parents=True, exist_ok=True)
+        return parent / "mount"
+
+    def publish(self, target: Path, reference: str, *, pod: str = "pod",
+                secret: str | None = None, block: bool = False, **attributes: str) -> Any:
+        context = {
+            "reference": reference, **attributes,
+            "csi.storage.k8s.io/ephemeral": "true",
+            "csi.storage.k8s.io/pod.name": pod,
+            "csi.storage.k8s.io/pod.namespace": "default",
+            "csi.storage.k8s.io/pod.uid": target.parents[3].name,
+            "csi.storage.k8s.io/serviceAccount.name": "default",
+        }
+        capability = csi_pb2.VolumeCapability(
+            access_mode=csi_pb2.VolumeCapability.AccessMode(
+                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER))
+        if block:
+            capability.block.SetInParent()
+        else:
+            capability.mount.SetInParent()
+        return self.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+            volume_id=volume_id(target), target_path=str(target), volume_capability=capability,
+            readonly=True, volume_context=context,
+            secrets={".dockerconfigjson": secret} if secret is not None else {},
+        ), timeout=RPC_WAIT)
+
+    def unpublish(self, target: Path) -> Any:
+        return self.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+            volume_id=volume_id(target), target_path=str(target)), timeout=RPC_WAIT)
+
+    def daemons(self) -> list[Any]:
+        """The kitfs daemons serving this driver's staging mounts (their state files)."""
+        return [s for s in all_states() if s.mountpoint.startswith(str(self.staging) + "/")]
+
+    def server_pid(self) -> int:
+        """The supervisor's child that runs the gRPC server (`... csi ... --serve`)."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        for pid in children.read_text().split():
+            with contextlib.suppress(OSError):
+                if b"--serve" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                    return int(pid)
+        raise AssertionError("no CSI server process under the supervisor")
+
+
+def volume_id(target: Path) -> str:
+    """kubelet names an ephemeral volume csi-<sha256 of pod uid and volume name>."""
+    pod_uid, name = target.parents[3].name, target.parent.name
+    return "csi-" + hashlib.sha256(f"{pod_uid}{name}".encode()).hexdigest()
+
+
+def code(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as failure:
+        call()
+    error: Any = failure.value
+    return error.code(), error.details()
+
+
+def dockerconfig(host: str, user: str, password: str) -> str:
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return json.dumps({"auths": {host: {"auth": auth}}})
+
+
+def pack(project: Path, ref: str, home: Path) -> None:
+    packed = kitfs("pack", str(project), "-t", ref, home=home)
+    assert packed.returncode == 0, packed.stderr
+
+
+@pytest.fixture(scope="module")
+def model(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> Model:
+    root = tmp_path_factory.mktemp("csi-kit")
+    project = make_project(root / "proj", weight_bytes=4 << 20)
+    ref = f"{registry.host}/csi/tiny:v1"
+    pack(project, ref, root / "home")
+    return Model(ref, (project / WEIGHTS).read_bytes())
+
+
+@pytest.fixture(scope="module")
+def secure_model(auth_registry: RegistryServer,
+                 tmp_path_factory: pytest.TempPathFactory) -> Model:
+    root = tmp_path_factory.mktemp("csi-secure")
+    project = make_project(root / "proj", weight_bytes=1 << 20)
+    home = root / "home"
+    host = auth_registry.host
+    login = kitfs("login", host, "-u", str(auth_registry.username), "--password-stdin",
+                  home=home, stdin=f"{auth_registry.password}\n")
+    assert login.returncode == 0, login.stderr
+    ref = f"{host}/csi/secure:v1"
+    pack(project, ref, home)
+    return Model(ref, (project / WEIGHTS).read_bytes())
+
+
+def _start_driver(root: Path) -> Driver:
+    sock = root / "csi" / "csi.sock"
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "driver.log"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
+               KITOPS_HOME=str(root / "node-home"), DOCKER_CONFIG=str(root / "node-docker"))
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kitfs.cli", "csi", "--endpoint", f"unix://{sock}",
+             "--node-id", "node-1", "--cache-dir", str(root / "cache"),
+             "--state-dir", str(root / "state"), "--staging-dir", str(root / "staging"),
+             "--metrics-addr", "off"],
+            stdout=out, stderr=out, env=env, start_new_session=True)
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    driver = Driver(root, sock, log, process, csi_pb2_grpc.NodeStub(channel),
+                    csi_pb2_grpc.IdentityStub(channel), channel)
+    driver.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=RPC_WAIT,
+                                  wait_for_ready=True)
+    return driver
+
+
+def _stop_driver(driver: Driver) -> None:
+    """Stop the driver, then what it leaves by design: daemons and mounts outlive it."""
+    driver.channel.close()
+    driver.process.send_signal(signal.SIGTERM)
+    try:
+        driver.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.process.pid, signal.SIGKILL)
+        driver.process.wait()
+    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+        point = line.split()[4]
+        if point.startswith(str(driver.root / "var")):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    for state in driver.daemons():
+        kitfs("umount", state.mountpoint)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
+    d = _start_driver(tmp_path_factory.mktemp("csi"))
+    try:
+        yield d
+    finally:
+        _stop_driver(d)
+
+
+def read_all(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_identity_and_node_info(driver: Driver) -> None:
+    info = driver.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=RPC_WAIT)
+    assert info.name == DRIVER_NAME == "kitfs.kitops.org"
+    assert info.vendor_version
+    caps = driver.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest(),
+                                                 timeout=RPC_WAIT)
+    assert not any(c.service.type == c.service.CONTROLLER_SERVICE for c in caps.capabilities)
+    assert driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=RPC_WAIT).ready.value
+    assert driver.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest(),
+                                   timeout=RPC_WAIT).node_id == "node-1"
+    assert list(driver.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(),
+                                                timeout=RPC_WAIT).capabilities) == []
+    # What the driver does not serve says so, as the spec asks.
+    assert code(lambda: driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(),
+                                                    timeout=RPC_WAIT))[0] \
+        == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_pods_share_one_daemon_until_the_last_unpublish(driver: Driver, model: Model) -> None:
+    first, second = driver.target("pod-a"), driver.target("pod-b")
+    driver.publish(first, model.ref, pod="a")
+    assert read_all(first / WEIGHTS) == model.weights
+    driver.publish(second, model.ref, pod="b")
+    assert read_all(second / WEIGHTS) == model.weights
+
+    (daemon,) = driver.daemons()  # one daemon serves both pods
+    assert daemon.alive
+    a, b, staged = find_mount(first), find_mount(second), find_mount(Path(daemon.mountpoint))
+    assert a is not None and b is not None and staged is not None
+    assert a.device == b.device == staged.device  # binds of the daemon's one FUSE mount
+    with pytest.raises(OSError):
+        (first / "model" / "new.txt").write_text("read-only")
+
+    # kubelet retries: publishing the same volume again is a no-op, not a second mount
+    driver.publish(first, model.ref, pod="a")
+    mounted = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+               if line.split()[4] == str(first)]
+    assert len(mounted) == 1
+    # ...but the same target asked for something else is refused
+    assert code(lambda: driver.publish(first, model.ref, pod="a", prefetch="none"))[0] \
+        == grpc.StatusCode.ALREADY_EXISTS
+
+    driver.unpublish(first)
+    assert find_mount(first) is None and not first.exists()
+    assert read_all(second / WEIGHTS) == model.weights  # the other pod keeps reading
+    assert daemon_alive(daemon.pid, daemon.start_time)
+    driver.unpublish(first)  # again: nothing left to do, still OK
+
+    driver.unpublish(second)
+    assert find_mount(second) is None and not second.exists()
+    assert not daemon_alive(daemon.pid, daemon.start_time)  # the last user stopped it
+    assert find_mount(Path(daemon.mountpoint)) is None
+    assert not Path(daemon.mountpoint).parent.exists()
+    assert driver.daemons() == []
+    driver.unpublish(driver.target("never-published"))  # unknown target: OK
+
+
+def test_a_dead_daemon_is_reported_and_remounted(driver: Driver, model: Model) -> None:
+    target = driver.target("pod-dead")
+    driver.publish(target, model.ref, pod="dead", filter="model,docs")
+    (daemon,) = driver.daemons()
+    os.kill(daemon.pid, signal.SIGKILL)
+    with pytest.raises(OSError):  # the pod's mount is dead: every access says ENOTCONN
+        os.listdir(target)
+    assert not driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=RPC_WAIT).ready.value
+
+    driver.publish(target, model.ref, pod="dead", filter="model,docs")  # kubelet again
+    (again,) = driver.daemons()
+    assert again.pid != daemon.pid
+    assert read_all(target / WEIGHTS) == model.weights
+    assert driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=RPC_WAIT).ready.value
+    driver.unpublish(target)
+    assert driver.daemons() == [] and not target.exists()
+    assert not daemon_alive(again.pid, again.start_time)
+
+
+def test_concurrent_publishes_of_one_model(driver: Driver, model: Model) -> None:
+    targets = [driver.target(f"pod-c{i}") for i in range(4)]
+    errors: list[BaseException] = []
+
+    def publish(target: Path) -> None:
+        try:
+            driver.publish(target, model.ref, pod=target.parents[3].name)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(t,)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(driver.daemons()) == 1
+    for target in targets:
+        assert read_all(target / WEIGHTS) == model.weights
+
+    threads = [threading.Thread(target=driver.unpublish, args=(t,)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert driver.daemons() == []
+    assert all(find_mount(t) is None for t in targets)
+
+
+def test_bad_requests_get_the_right_codes(driver: Driver, model: Model) -> None:
+    target = driver.target("pod-bad")
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    status, message = code(lambda: driver.publish(target, "127.0.0.1:5000/UPPER/case:v1"))
+    assert status == invalid and "UPPER" in message
+    status, message = code(lambda: driver.publish(target, model.ref, verify="maybe"))
+    assert status == invalid and "verify" in message
+    status, message = code(lambda: driver.publish(target, model.ref, filter="weights"))
+    assert status == invalid and "weights" in message
+    status, message = code(lambda: driver.publish(target, model.ref, colour="blue"))
+    assert status == invalid and "colour" in message
+    status, message = code(lambda: driver.publish(target, model.ref, block=True))
+    assert status == invalid and "block" in message
+    status, message = code(lambda: driver.publish(target, "tiny:v1"))
+    assert status == invalid and "registry" in message
+    status, message = code(lambda: driver.publish(target, model.ref, secret="{not json"))
+    assert status == invalid and "JSON" in message
+
+    status, message = code(lambda: driver.publish(target, model.ref.replace(":v1", ":nope")))
+    assert status == grpc.StatusCode.NOT_FOUND and "nope" in message
+    status, message = code(lambda: driver.publish(target, f"127.0.0.1:{free_port()}/gone/x:v1"))
+    assert status == grpc.StatusCode.UNAVAILABLE and "127.0.0.1" in message
+    assert not target.exists() and driver.daemons() == []
+    assert "Traceback" not in driver.log.read_text()
+
+
+def test_registry_credentials_from_the_pod_secret(driver: Driver, secure_model: Model,
+                                                  auth_registry: RegistryServer) -> None:
+    host, password = auth_registry.host, str(auth_registry.password)
+    target = driver.target("pod-secure")
+    status, message = code(lambda: driver.publish(target, secure_model.ref))
+    assert status == grpc.StatusCode.UNAUTHENTICATED and host in message
+    wrong = dockerconfig(host, "kitfs", "not-the-password")
+    status, message = code(lambda: driver.publish(target, secure_model.ref, secret=wrong))
+    assert status == grpc.StatusCode.UNAUTHENTICATED and "wrong username or password" in message
+
+    driver.publish(target, secure_model.ref, secret=dockerconfig(host, "kitfs", password))
+    assert read_all(target / WEIGHTS) == secure_model.weights
+    (daemon,) = driver.daemons()
+    homes = list((driver.root / "state" / "homes").iterdir())
+    assert [(h.stat().st_mode & 0o777, (h / "credentials.json").stat().st_mode & 0o777)
+            for h in homes] == [(0o700, 0o600)]
+
+    # The password is on no command line, in no log (the driver's, the daemon's).
+    secret_bytes = password.encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            assert secret_bytes not in cmdline.read_bytes(), cmdline
+    assert password not in driver.log.read_text()
+    assert daemon.log is not None
+    assert password not in Path(daemon.log).read_text(errors="replace")
+
+    driver.unpublish(target)
+    assert driver.daemons() == [] and list((driver.root / "state" / "homes").iterdir()) == []
+
+
+class _Denying(http.server.BaseHTTPRequestHandler):
+    """A registry that knows the user and refuses them (HTTP 403), which the htpasswd
+    registry never does (it answers wrong credentials with 401)."""
+
+    def do_GET(self) -> None:
+        if self.headers.get("Authorization"):
+            self.send_response(403)
+            body = b'{"errors":[{"code":"DENIED","message":"no pull access"}]}'
+        else:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="denying"')
+            body = b"{}"
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_denied_access_is_permission_denied(driver: Driver) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Denying)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        secret = dockerconfig(host, "someone", "their-password")
+        status, message = code(lambda: driver.publish(driver.target("pod-denied"),
+                                                      f"{host}/private/model:v1", secret=secret))
+        assert status == grpc.StatusCode.PERMISSION_DENIED and "denied" in message
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def probe_until_served(driver: Driver) -> Any:
+    """Probe as kubelet's liveness sidecar does, again while the socket has no server: a call
+    on the connection the killed server reset fails UNAVAILABLE, the next one waits for the
+    new server (wait_for_ready)."""
+    for _ in range(10):
+        try:
+            return driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=RPC_WAIT,
+                                         wait_for_ready=True)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+    raise AssertionError("no CSI server came back")
+
+
+def test_server_killed_mid_read(model: Model, registry: RegistryServer,
+                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SIGKILL the gRPC server while a pod streams a file: the read finishes with the
+    right bytes, the supervisor starts a new server, it adopts the volume, and
+    unpublish still cleans everything up."""
+    root = tmp_path_factory.mktemp("csi-kill")
+    project = make_project(root / "proj", weight_bytes=6 << 20)  # not in any cache yet
+    ref = f"{registry.host}/csi/streamed:v1"
+    pack(project, ref, root / "home")
+    expected = (project / WEIGHTS).read_bytes()
+
+    driver = _start_driver(root / "node")
+    halfway, go = threading.Event(), threading.Event()
+    try:
+        target = driver.target("pod-stream")
+        driver.publish(target, ref, pod="stream", prefetch="none")
+        (daemon,) = driver.daemons()
+        old_server = driver.server_pid()
+
+        got = bytearray()
+
+        def reader() -> None:  # a slow reader: half, then it waits for the kill
+            with open(target / WEIGHTS, "rb", buffering=0) as f:
+                while piece := f.read(128 << 10):
+                    got.extend(piece)
+                    if len(got) >= len(expected) // 2 and not halfway.is_set():
+                        halfway.set()
+                        go.wait(RPC_WAIT)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert halfway.wait(RPC_WAIT)
+        os.kill(old_server, signal.SIGKILL)
+        probe = probe_until_served(driver)
+        go.set()
+        thread.join()
+        assert bytes(got) == expected
+        new_server = driver.server_pid()
+        assert new_server != old_server
+        assert probe.ready.value
+        assert daemon_alive(daemon.pid, daemon.start_time)  # the same daemon, never restarted
+        log = driver.log.read_text()
+        assert "exited with status -9" in log and "adopted the daemon for" in log
+
+        driver.publish(target, ref, pod="stream", prefetch="none")  # kubelet retry: OK
+        driver.unpublish(target)
+        assert find_mount(target) is None and not target.exists()
+        assert not daemon_alive(daemon.pid, daemon.start_time)
+        assert driver.daemons() == []
+        assert "Traceback" not in driver.log.read_text()
+    finally:
+        go.set()
+        _stop_driver(driver)
