@@ -1,0 +1,124 @@
+"""What kitfs-init and kitfs-kserve share: kit's container contracts, run as `kitfs unpack`.
+
+kit ships two images whose entrypoints are shell scripts around `kit unpack`
+(build/dockerfiles/init/entrypoint.sh, build/dockerfiles/KServe/entrypoint.sh):
+settings come from environment variables and a storage URI, extra `kit unpack`
+flags from one variable that the shell splits. kitfs serves the same
+contracts in-process: the flags are parsed by the very argument parser of
+`kitfs unpack` (commands/unpack.py) and the parsed command is run the way
+`kitfs` runs it (cli.run_parsed), so the two can never disagree about a flag.
+
+Lines for the container log go to stdout, flushed at once (a pod's log is a
+pipe, and a killed container keeps only what was flushed); the one-line error
+goes to stderr, as `kitfs` prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import NoReturn
+
+from kitfs import __version__
+from kitfs.errors import KitfsError, UsageError
+
+#: Flags that cannot be given through a flags variable: the reference and the
+#: directory come from the platform, and `--help` would print help and "succeed"
+#: without unpacking anything (the parser has no -h at all, so it is refused).
+_HELP_FLAGS = ("-h", "--help")
+
+
+class _FlagsParser(argparse.ArgumentParser):
+    """`kitfs unpack`'s parser that reports a bad flag as one line naming the variable."""
+
+    def __init__(self, variable: str) -> None:
+        super().__init__(prog=variable, add_help=False, allow_abbrev=False)
+        self.variable = variable
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.variable}: {message}")
+
+
+def unpack_parser(variable: str) -> argparse.ArgumentParser:
+    """The arguments of `kitfs unpack` (and the options every verb takes), for flags that
+    come from the environment variable `variable`. `--dir` defaults to None here so
+    the caller can tell whether the flags named a directory."""
+    from kitfs.cli import add_global_options
+    from kitfs.commands import unpack
+
+    parser = _FlagsParser(variable)
+    add_global_options(parser)
+    unpack.COMMAND.add_arguments(parser)
+    parser.set_defaults(dir=None, run=unpack.COMMAND.run)
+    return parser
+
+
+def split_flags(variable: str, environ: Mapping[str, str]) -> list[str]:
+    """The variable's flags split as a shell splits words (kit's scripts use bash's
+    `read -a`, which splits on blanks only; quotes here group words as in a shell)."""
+    text = environ.get(variable, "")
+    try:
+        flags = shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"{variable}: cannot split {text!r}: {exc}") from None
+    for flag in flags:
+        if flag in _HELP_FLAGS:
+            raise UsageError(f"{variable}: {flag} makes no sense here (it unpacks nothing)")
+    return flags
+
+
+def parse_unpack(variable: str, flags: list[str], reference: str,
+                 first: tuple[str, ...] = ()) -> argparse.Namespace:
+    """`kitfs unpack` arguments: `first` (the contract's own flags), then the user's
+    `flags` from `variable` (so a flag given twice takes the user's value, as kit's
+    scripts do), then the reference after `--` (so no reference reads as a flag)."""
+    return unpack_parser(variable).parse_args([*first, *flags, "--", reference])
+
+
+def required(environ: Mapping[str, str], name: str) -> str:
+    value = environ.get(name, "").strip()
+    if not value:
+        raise UsageError(f"environment variable ${name} is required")
+    return value
+
+
+def say(line: str) -> None:
+    """One line of the container log, flushed at once."""
+    print(line, flush=True)
+
+
+def say_version(prog: str) -> None:
+    """kit's scripts print `kit version` first: which build ran is in the log."""
+    say(f"{prog}: kitfs {__version__} (python {sys.version.split()[0]})")
+
+
+def term_as_interrupt() -> None:
+    """A pod that is deleted gets SIGTERM: treat it as Ctrl-C, so the unpack removes its
+    temporary files and a private credentials home is removed (SIGINT goes through
+    trio's own handling; raising from this handler would not)."""
+    signal.signal(signal.SIGTERM, lambda _signo, _frame: os.kill(os.getpid(), signal.SIGINT))
+
+
+def run_entry(prepare: Callable[[], argparse.Namespace],
+              after: Callable[[argparse.Namespace], None] | None = None) -> int:
+    """Parse the contract with `prepare`, run the unpack as `kitfs` runs a verb, and say how
+    it went; every failure is one line on stderr and a non-zero status."""
+    from kitfs.cli import run_parsed
+
+    try:
+        args = prepare()
+    except KitfsError as exc:
+        print(f"kitfs: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    start = time.monotonic()
+    status = run_parsed(args)
+    if status == 0:
+        say(f"Unpacked {args.reference} to {args.dir} in {time.monotonic() - start:.1f}s")
+        if after is not None:
+            after(args)
+    return status
