@@ -77,7 +77,14 @@ def parse_unpack(variable: str, flags: list[str], reference: str,
     """`kitfs unpack` arguments: `first` (the contract's own flags), then the user's
     `flags` from `variable` (so a flag given twice takes the user's value, as kit's
     scripts do), then the reference after `--` (so no reference reads as a flag)."""
-    return unpack_parser(variable).parse_args([*first, *flags, "--", reference])
+    args, unknown = unpack_parser(variable).parse_known_args([*first, *flags, "--", reference])
+    if args.reference != reference:
+        # A word of the flags took the reference's place (and the reference is "unknown").
+        raise UsageError(f"{variable}: unexpected argument {args.reference!r}: only flags "
+                         "go here, the reference is given apart")
+    if unknown:
+        raise UsageError(f"{variable}: unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def required(environ: Mapping[str, str], name: str) -> str:

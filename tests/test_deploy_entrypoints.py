@@ -1,0 +1,285 @@
+"""kitfs-init and kitfs-kserve run as Kubernetes and KServe run kit's images.
+
+Each check starts the installed entry function in a fresh interpreter with
+the environment (and, for KServe, the [storage-uri, dest-path] arguments) the
+platform gives the container, against the real registry: the files land
+where `kitfs unpack` puts them, with the same bytes; the variables kit's
+images read are honoured; a signature check that cannot be made, a bad
+variable or URI, a wrong password and a corrupted blob each fail with one
+line, a non-zero status and no file under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+import pytest
+import trio
+
+from helpers import kit_tar, kitfs, layer_desc, make_project, ok, one_line_error, push_manifest, sha
+from kitfs.modelkit import mediatypes as mt
+from kitfs.modelkit.kitfile import config_json, load_kitfile
+from kitfs.unpack import TEMP_PREFIX
+from registry import RegistryServer, free_port
+
+INIT = "from kitfs.initcontainer import main; main()"
+KSERVE = "from kitfs.kserve import main; main()"
+PASSWORD = "s3cret-pw"  # the auth_registry fixture's
+CONTRACT_VARIABLES = ("MODELKIT_REF", "UNPACK_PATH", "UNPACK_FILTER", "EXTRA_FLAGS",
+                      "COSIGN_KEY", "COSIGN_CERT_IDENTITY", "COSIGN_CERT_OIDC_ISSUER",
+                      "KIT_UNPACK_FLAGS", "KIT_USER", "KIT_PASSWORD", "AWS_ROLE_ARN", "GCP_WIF")
+
+
+@pytest.fixture(scope="module")
+def kit_ref(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One ModelKit (model, dataset, docs), packed by kitfs into the anonymous registry."""
+    tmp = tmp_path_factory.mktemp("entry-kit")
+    ref = f"{registry.host}/entry/tiny:v1"
+    ok(kitfs("pack", str(make_project(tmp / "proj", weight_bytes=256 << 10)), "-t", ref,
+             home=tmp / "home"))
+    return ref
+
+
+def environment(tmp: Path, **variables: str) -> dict[str, str]:
+    """This environment (PYTHONPATH included) less any contract variable, with a kitops home,
+    Docker config, cache and TMPDIR of the test's own, plus `variables`."""
+    env = {k: v for k, v in os.environ.items() if k not in CONTRACT_VARIABLES}
+    for name in ("home", "docker", "cache", "tmp"):
+        (tmp / name).mkdir(exist_ok=True)
+    env.update(KITOPS_HOME=str(tmp / "home"), DOCKER_CONFIG=str(tmp / "docker"),
+               KITFS_CACHE_DIR=str(tmp / "cache"), TMPDIR=str(tmp / "tmp"))
+    env.update(variables)
+    return env
+
+
+def entry(code: str, env: Mapping[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file below `root` (relative path -> sha256)."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def unpacked(ref: str, tmp: Path, *flags: str) -> dict[str, str]:
+    """What `kitfs unpack REF FLAGS` writes."""
+    out = tmp / ("want" + "".join(flags).replace("/", "_"))
+    ok(kitfs("unpack", ref, "-d", str(out), *flags, "--cache-dir", str(tmp / "cache"),
+             home=tmp / "home"))
+    return tree(out)
+
+
+# -- kitfs-init -------------------------------------------------------------------------
+
+
+def test_init_unpacks_the_model_to_unpack_path_as_kitfs_unpack_does(
+        kit_ref: str, tmp_path: Path) -> None:
+    dest = tmp_path / "modelkit"
+    env = environment(tmp_path, MODELKIT_REF=kit_ref, UNPACK_PATH=str(dest))
+    proc = entry(INIT, env)
+    assert ok(proc).splitlines()[0] == "Signature verification is disabled"
+    assert f"Unpacking modelkit {kit_ref} to {dest} with filter 'model'. Additional flags: " \
+           "--ignore-existing" in proc.stdout
+    want = unpacked(kit_ref, tmp_path, "--filter", "model")
+    assert tree(dest) == want and "model/model.safetensors" in want and "Kitfile" not in want
+    # kit's default EXTRA_FLAGS (--ignore-existing): a restarted init container succeeds.
+    ok(entry(INIT, env))
+    assert tree(dest) == want
+
+
+def test_init_honours_unpack_filter_and_extra_flags(kit_ref: str, tmp_path: Path) -> None:
+    dest = tmp_path / "modelkit"
+    env = environment(tmp_path, MODELKIT_REF=kit_ref, UNPACK_PATH=str(dest),
+                      UNPACK_FILTER="datasets", EXTRA_FLAGS="--filter 'docs' -o")
+    ok(entry(INIT, env))
+    assert tree(dest) == unpacked(kit_ref, tmp_path, "--filter", "datasets", "--filter", "docs")
+    assert set(tree(dest)) == {"data/train.csv", "README.md"}
+    # As in kit's script, a --dir in EXTRA_FLAGS wins over UNPACK_PATH.
+    other = tmp_path / "other"
+    env["EXTRA_FLAGS"] = f"--dir={other}"
+    proc = entry(INIT, env)
+    assert f"with flags '--filter=datasets --dir={other}'" in ok(proc)
+    assert set(tree(other)) == {"data/train.csv"}
+
+
+@pytest.mark.parametrize("variables", [
+    {"COSIGN_KEY": "/keys/cosign.pub"},
+    {"COSIGN_CERT_IDENTITY": "kitops@jozu.com",
+     "COSIGN_CERT_OIDC_ISSUER": "https://github.com/login/oauth"},
+    {"COSIGN_CERT_IDENTITY": "kitops@jozu.com"},  # kit skips this silently; kitfs refuses
+], ids=["key", "keyless", "identity-only"])
+def test_init_refuses_a_signature_check_it_cannot_make(
+        kit_ref: str, tmp_path: Path, variables: dict[str, str]) -> None:
+    dest = tmp_path / "modelkit"
+    env = environment(tmp_path, MODELKIT_REF=kit_ref, UNPACK_PATH=str(dest), **variables)
+    line = one_line_error(entry(INIT, env))
+    assert "signature verification" in line and "not available in this kitfs yet" in line
+    assert all(name in line for name in variables)
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize(("variables", "needle"), [
+    ({}, "$MODELKIT_REF is required"),
+    ({"MODELKIT_REF": "  "}, "$MODELKIT_REF is required"),
+    ({"MODELKIT_REF": "Reg.io/UPPER:v1"}, "Reg.io"),
+    ({"EXTRA_FLAGS": "--help"}, "EXTRA_FLAGS: --help"),
+    ({"EXTRA_FLAGS": "--overwrit"}, "EXTRA_FLAGS: unrecognized arguments: --overwrit"),
+    ({"EXTRA_FLAGS": "--filter 'model"}, "EXTRA_FLAGS: cannot split"),
+    ({"EXTRA_FLAGS": "another/ref:v1"}, "EXTRA_FLAGS: unexpected argument 'another/ref:v1'"),
+    ({"EXTRA_FLAGS": "--filter bogus"}, "bogus"),
+], ids=["missing", "blank", "bad-ref", "help", "unknown-flag", "quote", "second-ref",
+        "bad-filter"])
+def test_init_bad_settings_are_one_line(kit_ref: str, tmp_path: Path,
+                                        variables: dict[str, str], needle: str) -> None:
+    env = environment(tmp_path, UNPACK_PATH=str(tmp_path / "modelkit"))
+    env.update({"MODELKIT_REF": kit_ref, **variables} if variables else {})
+    assert needle in one_line_error(entry(INIT, env))
+    assert not (tmp_path / "modelkit" / "model").exists()
+
+
+def test_init_unreachable_registry_is_one_line(tmp_path: Path) -> None:
+    ref = f"127.0.0.1:{free_port()}/nobody/home:v1"
+    env = environment(tmp_path, MODELKIT_REF=ref, UNPACK_PATH=str(tmp_path / "m"))
+    assert "127.0.0.1" in one_line_error(entry(INIT, env))
+
+
+# -- kitfs-kserve -----------------------------------------------------------------------
+
+
+def test_kserve_unpacks_everything_to_dest_and_logs_the_kitfile(
+        kit_ref: str, tmp_path: Path) -> None:
+    dest = tmp_path / "mnt" / "models"
+    proc = entry(KSERVE, environment(tmp_path), f"kit://{kit_ref}", str(dest))
+    out = ok(proc)
+    assert f"Unpacking {kit_ref} to {dest}" in out and "Unpacked modelkit:" in out
+    assert "name: tiny-llm" in out  # the Kitfile, as kit's entrypoint cats it
+    assert tree(dest) == unpacked(kit_ref, tmp_path)
+    assert {"Kitfile", "model/model.safetensors", "data/train.csv"} <= set(tree(dest))
+
+
+def test_kserve_honours_kit_unpack_flags(kit_ref: str, tmp_path: Path) -> None:
+    dest = tmp_path / "models"
+    env = environment(tmp_path, KIT_UNPACK_FLAGS="--filter=model -v")
+    ok(entry(KSERVE, env, f"kit://{kit_ref}", str(dest)))
+    assert tree(dest) == unpacked(kit_ref, tmp_path, "--filter", "model")
+    assert "data/train.csv" not in tree(dest)
+
+
+def test_kserve_logs_in_with_kit_user_for_this_run_only(
+        auth_registry: RegistryServer, tmp_path: Path) -> None:
+    ref = f"{auth_registry.host}/entry/secure:v1"
+    login_home = tmp_path / "login-home"
+    ok(kitfs("login", auth_registry.host, "-u", "kitfs", "--password-stdin", home=login_home,
+             stdin=PASSWORD + "\n"))
+    ok(kitfs("pack", str(make_project(tmp_path / "proj", weight_bytes=4096)), "-t", ref,
+             home=login_home))
+
+    dest = tmp_path / "models"
+    anonymous = environment(tmp_path)
+    assert auth_registry.host in one_line_error(entry(KSERVE, anonymous, f"kit://{ref}",
+                                                      str(dest)))
+    env = environment(tmp_path, KIT_USER="kitfs", KIT_PASSWORD=PASSWORD)
+    proc = entry(KSERVE, env, f"kit://{ref}", str(dest))
+    assert f"Logging in using repo url: {auth_registry.host}" in ok(proc)
+    assert PASSWORD not in proc.stdout + proc.stderr
+    assert "model/model.safetensors" in tree(dest)
+    # Nothing of the login is left for a later pod: no home written, no temporary home kept.
+    assert not list((tmp_path / "home").iterdir()) and not list((tmp_path / "tmp").iterdir())
+
+    env["KIT_PASSWORD"] = "wrong-" + PASSWORD
+    proc = entry(KSERVE, env, f"kit://{ref}", str(tmp_path / "again"))
+    line = one_line_error(proc)
+    assert "wrong username or password" in line and auth_registry.host in line
+    assert PASSWORD not in proc.stdout + proc.stderr
+    assert not (tmp_path / "again").exists() and not list((tmp_path / "tmp").iterdir())
+
+
+@pytest.mark.parametrize(("argv", "flags", "needle"), [
+    (["s3://bucket/model", "/mnt/models"], "", "accepts only kit://"),
+    (["hf://org/model", "/mnt/models"], "", "accepts only kit://"),
+    (["REF", "/mnt/models"], "", "accepts only kit://"),
+    (["kit://", "/mnt/models"], "", "accepts only kit://"),
+    (["kit://REF"], "", "usage: kitfs-kserve kit://REF DEST-PATH"),
+    (["kit://REF", "DEST", "--extra"], "", "usage: kitfs-kserve"),
+    (["kit://REF", "DEST"], "-d /elsewhere", "-d/--dir makes no sense here"),
+    (["kit://REF", "DEST"], "--no-such-flag", "KIT_UNPACK_FLAGS: unrecognized arguments"),
+    (["kit://REF", "DEST"], "-h", "KIT_UNPACK_FLAGS: -h"),
+    (["kit://Reg.io/UPPER:v1", "DEST"], "", "Reg.io"),
+], ids=["s3", "hf", "no-scheme", "empty", "one-arg", "three-args", "dir-flag", "unknown-flag",
+        "help", "bad-ref"])
+def test_kserve_bad_arguments_are_one_line(kit_ref: str, tmp_path: Path, argv: list[str],
+                                           flags: str, needle: str) -> None:
+    argv = [a.replace("REF", kit_ref).replace("DEST", str(tmp_path / "models")) for a in argv]
+    env = environment(tmp_path, KIT_UNPACK_FLAGS=flags)
+    assert needle in one_line_error(entry(KSERVE, env, *argv))
+    assert not (tmp_path / "models").exists()
+
+
+def test_kserve_unreachable_registry_is_one_line(tmp_path: Path) -> None:
+    ref = f"127.0.0.1:{free_port()}/nobody/home:v1"
+    env = environment(tmp_path, KIT_USER="u", KIT_PASSWORD="p")  # the login meets it first
+    assert "127.0.0.1" in one_line_error(entry(KSERVE, env, f"kit://{ref}", str(tmp_path / "m")))
+    env = environment(tmp_path)
+    assert "127.0.0.1" in one_line_error(entry(KSERVE, env, f"kit://{ref}", str(tmp_path / "m")))
+
+
+async def kit_written(registry: RegistryServer, project: Path, repo: str) -> tuple[str, str]:
+    """`project` pushed as kit writes ModelKits (uncompressed tar layers, no table of
+    contents: a layer is checked only whole); its reference and its model layer's digest."""
+    paths = ["./model", "./data/train.csv", "./README.md"]
+    tars = [kit_tar(project, p, paths) for p in paths]
+    kitfile = load_kitfile((project / "Kitfile").read_bytes())
+    config = config_json(kitfile.with_layer_digests([(sha(t), sha(t)) for t in tars]))
+    kinds = ["model", "dataset", "docs"]
+    manifest = {"schemaVersion": 2, "config": layer_desc(mt.KITOPS_CONFIG, config),
+                "layers": [layer_desc(mt.layer_media_type(k), t) for k, t in zip(kinds, tars,
+                                                                                 strict=True)]}
+    await push_manifest(registry.host, repo, manifest, [config, *tars])
+    return f"{registry.host}/{repo}:v1", sha(tars[0])
+
+
+async def kitfs_written(registry: RegistryServer, project: Path, repo: str) -> tuple[str, str]:
+    """`project` packed by kitfs (each chunk of a layer has its own digest)."""
+    ref = f"{registry.host}/{repo}:v1"
+    ok(kitfs("pack", str(project), "-t", ref, home=project.parent / "pack-home"))
+    manifest = json.loads(ok(kitfs("inspect", ref, "--json", "--remote",
+                                   home=project.parent / "pack-home")))["manifest"]
+    digest: str = max(manifest["layers"], key=lambda layer: layer["size"])["digest"]
+    return ref, digest
+
+
+@pytest.mark.parametrize("writer", [kit_written, kitfs_written], ids=["kit", "kitfs"])
+async def test_kserve_corrupted_blob_fails_and_leaves_no_file_under_its_name(
+        registry: RegistryServer, tmp_path: Path,
+        writer: Callable[[RegistryServer, Path, str], Awaitable[tuple[str, str]]]) -> None:
+    """The registry serves a model layer one flipped byte away from its digest (its storage
+    rotted): exit non-zero, and no file with a byte nobody checked under its final name."""
+    project = make_project(tmp_path / "proj", weight_bytes=1 << 20)
+    ref, digest = await writer(registry, project, f"entry/rotten-{writer.__name__}")
+    algorithm, hexdigest = digest.split(":")
+    blob = (registry.root / "data" / "docker" / "registry" / "v2" / "blobs" / algorithm
+            / hexdigest[:2] / hexdigest / "data")
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+    dest = tmp_path / "models"
+    proc = await trio.to_thread.run_sync(
+        lambda: entry(KSERVE, environment(tmp_path), f"kit://{ref}", str(dest)))
+    line = one_line_error(proc)
+    assert "match" in line or "digest" in line, line
+    assert "Unpacked" not in proc.stdout
+    assert not (dest / "model" / "model.safetensors").exists()
+    # What is left under a final name was checked: the files of other layers, or (kitfs
+    # layers, whose chunks have digests of their own) a file whose every chunk matched.
+    left = {rel: digest for rel, digest in tree(dest).items() if rel != "Kitfile"}
+    assert left.items() <= tree(project).items(), "a file with unchecked bytes was left"
+    assert not [p for p in dest.rglob(TEMP_PREFIX + "*")]
