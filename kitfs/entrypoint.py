@@ -16,12 +16,16 @@ goes to stderr, as `kitfs` prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import NoReturn
 
 from kitfs import __version__
@@ -111,19 +115,39 @@ def term_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, lambda _signo, _frame: os.kill(os.getpid(), signal.SIGINT))
 
 
-def run_entry(prepare: Callable[[], argparse.Namespace],
-              after: Callable[[argparse.Namespace], None] | None = None) -> int:
-    """Parse the contract with `prepare`, run the unpack as `kitfs` runs a verb, and say how
-    it went; every failure is one line on stderr and a non-zero status."""
-    from kitfs.cli import run_parsed
-
+@contextlib.contextmanager
+def scratch_directory() -> Iterator[Path]:
+    """A directory of this run's own (0700), removed with what it holds on exit: kserve's
+    credentials home and, unless one is chosen, the chunk cache. Kept in an init
+    container's writable layer, a cache as big as the model would stay on the node's
+    ephemeral storage, counted against the pod, for as long as the pod lives."""
+    path = Path(tempfile.mkdtemp(prefix="kitfs-entry-"))
     try:
-        args = prepare()
-    except KitfsError as exc:
-        print(f"kitfs: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
-    start = time.monotonic()
-    status = run_parsed(args)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_entry(prepare: Callable[[Path], argparse.Namespace],
+              after: Callable[[argparse.Namespace], None] | None = None) -> int:
+    """Parse the contract with `prepare` (given a scratch directory), run the unpack as
+    `kitfs` runs a verb, and say how it went; every failure is one line on stderr and a
+    non-zero status."""
+    from kitfs.cli import EXIT_INTERRUPTED, run_parsed
+
+    with scratch_directory() as scratch:
+        try:
+            args = prepare(scratch)
+        except KitfsError as exc:
+            print(f"kitfs: error: {exc}", file=sys.stderr, flush=True)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("kitfs: interrupted", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        if args.cache_dir is None and not os.environ.get("KITFS_CACHE_DIR"):
+            args.cache_dir = str(scratch / "cache")
+        start = time.monotonic()
+        status = run_parsed(args)
     if status == 0:
         say(f"Unpacked {args.reference} to {args.dir} in {time.monotonic() - start:.1f}s")
         if after is not None:

@@ -77,7 +77,7 @@ def prepare(environ: Mapping[str, str]) -> argparse.Namespace:
 
 def main() -> None:
     term_as_interrupt()
-    sys.exit(run_entry(lambda: prepare(os.environ)))
+    sys.exit(run_entry(lambda _scratch: prepare(os.environ)))
 
 
 if __name__ == "__main__":

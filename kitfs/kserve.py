@@ -11,20 +11,17 @@ Exit 0 means every file is in place and verified: `kitfs unpack` renames a file
 to its final name only after its bytes matched the ModelKit's digests.
 
 Credentials given in KIT_USER / KIT_PASSWORD are checked against REF's registry
-and kept for this run only, in a private kitops home (a 0700 temporary
-directory) removed on exit; KIT_PASSWORD is removed from this process's
-environment once read, and never printed.
+and kept for this run only, in a private kitops home inside a 0700 temporary
+directory removed on exit (entrypoint.scratch_directory); KIT_PASSWORD is
+removed from this process's environment once read, and never printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 
 from kitfs.entrypoint import (
@@ -52,9 +49,11 @@ def reference_of(uri: str) -> str:
     return uri[len(SCHEME):]
 
 
-def prepare(argv: list[str], environ: MutableMapping[str, str], home: Path) -> argparse.Namespace:
+def prepare(argv: list[str], environ: MutableMapping[str, str], scratch: Path
+            ) -> argparse.Namespace:
     """The `kitfs unpack` kit's KServe entrypoint would run, as parsed arguments; logs in
-    first when KIT_USER and KIT_PASSWORD are set (credentials kept in `home`)."""
+    first when KIT_USER and KIT_PASSWORD are set (credentials kept in `scratch`, which
+    run_entry removes)."""
     if len(argv) != 2:
         raise UsageError(f"usage: {PROG} kit://REF DEST-PATH (got {len(argv)} arguments)")
     uri, dest = argv
@@ -71,12 +70,13 @@ def prepare(argv: list[str], environ: MutableMapping[str, str], home: Path) -> a
     if user and password:
         if args.kitops_home:
             raise UsageError(f"{FLAGS}: --config cannot be used with KIT_USER/KIT_PASSWORD")
-        _login(args, reference, user, password, home)
+        _login(args, reference, user, password, scratch / "home")
     else:
         for name in CLOUD_LOGIN_VARIABLES:
             if environ.get(name):
                 say(f"{name} is set: {PROG} does not log in to cloud registries from it; "
-                    "using the node's credentials, if any (set KIT_USER/KIT_PASSWORD)")
+                    "going on with the credentials this container has, if any (or set "
+                    "KIT_USER/KIT_PASSWORD)")
     say(f"Unpacking {reference} to {dest}")
     say(f"Unpack options: {environ.get(FLAGS, '')}")
     return args
@@ -99,16 +99,6 @@ def _login(args: argparse.Namespace, reference: str, user: str, password: str,
     run_async(lambda: login(registry, user, password, options, file_only=True))
 
 
-@contextlib.contextmanager
-def private_home() -> Iterator[Path]:
-    """A kitops home of this run's own (0700), removed with what it holds on exit."""
-    path = Path(tempfile.mkdtemp(prefix="kitfs-kserve-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def show_kitfile(args: argparse.Namespace) -> None:
     """kit's entrypoint prints the unpacked Kitfile: what was deployed is in the log."""
     kitfile = Path(args.dir) / "Kitfile"
@@ -119,9 +109,8 @@ def show_kitfile(args: argparse.Namespace) -> None:
 
 def main() -> None:
     term_as_interrupt()
-    with private_home() as home:
-        status = run_entry(lambda: prepare(sys.argv[1:], os.environ, home), show_kitfile)
-    sys.exit(status)
+    sys.exit(run_entry(lambda scratch: prepare(sys.argv[1:], os.environ, scratch),
+                       show_kitfile))
 
 
 if __name__ == "__main__":

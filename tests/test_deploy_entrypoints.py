@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from faultproxy import FaultProxy, Slow
 
 from helpers import kit_tar, kitfs, layer_desc, make_project, ok, one_line_error, push_manifest, sha
 from kitfs.modelkit import mediatypes as mt
@@ -47,20 +49,25 @@ def kit_ref(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def environment(tmp: Path, **variables: str) -> dict[str, str]:
-    """This environment (PYTHONPATH included) less any contract variable, with a kitops home,
-    Docker config, cache and TMPDIR of the test's own, plus `variables`."""
-    env = {k: v for k, v in os.environ.items() if k not in CONTRACT_VARIABLES}
-    for name in ("home", "docker", "cache", "tmp"):
+    """This environment (PYTHONPATH included) less any contract variable and cache setting,
+    with a kitops home, Docker config and TMPDIR of the test's own, plus `variables`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in CONTRACT_VARIABLES and k not in ("KITFS_CACHE_DIR", "XDG_CACHE_HOME")}
+    for name in ("home", "docker", "tmp"):
         (tmp / name).mkdir(exist_ok=True)
     env.update(KITOPS_HOME=str(tmp / "home"), DOCKER_CONFIG=str(tmp / "docker"),
-               KITFS_CACHE_DIR=str(tmp / "cache"), TMPDIR=str(tmp / "tmp"))
+               TMPDIR=str(tmp / "tmp"))
     env.update(variables)
     return env
 
 
 def entry(code: str, env: Mapping[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+    """Run an entrypoint as the container runtime does; whatever happened, it leaves nothing
+    in TMPDIR (its credentials home and chunk cache were its own, for this run)."""
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                           env=env, timeout=120)
+    assert not list(Path(env["TMPDIR"]).iterdir()), proc.stderr
+    return proc
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -93,6 +100,19 @@ def test_init_unpacks_the_model_to_unpack_path_as_kitfs_unpack_does(
     # kit's default EXTRA_FLAGS (--ignore-existing): a restarted init container succeeds.
     ok(entry(INIT, env))
     assert tree(dest) == want
+
+
+def test_init_uses_kitfs_cache_dir_when_given(kit_ref: str, tmp_path: Path) -> None:
+    """A cache the operator chose (a node's hostPath shared by its pods) keeps the chunks."""
+    cache = tmp_path / "node-cache"
+    env = environment(tmp_path, MODELKIT_REF=kit_ref, UNPACK_PATH=str(tmp_path / "m"),
+                      KITFS_CACHE_DIR=str(cache))
+    ok(entry(INIT, env))
+    assert any(p.is_file() for p in (cache / "chunks").rglob("*"))
+    env = environment(tmp_path, MODELKIT_REF=kit_ref, UNPACK_PATH=str(tmp_path / "m2"),
+                      EXTRA_FLAGS=f"--cache-dir {tmp_path / 'flag-cache'}")
+    ok(entry(INIT, env))
+    assert any(p.is_file() for p in (tmp_path / "flag-cache" / "chunks").rglob("*"))
 
 
 def test_init_honours_unpack_filter_and_extra_flags(kit_ref: str, tmp_path: Path) -> None:
@@ -191,15 +211,16 @@ def test_kserve_logs_in_with_kit_user_for_this_run_only(
     assert f"Logging in using repo url: {auth_registry.host}" in ok(proc)
     assert PASSWORD not in proc.stdout + proc.stderr
     assert "model/model.safetensors" in tree(dest)
-    # Nothing of the login is left for a later pod: no home written, no temporary home kept.
-    assert not list((tmp_path / "home").iterdir()) and not list((tmp_path / "tmp").iterdir())
+    # Nothing of the login is left for a later pod: no home written (nor a temporary one
+    # kept: entry() checks TMPDIR).
+    assert not list((tmp_path / "home").iterdir())
 
     env["KIT_PASSWORD"] = "wrong-" + PASSWORD
     proc = entry(KSERVE, env, f"kit://{ref}", str(tmp_path / "again"))
     line = one_line_error(proc)
     assert "wrong username or password" in line and auth_registry.host in line
     assert PASSWORD not in proc.stdout + proc.stderr
-    assert not (tmp_path / "again").exists() and not list((tmp_path / "tmp").iterdir())
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize(("argv", "flags", "needle"), [
@@ -283,3 +304,32 @@ async def test_kserve_corrupted_blob_fails_and_leaves_no_file_under_its_name(
     left = {rel: digest for rel, digest in tree(dest).items() if rel != "Kitfile"}
     assert left.items() <= tree(project).items(), "a file with unchecked bytes was left"
     assert not [p for p in dest.rglob(TEMP_PREFIX + "*")]
+
+
+async def test_kserve_sigterm_removes_its_temporary_files_and_home(
+        registry: RegistryServer, tmp_path: Path) -> None:
+    """A pod deleted mid-unpack: SIGTERM ends the run as Ctrl-C would, with no temporary
+    file in the destination and no private home or cache left behind."""
+    project = make_project(tmp_path / "proj", weight_bytes=20 << 20)  # > unpack's WRITE_BATCH
+    ref, digest = await kitfs_written(registry, project, "entry/sigterm")
+    dest = tmp_path / "models"
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Slow(4 << 20), path=digest)
+        cmd = [sys.executable, "-c", KSERVE, f"kit://{ref.replace(registry.host, proxy.host)}",
+               str(dest)]
+        child = subprocess.Popen(cmd, env=environment(tmp_path), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = trio.current_time() + 60
+            while not list(dest.rglob(TEMP_PREFIX + "*")):
+                assert child.poll() is None and trio.current_time() < deadline
+                await trio.sleep(0.05)
+            child.send_signal(signal.SIGTERM)
+            _, err = await trio.to_thread.run_sync(lambda: child.communicate(timeout=60))
+        finally:
+            if child.poll() is None:
+                child.kill()
+    assert child.returncode == 130 and err.strip() == "kitfs: interrupted", err
+    assert not list(dest.rglob(TEMP_PREFIX + "*"))
+    assert not (dest / "model" / "model.safetensors").exists()
+    assert not list((tmp_path / "tmp").iterdir())
