@@ -167,7 +167,8 @@ def test_init_bad_settings_are_one_line(kit_ref: str, tmp_path: Path,
 
 def test_init_unreachable_registry_is_one_line(tmp_path: Path) -> None:
     ref = f"127.0.0.1:{free_port()}/nobody/home:v1"
-    env = environment(tmp_path, MODELKIT_REF=ref, UNPACK_PATH=str(tmp_path / "m"))
+    env = environment(tmp_path, MODELKIT_REF=ref, UNPACK_PATH=str(tmp_path / "m"),
+                      EXTRA_FLAGS="--timeout 1")
     assert "127.0.0.1" in one_line_error(entry(INIT, env))
 
 
@@ -246,9 +247,10 @@ def test_kserve_bad_arguments_are_one_line(kit_ref: str, tmp_path: Path, argv: l
 
 def test_kserve_unreachable_registry_is_one_line(tmp_path: Path) -> None:
     ref = f"127.0.0.1:{free_port()}/nobody/home:v1"
-    env = environment(tmp_path, KIT_USER="u", KIT_PASSWORD="p")  # the login meets it first
+    # The login meets it first (and takes --timeout from the flags, as the unpack does).
+    env = environment(tmp_path, KIT_USER="u", KIT_PASSWORD="p", KIT_UNPACK_FLAGS="--timeout 1")
     assert "127.0.0.1" in one_line_error(entry(KSERVE, env, f"kit://{ref}", str(tmp_path / "m")))
-    env = environment(tmp_path)
+    env = environment(tmp_path, KIT_UNPACK_FLAGS="--timeout 1")
     assert "127.0.0.1" in one_line_error(entry(KSERVE, env, f"kit://{ref}", str(tmp_path / "m")))
 
 
