@@ -66,7 +66,9 @@ def prepare(argv: list[str], environ: MutableMapping[str, str], scratch: Path
     args.dir = dest
     say_version(PROG)
     user = environ.get("KIT_USER", "")
-    password = environ.pop("KIT_PASSWORD", "")
+    # A secret made with --from-file often ends in a newline; kit's `echo | kit login
+    # --password-stdin` drops it too.
+    password = environ.pop("KIT_PASSWORD", "").rstrip("\r\n")
     if user and password:
         if args.kitops_home:
             raise UsageError(f"{FLAGS}: --config cannot be used with KIT_USER/KIT_PASSWORD")

@@ -11,6 +11,7 @@ line, a non-zero status and no file under its final name.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -194,20 +195,43 @@ def test_kserve_honours_kit_unpack_flags(kit_ref: str, tmp_path: Path) -> None:
     assert "data/train.csv" not in tree(dest)
 
 
-def test_kserve_logs_in_with_kit_user_for_this_run_only(
-        auth_registry: RegistryServer, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def secure_ref(auth_registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A ModelKit in the registry that wants a password."""
+    tmp = tmp_path_factory.mktemp("entry-secure")
     ref = f"{auth_registry.host}/entry/secure:v1"
-    login_home = tmp_path / "login-home"
-    ok(kitfs("login", auth_registry.host, "-u", "kitfs", "--password-stdin", home=login_home,
+    ok(kitfs("login", auth_registry.host, "-u", "kitfs", "--password-stdin", home=tmp / "home",
              stdin=PASSWORD + "\n"))
-    ok(kitfs("pack", str(make_project(tmp_path / "proj", weight_bytes=4096)), "-t", ref,
-             home=login_home))
+    ok(kitfs("pack", str(make_project(tmp / "proj", weight_bytes=4096)), "-t", ref,
+             home=tmp / "home"))
+    return ref
 
+
+def test_init_reads_a_docker_config_secret(auth_registry: RegistryServer, secure_ref: str,
+                                           tmp_path: Path) -> None:
+    """The README's way to a private registry: a dockerconfigjson secret as $DOCKER_CONFIG."""
+    dest = tmp_path / "models"
+    env = environment(tmp_path, MODELKIT_REF=secure_ref, UNPACK_PATH=str(dest))
+    assert auth_registry.host in one_line_error(entry(INIT, env))
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    auth = base64.b64encode(f"kitfs:{PASSWORD}".encode()).decode()
+    (secret / "config.json").write_text(json.dumps({"auths": {auth_registry.host:
+                                                               {"auth": auth}}}))
+    env["DOCKER_CONFIG"] = str(secret)
+    ok(entry(INIT, env))
+    assert "model/model.safetensors" in tree(dest)
+
+
+def test_kserve_logs_in_with_kit_user_for_this_run_only(
+        auth_registry: RegistryServer, secure_ref: str, tmp_path: Path) -> None:
+    ref = secure_ref
     dest = tmp_path / "models"
     anonymous = environment(tmp_path)
     assert auth_registry.host in one_line_error(entry(KSERVE, anonymous, f"kit://{ref}",
                                                       str(dest)))
-    env = environment(tmp_path, KIT_USER="kitfs", KIT_PASSWORD=PASSWORD)
+    # As a secret made with --from-file=KIT_PASSWORD=token.txt gives it: a newline at the end.
+    env = environment(tmp_path, KIT_USER="kitfs", KIT_PASSWORD=PASSWORD + "\n")
     proc = entry(KSERVE, env, f"kit://{ref}", str(dest))
     assert f"Logging in using repo url: {auth_registry.host}" in ok(proc)
     assert PASSWORD not in proc.stdout + proc.stderr
