@@ -45,7 +45,19 @@ class _FlagsParser(argparse.ArgumentParser):
         self.variable = variable
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.variable}: {message}")
+        raise UsageError(f"{self.variable}: {shown_flags(message.split(' '))}")
+
+
+def shown_flags(words: list[str]) -> str:
+    """Flags as the log shows them: a password in a URL (`--proxy=http://me:pw@host`)
+    masked. kit's scripts echo the variable as it is; kitfs logs no secret."""
+    from kitfs.oci.proxy import mask_url
+
+    def one(word: str) -> str:
+        flag, eq, value = word.partition("=")
+        return f"{flag}={mask_url(value)}" if eq and flag.startswith("-") else mask_url(word)
+
+    return " ".join(one(word) for word in words)
 
 
 def unpack_parser(variable: str) -> argparse.ArgumentParser:
@@ -84,10 +96,11 @@ def parse_unpack(variable: str, flags: list[str], reference: str,
     args, unknown = unpack_parser(variable).parse_known_args([*first, *flags, "--", reference])
     if args.reference != reference:
         # A word of the flags took the reference's place (and the reference is "unknown").
-        raise UsageError(f"{variable}: unexpected argument {args.reference!r}: only flags "
+        raise UsageError(f"{variable}: unexpected argument {shown_flags([args.reference])!r}: "
+                         "only flags "
                          "go here, the reference is given apart")
     if unknown:
-        raise UsageError(f"{variable}: unrecognized arguments: {' '.join(unknown)}")
+        raise UsageError(f"{variable}: unrecognized arguments: {shown_flags(unknown)}")
     return args
 
 

@@ -26,6 +26,7 @@ from kitfs.entrypoint import (
     run_entry,
     say,
     say_version,
+    shown_flags,
     split_flags,
     term_as_interrupt,
 )
@@ -65,7 +66,7 @@ def prepare(environ: Mapping[str, str]) -> argparse.Namespace:
     args = parse_unpack("EXTRA_FLAGS", flags, reference, (f"--filter={unpack_filter}",))
     say(signature_check(reference, environ))
     say_version(PROG)
-    shown = " ".join(flags)
+    shown = shown_flags(flags)
     if args.dir is None:
         args.dir = path
         say(f"Unpacking modelkit {reference} to {path} with filter '{unpack_filter}'. "

@@ -29,6 +29,7 @@ from kitfs.entrypoint import (
     run_entry,
     say,
     say_version,
+    shown_flags,
     split_flags,
     term_as_interrupt,
 )
@@ -80,7 +81,7 @@ def prepare(argv: list[str], environ: MutableMapping[str, str], scratch: Path
                     "going on with the credentials this container has, if any (or set "
                     "KIT_USER/KIT_PASSWORD)")
     say(f"Unpacking {reference} to {dest}")
-    say(f"Unpack options: {environ.get(FLAGS, '')}")
+    say(f"Unpack options: {shown_flags(flags)}")
     return args
 
 

@@ -173,6 +173,25 @@ def test_init_unreachable_registry_is_one_line(tmp_path: Path) -> None:
     assert "127.0.0.1" in one_line_error(entry(INIT, env))
 
 
+@pytest.mark.parametrize("flags", [
+    "--proxy http://me:pr0xy-pw@127.0.0.1:PORT --timeout 1",
+    "--timeout 1 --prox=http://me:pr0xy-pw@127.0.0.1:PORT",
+    "http://me:pr0xy-pw@127.0.0.1:PORT",
+], ids=["unreachable-proxy", "bad-flag", "stray-word"])
+def test_a_password_in_the_flags_is_never_printed(kit_ref: str, tmp_path: Path,
+                                                  flags: str) -> None:
+    flags = flags.replace("PORT", str(free_port()))
+    env = environment(tmp_path, MODELKIT_REF=kit_ref, UNPACK_PATH=str(tmp_path / "m"),
+                      EXTRA_FLAGS=flags)
+    proc = entry(INIT, env)
+    one_line_error(proc)
+    assert "pr0xy-pw" not in proc.stdout + proc.stderr and "me:***@" in proc.stdout + proc.stderr
+    env = environment(tmp_path, KIT_UNPACK_FLAGS=flags)
+    proc = entry(KSERVE, env, f"kit://{kit_ref}", str(tmp_path / "models"))
+    one_line_error(proc)
+    assert "pr0xy-pw" not in proc.stdout + proc.stderr and "me:***@" in proc.stdout + proc.stderr
+
+
 # -- kitfs-kserve -----------------------------------------------------------------------
 
 
