@@ -37,6 +37,10 @@ from kitfs.errors import KitfsError, UsageError
 _HELP_FLAGS = ("-h", "--help")
 
 
+#: How often a container's log gets a progress line ($KITFS_PROGRESS_LINES overrides it).
+PROGRESS_LINES_SECONDS = "10"
+
+
 class _FlagsParser(argparse.ArgumentParser):
     """`kitfs unpack`'s parser that reports a bad flag as one line naming the variable."""
 
@@ -147,7 +151,10 @@ def run_entry(prepare: Callable[[Path], argparse.Namespace],
     `kitfs` runs a verb, and say how it went; every failure is one line on stderr and a
     non-zero status."""
     from kitfs.cli import EXIT_INTERRUPTED, run_parsed
+    from kitfs.progress import LINES_ENV
 
+    # Nobody watches a terminal bar in a pod; `kubectl logs` shows lines.
+    os.environ.setdefault(LINES_ENV, PROGRESS_LINES_SECONDS)
     with scratch_directory() as scratch:
         try:
             args = prepare(scratch)

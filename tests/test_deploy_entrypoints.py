@@ -131,6 +131,20 @@ def test_init_honours_unpack_filter_and_extra_flags(kit_ref: str, tmp_path: Path
     assert set(tree(other)) == {"data/train.csv"}
 
 
+def test_progress_goes_to_the_log_as_plain_lines(kit_ref: str, tmp_path: Path) -> None:
+    """Not a terminal: no bar (no carriage return), but a line per interval (every 10 s by
+    default; here as often as updates come)."""
+    env = environment(tmp_path, MODELKIT_REF=kit_ref, UNPACK_PATH=str(tmp_path / "m"),
+                      KITFS_PROGRESS_LINES="0.000001")
+    proc = entry(INIT, env)
+    ok(proc)
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("unpacking: ") and "%" in line for line in lines)
+    assert "\r" not in proc.stdout + proc.stderr
+    env["KITFS_PROGRESS_LINES"] = "often"
+    assert "$KITFS_PROGRESS_LINES must be a number" in one_line_error(entry(INIT, env))
+
+
 @pytest.mark.parametrize("variables", [
     {"COSIGN_KEY": "/keys/cosign.pub"},
     {"COSIGN_CERT_IDENTITY": "kitops@jozu.com",
