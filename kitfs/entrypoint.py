@@ -31,11 +31,9 @@ from typing import NoReturn
 from kitfs import __version__
 from kitfs.errors import KitfsError, UsageError
 
-#: Flags that cannot be given through a flags variable: the reference and the
-#: directory come from the platform, and `--help` would print help and "succeed"
-#: without unpacking anything (the parser has no -h at all, so it is refused).
+#: Refused in a flags variable with a word of why: `--help` would print help and exit 0,
+#: an init container that "succeeded" without unpacking anything.
 _HELP_FLAGS = ("-h", "--help")
-
 
 #: How often a container's log gets a progress line ($KITFS_PROGRESS_LINES overrides it).
 PROGRESS_LINES_SECONDS = "10"
@@ -101,8 +99,7 @@ def parse_unpack(variable: str, flags: list[str], reference: str,
     if args.reference != reference:
         # A word of the flags took the reference's place (and the reference is "unknown").
         raise UsageError(f"{variable}: unexpected argument {shown_flags([args.reference])!r}: "
-                         "only flags "
-                         "go here, the reference is given apart")
+                         "only flags go here, the reference is given apart")
     if unknown:
         raise UsageError(f"{variable}: unrecognized arguments: {shown_flags(unknown)}")
     return args

@@ -75,6 +75,8 @@ def prepare(argv: list[str], environ: MutableMapping[str, str], scratch: Path
             raise UsageError(f"{FLAGS}: --config cannot be used with KIT_USER/KIT_PASSWORD")
         _login(args, reference, user, password, scratch / "home")
     else:
+        if user or password:
+            say("Only one of KIT_USER and KIT_PASSWORD is set: not logging in")
         for name in CLOUD_LOGIN_VARIABLES:
             if environ.get(name):
                 say(f"{name} is set: {PROG} does not log in to cloud registries from it; "

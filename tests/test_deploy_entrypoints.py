@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def unpacked(ref: str, tmp: Path, *flags: str) -> dict[str, str]:
     ok(kitfs("unpack", ref, "-d", str(out), *flags, "--cache-dir", str(tmp / "cache"),
              home=tmp / "home"))
     return tree(out)
+
+
+def test_the_console_scripts_name_these_entry_functions() -> None:
+    """The image's entrypoints are the console scripts pyproject.toml declares."""
+    with open(Path(__file__).parent.parent / "pyproject.toml", "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["kitfs-init"] == "kitfs.initcontainer:main"
+    assert scripts["kitfs-kserve"] == "kitfs.kserve:main"
+    assert INIT == "from kitfs.initcontainer import main; main()"
+    assert KSERVE == "from kitfs.kserve import main; main()"
 
 
 # -- kitfs-init -------------------------------------------------------------------------
