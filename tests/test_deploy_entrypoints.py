@@ -6,7 +6,8 @@ platform gives the container, against the real registry: the files land
 where `kitfs unpack` puts them, with the same bytes; the variables kit's
 images read are honoured; a signature check that cannot be made, a bad
 variable or URI, a wrong password and a corrupted blob each fail with one
-line, a non-zero status and no file under its final name.
+line and a non-zero status, with no unchecked byte under a final name, no
+password in the output and nothing left in TMPDIR.
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def kit_ref(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def environment(tmp: Path, **variables: str) -> dict[str, str]:
-    """This environment (PYTHONPATH included) less any contract variable and cache setting,
+    """This environment (PYTHONPATH included) less any contract variable and kitfs setting,
     with a kitops home, Docker config and TMPDIR of the test's own, plus `variables`."""
     env = {k: v for k, v in os.environ.items()
-           if k not in CONTRACT_VARIABLES and k not in ("KITFS_CACHE_DIR", "XDG_CACHE_HOME")}
+           if k not in CONTRACT_VARIABLES
+           and k not in ("KITFS_CACHE_DIR", "XDG_CACHE_HOME", "KITFS_PROGRESS_LINES")}
     for name in ("home", "docker", "tmp"):
         (tmp / name).mkdir(exist_ok=True)
     env.update(KITOPS_HOME=str(tmp / "home"), DOCKER_CONFIG=str(tmp / "docker"),
