@@ -73,7 +73,8 @@ examples:
 """
 
 
-def _add_global_options(p: argparse.ArgumentParser) -> None:
+def add_global_options(p: argparse.ArgumentParser) -> None:
+    """The options every verb takes (kitfs-init and kitfs-kserve parse them too)."""
     p.add_argument("--config", metavar="DIR", dest="kitops_home",
                    help="kit's home directory (credentials, local storage); default "
                         "$KITOPS_HOME, else ~/.local/share/kitops")
@@ -101,7 +102,7 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
     for command in commands:
         p = sub.add_parser(command.name, help=command.help, description=command.description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        _add_global_options(p)
+        add_global_options(p)
         command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser
@@ -114,7 +115,13 @@ def _configure_logging(verbose: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_parsed(parser.parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a parsed verb, every failure one line and an exit status: shared with the
+    container entrypoints (kitfs/entrypoint.py), which build their verb's arguments
+    from the environment rather than from `kitfs`'s own command line."""
     _configure_logging(args.verbose)
     if isinstance(sys.stdout, io.TextIOWrapper):
         # Names and Kitfiles come from whoever packed the ModelKit: what the terminal's

@@ -64,6 +64,10 @@ class IntegrityError(KitfsError):
     """Bytes did not match the digest or length that vouches for them."""
 
 
+class SignatureError(KitfsError):
+    """A signature check that was asked for could not be made or did not pass."""
+
+
 class LocalStorageError(KitfsError):
     """kit's local storage (or a file kitfs writes) could not be read or written."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -269,15 +270,18 @@ def _helper_run(helper: str, action: str, payload: bytes) -> None:
         raise LocalStorageError(f"credential helper {program} {action} failed: {first}")
 
 
-def save_login(registry: str, username: str, password: str, home: str | None = None) -> None:
+def save_login(registry: str, username: str, password: str, home: str | None = None,
+               *, file_only: bool = False) -> None:
     """Store credentials where `kit login` would; other entries are kept.
 
     An empty username stores `password` as an identity (refresh) token, as kit does.
+    `file_only` keeps them in `home`'s file even where kit would pick a credential
+    helper: a throwaway home (kitfs-kserve's) must not leave them in a keyring.
     """
     path = credentials_path(home)
     config = _load(path)
     address = server_address(registry)
-    helper = _helper_for(config, address, detect=True)
+    helper = "" if file_only else _helper_for(config, address, detect=True)
     if helper:
         secret = {"ServerURL": address, "Username": username or _TOKEN_USERNAME, "Secret": password}
         _helper_run(helper, "store", json.dumps(secret).encode())
@@ -323,10 +327,11 @@ async def login(
     options: ClientOptions | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    file_only: bool = False,
 ) -> None:
     """Check the credentials against the registry, then store them; nothing is saved on failure.
 
-    `transport` replaces the network, for tests.
+    `transport` replaces the network, for tests; `file_only` as for save_login.
     """
     from kitfs.oci.client import RegistryClient  # the client itself reads credentials
 
@@ -341,4 +346,6 @@ async def login(
             await client.ping()
         except AuthError:
             raise AuthError(f"wrong username or password for {registry}") from None
-    await trio.to_thread.run_sync(save_login, registry, username, password, options.kitops_home)
+    await trio.to_thread.run_sync(
+        functools.partial(save_login, registry, username, password, options.kitops_home,
+                          file_only=file_only))
