@@ -78,6 +78,8 @@ class MountConfig:
     #: Bound on one FUSE request: past it the reader gets EIO.
     request_timeout: float = 30.0
     log_file: Path | None = None
+    #: HOST:PORT the daemon serves Prometheus metrics on (kitfs/metrics.py); None: off.
+    metrics_addr: str | None = None
 
 
 def state_dir() -> Path:
