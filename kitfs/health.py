@@ -6,9 +6,10 @@ never disagree. A mount is unhealthy when its daemon is gone, when its
 state stopped being refreshed (the daemon writes it every second: a stale
 one means its event loop is stuck), when a layer is poisoned (its bytes did
 not match their digest: reads of its files fail), or when it cannot reach
-a registry it fetches from (the last request there failed and none
-succeeded since; the daemon re-checks such a registry in the background, so
-health comes back without a reader having to try).
+a registry it fetches from (the last request there got no answer or a
+server error, and none was answered since; a client error such as a 404 is
+an answer: see oci/stats.py). The daemon re-checks such a registry in the
+background, so health comes back without a reader having to try.
 
 Pure: nothing here reads files or imports more than the state's shape.
 """
@@ -66,9 +67,9 @@ def _poisoned(engine: dict[str, Any]) -> list[str]:
 def _unreachable(engine: dict[str, Any]) -> list[str]:
     found = []
     for registry in _dicts(engine.get("registry")):
-        outcome = registry.get("last_outcome")
-        if outcome in (None, "ok"):
+        if registry.get("answering") is not False:
             continue
+        outcome = registry.get("last_outcome")
         at = registry.get("last_failure")
         when = f" at {_clock(at)}" if isinstance(at, int | float) else ""
         found.append(f"registry {registry.get('registry')} {_VERDICT.get(str(outcome), outcome)}"
@@ -77,10 +78,8 @@ def _unreachable(engine: dict[str, Any]) -> list[str]:
     return found
 
 
-_VERDICT = {
-    "connection_error": "unreachable", "timeout": "not answering",
-    "server_error": "failing", "client_error": "refusing requests",
-}
+_VERDICT = {"connection_error": "unreachable", "timeout": "not answering",
+            "server_error": "failing"}
 
 
 def _dicts(value: object) -> list[dict[str, Any]]:

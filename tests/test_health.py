@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import trio
+from crafted import build_tar, craft_layer, publish_kit
+from faultproxy import Corrupt, FaultProxy
 
 from helpers import kitfs, make_project, ok
 from kitfs.daemon import recheck_registries
@@ -36,7 +38,8 @@ def state(engine: dict[str, Any] | None = None, *, updated: float = NOW - 1) -> 
 def registry_entry(outcome: str | None, error: str | None = None) -> dict[str, Any]:
     return {"registry": "r:5000", "requests": {}, "bytes_received": 0,
             "last_success": NOW - 100, "last_failure": NOW - 5 if outcome != "ok" else None,
-            "last_outcome": outcome, "last_error": error}
+            "last_outcome": outcome, "last_error": error,
+            "answering": None if outcome is None else outcome in ("ok", "client_error")}
 
 
 def test_a_fresh_live_mount_is_healthy() -> None:
@@ -44,6 +47,8 @@ def test_a_fresh_live_mount_is_healthy() -> None:
                                  "layers": [{"digest": "sha256:aa", "state": "verified"}]}), NOW)
     assert health.healthy and health.problems == []
     assert mount_health(state({"registry": [registry_entry(None)]}), NOW).healthy  # no request
+    # A 404 or a refusal is an answer: the registry is there (the reader hears the rest).
+    assert mount_health(state({"registry": [registry_entry("client_error")]}), NOW).healthy
 
 
 def test_a_dead_daemon_is_unhealthy() -> None:
@@ -72,7 +77,7 @@ def test_a_poisoned_layer_is_unhealthy() -> None:
 
 @pytest.mark.parametrize(("outcome", "verdict"), [
     ("connection_error", "unreachable"), ("timeout", "not answering"),
-    ("server_error", "failing"), ("client_error", "refusing requests")])
+    ("server_error", "failing")])
 def test_a_failing_registry_is_unhealthy(outcome: str, verdict: str) -> None:
     health = mount_health(state({"registry": [registry_entry(outcome, "boom")]}), NOW)
     assert not health.healthy
@@ -157,3 +162,53 @@ async def test_a_failing_registry_is_asked_again_until_it_answers(
             await trio.sleep(0.3)  # a registry that answers is left alone
             assert sum(client.stats.requests.values()) == asked
             nursery.cancel_scope.cancel()
+
+
+async def test_status_check_names_a_poisoned_layer(registry: RegistryServer,
+                                                   tmp_path: Path) -> None:
+    """A proxy flips a byte of a layer `kit` wrote (no chunk digests): prefetching it all,
+    the background hash poisons the layer with no reader at all."""
+    tar = build_tar([("model/w.bin", os.urandom(1 << 20)), ("model/config.json", b"{}\n")])
+    layer = craft_layer(tar)
+    ref = await publish_kit(registry.host, "health/poisoned", "v1", [layer], toc=None)
+    with FaultProxy(registry.host) as proxy:
+        proxy.add(Corrupt([100_000]), path=layer.digest)
+        via = ref.replace(registry.host, proxy.host)
+        with mounted(via, tmp_path / "mnt", tmp_path / "cache", "--prefetch", "all") as mp:
+            until(lambda: kitfs("status", str(mp), "--check").returncode == 1, "unhealthy")
+            check = kitfs("status", str(mp), "--check")
+            assert f"unhealthy: layer {layer.digest} (./model) is poisoned" in check.stdout, \
+                check.stdout
+            assert "registry" not in "".join(
+                line for line in check.stdout.splitlines() if "unhealthy:" in line)
+
+
+def test_outcomes_and_answering() -> None:
+    """What each failure counts as, and which ones say the registry is not answering."""
+    import httpx
+
+    from kitfs.errors import AuthError, NotFoundError, RegistryError, UnreachableError
+    from kitfs.oci.stats import RequestStats, outcome_of
+
+    def chained(error: Exception, cause: Exception) -> Exception:
+        error.__cause__ = cause
+        return error
+
+    assert outcome_of(chained(UnreachableError("x"), httpx.ReadTimeout("t")), 200) == "timeout"
+    assert outcome_of(chained(UnreachableError("x"), httpx.ConnectError("c")), None) \
+        == "connection_error"
+    assert outcome_of(UnreachableError("truncated"), 206) == "connection_error"
+    assert outcome_of(RegistryError("HTTP 503"), 503) == "server_error"
+    assert outcome_of(NotFoundError("404"), 404) == "client_error"
+    assert outcome_of(AuthError("denied"), 401) == "client_error"
+    stats = RequestStats("r:5000")
+    assert not stats.failing and stats.answering is None
+    stats.failed("timeout", "slow")
+    assert stats.failing
+    stats.failed("client_error", "not found")  # an answer, whatever it said
+    assert not stats.failing
+    stats.failed("server_error", "503")
+    assert stats.failing and stats.last_error == "503"
+    stats.succeeded()
+    assert not stats.failing and stats.requests == {
+        "ok": 1, "client_error": 1, "server_error": 1, "timeout": 1, "connection_error": 0}

@@ -197,5 +197,5 @@ def test_the_collector_reads_any_states(tmp_path: Path) -> None:
     assert value(samples, "kitfs_registry_bytes_total", mountpoint="/a") == 99
     assert value(samples, "kitfs_read_errors_total", mountpoint="/a", kind="eio") == 2
     assert value(samples, "kitfs_read_errors_total", mountpoint="/a", kind="timeout") == 1
-    with socket.socket() as probe:  # stopped: the port is free again
-        probe.bind(("127.0.0.1", port))
+    # Stopped: the port is free again (a restarted driver binds it at once).
+    start_metrics_server(f"127.0.0.1:{port}", lambda: []).stop()

@@ -8,6 +8,11 @@ inside it are not separate requests); its outcome says what an operator alerts o
 the registry answered (`ok`), refused (`client_error`, 4xx), failed (`server_error`,
 5xx), said nothing in time (`timeout`), or could not be reached or dropped the
 connection (`connection_error`).
+
+`answering` is what health asks: whether the registry's latest answer came
+at all and was not a server error. A client error leaves it answering: a 404
+is often expected (kitfs asks for optional tables of contents and tags), and
+a refusal is reported to the reader that asked.
 """
 
 from __future__ import annotations
@@ -36,32 +41,35 @@ class RequestStats:
     last_failure: float | None = None
     last_outcome: Outcome | None = None
     last_error: str | None = None
+    answering: bool | None = None  # None: nothing asked yet
 
     def succeeded(self) -> None:
         self.requests["ok"] += 1
         self.last_success = time.time()
         self.last_outcome = "ok"
+        self.answering = True
 
     def failed(self, outcome: Outcome, message: str) -> None:
         self.requests[outcome] += 1
         self.last_failure = time.time()
         self.last_outcome = outcome
         self.last_error = message
+        self.answering = outcome == "client_error"
 
     def received(self, n: int) -> None:
         self.bytes_received += n
 
     @property
     def failing(self) -> bool:
-        """The last request failed and none succeeded since."""
-        return self.last_outcome is not None and self.last_outcome != "ok"
+        """The last request got no answer, or a server error, and none was answered since."""
+        return self.answering is False
 
     def to_json(self) -> dict[str, Any]:
         return {
             "registry": self.registry, "requests": dict(self.requests),
             "bytes_received": self.bytes_received, "last_success": self.last_success,
             "last_failure": self.last_failure, "last_outcome": self.last_outcome,
-            "last_error": self.last_error,
+            "last_error": self.last_error, "answering": self.answering,
         }
 
 
