@@ -73,7 +73,7 @@ def _unreachable(engine: dict[str, Any]) -> list[str]:
         at = registry.get("last_failure")
         when = f" at {_clock(at)}" if isinstance(at, int | float) else ""
         found.append(f"registry {registry.get('registry')} {_VERDICT.get(str(outcome), outcome)}"
-                     f" (last request failed{when}, none succeeded since): "
+                     f" (last request failed{when}, none answered since): "
                      f"{registry.get('last_error')}")
     return found
 

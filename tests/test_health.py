@@ -82,7 +82,7 @@ def test_a_failing_registry_is_unhealthy(outcome: str, verdict: str) -> None:
     health = mount_health(state({"registry": [registry_entry(outcome, "boom")]}), NOW)
     assert not health.healthy
     assert health.problems[0].startswith(f"registry r:5000 {verdict} (last request failed at ")
-    assert health.problems[0].endswith("none succeeded since): boom")
+    assert health.problems[0].endswith("none answered since): boom")
 
 
 def restart(server: RegistryServer) -> None:

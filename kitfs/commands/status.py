@@ -125,9 +125,9 @@ HEALTH is `unhealthy` when the daemon is dead or stuck (its state not
 refreshed for 10s), a layer is poisoned (its bytes did not match their
 digest), or the registry cannot be reached (its last request got no
 answer or a 5xx, and none was answered since; the daemon asks it again
-every 20s, so health comes back with the registry). The problems are listed under the mount, and in
---json as "healthy" and "problems". With --check, the exit status is 1
-when any mount listed is unhealthy, else 0.
+every 20s, so health comes back with the registry). The problems are
+listed under the mount, and in --json as "healthy" and "problems". With
+--check, the exit status is 1 when any mount listed is unhealthy, else 0.
 
 examples:
   kitfs status
