@@ -144,16 +144,13 @@ def _one_mount(f: dict[str, Any], state: MountState, alive: bool, now: float) ->
     f["healthy"].add_metric([mp], 1 if mount_health(state, now, alive=alive).healthy else 0)
     status = _dict(state.status)
     fs, engine = _dict(status.get("fs")), _dict(status.get("engine"))
-    for registry in engine.get("registry") or []:
-        registry = _dict(registry)
-        name = str(registry.get("registry", ""))
-        requests = _dict(registry.get("requests"))
+    for name, registry in _by_registry(engine.get("registry")).items():
         for outcome in OUTCOMES:
-            f["requests"].add_metric([mp, name, outcome], _number(requests.get(outcome)))
-        f["registry_bytes"].add_metric([mp, name], _number(registry.get("bytes_received")))
+            f["requests"].add_metric([mp, name, outcome], registry.get(outcome, 0.0))
+        f["registry_bytes"].add_metric([mp, name], registry["bytes_received"])
         for key in ("last_success", "last_failure"):
-            if registry.get(key) is not None:
-                f[key].add_metric([mp, name], _number(registry.get(key)))
+            if key in registry:
+                f[key].add_metric([mp, name], registry[key])
     memory, disk, misses = (_number(engine.get(k)) for k in ("memory_hits", "disk_hits", "misses"))
     for tier, result, value in (("memory", "hit", memory), ("memory", "miss", disk + misses),
                                 ("disk", "hit", disk), ("disk", "miss", misses)):
@@ -175,6 +172,22 @@ def _one_mount(f: dict[str, Any], state: MountState, alive: bool, now: float) ->
             counts[layer_state] = counts.get(layer_state, 0) + 1
     for name, n in counts.items():
         f["layers"].add_metric([mp, name], n)
+
+
+def _by_registry(entries: object) -> dict[str, dict[str, float]]:
+    """The engine's per-client entries summed per registry: a parent ModelKit in another
+    repository of the same registry has a client of its own, and a series may appear once."""
+    merged: dict[str, dict[str, float]] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        entry = _dict(entry)
+        into = merged.setdefault(str(entry.get("registry", "")), {"bytes_received": 0.0})
+        for outcome, n in _dict(entry.get("requests")).items():
+            into[outcome] = into.get(outcome, 0.0) + _number(n)
+        into["bytes_received"] += _number(entry.get("bytes_received"))
+        for key in ("last_success", "last_failure"):
+            if entry.get(key) is not None:
+                into[key] = max(into.get(key, 0.0), _number(entry.get(key)))
+    return merged
 
 
 def _histogram(f: dict[str, Any], mountpoint: str, hist: dict[str, Any]) -> None:

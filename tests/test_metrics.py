@@ -177,8 +177,11 @@ def test_the_collector_reads_any_states(tmp_path: Path) -> None:
                        started=1.0, updated=time.time())
         s.status = {"fs": {"reads": 2, "readBytes": 10, "errors": 3, "timeouts": 1},
                     "engine": {"layers": [{"digest": "sha256:aa", "state": "poisoned"}],
+                               # a parent ModelKit's own client, same registry: one series
                                "registry": [{"registry": "r:5000", "requests": {"ok": 4},
-                                             "bytes_received": 99}]}}
+                                             "bytes_received": 99, "last_success": 7.0},
+                                            {"registry": "r:5000", "requests": {"ok": 1},
+                                             "bytes_received": 1, "last_success": 9.0}]}}
         return s
 
     states = [state("/a", os.getpid(), process_start_time(os.getpid())), state("/b", 1, -5)]
@@ -193,8 +196,9 @@ def test_the_collector_reads_any_states(tmp_path: Path) -> None:
     assert value(samples, "kitfs_mount_healthy", mountpoint="/b") == 0  # dead
     assert value(samples, "kitfs_layers", mountpoint="/a", state="poisoned") == 1
     assert value(samples, "kitfs_layers", mountpoint="/a", state="verified") == 0
-    assert value(samples, "kitfs_registry_requests_total", mountpoint="/b", outcome="ok") == 4
-    assert value(samples, "kitfs_registry_bytes_total", mountpoint="/a") == 99
+    assert value(samples, "kitfs_registry_requests_total", mountpoint="/b", outcome="ok") == 5
+    assert value(samples, "kitfs_registry_bytes_total", mountpoint="/a") == 100
+    assert value(samples, "kitfs_registry_last_success_timestamp_seconds", mountpoint="/a") == 9
     assert value(samples, "kitfs_read_errors_total", mountpoint="/a", kind="eio") == 2
     assert value(samples, "kitfs_read_errors_total", mountpoint="/a", kind="timeout") == 1
     # Stopped: the port is free again (a restarted driver binds it at once).
