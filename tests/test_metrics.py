@@ -128,7 +128,7 @@ def test_metrics_follow_cold_then_warm_reads(packed: tuple[str, Path], tmp_path:
         assert value(final, "kitfs_prefetch_bytes", **labels, state="done") >= 0
 
     # A new mount of the same ModelKit on the same cache: the re-read is served from disk.
-    port = free_port()
+    # Same port: the first daemon freed it when it unmounted.
     mp = tmp_path / "warm"
     with mounted(ref, mp, cache, "--prefetch", "none", "--metrics-addr", f"127.0.0.1:{port}"):
         labels = {"mountpoint": str(mp)}
