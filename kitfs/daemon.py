@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from kitfs.buffers import trim_memory, tune_malloc
 from kitfs.engine.api import FileReader
 from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import open_kit
-from kitfs.errors import user_error
+from kitfs.errors import KitfsError, user_error
 from kitfs.fs.operations import FsConfig, KitfsOperations
 from kitfs.inspection import Inspection
 from kitfs.modelkit.filters import FilterSet
@@ -47,6 +47,7 @@ from kitfs.mounts import (
     remove_state,
     write_state,
 )
+from kitfs.oci.client import RegistryClient
 from kitfs.oci.reference import parse_reference
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ FLUSH_TIMEOUT_S = 10.0
 READ_BOUND_MARGIN_S = 5.0
 # After a stop signal, how long requests in flight may take before they are abandoned.
 STOP_GRACE_S = 3.0
+# How often a registry whose last request failed is asked again (kitfs/health.py).
+REGISTRY_RECHECK_S = 20.0
 
 
 class _Stopper:
@@ -138,6 +141,21 @@ async def _serve(
     config: MountConfig, ready: Callable[[MountState], None], root: trio.Nursery,
     stopper: _Stopper,
 ) -> None:
+    # Bound before anything is fetched or mounted: a port in use fails the mount at once.
+    published: list[MountState] = []
+    async with contextlib.AsyncExitStack() as stack:
+        if config.metrics_addr is not None:
+            from kitfs.metrics import serving_metrics
+
+            await stack.enter_async_context(
+                serving_metrics(config.metrics_addr, lambda: list(published)))
+        await _serve_kit(config, ready, root, stopper, published)
+
+
+async def _serve_kit(
+    config: MountConfig, ready: Callable[[MountState], None], root: trio.Nursery,
+    stopper: _Stopper, published: list[MountState],
+) -> None:
     reference = parse_reference(config.reference)
     filters = FilterSet.parse(list(config.filters))
     engine_config = EngineConfig(
@@ -168,12 +186,32 @@ async def _serve(
             if ops.attached:  # `kitfs status` says so now, not at the next refresh
                 _refresh(state, ops, kit.engine)
 
+        published.append(state)
         kit.engine.on_poison = poisoned
         await kit.engine.start(root)
+        root.start_soon(recheck_registries, kit.source.clients(), REGISTRY_RECHECK_S)
         await _mount_and_run(config, ops, kit.engine, state, ready, stopper)
         with trio.move_on_after(FLUSH_TIMEOUT_S):
             await kit.engine.flush()  # before the cancel: the engine's writes run in `root`
         root.cancel_scope.cancel()
+
+
+async def recheck_registries(clients: Sequence[RegistryClient], interval: float) -> None:
+    """While a registry's last request failed, ask it again (GET /v2/) every `interval`.
+
+    A mount marked unreachable would otherwise stay so until a reader tried
+    again (nothing is fetched once prefetch is done): health must come back
+    when the registry does, without a read that would fail meanwhile.
+    """
+    while True:
+        await trio.sleep(interval)
+        for client in clients:
+            if client.stats.failing:
+                try:
+                    await client.ping()
+                    log.info("registry %s answers again", client.registry)
+                except KitfsError as exc:
+                    log.debug("registry %s still failing: %s", client.registry, exc)
 
 
 def _tree_time_ns(inspection: Inspection) -> int:

@@ -78,6 +78,8 @@ class MountConfig:
     #: Bound on one FUSE request: past it the reader gets EIO.
     request_timeout: float = 30.0
     log_file: Path | None = None
+    #: HOST:PORT the daemon serves Prometheus metrics on (kitfs/metrics.py); None: off.
+    metrics_addr: str | None = None
 
 
 def state_dir() -> Path:
@@ -493,6 +495,8 @@ def daemon_argv(
         argv += ["--filter", text]
     if config.allow_other:
         argv.append("--allow-other")
+    if config.metrics_addr is not None:
+        argv += ["--metrics-addr", config.metrics_addr]
     if config.client.plain_http:
         argv.append("--plain-http")
     for flag, value in (("--ca-file", config.client.ca_file), ("--cert", config.client.cert_file),

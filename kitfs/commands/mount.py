@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (non-root needs user_allow_other "
                         "in /etc/fuse.conf)")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve Prometheus metrics of this mount at http://HOST:PORT/metrics "
+                        "(registry requests and bytes, cache hits, read latency, errors, "
+                        "prefetch, layer verification, health); off by default")
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground and log to stderr; Ctrl-C unmounts")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -73,6 +77,10 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     memory = parse_size(args.memory)
     if memory < 8 << 20:
         raise UsageError(f"--memory {args.memory}: at least 8M (a few chunks) is needed")
+    if args.metrics_addr is not None:
+        from kitfs.metrics import parse_addr
+
+        parse_addr(args.metrics_addr)
     mountpoint = absolute_mountpoint(args.mountpoint)
     options = client_options(args)
     return MountConfig(
@@ -84,6 +92,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         foreground=bool(args.foreground),
         request_timeout=options.read_timeout,
         log_file=log_path(mountpoint) if args.ready_fd is not None else None,
+        metrics_addr=args.metrics_addr,
     )
 
 
@@ -183,6 +192,7 @@ examples:
   kitfs mount registry.example.com/team/llama:v1 /mnt/llama
   kitfs mount localhost:5000/demo/llm:v1 /mnt/llm --filter model --prefetch none
   kitfs mount mymodel:v1 /mnt/m --cache-dir /nvme/kitfs --cache-size 200G --allow-other
+  kitfs mount mymodel:v1 /mnt/m --metrics-addr 127.0.0.1:9100
   kitfs umount /mnt/llama
 """,
     add_arguments=add_arguments,

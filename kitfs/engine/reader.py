@@ -384,6 +384,8 @@ class Engine:
                 for d, layer in self.layers.items()
             ],
             "errors": list(c.errors),
+            # One entry per registry client: requests by outcome, bytes, last failure.
+            "registry": [client.stats.to_json() for client in ctx.source.clients()],
         }
 
     # -- reading ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from kitfs.engine.api import FileReader
 from kitfs.engine.readahead import Cursor
 from kitfs.errors import IntegrityError, KitfsError, UnreachableError
 from kitfs.fs.inodes import Entry, InodeTable
+from kitfs.fs.latency import LatencyHistogram
 from kitfs.modelkit.tree import Node, Tree
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,8 @@ class KitfsOperations(pyfuse3.Operations):
         self.reads = 0
         self.read_bytes = 0
         self.timeouts = 0
+        #: Seconds each answered read took, from the request to its bytes.
+        self.read_seconds = LatencyHistogram()
         #: True while pyfuse3 has a session: only then may the kernel be told anything.
         self.attached = False
 
@@ -225,6 +228,7 @@ class KitfsOperations(pyfuse3.Operations):
             "openFiles": len(self._handles),
             "errors": self.errors.total,
             "timeouts": self.timeouts,
+            "readSeconds": self.read_seconds.to_json(),
         }
 
     # -- metadata -------------------------------------------------------------------
@@ -336,10 +340,12 @@ class KitfsOperations(pyfuse3.Operations):
         if off >= node.size or size <= 0:
             return b""
         size = min(size, node.size - off)
+        started = time.perf_counter()
         if node.inline is not None:
             data: bytes | memoryview = memoryview(node.inline)[off : off + size]
         else:
             data = await self.reader.read(node, off, size, cursor)
+        self.read_seconds.observe(time.perf_counter() - started)
         self.reads += 1
         self.read_bytes += len(data)
         return data

@@ -50,6 +50,7 @@ from kitfs.oci.session import (
     resolve_url,
     retryable_transport_error,
 )
+from kitfs.oci.stats import RequestStats, outcome_of
 
 __all__ = [
     "DOCKER_MANIFEST",
@@ -154,6 +155,11 @@ class RegistryClient:
 
     async def aclose(self) -> None:
         await self._session.aclose()
+
+    @property
+    def stats(self) -> RequestStats:
+        """Requests by outcome and bytes received so far (see oci/stats.py)."""
+        return self._session.stats
 
     def _url(self, repo: str, tail: str) -> str:
         return self._session.url(f"/v2/{repo}/{tail}")
@@ -487,6 +493,7 @@ class RegistryClient:
             total = 0
             async for chunk in response.aiter_bytes():
                 total += len(chunk)
+                self._session.stats.received(len(chunk))
                 if total > limit:
                     raise RegistryError(f"{what}: answer is over the {limit} byte limit")
                 parts.append(chunk)
@@ -495,9 +502,14 @@ class RegistryClient:
                 raise IntegrityError(f"{what}: truncated, got {len(body)} of {length} bytes")
             return body
         except TRANSPORT_FAILURES as exc:
-            raise _transport(exc, response, self.options, what) from exc
+            raise self._failed(_transport(exc, response, self.options, what), exc) from exc
         finally:
             await response.aclose()
+
+    def _failed(self, error: KitfsError, cause: Exception | None) -> KitfsError:
+        """Count a body that failed after its request was answered (and counted ok)."""
+        self._session.stats.failed(outcome_of(cause or error, None), str(error))
+        return error
 
     # -- uploads ---------------------------------------------------------------------
 
@@ -847,6 +859,7 @@ class _BlobBody:
                     async for raw in raws:
                         chunk = raw
                         received += len(chunk)
+                        self._client.stats.received(len(chunk))
                         if self._skip:
                             if len(chunk) <= self._skip:
                                 self._skip -= len(chunk)
@@ -872,15 +885,18 @@ class _BlobBody:
                     raise RegistryError(f"{self._what}: past the end of the blob")
             # Dropped connection or a body shorter than announced: resume from here.
             if failure is not None and not retryable_transport_error(failure):
-                raise _transport(failure, response, self._client.options, self._what)
+                raise self._client._failed(
+                    _transport(failure, response, self._client.options, self._what), failure)
             if not await self._retry_budget().wait():
                 if failure is not None:
-                    raise _transport(failure, response, self._client.options, self._what)
+                    raise self._client._failed(
+                        _transport(failure, response, self._client.options, self._what),
+                        failure)
                 # A connection that kept dropping is the network, not a lie: the
                 # digest check judges the bytes, and a later try may get them all.
-                raise UnreachableError(
+                raise self._client._failed(UnreachableError(
                     f"{self._what}: truncated, the registry sent {received} bytes and stopped"
-                )
+                ), None)
             await self._request()
 
 

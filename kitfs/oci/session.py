@@ -34,6 +34,7 @@ from kitfs.oci.blobtransport import BLOB_EXTENSION, Sink
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.proxy import Proxy
 from kitfs.oci.retry import RETRY_STATUSES, RetryBudget, parse_retry_after
+from kitfs.oci.stats import RequestStats, outcome_of
 from kitfs.oci.transport import base_url, make_http_client
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,7 @@ class RegistrySession:
         self._origin = httpx.URL(self.base)
         self.http = make_http_client(options, transport)
         self.auth = Authenticator(registry, credentials, self._send_token_request)
+        self.stats = RequestStats(registry)
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -323,7 +325,39 @@ class RegistrySession:
         False sends to `url` (a cached storage URL) without registry credentials.
         `blob` sends a GET down the lean blob-body path (see blobtransport); a
         `Sink` there also receives the body into the sink's buffers.
+
+        Each call counts once in `stats`, by its final outcome.
         """
+        last = _LastStatus()
+        try:
+            response = await self._send(
+                method, url, what=what, scopes=scopes, headers=headers, content=content, ok=ok,
+                stream=stream, retry=retry, authenticate=authenticate, blob=blob, last=last,
+            )
+        except KitfsError as exc:
+            self.stats.failed(outcome_of(exc, last.status), str(exc))
+            raise
+        self.stats.succeeded()
+        if not stream:
+            self.stats.received(len(response.content))
+        return response
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        scopes: tuple[str, ...],
+        headers: dict[str, str] | None,
+        content: Content,
+        ok: tuple[int, ...],
+        stream: bool,
+        retry: bool,
+        authenticate: bool,
+        blob: bool | Sink,
+        last: _LastStatus,
+    ) -> httpx.Response:
         budget = self.budget()
         challenged = False
         while True:
@@ -344,7 +378,7 @@ class RegistrySession:
                     describe_transport_error(exc, host, self.options, url),
                     what,
                 ) from exc
-            status = response.status_code
+            status = last.status = response.status_code
             from_registry = self._same_origin(response.request.url)
             if status == 401 and from_registry and authenticate and not challenged:
                 challenged = True
@@ -465,6 +499,12 @@ class RegistrySession:
         return RegistryError(
             f"{what}: {host} answered HTTP {status} {reason}".rstrip() + f"{suffix}{after}"
         )
+
+
+class _LastStatus:
+    """The HTTP status of a call's latest answer: what its failure is counted as."""
+
+    status: int | None = None
 
 
 def _host(url: str, fallback: str) -> str:

@@ -72,6 +72,11 @@ class BlobSource(Protocol):
         blob matched its digest (and `size`), so it is verified once iteration ends."""
         ...
 
+    def clients(self) -> list[RegistryClient]:
+        """The registry clients this source fetches through (none for local storage):
+        whose request counts a mount reports, and whose registry its health checks."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -112,6 +117,9 @@ class RegistrySource:
         self, digest: str, *, size: int | None = None
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self.client.stream_blob(self.reference.repository, digest, size=size)
+
+    def clients(self) -> list[RegistryClient]:
+        return [self.client]
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -224,6 +232,9 @@ class LocalSource:
         except OSError as exc:  # a KitfsError, like every other source's failures
             raise LocalStorageError(f"{what}: {exc.strerror or exc}") from None
 
+    def clients(self) -> list[RegistryClient]:
+        return []
+
     async def aclose(self) -> None:
         return None
 
@@ -276,6 +287,12 @@ class RoutedSource:
         self, digest: str, *, size: int | None = None
     ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self.source_of(digest).stream_blob(digest, size=size)
+
+    def clients(self) -> list[RegistryClient]:
+        found: list[RegistryClient] = []
+        for source in (self.primary, *self.routes.values()):
+            found += [c for c in source.clients() if not any(c is f for f in found)]
+        return found
 
     async def aclose(self) -> None:
         # Each once (a parent's source serves all its layers), and every one even if
