@@ -48,7 +48,7 @@ from kitfs.mounts import (
     write_state,
 )
 from kitfs.oci.client import RegistryClient
-from kitfs.oci.reference import parse_reference
+from kitfs.oci.reference import Reference, parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +236,17 @@ def _tree_time_ns(inspection: Inspection) -> int:
 
 def fuse_options(config: MountConfig) -> set[str]:
     """Read-only, nosuid and nodev whatever the ModelKit's tar modes say. The reference is
-    the mount's source, as fstab names it: `mount -a` then sees the line is mounted."""
-    options = {f"fsname={config.reference}", "subtype=kitfs", "ro", "nosuid", "nodev",
-               "default_permissions"}
+    the mount's source, as fstab names it: `mount -a` then sees the line is mounted.
+
+    libfuse splits every option at commas, and kit's references may carry extra
+    tags after one (`repo:v1,v2`): the source is the parsed reference without
+    them, which holds no comma (pyfuse3 takes a set: an option that arrived in a
+    comma could otherwise undo nosuid or nodev, whatever the order).
+    """
+    ref = parse_reference(config.reference)
+    source = str(Reference(ref.registry, ref.repository, ref.tag, ref.digest))
+    options = {f"fsname={source}", "subtype=kitfs", "default_permissions", "ro", "nosuid",
+               "nodev"}
     if config.allow_other:
         options.add("allow_other")
     return options

@@ -386,3 +386,22 @@ def test_options_map_to_kitfs_mount_flags() -> None:
         kitfs_mount_argv("r/x:v1", "/mnt/m", ["metrics_addr=127.0.0.1:9100"], known_flags=FLAGS)
     with pytest.raises(UsageError, match="allow_other"):
         kitfs_mount_argv("r/x:v1", "/mnt/m", ["allow_other=1"], known_flags=FLAGS)
+
+
+def test_extra_tags_in_a_reference_cannot_reach_the_fuse_options(
+    kit: Kit, mountpoint: Path, tmp_path: Path,
+) -> None:
+    """kit's references may carry extra tags after a comma; libfuse splits options at commas,
+    so `repo:v1,suid` once dropped nosuid and `repo:v1,v2` could not mount at all."""
+    for extra in ("suid", "dev"):
+        proc = kitfs("mount", f"{kit.ref},{extra}", str(mountpoint), "--cache-dir",
+                     str(tmp_path / "cache"), "--prefetch", "none", home=kit.home)
+        assert proc.returncode == 0, proc.stderr
+        try:
+            fs = findmnt(mountpoint)
+            assert fs["source"] == kit.ref
+            assert {"ro", "nosuid", "nodev"} <= set(fs["options"].split(","))
+            seen = seen_files(mountpoint)
+            assert seen.pop("Kitfile") and seen == kit.files
+        finally:
+            ok(kitfs("umount", str(mountpoint)))
