@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from helpers import kitfs, make_project
 from kitfs.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc
 from kitfs.mounts import all_states, daemon_alive, find_mount
 from registry import RegistryServer, free_port
+from scraping import scrape, value
 
 pytestmark = [
     pytest.mark.fuse,
@@ -44,6 +46,7 @@ pytestmark = [
 ]
 
 WEIGHTS = "model/model.safetensors"
+METRICS_PORT = free_port()
 RPC_WAIT = 60.0  # a deadline for calls, not a timing check: a hang fails instead of blocking
 
 
@@ -162,7 +165,7 @@ def secure_model(auth_registry: RegistryServer,
     return Model(ref, (project / WEIGHTS).read_bytes())
 
 
-def _start_driver(root: Path) -> Driver:
+def _start_driver(root: Path, metrics: str = "off") -> Driver:
     sock = root / "csi" / "csi.sock"
     root.mkdir(parents=True, exist_ok=True)
     log = root / "driver.log"
@@ -173,7 +176,7 @@ def _start_driver(root: Path) -> Driver:
             [sys.executable, "-m", "kitfs.cli", "csi", "--endpoint", f"unix://{sock}",
              "--node-id", "node-1", "--cache-dir", str(root / "cache"),
              "--state-dir", str(root / "state"), "--staging-dir", str(root / "staging"),
-             "--metrics-addr", "off"],
+             "--metrics-addr", metrics],
             stdout=out, stderr=out, env=env, start_new_session=True)
     channel = grpc.insecure_channel(f"unix://{sock}")
     driver = Driver(root, sock, log, process, csi_pb2_grpc.NodeStub(channel),
@@ -202,7 +205,7 @@ def _stop_driver(driver: Driver) -> None:
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
-    d = _start_driver(tmp_path_factory.mktemp("csi"))
+    d = _start_driver(tmp_path_factory.mktemp("csi"), f"127.0.0.1:{METRICS_PORT}")
     try:
         yield d
     finally:
@@ -230,6 +233,33 @@ def test_identity_and_node_info(driver: Driver) -> None:
     assert code(lambda: driver.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(),
                                                     timeout=RPC_WAIT))[0] \
         == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_metrics_endpoint_shows_the_drivers_mounts(driver: Driver, model: Model) -> None:
+    """The driver serves its volumes' metrics (on by default in a DaemonSet), parsed as
+    Prometheus parses them; one mount per shared daemon, whatever the number of pods."""
+    first, second = driver.target("pod-m1"), driver.target("pod-m2")
+    driver.publish(first, model.ref, pod="m1")
+    driver.publish(second, model.ref, pod="m2")
+    try:
+        assert read_all(first / WEIGHTS) == model.weights
+        (daemon,) = driver.daemons()
+        samples, types = scrape(METRICS_PORT)
+        assert value(samples, "kitfs_mounts_alive") == 1
+        assert value(samples, "kitfs_mount_healthy", mountpoint=daemon.mountpoint) == 1
+        assert types["kitfs_read_seconds"] == "histogram"
+        # The daemon's state (what the driver exports) is refreshed about every second.
+        deadline = time.monotonic() + 30
+        while value(samples, "kitfs_read_bytes_total", mountpoint=daemon.mountpoint) \
+                < len(model.weights):
+            assert time.monotonic() < deadline, "the read never showed in the metrics"
+            time.sleep(0.2)
+            samples, _ = scrape(METRICS_PORT)
+    finally:
+        driver.unpublish(first)
+        driver.unpublish(second)
+    samples, _ = scrape(METRICS_PORT)
+    assert value(samples, "kitfs_mounts_alive") == 0
 
 
 def test_pods_share_one_daemon_until_the_last_unpublish(driver: Driver, model: Model) -> None:

@@ -8,42 +8,17 @@ import json
 import os
 import socket
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import kitfs, make_project, ok, one_line_error
 from kitfs.metrics import start_metrics_server
 from kitfs.mounts import MountState, find_mount, process_start_time
 from mounting import mounted
 from registry import RegistryServer, free_port
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> tuple[Samples, dict[str, str]]:
-    """Every sample (name, sorted labels) -> value, and each family's type."""
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-            f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: Samples = {}
-    types: dict[str, str] = {}
-    for family in text_string_to_metric_families(text):
-        types[family.name] = family.type
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples, types
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The one sample of `name` whose labels include `labels`."""
-    found = [v for (n, ls), v in samples.items()
-             if n == name and labels.items() <= dict(ls).items()]
-    assert len(found) == 1, (name, labels, found)
-    return found[0]
+from scraping import scrape, value
 
 
 def until(check: Callable[[], bool], what: str, limit: float = 30.0) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from kitfs.commands.command import Command
 from kitfs.commands.common import add_network_options, client_options, daemon_env
-from kitfs.errors import UsageError
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_STATE_DIR = "/run/kitfs/csi"
@@ -45,14 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_network_options(p)
 
 
-def parse_metrics_addr(text: str) -> tuple[str, int] | None:
-    """`HOST:PORT`, `:PORT` (every interface); None for off/none."""
+def metrics_address(text: str) -> str | None:
+    """--metrics-addr checked (kitfs.metrics.parse_addr's rules); None for off/none."""
     if text.strip().lower() in ("off", "none", ""):
         return None
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--metrics-addr {text}: use HOST:PORT, :PORT, or off")
-    return host.strip("[]"), int(port)
+    from kitfs.metrics import parse_addr
+
+    parse_addr(text)
+    return text
 
 
 def _logging(verbose: int) -> None:
@@ -66,7 +65,7 @@ def _logging(verbose: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = parse_metrics_addr(args.metrics_addr)
+    metrics = metrics_address(args.metrics_addr)
     options = client_options(args)
     _logging(args.verbose)
     if not args.serve:

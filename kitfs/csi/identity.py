@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,16 +11,10 @@ from kitfs import __version__
 from kitfs.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc
 from kitfs.csi.codes import answer_unimplemented, rpc
 from kitfs.csi.node import Node
-from kitfs.mounts import MountState, read_state
+from kitfs.health import mount_health
+from kitfs.mounts import read_state
 
 log = logging.getLogger(__name__)
-
-
-# PLACEHOLDER (merge): the lead replaces this with `kitfs.health.mount_health(state)`
-# from the health branch (registry reachable, no poisoned layer). Until then a mount
-# counts as healthy while its daemon process is alive.
-def _mount_healthy(state: MountState) -> bool:
-    return state.alive
 
 
 class IdentityService(csi_pb2_grpc.IdentityServicer):
@@ -43,12 +38,17 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         container would end every daemon in it (see the README's Kubernetes section).
         """
         unhealthy = []
+        now = time.time()
         for daemon in self.node.records.daemons():
             state = read_state(Path(daemon.mountpoint))
-            if state is None or not _mount_healthy(state):
-                unhealthy.append(daemon.reference)
+            if state is None:
+                unhealthy.append(f"{daemon.reference}: its daemon left no state")
+                continue
+            health = mount_health(state, now)
+            if not health.healthy:
+                unhealthy.append(f"{daemon.reference}: {'; '.join(health.problems)}")
         if unhealthy:
-            log.warning("probe: unhealthy mounts: %s", ", ".join(unhealthy))
+            log.warning("probe: unhealthy mounts: %s", " | ".join(unhealthy))
         response = csi_pb2.ProbeResponse()
         response.ready.value = not unhealthy
         return response

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
@@ -21,7 +22,12 @@ import grpc
 from kitfs.csi import DRIVER_NAME, csi_pb2_grpc
 from kitfs.csi.identity import IdentityService
 from kitfs.csi.node import DriverConfig, Node, NodeService
-from kitfs.errors import UsageError
+from kitfs.errors import KitfsError, UsageError
+from kitfs.mounts import MountState, read_state
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from kitfs.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +47,35 @@ def socket_path(endpoint: str) -> Path:
     return Path(path)
 
 
-# STUB (merge): the lead wires the Prometheus endpoint from the metrics branch here
-# (prometheus-client's start_http_server on `address`). `address` is None when
-# --metrics-addr is off/none.
-def start_metrics(address: tuple[str, int] | None) -> None:
-    if address is not None:
-        log.info("metrics on %s:%d: not wired in this build", *address)
+def _node_states(node: Node) -> Callable[[], list[MountState]]:
+    """The mounts this driver manages, read from their daemons' state files at scrape time."""
+
+    def states() -> list[MountState]:
+        found = []
+        for daemon in node.records.daemons():
+            state = read_state(Path(daemon.mountpoint))
+            if state is not None:
+                found.append(state)
+        return found
+
+    return states
 
 
-def serve(config: DriverConfig, endpoint: str,
-          metrics: tuple[str, int] | None) -> int:
+def _start_metrics(address: str | None, node: Node) -> MetricsServer | None:
+    """A taken port is logged, not fatal: publishing models matters more than their metrics,
+    and a server that exits here would only be restarted into the same failure."""
+    if address is None:
+        return None
+    from kitfs.metrics import start_metrics_server
+
+    try:
+        return start_metrics_server(address, _node_states(node))
+    except KitfsError as exc:
+        log.error("serving without metrics: %s", exc)
+        return None
+
+
+def serve(config: DriverConfig, endpoint: str, metrics: str | None) -> int:
     path = socket_path(endpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -71,7 +96,7 @@ def serve(config: DriverConfig, endpoint: str,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    start_metrics(metrics)
+    exporter = _start_metrics(metrics, node)
     server.start()
     log.info("serving %s on %s (node %s, pid %d)", DRIVER_NAME, path, config.node_id,
              os.getpid())
@@ -79,4 +104,6 @@ def serve(config: DriverConfig, endpoint: str,
         pass
     log.info("stopping; the mounts stay (their daemons run on)")
     server.stop(STOP_GRACE).wait()
+    if exporter is not None:
+        exporter.stop()
     return 0
