@@ -623,8 +623,11 @@ try:
     node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
         volume_id=volume_id, target_path=target), timeout=120)
     report["target_left"] = os.path.exists(target)
-    report["fuse_left"] = [line.split()[4] for line in open("/proc/self/mountinfo")
-                           if "fuse.kitfs" in line]
+    # Only this driver's: the namespace began as a copy of the host's mounts, and other
+    # tests (or other runs) on the host may hold kitfs mounts of their own.
+    report["fuse_left"] = [point for line in open("/proc/self/mountinfo")
+                           if "fuse.kitfs" in line
+                           and (point := line.split()[4]).startswith("/var/lib/kubelet/")]
     channel.close()
 finally:
     driver.send_signal(signal.SIGTERM)
