@@ -26,6 +26,7 @@ import trio
 
 from kitfs.csi import binds, csi_pb2, csi_pb2_grpc
 from kitfs.csi.codes import CsiError, answer_unimplemented, invalid, rpc
+from kitfs.csi.mounter import request_daemon
 from kitfs.csi.volumes import Attributes, DaemonRecord, Records, VolumeRecord, daemon_key
 from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.modelkit.filters import FilterSet
@@ -68,6 +69,9 @@ class DriverConfig:
     cache_dir: Path
     client: ClientOptions
     daemon_env: Mapping[str, str] | None = None  # None: the driver's own environment
+    #: The mounter's socket (`--mounter`): it starts the daemons, outside this container.
+    #: None: this server starts them itself, and they die with its container.
+    mounter: Path | None = None
     verbose: int = 0
 
 
@@ -149,7 +153,7 @@ def _remove_dir(path: Path) -> None:
 
 def _reap(pid: int) -> None:
     """Collect a daemon this process started (its zombie); one a previous server started is
-    the supervisor's child, and the supervisor collects it."""
+    the supervisor's child, one the mounter started the mounter's: they collect it."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
 
@@ -194,7 +198,12 @@ class Node:
         argv = daemon_argv(config, kitops_home=record.home or self.config.client.kitops_home,
                            verbose=self.config.verbose)
         try:
-            state, _ = start_daemon(argv, mountpoint, self.config.daemon_env)
+            if self.config.mounter is None:
+                state, _ = start_daemon(argv, mountpoint, self.config.daemon_env)
+            else:  # the daemon gets this driver's environment, as it would here
+                env = self.config.daemon_env
+                state = request_daemon(self.config.mounter, argv, mountpoint,
+                                       dict(os.environ) if env is None else env)
         except BaseException:
             try:
                 self._stop(record)
