@@ -647,7 +647,8 @@ def test_publish_without_a_mounter_is_unavailable(model: Model,
                                                   tmp_path_factory: pytest.TempPathFactory
                                                   ) -> None:
     """A mounter that stops leaves its daemons serving here (outside Kubernetes nothing
-    kills them); publishing a new daemon is UNAVAILABLE, unpublish still stops the old."""
+    kills them); publishing a new daemon is UNAVAILABLE, joining the running one and
+    unpublish (which stops it) still work."""
     root = tmp_path_factory.mktemp("csi-no-mounter")
     own = _start_mounter(root / "mounter")
     driver = _start_driver(root / "node", own.socket)
@@ -665,7 +666,11 @@ def test_publish_without_a_mounter_is_unavailable(model: Model,
         assert status == grpc.StatusCode.UNAVAILABLE
         assert "mounter" in message and str(own.socket) in message
         assert not other.exists() and len(driver.daemons()) == 1
+        joined = driver.target("pod-join")  # joining a running daemon needs no mounter
+        driver.publish(joined, model.ref, pod="join")
+        assert read_all(joined / WEIGHTS) == model.weights
 
+        driver.unpublish(joined)
         driver.unpublish(target)  # umount by pid: no mounter needed
         assert find_mount(target) is None and not target.exists()
         assert not daemon_alive(daemon.pid, daemon.start_time)
