@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "this driver's container; default: start them here")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     add_network_options(p)
-    roles = p.add_subparsers(dest="role", metavar="mounter", title="the other process")
+    roles = p.add_subparsers(dest="role", metavar="[mounter]", title="the other role",
+                             description="without it, this runs the driver")
     mounter = roles.add_parser(
         "mounter", help="run the mounter: the process that owns the mount daemons",
         description=MOUNTER_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)

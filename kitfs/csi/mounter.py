@@ -32,7 +32,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import NoReturn
 
 from kitfs.errors import UsageError
 from kitfs.mounts import (
@@ -69,7 +69,7 @@ class Refused(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
+    def error(self, message: str) -> NoReturn:
         raise Refused(message)
 
 

@@ -6,7 +6,9 @@ pod joins a daemon another pod started only after proving it may read that
 manifest), then joins or starts the daemon for (digest, filter, verify,
 prefetch) at <staging-dir>/<key>/mnt and bind-mounts it read-only at the
 target. The daemon is a `kitfs mount` process in its own session, so it
-outlives this server; the last user's unpublish stops it.
+outlives this server; with --mounter it is the mounter's child, so it also
+outlives this server's container. The last user's unpublish stops it (by the
+pid in its state file, whoever started it).
 """
 
 from __future__ import annotations
