@@ -560,6 +560,8 @@ def daemon_result(line: str, mountpoint: Path) -> MountState:
             raise MountError(f"the kitfs daemon reported ready but wrote no state; see "
                              f"{log_path(mountpoint)}")
         return state
+    if not line.startswith("error "):
+        raise MountError(f"unexpected answer from the kitfs daemon: {line[:200]!r}")
     _, code, message = [*line.split(" ", 2), "", ""][:3]
     error = MountError(message or "the kitfs daemon failed")
     error.exit_code = int(code) if code.isdigit() else 1
