@@ -508,15 +508,16 @@ def daemon_argv(
     return argv
 
 
-def start_daemon(
-    argv: Sequence[str], mountpoint: Path, env: Mapping[str, str] | None = None
-) -> tuple[MountState, Path | None]:
-    """Run `python -m kitfs.cli mount --foreground ...` detached; return once it is mounted.
+def launch_daemon(argv: Sequence[str], mountpoint: Path,
+                  env: Mapping[str, str] | None = None) -> tuple[str, Path | None]:
+    """Run `python -m kitfs.cli mount --foreground ...` detached; wait for its one line.
 
-    The daemon gets `env`, or this process's environment (HTTP_PROXY and the
-    like included, so it reaches the registry as the command did).
-
-    Returns the daemon's state and where the log an earlier daemon at this
+    The line is the daemon's own (`ready`, or `error CODE TEXT` from its
+    ReadyPipe), or one made here in the same form when it died before saying
+    anything, so a caller in another process (the CSI mounter's client) reads
+    exactly what start_daemon would. The daemon gets `env`, or this process's
+    environment (HTTP_PROXY and the like included, so it reaches the registry
+    as the command did). Also returns where the log an earlier daemon at this
     mountpoint left was kept (see keep_earlier_log), if it left one.
     """
     ensure_state_dir()
@@ -532,7 +533,7 @@ def start_daemon(
             )
     except OSError as exc:
         os.close(r)
-        raise MountError(f"cannot start the kitfs daemon: {exc.strerror}") from None
+        return f"error 1 cannot start the kitfs daemon: {exc.strerror}", earlier
     finally:
         os.close(w)
     try:
@@ -542,25 +543,39 @@ def start_daemon(
         raise
     finally:
         os.close(r)
-    if line == READY:
-        state = read_state(mountpoint)
-        if state is None:
-            raise MountError(f"the kitfs daemon reported ready but wrote no state; see {logfile}")
-        return state, earlier
-    if line.startswith("error "):
-        _, code, message = [*line.split(" ", 2), ""][:3]
-        error = MountError(message or "the kitfs daemon failed")
-        error.exit_code = int(code) if code.isdigit() else 1
-        raise error
+    if line == READY or line.startswith("error "):
+        return line, earlier
     try:
         status = proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         status = None
     tail = _log_tail(logfile)
-    error = MountError(
-        f"the kitfs daemon exited (status {status}) before the mount was ready"
-        + (f": {tail}" if tail else "") + f" (log: {logfile})"
-    )
-    if status:
-        error.exit_code = status if status > 0 else 1
+    message = (f"the kitfs daemon exited (status {status}) before the mount was ready"
+               + (f": {tail}" if tail else "") + f" (log: {logfile})")
+    return f"error {status if status and status > 0 else 1} {' '.join(message.split())}", earlier
+
+
+def daemon_result(line: str, mountpoint: Path) -> MountState:
+    """The state of the daemon that said `line` (launch_daemon's), or its failure raised as
+    a MountError with the daemon's exit status."""
+    if line == READY:
+        state = read_state(mountpoint)
+        if state is None:
+            raise MountError(f"the kitfs daemon reported ready but wrote no state; see "
+                             f"{log_path(mountpoint)}")
+        return state
+    if not line.startswith("error "):
+        raise MountError(f"unexpected answer from the kitfs daemon: {line[:200]!r}")
+    _, code, message = [*line.split(" ", 2), "", ""][:3]
+    error = MountError(message or "the kitfs daemon failed")
+    error.exit_code = int(code) if code.isdigit() else 1
     raise error
+
+
+def start_daemon(
+    argv: Sequence[str], mountpoint: Path, env: Mapping[str, str] | None = None
+) -> tuple[MountState, Path | None]:
+    """Start a daemon here and return once it is mounted: its state and the earlier log
+    kept (launch_daemon); its failure raised as a MountError."""
+    line, earlier = launch_daemon(argv, mountpoint, env)
+    return daemon_result(line, mountpoint), earlier

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -165,19 +166,24 @@ def secure_model(auth_registry: RegistryServer,
     return Model(ref, (project / WEIGHTS).read_bytes())
 
 
-def _start_driver(root: Path, metrics: str = "off") -> Driver:
+def _env(root: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
+                KITOPS_HOME=str(root / "node-home"), DOCKER_CONFIG=str(root / "node-docker"))
+
+
+def _start_driver(root: Path, mounter: Path | None = None, metrics: str = "off") -> Driver:
+    """The driver as its DaemonSet runs it: `kitfs csi` (supervisor, then server)."""
     sock = root / "csi" / "csi.sock"
     root.mkdir(parents=True, exist_ok=True)
     log = root / "driver.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
-               KITOPS_HOME=str(root / "node-home"), DOCKER_CONFIG=str(root / "node-docker"))
+    extra = ["--mounter", f"unix://{mounter}"] if mounter is not None else []
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "kitfs.cli", "csi", "--endpoint", f"unix://{sock}",
              "--node-id", "node-1", "--cache-dir", str(root / "cache"),
              "--state-dir", str(root / "state"), "--staging-dir", str(root / "staging"),
-             "--metrics-addr", metrics],
-            stdout=out, stderr=out, env=env, start_new_session=True)
+             "--metrics-addr", metrics, *extra],
+            stdout=out, stderr=out, env=_env(root), start_new_session=True)
     channel = grpc.insecure_channel(f"unix://{sock}")
     driver = Driver(root, sock, log, process, csi_pb2_grpc.NodeStub(channel),
                     csi_pb2_grpc.IdentityStub(channel), channel)
@@ -205,7 +211,7 @@ def _stop_driver(driver: Driver) -> None:
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
-    d = _start_driver(tmp_path_factory.mktemp("csi"), f"127.0.0.1:{METRICS_PORT}")
+    d = _start_driver(tmp_path_factory.mktemp("csi"), metrics=f"127.0.0.1:{METRICS_PORT}")
     try:
         yield d
     finally:
@@ -508,3 +514,228 @@ def test_server_killed_mid_read(model: Model, registry: RegistryServer,
     finally:
         go.set()
         _stop_driver(driver)
+
+
+# -- the mounter: daemons that outlive the driver's container ----------------------------
+
+
+@dataclass
+class Mounter:
+    socket: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def ask(self, request: Any) -> str:
+        """One raw request, as the driver sends it; the mounter's one-line answer."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(RPC_WAIT)
+            conn.connect(str(self.socket))
+            conn.sendall((request if isinstance(request, str) else json.dumps(request))
+                         .encode() + b"\n")
+            conn.shutdown(socket.SHUT_WR)
+            return conn.makefile("rb").readline().decode().strip()
+
+
+def _start_mounter(root: Path) -> Mounter:
+    """`kitfs csi mounter` as its DaemonSet runs it; returns once it listens."""
+    sock = root / "mounter" / "mounter.sock"
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "mounter.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kitfs.cli", "csi", "mounter", "--socket", f"unix://{sock}"],
+            stdout=out, stderr=out, env=_env(root), start_new_session=True)
+    for _ in range(int(RPC_WAIT / 0.05)):  # a deadline for its start, not a timing check
+        if "listens on" in log.read_text():
+            return Mounter(sock, log, process)
+        assert process.poll() is None, log.read_text()
+        threading.Event().wait(0.05)
+    raise AssertionError("the mounter did not start: " + log.read_text())
+
+
+def _stop_mounter(mounter: Mounter) -> None:
+    if mounter.process.poll() is None:
+        mounter.process.send_signal(signal.SIGTERM)
+        mounter.process.wait(timeout=30)
+
+
+def parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rfind(b")") + 2:].split()[1])
+
+
+def descendants(pid: int) -> set[int]:
+    """`pid` and every process below it, whatever their sessions: what a container holds
+    when its first process is `pid` (the runtime kills them all when it stops)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            children.setdefault(parent_pid(int(stat.parent.name)), []).append(
+                int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        found.add(p)
+        todo.extend(children.get(p, ()))
+    return found
+
+
+def kill_container(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process tree at once, as a container restart does (cgroup kill)."""
+    for pid in descendants(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def gone(pid: int) -> bool:
+    """Not even a zombie: someone collected it. Waits for the mounter's reaper."""
+    for _ in range(int(RPC_WAIT / 0.05)):
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        threading.Event().wait(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def mounter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounter]:
+    m = _start_mounter(tmp_path_factory.mktemp("mounter"))
+    try:
+        yield m
+    finally:
+        _stop_mounter(m)
+
+
+def test_driver_container_killed_mid_read(model: Model, registry: RegistryServer,
+                                          mounter: Mounter,
+                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SIGKILL the whole driver (supervisor, server and every process below them, as a
+    container restart does) while a pod streams a file: the mounter's daemon finishes the
+    read, a new driver adopts the volume, a second pod shares the daemon, and the last
+    unpublish stops it (reaped). Without --mounter the read fails: the daemon dies too."""
+    root = tmp_path_factory.mktemp("csi-restart")
+    project = make_project(root / "proj", weight_bytes=6 << 20)  # not in any cache yet
+    ref = f"{registry.host}/csi/restart:v1"
+    pack(project, ref, root / "home")
+    expected = (project / WEIGHTS).read_bytes()
+
+    driver = _start_driver(root / "node", mounter.socket)
+    halfway, go = threading.Event(), threading.Event()
+    try:
+        target = driver.target("pod-stream")
+        driver.publish(target, ref, pod="stream", prefetch="none")
+        (daemon,) = driver.daemons()
+        assert parent_pid(daemon.pid) == mounter.process.pid  # not in the driver's tree
+
+        got = bytearray()
+
+        def reader() -> None:  # a slow reader: half, then it waits for the kill
+            with open(target / WEIGHTS, "rb", buffering=0) as f:
+                while piece := f.read(128 << 10):
+                    got.extend(piece)
+                    if len(got) >= len(expected) // 2 and not halfway.is_set():
+                        halfway.set()
+                        go.wait(RPC_WAIT)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert halfway.wait(RPC_WAIT)
+        driver.channel.close()
+        assert daemon.pid not in descendants(driver.process.pid)
+        assert driver.server_pid() in descendants(driver.process.pid)
+        kill_container(driver.process)  # supervisor, server and all below them
+        assert driver.process.returncode == -signal.SIGKILL
+        go.set()
+        thread.join()
+        assert bytes(got) == expected
+        assert daemon_alive(daemon.pid, daemon.start_time)
+
+        driver = _start_driver(root / "node", mounter.socket)  # same --state-dir
+        assert "adopted the daemon for" in driver.log.read_text()
+        driver.publish(target, ref, pod="stream", prefetch="none")  # kubelet retry: OK
+        second = driver.target("pod-second")
+        driver.publish(second, ref, pod="second", prefetch="none")
+        assert read_all(second / WEIGHTS) == expected
+        assert [d.pid for d in driver.daemons()] == [daemon.pid]  # shared, not restarted
+
+        driver.unpublish(target)
+        assert daemon_alive(daemon.pid, daemon.start_time)
+        driver.unpublish(second)
+        assert find_mount(target) is None and find_mount(second) is None
+        assert not target.exists() and not second.exists()
+        assert not daemon_alive(daemon.pid, daemon.start_time)
+        assert gone(daemon.pid)  # the mounter reaped it: no zombie
+        assert driver.daemons() == []
+        for log in (driver.log, mounter.log):
+            assert "Traceback" not in log.read_text()
+    finally:
+        go.set()
+        _stop_driver(driver)
+
+
+def test_publish_without_a_mounter_is_unavailable(model: Model,
+                                                  tmp_path_factory: pytest.TempPathFactory
+                                                  ) -> None:
+    """A mounter that stops leaves its daemons serving here (outside Kubernetes nothing
+    kills them); publishing a new daemon is UNAVAILABLE, joining the running one and
+    unpublish (which stops it) still work."""
+    root = tmp_path_factory.mktemp("csi-no-mounter")
+    own = _start_mounter(root / "mounter")
+    driver = _start_driver(root / "node", own.socket)
+    try:
+        target = driver.target("pod-kept")
+        driver.publish(target, model.ref, pod="kept")
+        (daemon,) = driver.daemons()
+        _stop_mounter(own)
+        assert not own.socket.exists()
+        assert read_all(target / WEIGHTS) == model.weights
+
+        other = driver.target("pod-new")
+        status, message = code(lambda: driver.publish(other, model.ref, pod="new",
+                                                      prefetch="none"))
+        assert status == grpc.StatusCode.UNAVAILABLE
+        assert "mounter" in message and str(own.socket) in message
+        assert not other.exists() and len(driver.daemons()) == 1
+        joined = driver.target("pod-join")  # joining a running daemon needs no mounter
+        driver.publish(joined, model.ref, pod="join")
+        assert read_all(joined / WEIGHTS) == model.weights
+
+        driver.unpublish(joined)
+        driver.unpublish(target)  # umount by pid: no mounter needed
+        assert find_mount(target) is None and not target.exists()
+        assert not daemon_alive(daemon.pid, daemon.start_time)
+        assert driver.daemons() == []
+        assert "Traceback" not in driver.log.read_text()
+    finally:
+        _stop_driver(driver)
+        _stop_mounter(own)
+
+
+def test_the_mounter_runs_only_daemon_mounts(mounter: Mounter, tmp_path: Path) -> None:
+    assert mounter.socket.stat().st_mode & 0o777 == 0o600
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    good = ["mount", "127.0.0.1:1/UPPER/case:v1", str(mp), "--foreground"]
+    secret_env = dict(os.environ, KITFS_PROXY="http://user:hunter2-not-logged@127.0.0.1:1")
+    refused = [
+        {"argv": ["umount", str(mp)], "env": None, "mountpoint": str(mp)},
+        {"argv": ["pack", str(mp), "-t", "x.io/a:b"], "env": None, "mountpoint": str(mp)},
+        {"argv": good[:-1], "env": None, "mountpoint": str(mp)},  # not --foreground
+        {"argv": [*good, "--ready-fd", "0"], "env": None, "mountpoint": str(mp)},
+        {"argv": [*good, "--no-such-flag"], "env": None, "mountpoint": str(mp)},
+        {"argv": good, "env": None, "mountpoint": str(tmp_path)},  # another mountpoint
+        {"argv": good, "env": {"A": 1}, "mountpoint": str(mp)},
+        {"argv": "mount x y --foreground", "env": None, "mountpoint": str(mp)},
+        {"argv": good, "mountpoint": str(mp)},
+        "not json",
+    ]
+    for request in refused:
+        answer = mounter.ask(request)
+        assert answer.startswith("error 2 the kitfs mounter refused the request: "), \
+            (request, answer)
+    # A well-formed mount runs, and its own error comes back as the daemon said it.
+    answer = mounter.ask({"argv": good, "env": secret_env, "mountpoint": str(mp)})
+    assert answer.startswith("error 2 ") and "UPPER" in answer and "refused" not in answer
+    assert find_mount(mp) is None and list(mp.iterdir()) == []
+    assert "hunter2-not-logged" not in mounter.log.read_text()
+    assert mounter.process.poll() is None

@@ -129,6 +129,7 @@ def console_scripts() -> dict[str, str]:
 def test_deploy_holds_the_manifests_the_issue_asks_for() -> None:
     names = {p for p, _, _ in DOCS}
     for path in ("deploy/kubernetes/csidriver.yaml", "deploy/kubernetes/daemonset.yaml",
+                 "deploy/kubernetes/mounter.yaml",
                  "deploy/kubernetes/rbac.yaml", "deploy/kubernetes/namespace.yaml",
                  "deploy/kubernetes/example-pod.yaml",
                  "deploy/kubernetes/kustomization.yaml",
@@ -231,7 +232,8 @@ def test_schema_validation_works_offline(monkeypatch: pytest.MonkeyPatch) -> Non
 @pytest.mark.parametrize("mutate, kind", [
     # a misspelt field (kubectl's strict field validation rejects it)
     (lambda d: d["spec"]["template"]["spec"]["containers"][0].update(
-        volumeMount=[]), "DaemonSet"),
+        volumeMount=[]), "DaemonSet/kitfs-csi-node"),
+    (lambda d: d["spec"]["template"]["spec"].update(hostPID="yes"), "DaemonSet/kitfs-mounter"),
     # a wrong type
     (lambda d: d["spec"].update(attachRequired="no"), "CSIDriver"),
     (lambda d: d["spec"]["container"].update(imagePullPolcy="Always"),
@@ -244,7 +246,7 @@ def test_schema_validation_works_offline(monkeypatch: pytest.MonkeyPatch) -> Non
 ])
 def test_the_validation_rejects_broken_manifests(mutate: Any, kind: str) -> None:
     """Each check above can fail: the same documents with one mistake do."""
-    doc = json.loads(json.dumps(find(kind)))
+    doc = json.loads(json.dumps(find(*kind.split("/"))))
     mutate(doc)
     with pytest.raises(jsonschema.ValidationError):
         validate_document(doc)
@@ -351,18 +353,106 @@ def test_driver_state_and_cache_outlive_the_container(
     assert host == {"path": "/var/cache/kitfs", "type": "DirectoryOrCreate"}
 
 
-def test_driver_is_never_restarted_for_mount_health(daemonset: Doc, pod_spec: Doc) -> None:
-    """Restarting the kitfs container kills every mount daemon on the node."""
+def test_driver_restarts_and_upgrades_leave_the_mounts(daemonset: Doc, pod_spec: Doc,
+                                                       driver_args: dict[str, str]) -> None:
+    """The daemons are the mounter's, so the driver may roll; its readiness still says
+    whether mounts are healthy, but nothing restarts it for that (it would not help)."""
     kitfs_container = container(pod_spec, "kitfs")
+    assert driver_args["--mounter"].startswith("unix:///run/kitfs/")
+    assert pod_spec["hostPID"] is True
+    assert daemonset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     assert "livenessProbe" not in kitfs_container
     assert "startupProbe" not in kitfs_container
     probe = kitfs_container["readinessProbe"]["httpGet"]
     served = flag_values(container(pod_spec, "liveness-probe")["args"])["--http-endpoint"]
     assert served == f":{probe['port']}" and probe["path"] == "/healthz"
-    assert daemonset["spec"]["updateStrategy"]["type"] == "OnDelete"
-    # A memory limit would let the kernel OOM-kill a mount daemon under a running pod.
-    assert "memory" not in kitfs_container["resources"].get("limits", {})
     assert kitfs_container["resources"]["requests"]
+
+
+# --- the mounter: the pod that owns the daemons -----------------------------------
+
+@pytest.fixture(scope="module")
+def mounter_set() -> Doc:
+    return find("DaemonSet", "kitfs-mounter")
+
+
+@pytest.fixture(scope="module")
+def mounter_spec(mounter_set: Doc) -> Doc:
+    spec: Doc = mounter_set["spec"]["template"]["spec"]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def mounter_args(mounter_spec: Doc) -> dict[str, str]:
+    c = container(mounter_spec, "mounter")
+    assert c["command"] == ["kitfs", "csi", "mounter"]
+    return flag_values(c["args"])
+
+
+def test_mounter_and_driver_agree_on_the_socket(
+        pod_spec: Doc, mounter_spec: Doc, driver_args: dict[str, str],
+        mounter_args: dict[str, str]) -> None:
+    assert mounter_args["--socket"] == driver_args["--mounter"]
+    path = mounter_args["--socket"].removeprefix("unix://")
+    for spec, c in ((pod_spec, container(pod_spec, "kitfs")),
+                    (mounter_spec, container(mounter_spec, "mounter"))):
+        held = mount_holding(c, path)  # on the one hostPath both pods mount
+        [volume] = [v for v in spec["volumes"] if v["name"] == held["name"]]
+        assert volume["hostPath"]["path"] == held["mountPath"] == "/run/kitfs"
+
+
+def test_mounter_shares_pids_mounts_and_paths_with_the_driver(
+        pod_spec: Doc, mounter_spec: Doc, driver_args: dict[str, str]) -> None:
+    """The driver checks and signals the mounter's daemons by pid (hostPID on both); the
+    daemons' FUSE mounts reach the driver's binds (Bidirectional on both); and every path
+    the driver puts on a daemon's command line is the same host directory in the mounter."""
+    driver_c, mounter_c = container(pod_spec, "kitfs"), container(mounter_spec, "mounter")
+    assert pod_spec["hostPID"] is True and mounter_spec["hostPID"] is True
+    assert mounter_c["securityContext"]["privileged"] is True
+    assert mounter_c["securityContext"]["runAsUser"] == 0
+    for path in (KUBELET_DIR, driver_args["--staging-dir"]):
+        for c in (driver_c, mounter_c):
+            assert mount_holding(c, path)["mountPropagation"] == "Bidirectional", c["name"]
+    for path in (KUBELET_DIR, "/run/kitfs", driver_args["--cache-dir"],
+                 driver_args["--state-dir"], "/dev/fuse"):
+        hosts = []
+        for spec, c in ((pod_spec, driver_c), (mounter_spec, mounter_c)):
+            held = mount_holding(c, path)
+            [volume] = [v for v in spec["volumes"] if v["name"] == held["name"]]
+            hosts.append((held["mountPath"], volume["hostPath"]["path"]))
+        assert hosts[0] == hosts[1], (path, hosts)
+    kitops_home = {e["name"]: e.get("value") for e in driver_c["env"]}["KITOPS_HOME"]
+    _, host = host_path_of(mounter_spec, mounter_c, kitops_home)  # the daemons read it
+    assert host["path"] == host_path_of(pod_spec, driver_c, kitops_home)[1]["path"]
+
+
+def test_mounter_is_never_restarted_and_upgrades_by_drain(
+        mounter_set: Doc, mounter_spec: Doc) -> None:
+    """Restarting the mounter's container kills every mount daemon on the node."""
+    c = container(mounter_spec, "mounter")
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert probe not in c
+    assert mounter_set["spec"]["updateStrategy"]["type"] == "OnDelete"
+    # A memory limit would let the kernel OOM-kill a mount daemon under a running pod.
+    assert "memory" not in c["resources"].get("limits", {})
+    assert c["resources"]["requests"]
+    assert c["image"] == IMAGE
+    assert mounter_spec["priorityClassName"] == "system-node-critical"
+    assert mounter_set["metadata"]["namespace"] == find("Namespace")["metadata"]["name"]
+    assert mounter_spec["serviceAccountName"] == find("ServiceAccount")["metadata"]["name"]
+    assert mounter_spec["automountServiceAccountToken"] is False
+    # It runs wherever the driver runs (a model pod's node needs both).
+    assert mounter_spec["tolerations"] == find("DaemonSet", "kitfs-csi-node")["spec"][
+        "template"]["spec"]["tolerations"]
+    assert mounter_spec["nodeSelector"] == find("DaemonSet", "kitfs-csi-node")["spec"][
+        "template"]["spec"]["nodeSelector"]
+
+
+def test_mounter_args_are_flags_kitfs_csi_mounter_accepts(
+        mounter_args: dict[str, str]) -> None:
+    help_text = ok(kitfs("csi", "mounter", "--help"))
+    accepted = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", help_text))
+    assert set(mounter_args) <= accepted, sorted(set(mounter_args) - accepted)
 
 
 def test_driver_identity_metrics_and_placement(
@@ -567,13 +657,15 @@ def test_test_extra_names_the_validators() -> None:
     assert "kubernetes-validate" in extra and "jsonschema" in extra
 
 
-# --- the DaemonSet's container, run as written ------------------------------------
+# --- the DaemonSets' containers, run as written ------------------------------------
 
-# Runs inside a private mount namespace (unshare -m) as the kitfs container would: each
-# volumeMount of the manifest is a bind mount of a fresh "host" directory at its mountPath,
-# the command, args and env are the manifest's own. It then speaks to the socket as kubelet
-# does and publishes the example pod's volume (its reference swapped for the test
-# registry's), reads through it, unpublishes and stops the driver. Prints a JSON report.
+# Runs inside a private mount namespace (unshare -m) as the kitfs and mounter containers
+# would, sharing it (both see the host's mounts through their Bidirectional and hostPath
+# volumes): each volumeMount is a bind mount of a fresh "host" directory per hostPath at
+# its mountPath; the commands, args and env are the manifests' own. It starts the mounter,
+# then the driver, speaks to the driver's socket as kubelet does and publishes the example
+# pod's volume (its reference swapped for the test registry's), reads through it,
+# unpublishes and stops both. Prints a JSON report.
 POD_EMULATION = r'''
 import hashlib, json, os, re, signal, subprocess, sys, time
 import grpc
@@ -588,6 +680,14 @@ env = dict(os.environ, **cfg["env"])
 args = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env[m.group(1)], a)
         for a in cfg["args"]]
 log = open(cfg["log"], "ab")
+mounter_log = open(cfg["mounter_log"], "ab")
+mounter = subprocess.Popen(cfg["mounter_command"] + cfg["mounter_args"],
+                           env=dict(os.environ, **cfg["mounter_env"]), stdout=mounter_log,
+                           stderr=mounter_log, start_new_session=True)
+for _ in range(1200):  # a deadline for its start
+    if os.path.exists(cfg["mounter_socket"]) or mounter.poll() is not None:
+        break
+    time.sleep(0.05)
 driver = subprocess.Popen(cfg["command"] + args, env=env, stdout=log, stderr=log,
                           start_new_session=True)
 report = {}
@@ -620,6 +720,11 @@ try:
         report["sha256"] = hashlib.sha256(f.read()).hexdigest()
     report["staged_under"] = [line.split()[4] for line in open("/proc/self/mountinfo")
                               if "fuse.kitfs" in line]
+    states = [json.load(open(os.path.join("/run/kitfs", n))) for n in os.listdir("/run/kitfs")
+              if n.endswith(".json")]
+    report["daemon_parents"] = [int(open(f"/proc/{st['pid']}/stat").read().rsplit(")", 1)[1]
+                                    .split()[1]) for st in states]
+    report["mounter_pid"] = mounter.pid
     node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
         volume_id=volume_id, target_path=target), timeout=120)
     report["target_left"] = os.path.exists(target)
@@ -636,6 +741,12 @@ finally:
     except subprocess.TimeoutExpired:
         os.killpg(driver.pid, signal.SIGKILL)
         report["driver_exit"] = driver.wait()
+    mounter.send_signal(signal.SIGTERM)
+    try:
+        report["mounter_exit"] = mounter.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(mounter.pid, signal.SIGKILL)
+        report["mounter_exit"] = mounter.wait()
     print(json.dumps(report))
 '''
 
@@ -646,23 +757,30 @@ finally:
                     or not os.path.exists("/dev/fuse"),
                     reason="needs root, unshare(1) and /dev/fuse to mount as the driver does")
 def test_daemonset_container_serves_the_example_pod(
-        pod_spec: Doc, registry: Any, tmp_path: Path) -> None:
-    """The kitfs container's command, args, env and volume paths, run as written, make a
-    driver that registers under the CSIDriver's name and serves the example pod's volume."""
+        pod_spec: Doc, mounter_spec: Doc, registry: Any, tmp_path: Path) -> None:
+    """The kitfs and mounter containers' commands, args, env and volume paths, run as
+    written, make a driver that registers under the CSIDriver's name and serves the example
+    pod's volume from a daemon the mounter started."""
     project = make_project(tmp_path / "proj", weight_bytes=1 << 20)
     ref = f"{registry.host}/deploy/example:v1"
     ok(kitfs("pack", str(project), "-t", ref, home=tmp_path / "home"))
 
     kitfs_container = container(pod_spec, "kitfs")
-    volumes = {v["name"]: v for v in pod_spec["volumes"]}
-    binds = []
-    for mount in kitfs_container["volumeMounts"]:
-        if mount["mountPath"] == "/dev/fuse":
-            continue  # the device itself, not a directory to fake
-        assert "hostPath" in volumes[mount["name"]]
-        host = tmp_path / "host" / mount["name"]
-        host.mkdir(parents=True)
-        binds.append((str(host), mount["mountPath"]))
+    mounter_container = container(mounter_spec, "mounter")
+    binds: list[tuple[str, str]] = []
+    for spec, c in ((pod_spec, kitfs_container), (mounter_spec, mounter_container)):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for mount in c["volumeMounts"]:
+            if mount["mountPath"] == "/dev/fuse":
+                continue  # the device itself, not a directory to fake
+            assert "hostPath" in volumes[mount["name"]]
+            host = tmp_path / "host" / volumes[mount["name"]]["hostPath"]["path"].strip("/")
+            host.mkdir(parents=True, exist_ok=True)
+            # one mount namespace for both: a path both mount must be the same host dir
+            same = [b for b in binds if b[1] == mount["mountPath"]]
+            assert all(b[0] == str(host) for b in same), (mount, same)
+            if not same:
+                binds.append((str(host), mount["mountPath"]))
     env = {e["name"]: e["value"] for e in kitfs_container["env"] if "value" in e}
     env["NODE_NAME"] = "gpu-node-7"  # from the fieldRef spec.nodeName
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
@@ -683,6 +801,13 @@ def test_daemonset_container_serves_the_example_pod(
         "attributes": dict(csi["volumeAttributes"], reference=ref),
         "secrets": {".dockerconfigjson": (creds / "credentials.json").read_text()},
         "read": "model/model.safetensors",
+        "mounter_command": [sys.executable, "-m", "kitfs.cli",
+                            *mounter_container["command"][1:]],
+        "mounter_args": mounter_container["args"],
+        "mounter_env": {"PYTHONPATH": env["PYTHONPATH"]},
+        "mounter_log": str(tmp_path / "mounter.log"),
+        "mounter_socket": flag_values(mounter_container["args"])["--socket"]
+        .removeprefix("unix://"),
     }
     script = tmp_path / "pod.py"
     script.write_text(POD_EMULATION)
@@ -699,6 +824,7 @@ def test_daemonset_container_serves_the_example_pod(
                     os.rmdir(path)  # only the empty directories this test made
                     path = os.path.dirname(path)
     log = (tmp_path / "driver.log").read_text(errors="replace")
+    log += (tmp_path / "mounter.log").read_text(errors="replace")
     assert proc.returncode == 0, proc.stderr[-3000:] + log[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["name"] == find("CSIDriver")["metadata"]["name"]
@@ -707,5 +833,6 @@ def test_daemonset_container_serves_the_example_pod(
     assert report["sha256"] == want
     staging = flag_values(kitfs_container["args"])["--staging-dir"]
     assert any(p.startswith(staging + "/") for p in report["staged_under"]), report
+    assert report["daemon_parents"] == [report["mounter_pid"]], report
     assert not report["target_left"] and not report["fuse_left"], report
-    assert report["driver_exit"] == 0, log[-3000:]
+    assert report["driver_exit"] == 0 and report["mounter_exit"] == 0, log[-3000:]

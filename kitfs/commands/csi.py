@@ -2,8 +2,9 @@
 
 Run twice, like `kitfs mount`: once as the supervisor (the container's first
 process), which starts this command again with --serve as the gRPC server and
-restarts it if it dies. What only the server needs (grpc, the stubs) is
-imported in `run`.
+restarts it if it dies. `kitfs csi mounter` is the other DaemonSet's process,
+which starts the mount daemons for the driver (kitfs/csi/mounter.py). What
+only the server needs (grpc, the stubs) is imported in `run`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,21 @@ DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_STATE_DIR = "/run/kitfs/csi"
 DEFAULT_STAGING_DIR = "/var/lib/kubelet/plugins/kitfs.kitops.org/volumes"
 DEFAULT_METRICS_ADDR = ":9810"
+DEFAULT_MOUNTER_SOCKET = "unix:///run/kitfs/mounter.sock"
+
+MOUNTER_DESCRIPTION = """\
+Start the kitfs mount daemons for the CSI driver of this node, so that they
+live outside the driver's container: an upgrade or restart of the driver
+leaves running pods' mounts serving. The driver (`kitfs csi --mounter
+SOCKET`) asks over a root-only Unix socket; this process runs nothing but
+`kitfs mount ... --foreground` daemons, answers with each one's ready line,
+and reaps them when the driver stops them. Stopping it leaves the daemons
+running, but in Kubernetes its container's end kills them: it runs in the
+kitfs-mounter DaemonSet (deploy/kubernetes/mounter.yaml), upgraded by drain.
+
+examples:
+  kitfs csi mounter --socket unix:///run/kitfs/mounter.sock
+"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,8 +56,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="HOST:PORT",
                    help=f"serve Prometheus metrics here (default {DEFAULT_METRICS_ADDR}); "
                         "off or none disables them")
+    p.add_argument("--mounter", metavar="SOCKET",
+                   help="have the `kitfs csi mounter` at this socket start the mount "
+                        f"daemons (e.g. {DEFAULT_MOUNTER_SOCKET}), so that they outlive "
+                        "this driver's container; default: start them here")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     add_network_options(p)
+    roles = p.add_subparsers(dest="role", metavar="[mounter]", title="the other role",
+                             description="without it, this runs the driver")
+    mounter = roles.add_parser(
+        "mounter", help="run the mounter: the process that owns the mount daemons",
+        description=MOUNTER_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mounter.add_argument("--socket", default=DEFAULT_MOUNTER_SOCKET, metavar="SOCKET",
+                         help=f"where the driver asks (default {DEFAULT_MOUNTER_SOCKET}; "
+                              "a plain path works too)")
+    mounter.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                         help="log more (-vv: debug)")
 
 
 def metrics_address(text: str) -> str | None:
@@ -54,25 +84,34 @@ def metrics_address(text: str) -> str | None:
     return text
 
 
-def _logging(verbose: int) -> None:
+def _logging(verbose: int, name: str = "kitfs-csi") -> None:
     """The driver's log is its container's: timestamps, INFO and up (debug with -vv)."""
     logging.basicConfig(
         force=True, level=logging.DEBUG if verbose >= 2 else logging.INFO,
-        format="%(asctime)s kitfs-csi[%(process)d] %(levelname)s: %(name)s: %(message)s",
+        format=f"%(asctime)s {name}[%(process)d] %(levelname)s: %(name)s: %(message)s",
     )
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kitfs.csi.sockets import socket_path
+
+    if args.role == "mounter":
+        from kitfs.csi.mounter import serve as serve_mounter
+
+        path = socket_path(args.socket, "--socket")
+        _logging(args.verbose, "kitfs-mounter")
+        return serve_mounter(path)
     metrics = metrics_address(args.metrics_addr)
     options = client_options(args)
+    # bad sockets fail here, not in a restart loop
+    mounter = socket_path(args.mounter, "--mounter") if args.mounter else None
+    socket_path(args.endpoint)
     _logging(args.verbose)
     if not args.serve:
-        from kitfs.csi.server import socket_path
         from kitfs.csi.supervisor import server_argv, supervise
 
-        socket_path(args.endpoint)  # a bad endpoint fails here, not in a restart loop
         return supervise(server_argv())
 
     from kitfs.csi.node import DriverConfig
@@ -85,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         node_id=args.node_id or socket.gethostname(),
         state_dir=absolute(args.state_dir), staging_dir=absolute(args.staging_dir),
         cache_dir=absolute(args.cache_dir), client=options,
-        daemon_env=daemon_env(options), verbose=args.verbose,
+        daemon_env=daemon_env(options), verbose=args.verbose, mounter=mounter,
     )
     return serve(config, args.endpoint, metrics)
 
@@ -106,12 +145,16 @@ that pods mount ModelKits as inline ephemeral volumes:
 
 Pods on one node asking for the same manifest digest (and filter, verify,
 prefetch) share one daemon; every daemon shares the node's chunk cache. The
-daemons run outside this process: killing or restarting the driver leaves
-the mounts serving, and the next driver adopts them from --state-dir.
-Meant to run in the DaemonSet of deploy/kubernetes/.
+daemons run outside the gRPC server: killing it leaves the mounts serving,
+and the next server adopts them from --state-dir. With --mounter, the
+daemons are started by `kitfs csi mounter` in another container, so that a
+restart or upgrade of this driver's container leaves them serving too.
+Meant to run in the DaemonSets of deploy/kubernetes/.
 
 examples:
-  kitfs csi --endpoint unix:///csi/csi.sock --node-id "$NODE_NAME"
+  kitfs csi --endpoint unix:///csi/csi.sock --node-id "$NODE_NAME" \\
+      --mounter unix:///run/kitfs/mounter.sock
+  kitfs csi mounter --socket unix:///run/kitfs/mounter.sock
   kitfs csi --endpoint /tmp/csi.sock --state-dir /tmp/csi-state --metrics-addr off
 """,
     add_arguments=add_arguments,

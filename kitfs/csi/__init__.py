@@ -4,7 +4,9 @@ The only package that imports grpc. The generated stubs (csi_pb2*) come from
 csi.proto by scripts/gen-csi; the rest is split by what it holds: identity.py
 and node.py (the two gRPC services), volumes.py (the driver's records on disk),
 binds.py (bind mounts), codes.py (errors to gRPC status codes), server.py (the
-gRPC server) and supervisor.py (the process that keeps the server running).
+gRPC server), supervisor.py (the process that keeps the server running),
+mounter.py (the process in another pod that starts the mount daemons, and its
+client; it imports no grpc) and sockets.py (endpoint paths).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from kitfs.csi.mounter import MounterUnavailable
 from kitfs.errors import (
     AccessDeniedError,
     AuthError,
@@ -56,7 +57,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
     if isinstance(exc, NotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, UnreachableError):
+    if isinstance(exc, UnreachableError | MounterUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, KitfsError):
         return grpc.StatusCode.INTERNAL, str(exc)

@@ -6,7 +6,9 @@ pod joins a daemon another pod started only after proving it may read that
 manifest), then joins or starts the daemon for (digest, filter, verify,
 prefetch) at <staging-dir>/<key>/mnt and bind-mounts it read-only at the
 target. The daemon is a `kitfs mount` process in its own session, so it
-outlives this server; the last user's unpublish stops it.
+outlives this server; with --mounter it is the mounter's child, so it also
+outlives this server's container. The last user's unpublish stops it (by the
+pid in its state file, whoever started it).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import trio
 
 from kitfs.csi import binds, csi_pb2, csi_pb2_grpc
 from kitfs.csi.codes import CsiError, answer_unimplemented, invalid, rpc
+from kitfs.csi.mounter import request_daemon
 from kitfs.csi.volumes import Attributes, DaemonRecord, Records, VolumeRecord, daemon_key
 from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.modelkit.filters import FilterSet
@@ -68,6 +71,9 @@ class DriverConfig:
     cache_dir: Path
     client: ClientOptions
     daemon_env: Mapping[str, str] | None = None  # None: the driver's own environment
+    #: The mounter's socket (`--mounter`): it starts the daemons, outside this container.
+    #: None: this server starts them itself, and they die with its container.
+    mounter: Path | None = None
     verbose: int = 0
 
 
@@ -149,7 +155,7 @@ def _remove_dir(path: Path) -> None:
 
 def _reap(pid: int) -> None:
     """Collect a daemon this process started (its zombie); one a previous server started is
-    the supervisor's child, and the supervisor collects it."""
+    the supervisor's child, one the mounter started the mounter's: they collect it."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
 
@@ -194,7 +200,12 @@ class Node:
         argv = daemon_argv(config, kitops_home=record.home or self.config.client.kitops_home,
                            verbose=self.config.verbose)
         try:
-            state, _ = start_daemon(argv, mountpoint, self.config.daemon_env)
+            if self.config.mounter is None:
+                state, _ = start_daemon(argv, mountpoint, self.config.daemon_env)
+            else:  # the daemon gets this driver's environment, as it would here
+                env = self.config.daemon_env
+                state = request_daemon(self.config.mounter, argv, mountpoint,
+                                       dict(os.environ) if env is None else env)
         except BaseException:
             try:
                 self._stop(record)

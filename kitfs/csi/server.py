@@ -22,6 +22,7 @@ import grpc
 from kitfs.csi import DRIVER_NAME, csi_pb2_grpc
 from kitfs.csi.identity import IdentityService
 from kitfs.csi.node import DriverConfig, Node, NodeService
+from kitfs.csi.sockets import socket_path
 from kitfs.errors import KitfsError, UsageError
 from kitfs.mounts import MountState, read_state
 
@@ -33,18 +34,6 @@ log = logging.getLogger(__name__)
 
 WORKERS = 8  # kubelet publishes a node's pods in parallel
 STOP_GRACE = 10.0
-
-
-def socket_path(endpoint: str) -> Path:
-    """`unix:///csi/csi.sock`, `unix:/csi/csi.sock` or a plain absolute path."""
-    path = endpoint
-    for prefix in ("unix://", "unix:"):
-        if path.startswith(prefix):
-            path = path[len(prefix):]
-            break
-    if not path.startswith("/"):
-        raise UsageError(f"--endpoint {endpoint}: use unix:///ABSOLUTE/PATH or an absolute path")
-    return Path(path)
 
 
 def _node_states(node: Node) -> Callable[[], list[MountState]]:

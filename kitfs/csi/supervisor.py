@@ -29,7 +29,9 @@ BACKOFF_MAX = 30.0
 HEALTHY_RUN = 60.0
 
 
-def _become_subreaper() -> None:
+def become_subreaper() -> None:
+    """Inherit the orphans of every process below this one, to reap them (the mounter
+    shares this: its daemons' own children)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         log.warning("cannot become a child subreaper: %s", os.strerror(ctypes.get_errno()))
@@ -37,7 +39,7 @@ def _become_subreaper() -> None:
 
 def supervise(argv: Sequence[str]) -> int:
     """Run `argv` (the server) until told to stop; return its last exit status."""
-    _become_subreaper()
+    become_subreaper()
     stopping = False
     server = 0
 
