@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -478,3 +479,62 @@ def test_server_killed_mid_read(model: Model, registry: RegistryServer,
     finally:
         go.set()
         _stop_driver(driver)
+
+
+class _ManifestCopy(http.server.BaseHTTPRequestHandler):
+    """The reviewer's attack: a registry of one's own serving a copy of a private
+    manifest's bytes (no credentials needed), and nothing else."""
+
+    manifest = b""
+
+    def _answer(self, body: bool) -> None:
+        if "/manifests/" in self.path:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            data = self.manifest
+        else:
+            self.send_response(404)
+            data = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._answer(True)
+
+    def do_HEAD(self) -> None:
+        self._answer(False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_copied_manifest_does_not_join_a_private_daemon(
+        driver: Driver, secure_model: Model, auth_registry: RegistryServer) -> None:
+    host, password = auth_registry.host, str(auth_registry.password)
+    owner = driver.target("pod-owner")
+    driver.publish(owner, secure_model.ref, secret=dockerconfig(host, "kitfs", password))
+    (daemon,) = driver.daemons()
+    login = base64.b64encode(f"kitfs:{password}".encode()).decode()
+    request = urllib.request.Request(f"http://{host}/v2/csi/secure/manifests/v1", headers={
+        "Authorization": f"Basic {login}",
+        "Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(request, timeout=RPC_WAIT) as answer:
+        manifest = answer.read()
+    handler = type("Copy", (_ManifestCopy,), {"manifest": manifest})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    intruder = driver.target("pod-intruder")
+    try:
+        evil = f"127.0.0.1:{server.server_address[1]}/evil/x:v1"
+        status, message = code(lambda: driver.publish(intruder, evil, pod="intruder"))
+        assert status == grpc.StatusCode.NOT_FOUND and "blob" in message
+        assert find_mount(intruder) is None and not intruder.exists()
+        assert [d.pid for d in driver.daemons()] == [daemon.pid]  # no second daemon either
+    finally:
+        server.shutdown()
+        server.server_close()
+        driver.unpublish(owner)
+    assert driver.daemons() == []

@@ -28,7 +28,9 @@ from kitfs.csi import binds, csi_pb2, csi_pb2_grpc
 from kitfs.csi.codes import CsiError, answer_unimplemented, invalid, rpc
 from kitfs.csi.volumes import Attributes, DaemonRecord, Records, VolumeRecord, daemon_key
 from kitfs.engine.api import PrefetchMode, VerifyMode
+from kitfs.errors import FormatError, NotFoundError
 from kitfs.modelkit.filters import FilterSet
+from kitfs.modelkit.manifest import manifest_blobs
 from kitfs.mounts import (
     FS_TYPE,
     MountConfig,
@@ -130,8 +132,24 @@ def secret_auths(secrets: Mapping[str, str]) -> dict[str, Any] | None:
 
 
 async def _resolve(ref: Reference, options: ClientOptions) -> str:
+    """The manifest digest, once these credentials have reached every blob it names here.
+
+    The node's chunk cache is content addressed and daemons are shared, so reading the
+    manifest alone proves too little: anyone can serve a copy of a private manifest from
+    a registry of their own. HEAD of the config and of every layer in this repository,
+    with these credentials, is what the daemon's own reads would need (every layer, not
+    only those the filter selects: a superset, and it needs no config parsing).
+    """
     async with RegistryClient(ref.registry, options) as client:
-        _, _, digest = await client.resolve_modelkit(ref.repository, ref.target)
+        manifest, _, digest = await client.resolve_modelkit(ref.repository, ref.target)
+        try:
+            blobs, _ = manifest_blobs(manifest)
+        except FormatError as exc:
+            raise invalid(f"{ref}: {exc}") from None
+        for blob in blobs:  # one at a time: a handful of HEADs, and one plain error
+            if await client.head_blob(ref.repository, blob.digest) is None:
+                raise NotFoundError(f"{ref}: blob {blob.digest} is not in "
+                                    f"{ref.registry}/{ref.repository}")
     return digest
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kitfs.engine.api import PrefetchMode, VerifyMode
+from kitfs.oci.reference import parse_reference
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,16 @@ class DaemonRecord:
 
 
 def daemon_key(digest: str, attributes: Attributes) -> str:
-    """Pods asking for the same manifest digest, filter, verify and prefetch share a daemon."""
-    text = json.dumps([digest, attributes.filter, attributes.verify, attributes.prefetch])
+    """Pods asking for the same manifest digest in the same repository (and filter, verify,
+    prefetch) share a daemon.
+
+    The registry and repository are part of the key because access is granted per
+    repository: a pod that proved it may read a digest in one repository (even one it
+    serves itself) must not join a daemon reading that digest from another.
+    """
+    ref = parse_reference(attributes.reference)
+    text = json.dumps([ref.registry.lower(), ref.repository, digest, attributes.filter,
+                       attributes.verify, attributes.prefetch])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
