@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -486,12 +486,24 @@ class _ManifestCopy(http.server.BaseHTTPRequestHandler):
     manifest's bytes (no credentials needed), and nothing else."""
 
     manifest = b""
+    sizes: ClassVar[dict[str, int]] = {}  # blobs it claims to have (HEAD only): digest -> size
+    blobs: ClassVar[dict[str, bytes]] = {}  # blobs it has (the config: metadata leaks more easily)
 
     def _answer(self, body: bool) -> None:
+        digest = self.path.rsplit("/", 1)[-1]
         if "/manifests/" in self.path:
             self.send_response(200)
             self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
             data = self.manifest
+        elif digest in self.blobs:
+            self.send_response(200)
+            data = self.blobs[digest]
+        elif not body and digest in self.sizes:
+            self.send_response(200)
+            self.send_header("Content-Length", str(self.sizes[digest]))
+            self.send_header("Docker-Content-Digest", digest)
+            self.end_headers()
+            return
         else:
             self.send_response(404)
             data = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
@@ -510,29 +522,50 @@ class _ManifestCopy(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.parametrize("claims_blobs", [False, True], ids=["honest", "lying"])
 def test_a_copied_manifest_does_not_join_a_private_daemon(
-        driver: Driver, secure_model: Model, auth_registry: RegistryServer) -> None:
+        driver: Driver, secure_model: Model, auth_registry: RegistryServer,
+        claims_blobs: bool) -> None:
+    """A registry of one's own serving a private manifest's bytes reads nothing private:
+    it does not join the owner's daemon, and when it claims the blobs too (HEAD 200), the
+    daemon it gets does not find the owner's chunks in the node's cache."""
     host, password = auth_registry.host, str(auth_registry.password)
     owner = driver.target("pod-owner")
     driver.publish(owner, secure_model.ref, secret=dockerconfig(host, "kitfs", password))
     (daemon,) = driver.daemons()
     login = base64.b64encode(f"kitfs:{password}".encode()).decode()
-    request = urllib.request.Request(f"http://{host}/v2/csi/secure/manifests/v1", headers={
-        "Authorization": f"Basic {login}",
-        "Accept": "application/vnd.oci.image.manifest.v1+json"})
-    with urllib.request.urlopen(request, timeout=RPC_WAIT) as answer:
-        manifest = answer.read()
-    handler = type("Copy", (_ManifestCopy,), {"manifest": manifest})
+
+    def fetch(path: str) -> bytes:
+        request = urllib.request.Request(f"http://{host}/v2/csi/secure/{path}", headers={
+            "Authorization": f"Basic {login}",
+            "Accept": "application/vnd.oci.image.manifest.v1+json"})
+        with urllib.request.urlopen(request, timeout=RPC_WAIT) as answer:
+            return bytes(answer.read())
+
+    manifest = fetch("manifests/v1")
+    doc = json.loads(manifest)
+    sizes = {d["digest"]: d["size"] for d in [doc["config"], *doc["layers"]]}
+    config = {doc["config"]["digest"]: fetch(f"blobs/{doc['config']['digest']}")}
+    handler = type("Copy", (_ManifestCopy,), {"manifest": manifest,
+                                              "sizes": sizes if claims_blobs else {},
+                                              "blobs": config if claims_blobs else {}})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     intruder = driver.target("pod-intruder")
     try:
         evil = f"127.0.0.1:{server.server_address[1]}/evil/x:v1"
+        assert read_all(owner / WEIGHTS) == secure_model.weights  # in the node's cache now
         status, message = code(lambda: driver.publish(intruder, evil, pod="intruder"))
-        assert status == grpc.StatusCode.NOT_FOUND and "blob" in message
+        # Honest, it has no blobs: refused before any daemon. Lying (HEAD 200), it gets a
+        # daemon of its own (another key), which must read each layer's head from that
+        # registry to start, and that registry has no bytes to give.
+        if claims_blobs:
+            assert "not found" in message, (status, message)
+        else:
+            assert status == grpc.StatusCode.NOT_FOUND and "blob" in message
         assert find_mount(intruder) is None and not intruder.exists()
-        assert [d.pid for d in driver.daemons()] == [daemon.pid]  # no second daemon either
+        assert [d.pid for d in driver.daemons()] == [daemon.pid]
     finally:
         server.shutdown()
         server.server_close()
