@@ -182,7 +182,7 @@ class Node:
 
     def __init__(self, config: DriverConfig) -> None:
         self.config = config
-        self.records = Records(config.state_dir)
+        self.records = Records(config.state_dir, config.staging_dir)
 
     # -- daemons --------------------------------------------------------------------
 
