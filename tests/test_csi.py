@@ -297,7 +297,13 @@ def test_concurrent_publishes_of_one_model(driver: Driver, model: Model) -> None
 
     def publish(target: Path) -> None:
         try:
-            driver.publish(target, model.ref, pod=target.parents[3].name)
+            while True:  # as kubelet: ABORTED (another call holds the daemon) is retried
+                try:
+                    driver.publish(target, model.ref, pod=target.parents[3].name)
+                    return
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.ABORTED:
+                        raise
         except BaseException as exc:
             errors.append(exc)
 
@@ -311,7 +317,16 @@ def test_concurrent_publishes_of_one_model(driver: Driver, model: Model) -> None
     for target in targets:
         assert read_all(target / WEIGHTS) == model.weights
 
-    threads = [threading.Thread(target=driver.unpublish, args=(t,)) for t in targets]
+    def unpublish(target: Path) -> None:
+        while True:
+            try:
+                driver.unpublish(target)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.ABORTED:
+                    raise
+
+    threads = [threading.Thread(target=unpublish, args=(t,)) for t in targets]
     for t in threads:
         t.start()
     for t in threads:
@@ -571,3 +586,52 @@ def test_a_copied_manifest_does_not_join_a_private_daemon(
         server.server_close()
         driver.unpublish(owner)
     assert driver.daemons() == []
+
+
+class _Stalling(http.server.BaseHTTPRequestHandler):
+    """A registry that holds every request until the test lets it answer (404)."""
+
+    arrived: threading.Event
+    release: threading.Event
+
+    def do_GET(self) -> None:
+        self.arrived.set()
+        self.release.wait(RPC_WAIT)
+        body = b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}'
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_retry_of_a_slow_publish_is_aborted_not_queued(driver: Driver) -> None:
+    """kubelet retries a publish past its deadline: the retry answers ABORTED at once
+    instead of holding a gRPC worker behind the first, which still finishes."""
+    arrived, release = threading.Event(), threading.Event()
+    handler = type("Stall", (_Stalling,), {"arrived": arrived, "release": release})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = driver.target("pod-slow")
+    ref = f"127.0.0.1:{server.server_address[1]}/slow/model:v1"
+    first: list[tuple[grpc.StatusCode, str]] = []
+    thread = threading.Thread(target=lambda: first.append(code(lambda: driver.publish(
+        target, ref, pod="slow"))))
+    try:
+        thread.start()
+        assert arrived.wait(RPC_WAIT)
+        status, message = code(lambda: driver.publish(target, ref, pod="slow"))
+        assert status == grpc.StatusCode.ABORTED and "already in progress" in message
+        status, message = code(lambda: driver.unpublish(target))
+        assert status == grpc.StatusCode.ABORTED
+        assert not release.is_set()  # both answered while the first still waits
+    finally:
+        release.set()
+        thread.join()
+        server.shutdown()
+        server.server_close()
+    assert first[0][0] == grpc.StatusCode.NOT_FOUND
+    assert not target.exists() and driver.daemons() == []

@@ -7,12 +7,31 @@ and the mount helper's pieces. tests/test_csi.py drives the whole driver.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
-from kitfs.csi.volumes import Attributes, DaemonRecord, Records, VolumeRecord, daemon_key
+from kitfs.csi.codes import status_of
+from kitfs.csi.node import DriverConfig, Node
+from kitfs.csi.volumes import (
+    Attributes,
+    Busy,
+    DaemonRecord,
+    Records,
+    VolumeRecord,
+    daemon_key,
+)
+from kitfs.oci.options import ClientOptions
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
+                                reason="needs root and mount(8) for a bind mount")
 
 ATTRS = Attributes("127.0.0.1:5000/org/model:v1", "model", "lazy", "model")
 DIGEST = "sha256:" + "ab" * 32
@@ -79,3 +98,64 @@ def test_volume_targets_must_be_canonical(records: Records, target: str) -> None
 def test_a_volume_record_key_is_a_key(records: Records) -> None:
     records.save_volume(VolumeRecord("vol", "/pods/x/mount", "../x", ATTRS, ""))
     assert records.volumes() == []
+
+
+def make_node(tmp_path: Path) -> Node:
+    return Node(DriverConfig(node_id="n", state_dir=tmp_path / "state",
+                             staging_dir=tmp_path / "staging", cache_dir=tmp_path / "cache",
+                             client=ClientOptions(), daemon_env={}))
+
+
+@contextlib.contextmanager
+def foreign_mount(at: Path, source: Path) -> Iterator[None]:
+    """A bind mount that is not kitfs's, where a daemon record says kitfs mounted."""
+    at.mkdir(parents=True, exist_ok=True)
+    source.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(source), str(at)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=False)
+
+
+@needs_root
+def test_a_daemon_that_will_not_stop_does_not_stop_adoption(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    stuck, gone = daemon_record(node.records), daemon_record(
+        node.records, daemon_key(DIGEST, Attributes(ATTRS.reference, "docs", "lazy", "none")))
+    node.records.save_daemon(stuck)
+    node.records.save_daemon(gone)
+    with foreign_mount(Path(stuck.mountpoint), tmp_path / "elsewhere"):
+        node.adopt()  # before: MountError "... is not a kitfs mount" ended serve()
+        assert node.records.daemons() == [stuck]  # kept, to try again; the dead one dropped
+        assert node.stop_unused() == [stuck.reference]  # what Probe reports
+    # The next publish, unpublish or probe tries again, and now it goes.
+    node.unpublish(tmp_path / "pods/never/mount")
+    assert node.records.daemons() == []
+    assert not Path(stuck.mountpoint).parent.exists()
+
+
+def test_adoption_removes_credentials_no_daemon_owns(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    kept = daemon_record(node.records)
+    home = node.records.credentials_dir(kept.key)
+    node.records.save_daemon(DaemonRecord(kept.key, kept.reference, DIGEST, ATTRS,
+                                          kept.mountpoint, str(home)))
+    orphan = node.records.credentials_dir("0" * 24)  # crash between the two writes
+    request = node.records.credentials_dir("request-" + "1" * 32)
+    for directory in (home, orphan, request):
+        (directory / "credentials.json").write_text("{}")
+    node.records.drop_leftover_credentials()
+    assert home.exists() and not orphan.exists() and not request.exists()
+
+
+def test_a_busy_volume_is_aborted_not_waited_for(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    target = tmp_path / "pods/p/mount"
+    with node.records.locked(f"target:{target}"):  # a publish of it in progress
+        with pytest.raises(Busy) as busy:
+            node.publish("vol", target, ATTRS, None)
+        assert status_of(busy.value)[0] == grpc.StatusCode.ABORTED
+        assert "already in progress" in str(busy.value)
+        with pytest.raises(Busy):
+            node.unpublish(target)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from kitfs.csi.volumes import Busy
 from kitfs.errors import (
     AccessDeniedError,
     AuthError,
@@ -47,6 +48,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The code and message a failed call answers with."""
     if isinstance(exc, CsiError):
         return exc.code, str(exc)
+    if isinstance(exc, Busy):
+        return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, BadReferenceError | KitfileError | UsageError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     # 403 is checked first: it is an AuthError too, but logging in again will not help.
@@ -72,7 +75,7 @@ def rpc(method: Callable[[Any, Any, Any], R]) -> Callable[[Any, Any, Any], R]:
             return method(self, request, context)
         except Exception as exc:
             code, message = status_of(exc)
-            if isinstance(exc, KitfsError | CsiError):
+            if isinstance(exc, KitfsError | CsiError | Busy):
                 log.warning("%s failed: %s: %s", method.__name__, code.name, message)
             else:
                 log.error("%s failed", method.__name__, exc_info=exc)

@@ -26,7 +26,14 @@ import trio
 
 from kitfs.csi import binds, csi_pb2, csi_pb2_grpc
 from kitfs.csi.codes import CsiError, answer_unimplemented, invalid, rpc
-from kitfs.csi.volumes import Attributes, DaemonRecord, Records, VolumeRecord, daemon_key
+from kitfs.csi.volumes import (
+    Attributes,
+    Busy,
+    DaemonRecord,
+    Records,
+    VolumeRecord,
+    daemon_key,
+)
 from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.errors import FormatError, NotFoundError
 from kitfs.modelkit.filters import FilterSet
@@ -273,8 +280,36 @@ class Node:
             if daemon is not None:
                 self._stop(daemon)
 
+    def stop_unused(self) -> list[str]:
+        """Stop daemons no volume uses (one that would not stop at adoption or at its last
+        unpublish); the references of those still running without users.
+
+        Called at every publish, unpublish and probe, so a daemon that could not be stopped
+        once is tried again rather than left to run untracked. One whose key another call
+        holds is left for the next time.
+        """
+        used = {v.key for v in self.records.volumes()}
+        left = []
+        for daemon in self.records.daemons():
+            if daemon.key in used:
+                continue
+            try:
+                with self.records.locked(f"key:{daemon.key}"):
+                    again = self.records.daemon(daemon.key)
+                    if again is not None and not self.records.users(daemon.key):
+                        log.info("stopping the daemon for %s: no volume uses it",
+                                 daemon.reference)
+                        self._stop(again)
+            except Busy:
+                continue
+            except (MountError, OSError) as exc:
+                log.warning("cannot stop the unused daemon for %s: %s", daemon.reference, exc)
+                left.append(daemon.reference)
+        return left
+
     def publish(self, volume_id: str, target: Path, attrs: Attributes,
                 auths: dict[str, Any] | None, pod: str = "") -> None:
+        self.stop_unused()
         with self.records.locked(f"target:{target}"):
             existing = self.records.volume(str(target))
             if existing is not None:
@@ -308,6 +343,7 @@ class Node:
                      pod or volume_id)
 
     def unpublish(self, target: Path) -> None:
+        self.stop_unused()
         with self.records.locked(f"target:{target}"):
             volume = self.records.volume(str(target))
             if volume is None:
@@ -324,14 +360,12 @@ class Node:
     def adopt(self) -> None:
         """Take over what an earlier server left: its volumes, their daemons."""
         self.records.drop_leftover_credentials()
+        self.stop_unused()  # one that will not stop is logged, kept, retried, probed
         volumes = self.records.volumes()
         for daemon in self.records.daemons():
             users = [v for v in volumes if v.key == daemon.key]
-            with self.records.locked(f"key:{daemon.key}"):
-                if not users:
-                    log.info("stopping the daemon for %s: no volume uses it", daemon.reference)
-                    self._stop(daemon)
-                    continue
+            if not users:
+                continue
             alive = self.serving(daemon)
             log.info("adopted the daemon for %s serving %d volume(s)%s", daemon.reference,
                      len(users), "" if alive else " (it is gone: a publish remounts it, an "

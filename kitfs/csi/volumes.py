@@ -135,12 +135,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+class Busy(Exception):
+    """Another call holds the lock: the CSI spec's ABORTED, which kubelet retries."""
+
+
 class Records:
     """The records under the driver's --state-dir, and the locks that order changes to them.
 
     Lock order: a target's lock, then a key's lock. Publish and unpublish of one
     target are serialized; the key lock makes "start the daemon or join it" and
-    "leave it, and stop it if last" atomic with respect to each other.
+    "leave it, and stop it if last" atomic with respect to each other. Calls do not
+    wait for a lock (Busy instead): a publish holds one while a daemon starts, and
+    kubelet's retries of a slow call would otherwise each block a gRPC worker.
     """
 
     def __init__(self, root: Path, staging: Path) -> None:
@@ -157,11 +163,16 @@ class Records:
         self._locks: dict[str, threading.Lock] = {}
 
     @contextlib.contextmanager
-    def locked(self, name: str) -> Iterator[None]:
+    def locked(self, name: str, *, wait: bool = False) -> Iterator[None]:
+        """Hold lock `name`; Busy at once if another call holds it (unless `wait`)."""
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
-        with lock:
+        if not lock.acquire(blocking=wait):
+            raise Busy(f"an operation on this volume is already in progress ({name})")
+        try:
             yield
+        finally:
+            lock.release()
 
     # -- volumes ------------------------------------------------------------------
 
@@ -262,6 +273,9 @@ class Records:
         shutil.rmtree(self._homes / name, ignore_errors=True)
 
     def drop_leftover_credentials(self) -> None:
-        """Remove what a server killed mid-publish left (request-*: not a daemon's)."""
-        for path in self._homes.glob("request-*"):
-            shutil.rmtree(path, ignore_errors=True)
+        """Remove credentials no daemon record names: a server killed mid-publish leaves
+        request-* (an authorization) or a daemon's home written before its record."""
+        for path in self._homes.iterdir():
+            if not (is_key(path.name) and (self._daemons / f"{path.name}.json").exists()):
+                log.info("removing leftover credentials %s", path.name)
+                shutil.rmtree(path, ignore_errors=True)
