@@ -635,3 +635,29 @@ def test_a_retry_of_a_slow_publish_is_aborted_not_queued(driver: Driver) -> None
         server.server_close()
     assert first[0][0] == grpc.StatusCode.NOT_FOUND
     assert not target.exists() and driver.daemons() == []
+
+
+def test_a_target_path_must_be_the_canonical_one(driver: Driver, model: Model,
+                                                 tmp_path: Path) -> None:
+    target = driver.target("pod-paths")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (target.parent / "link").symlink_to(elsewhere)
+    (target.parents[1] / "linked-parent").symlink_to(target.parent)
+    bad = [str(target.parent / "link"),  # the last component is a symlink
+           str(target.parents[1] / "linked-parent" / "mount"),  # a symlink in the parents
+           str(target.parent / ".." / target.parent.name / "mount"),
+           str(target) + "/", "relative/mount"]
+    for path in bad:
+        status, message = code(lambda path=path: driver.node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=volume_id(target), target_path=path, readonly=True,
+                volume_capability=csi_pb2.VolumeCapability(mount={}),
+                volume_context={"reference": model.ref}), timeout=RPC_WAIT))
+        assert status == grpc.StatusCode.INVALID_ARGUMENT and "target_path" in message, path
+        status, _ = code(lambda path=path: driver.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id(target), target_path=path),
+            timeout=RPC_WAIT))
+        assert status == grpc.StatusCode.INVALID_ARGUMENT, path
+    assert list(elsewhere.iterdir()) == [] and find_mount(elsewhere) is None
+    assert driver.daemons() == []

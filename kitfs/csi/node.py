@@ -42,6 +42,7 @@ from kitfs.mounts import (
     FS_TYPE,
     MountConfig,
     MountError,
+    absolute_mountpoint,
     daemon_argv,
     find_mount,
     read_state,
@@ -379,6 +380,25 @@ class Node:
 # -- the gRPC service -----------------------------------------------------------------
 
 
+def target_path(text: str) -> Path:
+    """The request's target_path, which must be the canonical path kubelet made.
+
+    Records are keyed by it and bind mounts made on it: a path with `..`, a symlink in its
+    parents or a symlink as its last component would put the mount (or the unmount)
+    somewhere other than the path the record names.
+    """
+    if not text or not os.path.isabs(text):
+        raise invalid(f"target_path {text!r} is not an absolute path")
+    canonical = absolute_mountpoint(text)
+    if str(canonical) != text:
+        raise invalid(f"target_path {text!r} is not canonical (it is {str(canonical)!r}): "
+                      "no '..', '.', '//' or symbolic links in it")
+    if os.path.islink(text):
+        raise invalid(f"target_path {text!r} is a symbolic link")
+    return canonical
+
+
+
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -387,8 +407,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodePublishVolume(self, request: Any, context: Any) -> Any:
         if not request.volume_id:
             raise invalid("volume_id is missing")
-        if not request.target_path or not os.path.isabs(request.target_path):
-            raise invalid(f"target_path {request.target_path!r} is not an absolute path")
+        target = target_path(request.target_path)
         if not request.HasField("volume_capability"):
             raise invalid("volume_capability is missing")
         if request.volume_capability.HasField("block"):
@@ -398,16 +417,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         auths = secret_auths(request.secrets)
         pod = "/".join(request.volume_context.get(KUBELET_PREFIX + k, "")
                        for k in ("pod.namespace", "pod.name")).strip("/")
-        self.node.publish(request.volume_id, Path(request.target_path), attrs, auths, pod)
+        self.node.publish(request.volume_id, target, attrs, auths, pod)
         return csi_pb2.NodePublishVolumeResponse()
 
     @rpc
     def NodeUnpublishVolume(self, request: Any, context: Any) -> Any:
         if not request.volume_id:
             raise invalid("volume_id is missing")
-        if not request.target_path or not os.path.isabs(request.target_path):
-            raise invalid(f"target_path {request.target_path!r} is not an absolute path")
-        self.node.unpublish(Path(request.target_path))
+        self.node.unpublish(target_path(request.target_path))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     @rpc
