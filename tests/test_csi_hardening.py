@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,3 +160,28 @@ def test_a_busy_volume_is_aborted_not_waited_for(tmp_path: Path) -> None:
         assert "already in progress" in str(busy.value)
         with pytest.raises(Busy):
             node.unpublish(target)
+
+
+SIGNAL_AFTER_REAP = """
+import logging, os, signal, sys
+from kitfs.csi import supervisor
+
+class SignalWhenReaped(logging.Handler):
+    def emit(self, record):
+        if "exited with status" in record.getMessage():
+            os.kill(os.getpid(), signal.SIGTERM)  # the moment after the server was reaped
+
+supervisor.log.addHandler(SignalWhenReaped())
+supervisor.log.setLevel(logging.INFO)
+sys.exit(supervisor.supervise(["/bin/sh", "-c", "exit 3"]))
+"""
+
+
+def test_a_signal_after_the_server_is_reaped_reaches_nobody() -> None:
+    """SIGTERM just after the server was reaped: the supervisor must not signal its old
+    pid (ProcessLookupError ended it with a traceback; a reused pid is another process)."""
+    done = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_REAP], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ,
+                                                          PYTHONPATH=os.pathsep.join(sys.path)))
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
