@@ -352,6 +352,10 @@ def test_bad_requests_get_the_right_codes(driver: Driver, model: Model) -> None:
     assert status == invalid and "registry" in message
     status, message = code(lambda: driver.publish(target, model.ref, secret="{not json"))
     assert status == invalid and "JSON" in message
+    for auth in ("bm8tY29sb24=", "%%%not base64", "//79/A=="):  # "no-colon", junk, not UTF-8
+        secret = json.dumps({"auths": {"registry.example": {"auth": auth}}})
+        status, message = code(lambda s=secret: driver.publish(target, model.ref, secret=s))
+        assert status == invalid and "'registry.example'" in message and auth not in message
 
     status, message = code(lambda: driver.publish(target, model.ref.replace(":v1", ":nope")))
     assert status == grpc.StatusCode.NOT_FOUND and "nope" in message

@@ -35,7 +35,7 @@ from kitfs.csi.volumes import (
     daemon_key,
 )
 from kitfs.engine.api import PrefetchMode, VerifyMode
-from kitfs.errors import FormatError, NotFoundError
+from kitfs.errors import FormatError, LocalStorageError, NotFoundError
 from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.manifest import manifest_blobs
 from kitfs.mounts import (
@@ -50,7 +50,7 @@ from kitfs.mounts import (
     umount,
 )
 from kitfs.oci.client import RegistryClient
-from kitfs.oci.credentials import save_auths
+from kitfs.oci.credentials import entry_credential, save_auths
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference, parse_reference
 
@@ -133,6 +133,12 @@ def secret_auths(secrets: Mapping[str, str]) -> dict[str, Any] | None:
         if isinstance(entry, dict)
     }
     entries = {host: entry for host, entry in entries.items() if entry}
+    for host, entry in entries.items():
+        try:  # as the daemon will read it, so a bad one fails here, as the pod's mistake
+            entry_credential(entry, "the volume's secret")
+        except LocalStorageError:
+            raise invalid(f"the volume's secret: the auth of registry {host!r} is not "
+                          "base64 of USER:PASSWORD") from None
     if not entries:
         raise invalid(f"the volume's secret: {SECRET_KEYS[0]} holds no registry credentials "
                       "(expected {\"auths\": {\"REGISTRY\": {\"auth\": ...}}})")
