@@ -8,13 +8,17 @@ and the mount helper's pieces. tests/test_csi.py drives the whole driver.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,6 +33,7 @@ from kitfs.csi.volumes import (
     VolumeRecord,
     daemon_key,
 )
+from kitfs.errors import KitfsError
 from kitfs.oci.options import ClientOptions
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
@@ -185,3 +190,39 @@ def test_a_signal_after_the_server_is_reaped_reaches_nobody() -> None:
                                                           PYTHONPATH=os.pathsep.join(sys.path)))
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 0, done.stderr
+
+
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """A registry that answers every request with one status."""
+
+    status = 503
+
+    def do_GET(self) -> None:
+        self.send_response(self.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (503, grpc.StatusCode.UNAVAILABLE), (500, grpc.StatusCode.UNAVAILABLE),
+    (429, grpc.StatusCode.RESOURCE_EXHAUSTED), (400, grpc.StatusCode.INTERNAL)])
+def test_a_registry_in_trouble_is_unavailable(tmp_path: Path, status: int,
+                                              expected: grpc.StatusCode) -> None:
+    handler = type("Answer", (_Answering,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    node = make_node(tmp_path)
+    node.config = replace(node.config, client=ClientOptions(retry_budget=0.2,
+                                                            server_error_retry=0.1))
+    attrs = replace(ATTRS, reference=f"127.0.0.1:{server.server_address[1]}/org/m:v1")
+    try:
+        with pytest.raises(KitfsError) as failure:
+            node.publish("vol", tmp_path / "pods/p/mount", attrs, None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    got, message = status_of(failure.value)
+    assert got == expected and f"HTTP {status}" in message

@@ -23,6 +23,7 @@ from kitfs.errors import (
     KitfileError,
     KitfsError,
     NotFoundError,
+    RegistryBusyError,
     UnreachableError,
     UsageError,
 )
@@ -61,6 +62,12 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, UnreachableError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    # A rate limit is a quota (Docker Hub's pull limit): RESOURCE_EXHAUSTED tells the
+    # operator so, where UNAVAILABLE would read as an outage. kubelet retries both.
+    if isinstance(exc, RegistryBusyError):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.status == 429 else \
+            grpc.StatusCode.UNAVAILABLE
+        return code, str(exc)
     if isinstance(exc, KitfsError):
         return grpc.StatusCode.INTERNAL, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
