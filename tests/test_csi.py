@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -174,7 +175,7 @@ def _start_driver(root: Path) -> Driver:
             [sys.executable, "-m", "kitfs.cli", "csi", "--endpoint", f"unix://{sock}",
              "--node-id", "node-1", "--cache-dir", str(root / "cache"),
              "--state-dir", str(root / "state"), "--staging-dir", str(root / "staging"),
-             "--metrics-addr", "off"],
+             "--metrics-addr", "off", "--cache-size", "64M"],
             stdout=out, stderr=out, env=env, start_new_session=True)
     channel = grpc.insecure_channel(f"unix://{sock}")
     driver = Driver(root, sock, log, process, csi_pb2_grpc.NodeStub(channel),
@@ -242,6 +243,8 @@ def test_pods_share_one_daemon_until_the_last_unpublish(driver: Driver, model: M
 
     (daemon,) = driver.daemons()  # one daemon serves both pods
     assert daemon.alive
+    argv = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"--cache-size") + 1] == str(64 << 20).encode()  # the node's bound
     a, b, staged = find_mount(first), find_mount(second), find_mount(Path(daemon.mountpoint))
     assert a is not None and b is not None and staged is not None
     assert a.device == b.device == staged.device  # binds of the daemon's one FUSE mount
@@ -279,6 +282,10 @@ def test_a_dead_daemon_is_reported_and_remounted(driver: Driver, model: Model) -
     os.kill(daemon.pid, signal.SIGKILL)
     with pytest.raises(OSError):  # the pod's mount is dead: every access says ENOTCONN
         os.listdir(target)
+    # Its FUSE connection ends before the process does: wait until it is gone (a zombie).
+    deadline = time.monotonic() + RPC_WAIT
+    while daemon_alive(daemon.pid, daemon.start_time) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=RPC_WAIT).ready.value
 
     driver.publish(target, model.ref, pod="dead", filter="model,docs")  # kubelet again
@@ -665,3 +672,10 @@ def test_a_target_path_must_be_the_canonical_one(driver: Driver, model: Model,
         assert status == grpc.StatusCode.INVALID_ARGUMENT, path
     assert list(elsewhere.iterdir()) == [] and find_mount(elsewhere) is None
     assert driver.daemons() == []
+
+
+def test_a_bad_cache_size_is_refused_before_serving(tmp_path: Path) -> None:
+    done = kitfs("csi", "--endpoint", str(tmp_path / "csi.sock"), "--cache-size", "12Q",
+                 "--metrics-addr", "off")
+    assert done.returncode == 2 and "12Q" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "csi.sock").exists()

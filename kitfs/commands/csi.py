@@ -17,6 +17,7 @@ from pathlib import Path
 from kitfs.commands.command import Command
 from kitfs.commands.common import add_network_options, client_options, daemon_env
 from kitfs.errors import UsageError
+from kitfs.units import parse_cache_size
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_STATE_DIR = "/run/kitfs/csi"
@@ -32,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default="/var/cache/kitfs", metavar="DIR",
                    help="the node's chunk cache, shared by every volume (default "
                         "/var/cache/kitfs)")
+    p.add_argument("--cache-size", metavar="SIZE",
+                   help="bound the node's chunk cache: each daemon evicts least-recently-used "
+                        "chunks beyond this much disk (default: none, no limit; recommended: "
+                        "about 80%% of the cache volume, e.g. 80G of a 100G disk, leaving "
+                        "room for the chunks in flight)")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
                    help=f"the driver's records of volumes and daemons (default "
                         f"{DEFAULT_STATE_DIR})")
@@ -67,6 +73,7 @@ def _logging(verbose: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     metrics = parse_metrics_addr(args.metrics_addr)
+    cache_size = parse_cache_size(args.cache_size)  # a bad size fails before the server
     options = client_options(args)
     _logging(args.verbose)
     if not args.serve:
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     config = DriverConfig(
         node_id=args.node_id or socket.gethostname(),
         state_dir=absolute(args.state_dir), staging_dir=absolute(args.staging_dir),
-        cache_dir=absolute(args.cache_dir), client=options,
+        cache_dir=absolute(args.cache_dir), cache_size=cache_size, client=options,
         daemon_env=daemon_env(options), verbose=args.verbose,
     )
     return serve(config, args.endpoint, metrics)

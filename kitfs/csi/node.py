@@ -77,6 +77,7 @@ class DriverConfig:
     staging_dir: Path
     cache_dir: Path
     client: ClientOptions
+    cache_size: int | None = None  # bytes each daemon keeps its cache within; None: no limit
     daemon_env: Mapping[str, str] | None = None  # None: the driver's own environment
     verbose: int = 0
 
@@ -222,6 +223,7 @@ class Node:
             reference=pinned, mountpoint=mountpoint, cache_dir=self.config.cache_dir,
             client=self.config.client, filters=(attrs.filter,), prefetch=attrs.prefetch,
             verify=attrs.verify, allow_other=True,  # pods run as any user
+            cache_size=self.config.cache_size,
         )
         argv = daemon_argv(config, kitops_home=record.home or self.config.client.kitops_home,
                            verbose=self.config.verbose)
