@@ -1,12 +1,13 @@
 """The CSI Node service: publish a ModelKit at a pod's target path, unpublish it.
 
 Publishing checks the pod's volume attributes, resolves the reference to its
-manifest digest with the pod's own credentials (the authorization check: a
-pod joins a daemon another pod started only after proving it may read that
-manifest), then joins or starts the daemon for (digest, filter, verify,
-prefetch) at <staging-dir>/<key>/mnt and bind-mounts it read-only at the
-target. The daemon is a `kitfs mount` process in its own session, so it
-outlives this server; the last user's unpublish stops it.
+manifest digest with the pod's own credentials and reaches every blob it names
+in that repository (the authorization check: a pod joins a daemon another pod
+started only after proving it may read that ModelKit there), then joins or
+starts the daemon for (registry, repository, digest, filter, verify, prefetch)
+at <staging-dir>/<key>/mnt and bind-mounts it read-only at the target. The
+daemon is a `kitfs mount` process in its own session, so it outlives this
+server; the last user's unpublish stops it.
 """
 
 from __future__ import annotations
