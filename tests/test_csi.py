@@ -135,8 +135,8 @@ def dockerconfig(host: str, user: str, password: str) -> str:
     return json.dumps({"auths": {host: {"auth": auth}}})
 
 
-def pack(project: Path, ref: str, home: Path) -> None:
-    packed = kitfs("pack", str(project), "-t", ref, home=home)
+def pack(project: Path, ref: str, home: Path, *flags: str) -> None:
+    packed = kitfs("pack", str(project), "-t", ref, *flags, home=home)
     assert packed.returncode == 0, packed.stderr
 
 
@@ -149,19 +149,31 @@ def model(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) ->
     return Model(ref, (project / WEIGHTS).read_bytes())
 
 
+def _secure(registry: RegistryServer, root: Path, name: str, *flags: str) -> Model:
+    project = make_project(root / "proj", weight_bytes=1 << 20)
+    home = root / "home"
+    host = registry.host
+    login = kitfs("login", host, "-u", str(registry.username), "--password-stdin",
+                  home=home, stdin=f"{registry.password}\n")
+    assert login.returncode == 0, login.stderr
+    ref = f"{host}/csi/{name}:v1"
+    pack(project, ref, home, *flags)
+    return Model(ref, (project / WEIGHTS).read_bytes())
+
+
 @pytest.fixture(scope="module")
 def secure_model(auth_registry: RegistryServer,
                  tmp_path_factory: pytest.TempPathFactory) -> Model:
-    root = tmp_path_factory.mktemp("csi-secure")
-    project = make_project(root / "proj", weight_bytes=1 << 20)
-    home = root / "home"
-    host = auth_registry.host
-    login = kitfs("login", host, "-u", str(auth_registry.username), "--password-stdin",
-                  home=home, stdin=f"{auth_registry.password}\n")
-    assert login.returncode == 0, login.stderr
-    ref = f"{host}/csi/secure:v1"
-    pack(project, ref, home)
-    return Model(ref, (project / WEIGHTS).read_bytes())
+    return _secure(auth_registry, tmp_path_factory.mktemp("csi-secure"), "secure")
+
+
+@pytest.fixture(scope="module")
+def secure_gzip_model(auth_registry: RegistryServer,
+                      tmp_path_factory: pytest.TempPathFactory) -> Model:
+    """Compressed layers: their layouts are cached by digest, so a mount needs no tar
+    header from the registry once another mount read them."""
+    return _secure(auth_registry, tmp_path_factory.mktemp("csi-secure-gz"), "secure-gz",
+                   "--compression", "gzip")
 
 
 def _start_driver(root: Path) -> Driver:
@@ -548,28 +560,42 @@ class _ManifestCopy(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("claims_blobs", [False, True], ids=["honest", "lying"])
+@pytest.mark.parametrize(("claims_blobs", "compressed"),
+                         [(False, False), (True, False), (True, True)],
+                         ids=["honest", "lying", "lying-gzip"])
 def test_a_copied_manifest_does_not_join_a_private_daemon(
-        driver: Driver, secure_model: Model, auth_registry: RegistryServer,
-        claims_blobs: bool) -> None:
+        driver: Driver, auth_registry: RegistryServer, request: pytest.FixtureRequest,
+        claims_blobs: bool, compressed: bool) -> None:
     """A registry of one's own serving a private manifest's bytes reads nothing private:
     it does not join the owner's daemon, and when it claims the blobs too (HEAD 200), the
-    daemon it gets does not find the owner's chunks in the node's cache."""
+    daemon it gets does not find the owner's chunks in the node's cache (before the cache
+    was split per repository, it read the private weights from there)."""
+    secure_model: Model = request.getfixturevalue(
+        "secure_gzip_model" if compressed else "secure_model")
+    repository = secure_model.ref.split("/", 1)[1].split(":")[0]
     host, password = auth_registry.host, str(auth_registry.password)
-    owner = driver.target("pod-owner")
-    driver.publish(owner, secure_model.ref, secret=dockerconfig(host, "kitfs", password))
-    (daemon,) = driver.daemons()
     login = base64.b64encode(f"kitfs:{password}".encode()).decode()
 
-    def fetch(path: str) -> bytes:
-        request = urllib.request.Request(f"http://{host}/v2/csi/secure/{path}", headers={
-            "Authorization": f"Basic {login}",
-            "Accept": "application/vnd.oci.image.manifest.v1+json"})
-        with urllib.request.urlopen(request, timeout=RPC_WAIT) as answer:
+    def fetch(path: str, put: bytes | None = None) -> bytes:
+        asked = urllib.request.Request(
+            f"http://{host}/v2/{repository}/{path}", data=put,
+            method="PUT" if put is not None else "GET", headers={
+                "Authorization": f"Basic {login}",
+                "Accept": "application/vnd.oci.image.manifest.v1+json",
+                "Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        with urllib.request.urlopen(asked, timeout=RPC_WAIT) as answer:
             return bytes(answer.read())
 
-    manifest = fetch("manifests/v1")
-    doc = json.loads(manifest)
+    doc = json.loads(fetch("manifests/v1"))
+    # As kit packs it: no kitfs table of contents, so mounts stream the compressed layers
+    # and cache their layouts and chunks by layer digest.
+    doc.get("annotations", {}).pop("dev.kitfs.toc.digest", None)
+    manifest = json.dumps(doc).encode()
+    fetch("manifests/plain", put=manifest)
+    owner = driver.target("pod-owner")
+    driver.publish(owner, secure_model.ref.replace(":v1", ":plain"),
+                   secret=dockerconfig(host, "kitfs", password))
+    (daemon,) = driver.daemons()
     sizes = {d["digest"]: d["size"] for d in [doc["config"], *doc["layers"]]}
     config = {doc["config"]["digest"]: fetch(f"blobs/{doc['config']['digest']}")}
     handler = type("Copy", (_ManifestCopy,), {"manifest": manifest,
@@ -582,15 +608,21 @@ def test_a_copied_manifest_does_not_join_a_private_daemon(
     try:
         evil = f"127.0.0.1:{server.server_address[1]}/evil/x:v1"
         assert read_all(owner / WEIGHTS) == secure_model.weights  # in the node's cache now
-        status, message = code(lambda: driver.publish(intruder, evil, pod="intruder"))
-        # Honest, it has no blobs: refused before any daemon. Lying (HEAD 200), it gets a
-        # daemon of its own (another key), which must read each layer's head from that
-        # registry to start, and that registry has no bytes to give.
-        if claims_blobs:
-            assert "not found" in message, (status, message)
-        else:
+        if not claims_blobs:  # no blobs there: refused before any daemon starts
+            status, message = code(lambda: driver.publish(intruder, evil, pod="intruder"))
             assert status == grpc.StatusCode.NOT_FOUND and "blob" in message
-        assert find_mount(intruder) is None and not intruder.exists()
+            assert find_mount(intruder) is None and not intruder.exists()
+        else:  # a daemon of its own (another key): whatever it mounts, no private byte
+            try:
+                driver.publish(intruder, evil, pod="intruder")
+            except grpc.RpcError:
+                assert find_mount(intruder) is None and not intruder.exists()
+            else:
+                leaked = None
+                with contextlib.suppress(OSError):
+                    leaked = read_all(intruder / WEIGHTS)
+                driver.unpublish(intruder)
+                assert leaked is None, "the intruder read the private weights"
         assert [d.pid for d in driver.daemons()] == [daemon.pid]
     finally:
         server.shutdown()

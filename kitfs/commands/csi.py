@@ -31,13 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "path works too)")
     p.add_argument("--node-id", metavar="ID", help="this node's id (default: the host name)")
     p.add_argument("--cache-dir", default="/var/cache/kitfs", metavar="DIR",
-                   help="the node's chunk cache, shared by every volume (default "
-                        "/var/cache/kitfs)")
+                   help="the node's chunk caches, one per repository (DIR/repos/<hash>), "
+                        "shared by that repository's volumes (default /var/cache/kitfs)")
     p.add_argument("--cache-size", metavar="SIZE",
-                   help="bound the node's chunk cache: each daemon evicts least-recently-used "
-                        "chunks beyond this much disk (default: none, no limit; recommended: "
-                        "about 80%% of the cache volume, e.g. 80G of a 100G disk, leaving "
-                        "room for the chunks in flight)")
+                   help="bound each repository's chunk cache under --cache-dir: its daemons "
+                        "evict least-recently-used chunks beyond this much disk (default: "
+                        "none, no limit; recommended: the cache volume's size divided by the "
+                        "number of repositories a node serves at once, with 20%% to spare)")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
                    help=f"the driver's records of volumes and daemons (default "
                         f"{DEFAULT_STATE_DIR})")
@@ -112,8 +112,10 @@ that pods mount ModelKits as inline ephemeral volumes:
         readOnly: true
         volumeAttributes: {reference: ghcr.io/org/model:v1, filter: model}
 
-Pods on one node asking for the same manifest digest (and filter, verify,
-prefetch) share one daemon; every daemon shares the node's chunk cache. The
+Pods on one node asking for the same manifest digest in the same repository
+(and filter, verify, prefetch) share one daemon; the daemons of one repository
+share its chunk cache (never another repository's: access is granted per
+repository). The
 daemons run outside this process: killing or restarting the driver leaves
 the mounts serving, and the next driver adopts them from --state-dir.
 Meant to run in the DaemonSet of deploy/kubernetes/.

@@ -13,6 +13,7 @@ server; the last user's unpublish stops it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -207,6 +208,20 @@ class Node:
         state = read_state(Path(daemon.mountpoint))
         return state is not None and state.alive and _is_ours(Path(daemon.mountpoint))
 
+    def cache_dir(self, ref: Reference) -> Path:
+        """The chunk cache of the daemons reading from `ref`'s repository: one per
+        repository, under --cache-dir.
+
+        The cache finds chunks, layouts and verified layers by digest alone, so a daemon
+        sharing one with a daemon that read a private ModelKit serves those bytes without
+        asking its registry: a pod naming a registry of its own that claims the same blobs
+        (HEAD 200; _resolve cannot tell) would read them. Bytes read with access to one
+        repository are therefore only ever served to daemons of that repository, whose
+        users proved access to it.
+        """
+        name = f"{ref.registry.lower()}/{ref.repository}"
+        return self.config.cache_dir / "repos" / hashlib.sha256(name.encode()).hexdigest()[:24]
+
     def _start(self, key: str, digest: str, attrs: Attributes,
                auths: dict[str, Any] | None) -> DaemonRecord:
         ref = parse_reference(attrs.reference)
@@ -221,7 +236,7 @@ class Node:
                               str(home) if home is not None else None)
         self.records.save_daemon(record)  # first: a crash from here on leaves it to clean up
         config = MountConfig(
-            reference=pinned, mountpoint=mountpoint, cache_dir=self.config.cache_dir,
+            reference=pinned, mountpoint=mountpoint, cache_dir=self.cache_dir(ref),
             client=self.config.client, filters=(attrs.filter,), prefetch=attrs.prefetch,
             verify=attrs.verify, allow_other=True,  # pods run as any user
             cache_size=self.config.cache_size,
