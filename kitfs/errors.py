@@ -56,6 +56,16 @@ class AccessDeniedError(AuthError):
     will not help, being granted access will (the CSI driver's PERMISSION_DENIED)."""
 
 
+class RegistryBusyError(RegistryError):
+    """The registry answered 5xx or 429 (after the retries): there, but not serving now.
+    `status` tells which; trying again later may work (the CSI driver's UNAVAILABLE)."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        # a default: helpers re-raise an error as type(exc)(new message)
+        super().__init__(message)
+        self.status = status
+
+
 class UnreachableError(RegistryError):
     """The registry could not be reached, or stopped answering within the deadline."""
 

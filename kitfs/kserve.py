@@ -13,7 +13,11 @@ to its final name only after its bytes matched the ModelKit's digests.
 Credentials given in KIT_USER / KIT_PASSWORD are checked against REF's registry
 and kept for this run only, in a private kitops home inside a 0700 temporary
 directory removed on exit (entrypoint.scratch_directory); KIT_PASSWORD is
-removed from this process's environment once read, and never printed.
+never printed, and is dropped from os.environ once read, so that no process
+this one starts inherits it. That does not hide it on the node: the kernel
+keeps the environment the process started with, and /proc/PID/environ shows
+it to root and to the same user for the life of the process (as it does for
+kit's own image); a Secret mounted as a file would be the way to avoid that.
 """
 
 from __future__ import annotations

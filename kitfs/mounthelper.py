@@ -11,8 +11,13 @@ mount(8) and systemd must see the mount.
 
 An fstab field cannot hold a comma and kit's filter syntax is built on them
 (`model,docs:readme`), so a filter may be written in double quotes, which
-libmount keeps together (`filter="model,docs"`), or with `+` for each comma
-(`filter=model+docs`).
+libmount keeps together (`filter="model,docs:a,b"`), or with `+` for each
+comma between type names (`filter=model+docs`). Only there: after the `:`
+come names and paths, which may hold a `+` of their own (`filter=code:c++`
+keeps it), so several of them need the double quotes.
+
+Each value goes to `kitfs mount` as `--flag=VALUE`, one word, so that a value
+starting with `-` is never read as a flag of its own.
 """
 
 from __future__ import annotations
@@ -101,7 +106,8 @@ def kitfs_mount_argv(
             if flag not in known_flags:
                 raise UsageError(f"option {name}: this kitfs mount has no {flag}")
             if name == "filter":
-                value = value.replace("+", ",")
+                kinds, colon, ids = value.partition(":")
+                value = kinds.replace("+", ",") + colon + ids
             if name == "proxy" and "@" in value:
                 # OPTIONS show in `ps` (mount's and this helper's argv) and fstab is
                 # world-readable: a proxy password must come from the environment.
@@ -110,7 +116,7 @@ def kitfs_mount_argv(
                     "(they show in ps and fstab); set KITFS_PROXY or HTTPS_PROXY in the "
                     "environment of mount (in a .mount unit: Environment= or EnvironmentFile=)"
                 )
-            argv += [flag, value]
+            argv.append(f"{flag}={value}")
         elif name in SWITCH_OPTIONS and not eq:
             argv.append(SWITCH_OPTIONS[name])
         elif option in GENERIC_OPTIONS or option.startswith(GENERIC_PREFIXES):

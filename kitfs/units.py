@@ -20,6 +20,13 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
+def parse_cache_size(text: str | None) -> int | None:
+    """--cache-size: a size, or None (no limit) for none/unlimited or when not given."""
+    if text is None or text.strip().lower() in ("none", "unlimited"):
+        return None
+    return parse_size(text)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

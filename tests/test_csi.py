@@ -22,10 +22,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -137,8 +138,8 @@ def dockerconfig(host: str, user: str, password: str) -> str:
     return json.dumps({"auths": {host: {"auth": auth}}})
 
 
-def pack(project: Path, ref: str, home: Path) -> None:
-    packed = kitfs("pack", str(project), "-t", ref, home=home)
+def pack(project: Path, ref: str, home: Path, *flags: str) -> None:
+    packed = kitfs("pack", str(project), "-t", ref, *flags, home=home)
     assert packed.returncode == 0, packed.stderr
 
 
@@ -151,19 +152,31 @@ def model(registry: RegistryServer, tmp_path_factory: pytest.TempPathFactory) ->
     return Model(ref, (project / WEIGHTS).read_bytes())
 
 
+def _secure(registry: RegistryServer, root: Path, name: str, *flags: str) -> Model:
+    project = make_project(root / "proj", weight_bytes=1 << 20)
+    home = root / "home"
+    host = registry.host
+    login = kitfs("login", host, "-u", str(registry.username), "--password-stdin",
+                  home=home, stdin=f"{registry.password}\n")
+    assert login.returncode == 0, login.stderr
+    ref = f"{host}/csi/{name}:v1"
+    pack(project, ref, home, *flags)
+    return Model(ref, (project / WEIGHTS).read_bytes())
+
+
 @pytest.fixture(scope="module")
 def secure_model(auth_registry: RegistryServer,
                  tmp_path_factory: pytest.TempPathFactory) -> Model:
-    root = tmp_path_factory.mktemp("csi-secure")
-    project = make_project(root / "proj", weight_bytes=1 << 20)
-    home = root / "home"
-    host = auth_registry.host
-    login = kitfs("login", host, "-u", str(auth_registry.username), "--password-stdin",
-                  home=home, stdin=f"{auth_registry.password}\n")
-    assert login.returncode == 0, login.stderr
-    ref = f"{host}/csi/secure:v1"
-    pack(project, ref, home)
-    return Model(ref, (project / WEIGHTS).read_bytes())
+    return _secure(auth_registry, tmp_path_factory.mktemp("csi-secure"), "secure")
+
+
+@pytest.fixture(scope="module")
+def secure_gzip_model(auth_registry: RegistryServer,
+                      tmp_path_factory: pytest.TempPathFactory) -> Model:
+    """Compressed layers: their layouts are cached by digest, so a mount needs no tar
+    header from the registry once another mount read them."""
+    return _secure(auth_registry, tmp_path_factory.mktemp("csi-secure-gz"), "secure-gz",
+                   "--compression", "gzip")
 
 
 def _env(root: Path) -> dict[str, str]:
@@ -182,7 +195,7 @@ def _start_driver(root: Path, mounter: Path | None = None, metrics: str = "off")
             [sys.executable, "-m", "kitfs.cli", "csi", "--endpoint", f"unix://{sock}",
              "--node-id", "node-1", "--cache-dir", str(root / "cache"),
              "--state-dir", str(root / "state"), "--staging-dir", str(root / "staging"),
-             "--metrics-addr", metrics, *extra],
+             "--metrics-addr", metrics, "--cache-size", "64M", *extra],
             stdout=out, stderr=out, env=_env(root), start_new_session=True)
     channel = grpc.insecure_channel(f"unix://{sock}")
     driver = Driver(root, sock, log, process, csi_pb2_grpc.NodeStub(channel),
@@ -277,6 +290,8 @@ def test_pods_share_one_daemon_until_the_last_unpublish(driver: Driver, model: M
 
     (daemon,) = driver.daemons()  # one daemon serves both pods
     assert daemon.alive
+    argv = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[argv.index(b"--cache-size") + 1] == str(64 << 20).encode()  # the node's bound
     a, b, staged = find_mount(first), find_mount(second), find_mount(Path(daemon.mountpoint))
     assert a is not None and b is not None and staged is not None
     assert a.device == b.device == staged.device  # binds of the daemon's one FUSE mount
@@ -314,6 +329,10 @@ def test_a_dead_daemon_is_reported_and_remounted(driver: Driver, model: Model) -
     os.kill(daemon.pid, signal.SIGKILL)
     with pytest.raises(OSError):  # the pod's mount is dead: every access says ENOTCONN
         os.listdir(target)
+    # Its FUSE connection ends before the process does: wait until it is gone (a zombie).
+    deadline = time.monotonic() + RPC_WAIT
+    while daemon_alive(daemon.pid, daemon.start_time) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not driver.identity.Probe(csi_pb2.ProbeRequest(), timeout=RPC_WAIT).ready.value
 
     driver.publish(target, model.ref, pod="dead", filter="model,docs")  # kubelet again
@@ -332,7 +351,13 @@ def test_concurrent_publishes_of_one_model(driver: Driver, model: Model) -> None
 
     def publish(target: Path) -> None:
         try:
-            driver.publish(target, model.ref, pod=target.parents[3].name)
+            while True:  # as kubelet: ABORTED (another call holds the daemon) is retried
+                try:
+                    driver.publish(target, model.ref, pod=target.parents[3].name)
+                    return
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.ABORTED:
+                        raise
         except BaseException as exc:
             errors.append(exc)
 
@@ -346,7 +371,16 @@ def test_concurrent_publishes_of_one_model(driver: Driver, model: Model) -> None
     for target in targets:
         assert read_all(target / WEIGHTS) == model.weights
 
-    threads = [threading.Thread(target=driver.unpublish, args=(t,)) for t in targets]
+    def unpublish(target: Path) -> None:
+        while True:
+            try:
+                driver.unpublish(target)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.ABORTED:
+                    raise
+
+    threads = [threading.Thread(target=unpublish, args=(t,)) for t in targets]
     for t in threads:
         t.start()
     for t in threads:
@@ -372,6 +406,10 @@ def test_bad_requests_get_the_right_codes(driver: Driver, model: Model) -> None:
     assert status == invalid and "registry" in message
     status, message = code(lambda: driver.publish(target, model.ref, secret="{not json"))
     assert status == invalid and "JSON" in message
+    for auth in ("bm8tY29sb24=", "%%%not base64", "//79/A=="):  # "no-colon", junk, not UTF-8
+        secret = json.dumps({"auths": {"registry.example": {"auth": auth}}})
+        status, message = code(lambda s=secret: driver.publish(target, model.ref, secret=s))
+        assert status == invalid and "'registry.example'" in message and auth not in message
 
     status, message = code(lambda: driver.publish(target, model.ref.replace(":v1", ":nope")))
     assert status == grpc.StatusCode.NOT_FOUND and "nope" in message
@@ -739,3 +777,197 @@ def test_the_mounter_runs_only_daemon_mounts(mounter: Mounter, tmp_path: Path) -
     assert find_mount(mp) is None and list(mp.iterdir()) == []
     assert "hunter2-not-logged" not in mounter.log.read_text()
     assert mounter.process.poll() is None
+
+
+class _ManifestCopy(http.server.BaseHTTPRequestHandler):
+    """The reviewer's attack: a registry of one's own serving a copy of a private
+    manifest's bytes (no credentials needed), and nothing else."""
+
+    manifest = b""
+    sizes: ClassVar[dict[str, int]] = {}  # blobs it claims to have (HEAD only): digest -> size
+    blobs: ClassVar[dict[str, bytes]] = {}  # blobs it has (the config: metadata leaks more easily)
+
+    def _answer(self, body: bool) -> None:
+        digest = self.path.rsplit("/", 1)[-1]
+        if "/manifests/" in self.path:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+            data = self.manifest
+        elif digest in self.blobs:
+            self.send_response(200)
+            data = self.blobs[digest]
+        elif not body and digest in self.sizes:
+            self.send_response(200)
+            self.send_header("Content-Length", str(self.sizes[digest]))
+            self.send_header("Docker-Content-Digest", digest)
+            self.end_headers()
+            return
+        else:
+            self.send_response(404)
+            data = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}'
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._answer(True)
+
+    def do_HEAD(self) -> None:
+        self._answer(False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("claims_blobs", "compressed"),
+                         [(False, False), (True, False), (True, True)],
+                         ids=["honest", "lying", "lying-gzip"])
+def test_a_copied_manifest_does_not_join_a_private_daemon(
+        driver: Driver, auth_registry: RegistryServer, request: pytest.FixtureRequest,
+        claims_blobs: bool, compressed: bool) -> None:
+    """A registry of one's own serving a private manifest's bytes reads nothing private:
+    it does not join the owner's daemon, and when it claims the blobs too (HEAD 200), the
+    daemon it gets does not find the owner's chunks in the node's cache (before the cache
+    was split per repository, it read the private weights from there)."""
+    secure_model: Model = request.getfixturevalue(
+        "secure_gzip_model" if compressed else "secure_model")
+    repository = secure_model.ref.split("/", 1)[1].split(":")[0]
+    host, password = auth_registry.host, str(auth_registry.password)
+    login = base64.b64encode(f"kitfs:{password}".encode()).decode()
+
+    def fetch(path: str, put: bytes | None = None) -> bytes:
+        asked = urllib.request.Request(
+            f"http://{host}/v2/{repository}/{path}", data=put,
+            method="PUT" if put is not None else "GET", headers={
+                "Authorization": f"Basic {login}",
+                "Accept": "application/vnd.oci.image.manifest.v1+json",
+                "Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        with urllib.request.urlopen(asked, timeout=RPC_WAIT) as answer:
+            return bytes(answer.read())
+
+    doc = json.loads(fetch("manifests/v1"))
+    # As kit packs it: no kitfs table of contents, so mounts stream the compressed layers
+    # and cache their layouts and chunks by layer digest.
+    doc.get("annotations", {}).pop("dev.kitfs.toc.digest", None)
+    manifest = json.dumps(doc).encode()
+    fetch("manifests/plain", put=manifest)
+    owner = driver.target("pod-owner")
+    driver.publish(owner, secure_model.ref.replace(":v1", ":plain"),
+                   secret=dockerconfig(host, "kitfs", password))
+    (daemon,) = driver.daemons()
+    sizes = {d["digest"]: d["size"] for d in [doc["config"], *doc["layers"]]}
+    config = {doc["config"]["digest"]: fetch(f"blobs/{doc['config']['digest']}")}
+    handler = type("Copy", (_ManifestCopy,), {"manifest": manifest,
+                                              "sizes": sizes if claims_blobs else {},
+                                              "blobs": config if claims_blobs else {}})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    intruder = driver.target("pod-intruder")
+    try:
+        evil = f"127.0.0.1:{server.server_address[1]}/evil/x:v1"
+        assert read_all(owner / WEIGHTS) == secure_model.weights  # in the node's cache now
+        if not claims_blobs:  # no blobs there: refused before any daemon starts
+            status, message = code(lambda: driver.publish(intruder, evil, pod="intruder"))
+            assert status == grpc.StatusCode.NOT_FOUND and "blob" in message
+            assert find_mount(intruder) is None and not intruder.exists()
+        else:  # a daemon of its own (another key): whatever it mounts, no private byte
+            try:
+                driver.publish(intruder, evil, pod="intruder")
+            except grpc.RpcError:
+                assert find_mount(intruder) is None and not intruder.exists()
+            else:
+                leaked = None
+                with contextlib.suppress(OSError):
+                    leaked = read_all(intruder / WEIGHTS)
+                driver.unpublish(intruder)
+                assert leaked is None, "the intruder read the private weights"
+        assert [d.pid for d in driver.daemons()] == [daemon.pid]
+    finally:
+        server.shutdown()
+        server.server_close()
+        driver.unpublish(owner)
+    assert driver.daemons() == []
+
+
+class _Stalling(http.server.BaseHTTPRequestHandler):
+    """A registry that holds every request until the test lets it answer (404)."""
+
+    arrived: threading.Event
+    release: threading.Event
+
+    def do_GET(self) -> None:
+        self.arrived.set()
+        self.release.wait(RPC_WAIT)
+        body = b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}'
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_retry_of_a_slow_publish_is_aborted_not_queued(driver: Driver) -> None:
+    """kubelet retries a publish past its deadline: the retry answers ABORTED at once
+    instead of holding a gRPC worker behind the first, which still finishes."""
+    arrived, release = threading.Event(), threading.Event()
+    handler = type("Stall", (_Stalling,), {"arrived": arrived, "release": release})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = driver.target("pod-slow")
+    ref = f"127.0.0.1:{server.server_address[1]}/slow/model:v1"
+    first: list[tuple[grpc.StatusCode, str]] = []
+    thread = threading.Thread(target=lambda: first.append(code(lambda: driver.publish(
+        target, ref, pod="slow"))))
+    try:
+        thread.start()
+        assert arrived.wait(RPC_WAIT)
+        status, message = code(lambda: driver.publish(target, ref, pod="slow"))
+        assert status == grpc.StatusCode.ABORTED and "already in progress" in message
+        status, message = code(lambda: driver.unpublish(target))
+        assert status == grpc.StatusCode.ABORTED
+        assert not release.is_set()  # both answered while the first still waits
+    finally:
+        release.set()
+        thread.join()
+        server.shutdown()
+        server.server_close()
+    assert first[0][0] == grpc.StatusCode.NOT_FOUND
+    assert not target.exists() and driver.daemons() == []
+
+
+def test_a_target_path_must_be_the_canonical_one(driver: Driver, model: Model,
+                                                 tmp_path: Path) -> None:
+    target = driver.target("pod-paths")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (target.parent / "link").symlink_to(elsewhere)
+    (target.parents[1] / "linked-parent").symlink_to(target.parent)
+    bad = [str(target.parent / "link"),  # the last component is a symlink
+           str(target.parents[1] / "linked-parent" / "mount"),  # a symlink in the parents
+           str(target.parent / ".." / target.parent.name / "mount"),
+           str(target) + "/", "relative/mount"]
+    for path in bad:
+        status, message = code(lambda path=path: driver.node.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=volume_id(target), target_path=path, readonly=True,
+                volume_capability=csi_pb2.VolumeCapability(mount={}),
+                volume_context={"reference": model.ref}), timeout=RPC_WAIT))
+        assert status == grpc.StatusCode.INVALID_ARGUMENT and "target_path" in message, path
+        status, _ = code(lambda path=path: driver.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id(target), target_path=path),
+            timeout=RPC_WAIT))
+        assert status == grpc.StatusCode.INVALID_ARGUMENT, path
+    assert list(elsewhere.iterdir()) == [] and find_mount(elsewhere) is None
+    assert driver.daemons() == []
+
+
+def test_a_bad_cache_size_is_refused_before_serving(tmp_path: Path) -> None:
+    done = kitfs("csi", "--endpoint", str(tmp_path / "csi.sock"), "--cache-size", "12Q",
+                 "--metrics-addr", "off")
+    assert done.returncode == 2 and "12Q" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "csi.sock").exists()

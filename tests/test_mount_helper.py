@@ -7,6 +7,7 @@ interpreter (no `scripts/setup` needed), and puts back whatever was there.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import json
@@ -380,8 +381,11 @@ def test_options_map_to_kitfs_mount_flags() -> None:
         ["rw", "defaults", "_netdev", "comment=systemd.automount", "filter=model+docs",
          "allow_other", "proxy=http://proxy:3128"],
         known_flags=FLAGS)
-    assert argv == ["mount", "r/x:v1", "/mnt/m", "--filter", "model,docs", "--allow-other",
-                    "--proxy", "http://proxy:3128"]
+    assert argv == ["mount", "r/x:v1", "/mnt/m", "--filter=model,docs", "--allow-other",
+                    "--proxy=http://proxy:3128"]
+    # '+' is a comma between type names only: names and paths keep theirs
+    assert kitfs_mount_argv("r/x:v1", "/mnt/m", ["filter=model+code:src/c++/x.h"],
+                            known_flags=FLAGS)[3:] == ["--filter=model,code:src/c++/x.h"]
     with pytest.raises(UsageError, match="has no --metrics-addr"):
         kitfs_mount_argv("r/x:v1", "/mnt/m", ["metrics_addr=127.0.0.1:9100"], known_flags=FLAGS)
     with pytest.raises(UsageError, match="allow_other"):
@@ -405,3 +409,17 @@ def test_extra_tags_in_a_reference_cannot_reach_the_fuse_options(
             assert seen.pop("Kitfile") and seen == kit.files
         finally:
             ok(kitfs("umount", str(mountpoint)))
+
+
+def test_a_value_starting_with_a_dash_stays_a_value() -> None:
+    """`cache_dir=--allow-other` is a directory named so, not the switch (nor may it eat
+    the next flag as its value)."""
+    argv = kitfs_mount_argv("r/x:v1", "/mnt/m", ["cache_dir=--allow-other", "prefetch=none"],
+                            known_flags=FLAGS)
+    from kitfs.commands import mount
+
+    parser = argparse.ArgumentParser()
+    mount.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    assert args.cache_dir == "--allow-other" and not args.allow_other
+    assert args.prefetch == "none"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kitfs.commands.command import Command
 from kitfs.commands.common import add_network_options, client_options, daemon_env
+from kitfs.units import parse_cache_size
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_STATE_DIR = "/run/kitfs/csi"
@@ -45,8 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "path works too)")
     p.add_argument("--node-id", metavar="ID", help="this node's id (default: the host name)")
     p.add_argument("--cache-dir", default="/var/cache/kitfs", metavar="DIR",
-                   help="the node's chunk cache, shared by every volume (default "
-                        "/var/cache/kitfs)")
+                   help="the node's chunk caches, one per repository (DIR/repos/<hash>), "
+                        "shared by that repository's volumes (default /var/cache/kitfs)")
+    p.add_argument("--cache-size", metavar="SIZE",
+                   help="bound each repository's chunk cache under --cache-dir: its daemons "
+                        "evict least-recently-used chunks beyond this much disk (default: "
+                        "none, no limit; recommended: the cache volume's size divided by the "
+                        "number of repositories a node serves at once, with 20%% to spare)")
+    p.add_argument("--cache-scope", choices=("repository", "node"), default="repository",
+                   help="repository (default): one chunk cache per repository, so that a "
+                        "pod reads cached bytes only of repositories it proved access to; "
+                        "node: one cache for every volume (less disk and download when "
+                        "repositories share layers) - only where every pod on the node may "
+                        "read every model any of them uses")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
                    help=f"the driver's records of volumes and daemons (default "
                         f"{DEFAULT_STATE_DIR})")
@@ -104,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         _logging(args.verbose, "kitfs-mounter")
         return serve_mounter(path)
     metrics = metrics_address(args.metrics_addr)
+    cache_size = parse_cache_size(args.cache_size)  # a bad size fails before the server
     options = client_options(args)
     # bad sockets fail here, not in a restart loop
     mounter = socket_path(args.mounter, "--mounter") if args.mounter else None
@@ -123,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     config = DriverConfig(
         node_id=args.node_id or socket.gethostname(),
         state_dir=absolute(args.state_dir), staging_dir=absolute(args.staging_dir),
-        cache_dir=absolute(args.cache_dir), client=options,
+        cache_dir=absolute(args.cache_dir), cache_size=cache_size,
+        cache_scope=args.cache_scope, client=options,
         daemon_env=daemon_env(options), verbose=args.verbose, mounter=mounter,
     )
     return serve(config, args.endpoint, metrics)
@@ -143,13 +157,14 @@ that pods mount ModelKits as inline ephemeral volumes:
         readOnly: true
         volumeAttributes: {reference: ghcr.io/org/model:v1, filter: model}
 
-Pods on one node asking for the same manifest digest (and filter, verify,
-prefetch) share one daemon; every daemon shares the node's chunk cache. The
-daemons run outside the gRPC server: killing it leaves the mounts serving,
-and the next server adopts them from --state-dir. With --mounter, the
-daemons are started by `kitfs csi mounter` in another container, so that a
-restart or upgrade of this driver's container leaves them serving too.
-Meant to run in the DaemonSets of deploy/kubernetes/.
+Pods on one node asking for the same manifest digest in the same repository
+(and filter, verify, prefetch) share one daemon; the daemons of one repository
+share its chunk cache (never another repository's: access is granted per
+repository). The daemons run outside the gRPC server: killing it leaves the
+mounts serving, and the next server adopts them from --state-dir. With
+--mounter, the daemons are started by `kitfs csi mounter` in another
+container, so that a restart or upgrade of this driver's container leaves
+them serving too. Meant to run in the DaemonSets of deploy/kubernetes/.
 
 examples:
   kitfs csi --endpoint unix:///csi/csi.sock --node-id "$NODE_NAME" \\

@@ -67,13 +67,11 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     from kitfs.modelkit.filters import FilterSet
     from kitfs.mounts import MountConfig, absolute_mountpoint, default_cache_dir, log_path
     from kitfs.oci.reference import parse_reference
-    from kitfs.units import parse_size
+    from kitfs.units import parse_cache_size, parse_size
 
     parse_reference(args.reference)  # a bad reference fails here, before anything starts
     FilterSet.parse(args.filter)
-    cache_size = None
-    if args.cache_size is not None and args.cache_size.lower() not in ("none", "unlimited"):
-        cache_size = parse_size(args.cache_size)
+    cache_size = parse_cache_size(args.cache_size)
     memory = parse_size(args.memory)
     if memory < 8 << 20:
         raise UsageError(f"--memory {args.memory}: at least 8M (a few chunks) is needed")

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from kitfs.csi.mounter import MounterUnavailable
+from kitfs.csi.volumes import Busy
 from kitfs.errors import (
     AccessDeniedError,
     AuthError,
@@ -23,6 +24,7 @@ from kitfs.errors import (
     KitfileError,
     KitfsError,
     NotFoundError,
+    RegistryBusyError,
     UnreachableError,
     UsageError,
 )
@@ -48,6 +50,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The code and message a failed call answers with."""
     if isinstance(exc, CsiError):
         return exc.code, str(exc)
+    if isinstance(exc, Busy):
+        return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, BadReferenceError | KitfileError | UsageError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     # 403 is checked first: it is an AuthError too, but logging in again will not help.
@@ -59,6 +63,12 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, UnreachableError | MounterUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    # A rate limit is a quota (Docker Hub's pull limit): RESOURCE_EXHAUSTED tells the
+    # operator so, where UNAVAILABLE would read as an outage. kubelet retries both.
+    if isinstance(exc, RegistryBusyError):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.status == 429 else \
+            grpc.StatusCode.UNAVAILABLE
+        return code, str(exc)
     if isinstance(exc, KitfsError):
         return grpc.StatusCode.INTERNAL, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
@@ -73,7 +83,7 @@ def rpc(method: Callable[[Any, Any, Any], R]) -> Callable[[Any, Any, Any], R]:
             return method(self, request, context)
         except Exception as exc:
             code, message = status_of(exc)
-            if isinstance(exc, KitfsError | CsiError):
+            if isinstance(exc, KitfsError | CsiError | Busy):
                 log.warning("%s failed: %s: %s", method.__name__, code.name, message)
             else:
                 log.error("%s failed", method.__name__, exc_info=exc)

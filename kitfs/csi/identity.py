@@ -37,7 +37,8 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         Not ready is a report, not a reason to restart the driver: a restart of its
         container would end every daemon in it (see the README's Kubernetes section).
         """
-        unhealthy = []
+        unhealthy = [f"{reference} (unused, will not stop)"
+                     for reference in self.node.stop_unused()]
         now = time.time()
         for daemon in self.node.records.daemons():
             state = read_state(Path(daemon.mountpoint))

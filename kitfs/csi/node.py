@@ -1,19 +1,21 @@
 """The CSI Node service: publish a ModelKit at a pod's target path, unpublish it.
 
 Publishing checks the pod's volume attributes, resolves the reference to its
-manifest digest with the pod's own credentials (the authorization check: a
-pod joins a daemon another pod started only after proving it may read that
-manifest), then joins or starts the daemon for (digest, filter, verify,
-prefetch) at <staging-dir>/<key>/mnt and bind-mounts it read-only at the
-target. The daemon is a `kitfs mount` process in its own session, so it
-outlives this server; with --mounter it is the mounter's child, so it also
-outlives this server's container. The last user's unpublish stops it (by the
-pid in its state file, whoever started it).
+manifest digest with the pod's own credentials and reaches every blob it names
+in that repository (the authorization check: a pod joins a daemon another pod
+started only after proving it may read that ModelKit there), then joins or
+starts the daemon for (registry, repository, digest, filter, verify, prefetch)
+at <staging-dir>/<key>/mnt and bind-mounts it read-only at the target. The
+daemon is a `kitfs mount` process in its own session, so it outlives this
+server; with --mounter it is the mounter's child, so it also outlives this
+server's container. The last user's unpublish stops it (by the pid in its
+state file, whoever started it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import trio
@@ -29,13 +31,23 @@ import trio
 from kitfs.csi import binds, csi_pb2, csi_pb2_grpc
 from kitfs.csi.codes import CsiError, answer_unimplemented, invalid, rpc
 from kitfs.csi.mounter import request_daemon
-from kitfs.csi.volumes import Attributes, DaemonRecord, Records, VolumeRecord, daemon_key
+from kitfs.csi.volumes import (
+    Attributes,
+    Busy,
+    DaemonRecord,
+    Records,
+    VolumeRecord,
+    daemon_key,
+)
 from kitfs.engine.api import PrefetchMode, VerifyMode
+from kitfs.errors import FormatError, LocalStorageError, NotFoundError
 from kitfs.modelkit.filters import FilterSet
+from kitfs.modelkit.manifest import manifest_blobs
 from kitfs.mounts import (
     FS_TYPE,
     MountConfig,
     MountError,
+    absolute_mountpoint,
     daemon_argv,
     find_mount,
     read_state,
@@ -43,7 +55,7 @@ from kitfs.mounts import (
     umount,
 )
 from kitfs.oci.client import RegistryClient
-from kitfs.oci.credentials import save_auths
+from kitfs.oci.credentials import entry_credential, save_auths
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference, parse_reference
 
@@ -70,6 +82,9 @@ class DriverConfig:
     staging_dir: Path
     cache_dir: Path
     client: ClientOptions
+    cache_size: int | None = None  # bytes each daemon keeps its cache within; None: no limit
+    #: "repository": a chunk cache per repository (see Node.cache_dir); "node": one for all.
+    cache_scope: Literal["repository", "node"] = "repository"
     daemon_env: Mapping[str, str] | None = None  # None: the driver's own environment
     #: The mounter's socket (`--mounter`): it starts the daemons, outside this container.
     #: None: this server starts them itself, and they die with its container.
@@ -129,6 +144,12 @@ def secret_auths(secrets: Mapping[str, str]) -> dict[str, Any] | None:
         if isinstance(entry, dict)
     }
     entries = {host: entry for host, entry in entries.items() if entry}
+    for host, entry in entries.items():
+        try:  # as the daemon will read it, so a bad one fails here, as the pod's mistake
+            entry_credential(entry, "the volume's secret")
+        except LocalStorageError:
+            raise invalid(f"the volume's secret: the auth of registry {host!r} is not "
+                          "base64 of USER:PASSWORD") from None
     if not entries:
         raise invalid(f"the volume's secret: {SECRET_KEYS[0]} holds no registry credentials "
                       "(expected {\"auths\": {\"REGISTRY\": {\"auth\": ...}}})")
@@ -136,8 +157,24 @@ def secret_auths(secrets: Mapping[str, str]) -> dict[str, Any] | None:
 
 
 async def _resolve(ref: Reference, options: ClientOptions) -> str:
+    """The manifest digest, once these credentials have reached every blob it names here.
+
+    The node's chunk cache is content addressed and daemons are shared, so reading the
+    manifest alone proves too little: anyone can serve a copy of a private manifest from
+    a registry of their own. HEAD of the config and of every layer in this repository,
+    with these credentials, is what the daemon's own reads would need (every layer, not
+    only those the filter selects: a superset, and it needs no config parsing).
+    """
     async with RegistryClient(ref.registry, options) as client:
-        _, _, digest = await client.resolve_modelkit(ref.repository, ref.target)
+        manifest, _, digest = await client.resolve_modelkit(ref.repository, ref.target)
+        try:
+            blobs, _ = manifest_blobs(manifest)
+        except FormatError as exc:
+            raise invalid(f"{ref}: {exc}") from None
+        for blob in blobs:  # one at a time: a handful of HEADs, and one plain error
+            if await client.head_blob(ref.repository, blob.digest) is None:
+                raise NotFoundError(f"{ref}: blob {blob.digest} is not in "
+                                    f"{ref.registry}/{ref.repository}")
     return digest
 
 
@@ -170,7 +207,7 @@ class Node:
 
     def __init__(self, config: DriverConfig) -> None:
         self.config = config
-        self.records = Records(config.state_dir)
+        self.records = Records(config.state_dir, config.staging_dir)
 
     # -- daemons --------------------------------------------------------------------
 
@@ -178,6 +215,22 @@ class Node:
         """The daemon is alive and its mount is in place."""
         state = read_state(Path(daemon.mountpoint))
         return state is not None and state.alive and _is_ours(Path(daemon.mountpoint))
+
+    def cache_dir(self, ref: Reference) -> Path:
+        """The chunk cache of the daemons reading from `ref`'s repository: one per
+        repository, under --cache-dir.
+
+        The cache finds chunks, layouts and verified layers by digest alone, so a daemon
+        sharing one with a daemon that read a private ModelKit serves those bytes without
+        asking its registry: a pod naming a registry of its own that claims the same blobs
+        (HEAD 200; _resolve cannot tell) would read them. Bytes read with access to one
+        repository are therefore only ever served to daemons of that repository, whose
+        users proved access to it.
+        """
+        if self.config.cache_scope == "node":  # the operator vouches for every pod
+            return self.config.cache_dir
+        name = f"{ref.registry.lower()}/{ref.repository}"
+        return self.config.cache_dir / "repos" / hashlib.sha256(name.encode()).hexdigest()[:24]
 
     def _start(self, key: str, digest: str, attrs: Attributes,
                auths: dict[str, Any] | None) -> DaemonRecord:
@@ -193,9 +246,10 @@ class Node:
                               str(home) if home is not None else None)
         self.records.save_daemon(record)  # first: a crash from here on leaves it to clean up
         config = MountConfig(
-            reference=pinned, mountpoint=mountpoint, cache_dir=self.config.cache_dir,
+            reference=pinned, mountpoint=mountpoint, cache_dir=self.cache_dir(ref),
             client=self.config.client, filters=(attrs.filter,), prefetch=attrs.prefetch,
             verify=attrs.verify, allow_other=True,  # pods run as any user
+            cache_size=self.config.cache_size,
         )
         argv = daemon_argv(config, kitops_home=record.home or self.config.client.kitops_home,
                            verbose=self.config.verbose)
@@ -266,8 +320,36 @@ class Node:
             if daemon is not None:
                 self._stop(daemon)
 
+    def stop_unused(self) -> list[str]:
+        """Stop daemons no volume uses (one that would not stop at adoption or at its last
+        unpublish); the references of those still running without users.
+
+        Called at every publish, unpublish and probe, so a daemon that could not be stopped
+        once is tried again rather than left to run untracked. One whose key another call
+        holds is left for the next time.
+        """
+        used = {v.key for v in self.records.volumes()}
+        left = []
+        for daemon in self.records.daemons():
+            if daemon.key in used:
+                continue
+            try:
+                with self.records.locked(f"key:{daemon.key}"):
+                    again = self.records.daemon(daemon.key)
+                    if again is not None and not self.records.users(daemon.key):
+                        log.info("stopping the daemon for %s: no volume uses it",
+                                 daemon.reference)
+                        self._stop(again)
+            except Busy:
+                continue
+            except (MountError, OSError) as exc:
+                log.warning("cannot stop the unused daemon for %s: %s", daemon.reference, exc)
+                left.append(daemon.reference)
+        return left
+
     def publish(self, volume_id: str, target: Path, attrs: Attributes,
                 auths: dict[str, Any] | None, pod: str = "") -> None:
+        self.stop_unused()
         with self.records.locked(f"target:{target}"):
             existing = self.records.volume(str(target))
             if existing is not None:
@@ -301,6 +383,7 @@ class Node:
                      pod or volume_id)
 
     def unpublish(self, target: Path) -> None:
+        self.stop_unused()
         with self.records.locked(f"target:{target}"):
             volume = self.records.volume(str(target))
             if volume is None:
@@ -317,14 +400,12 @@ class Node:
     def adopt(self) -> None:
         """Take over what an earlier server left: its volumes, their daemons."""
         self.records.drop_leftover_credentials()
+        self.stop_unused()  # one that will not stop is logged, kept, retried, probed
         volumes = self.records.volumes()
         for daemon in self.records.daemons():
             users = [v for v in volumes if v.key == daemon.key]
-            with self.records.locked(f"key:{daemon.key}"):
-                if not users:
-                    log.info("stopping the daemon for %s: no volume uses it", daemon.reference)
-                    self._stop(daemon)
-                    continue
+            if not users:
+                continue
             alive = self.serving(daemon)
             log.info("adopted the daemon for %s serving %d volume(s)%s", daemon.reference,
                      len(users), "" if alive else " (it is gone: a publish remounts it, an "
@@ -338,6 +419,25 @@ class Node:
 # -- the gRPC service -----------------------------------------------------------------
 
 
+def target_path(text: str) -> Path:
+    """The request's target_path, which must be the canonical path kubelet made.
+
+    Records are keyed by it and bind mounts made on it: a path with `..`, a symlink in its
+    parents or a symlink as its last component would put the mount (or the unmount)
+    somewhere other than the path the record names.
+    """
+    if not text or not os.path.isabs(text):
+        raise invalid(f"target_path {text!r} is not an absolute path")
+    canonical = absolute_mountpoint(text)
+    if str(canonical) != text:
+        raise invalid(f"target_path {text!r} is not canonical (it is {str(canonical)!r}): "
+                      "no '..', '.', '//' or symbolic links in it")
+    if os.path.islink(text):
+        raise invalid(f"target_path {text!r} is a symbolic link")
+    return canonical
+
+
+
 class NodeService(csi_pb2_grpc.NodeServicer):
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -346,8 +446,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodePublishVolume(self, request: Any, context: Any) -> Any:
         if not request.volume_id:
             raise invalid("volume_id is missing")
-        if not request.target_path or not os.path.isabs(request.target_path):
-            raise invalid(f"target_path {request.target_path!r} is not an absolute path")
+        target = target_path(request.target_path)
         if not request.HasField("volume_capability"):
             raise invalid("volume_capability is missing")
         if request.volume_capability.HasField("block"):
@@ -357,16 +456,14 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         auths = secret_auths(request.secrets)
         pod = "/".join(request.volume_context.get(KUBELET_PREFIX + k, "")
                        for k in ("pod.namespace", "pod.name")).strip("/")
-        self.node.publish(request.volume_id, Path(request.target_path), attrs, auths, pod)
+        self.node.publish(request.volume_id, target, attrs, auths, pod)
         return csi_pb2.NodePublishVolumeResponse()
 
     @rpc
     def NodeUnpublishVolume(self, request: Any, context: Any) -> Any:
         if not request.volume_id:
             raise invalid("volume_id is missing")
-        if not request.target_path or not os.path.isabs(request.target_path):
-            raise invalid(f"target_path {request.target_path!r} is not an absolute path")
-        self.node.unpublish(Path(request.target_path))
+        self.node.unpublish(target_path(request.target_path))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     @rpc

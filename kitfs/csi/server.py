@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WORKERS = 8  # kubelet publishes a node's pods in parallel
+#: Calls past this many (running and queued) are answered RESOURCE_EXHAUSTED at once, which
+#: kubelet retries, instead of piling up behind slow publishes.
+MAX_RPCS = 4 * WORKERS
 STOP_GRACE = 10.0
 
 
@@ -71,7 +74,8 @@ def serve(config: DriverConfig, endpoint: str, metrics: str | None) -> int:
         path.unlink()  # left by the server before this one
     node = Node(config)
     node.adopt()
-    server = grpc.server(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"))
+    server = grpc.server(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="csi"),
+                         maximum_concurrent_rpcs=MAX_RPCS)
     # the generated registration functions carry no annotations
     csi_pb2_grpc.add_IdentityServicer_to_server(  # type: ignore[no-untyped-call]
         IdentityService(node), server)

@@ -10,6 +10,7 @@ get wrong after a restart of the server.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -47,7 +48,9 @@ def supervise(argv: Sequence[str]) -> int:
         nonlocal stopping
         stopping = True
         if server:
-            os.kill(server, signum)
+            # It may have ended a moment ago, not yet reaped (a zombie takes the signal).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -61,6 +64,9 @@ def supervise(argv: Sequence[str]) -> int:
         while True:
             pid, status = os.waitpid(-1, 0)
             if pid == server:
+                # At once: a reaped pid can be reused, and a signal must not reach another
+                # process that took it.
+                server = 0
                 break
             log.info("reaped process %d (a daemon an earlier server started)", pid)
         code = os.waitstatus_to_exitcode(status)
@@ -69,8 +75,7 @@ def supervise(argv: Sequence[str]) -> int:
         if time.monotonic() - started > HEALTHY_RUN:
             backoff = BACKOFF_FIRST
         log.warning("the CSI server (pid %d) exited with status %d; restarting in %gs "
-                    "(the mounts stay)", server, code, backoff)
-        server = 0
+                    "(the mounts stay)", pid, code, backoff)
         deadline = time.monotonic() + backoff
         while not stopping and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -8,6 +8,12 @@ started. So each fact is one small JSON file, replaced atomically:
     STATE/daemons/<key>.json             one per shared daemon: what it mounts, where
     STATE/homes/<key>/credentials.json   the registry credentials that daemon uses (0600)
 
+Records are data, never trusted as paths: a daemon record's key must be a key
+(24 hex digits, its file's name), its mountpoint and home are derived from the
+key, and a volume record's target must be the canonical absolute path its
+file is named for. Anything else is skipped with a warning, never acted on
+(`"key": "../../x"` would otherwise make drop_daemon remove a sibling).
+
 A daemon's users are the volume records naming its key (derived, never stored
 twice, so they cannot disagree). A volume record is written before its bind
 mount is made and removed after it is undone, so a crash in between leaves a
@@ -21,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -29,8 +36,22 @@ from pathlib import Path
 from typing import Any
 
 from kitfs.engine.api import PrefetchMode, VerifyMode
+from kitfs.oci.reference import parse_reference
 
 log = logging.getLogger(__name__)
+
+KEY_RE = re.compile(r"[0-9a-f]{24}")
+
+
+def is_key(text: object) -> bool:
+    """`text` is what daemon_key makes: safe as a file name, never a path."""
+    return isinstance(text, str) and KEY_RE.fullmatch(text) is not None
+
+
+def is_canonical(path: object) -> bool:
+    """An absolute path with no `.`, `..`, `//` or trailing slash (what kubelet passes)."""
+    return (isinstance(path, str) and os.path.isabs(path) and "\0" not in path
+            and os.path.normpath(path) == path and not path.startswith("//"))
 
 
 @dataclass(frozen=True)
@@ -80,8 +101,16 @@ class DaemonRecord:
 
 
 def daemon_key(digest: str, attributes: Attributes) -> str:
-    """Pods asking for the same manifest digest, filter, verify and prefetch share a daemon."""
-    text = json.dumps([digest, attributes.filter, attributes.verify, attributes.prefetch])
+    """Pods asking for the same manifest digest in the same repository (and filter, verify,
+    prefetch) share a daemon.
+
+    The registry and repository are part of the key because access is granted per
+    repository: a pod that proved it may read a digest in one repository (even one it
+    serves itself) must not join a daemon reading that digest from another.
+    """
+    ref = parse_reference(attributes.reference)
+    text = json.dumps([ref.registry.lower(), ref.repository, digest, attributes.filter,
+                       attributes.verify, attributes.prefetch])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -106,16 +135,23 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+class Busy(Exception):
+    """Another call holds the lock: the CSI spec's ABORTED, which kubelet retries."""
+
+
 class Records:
     """The records under the driver's --state-dir, and the locks that order changes to them.
 
     Lock order: a target's lock, then a key's lock. Publish and unpublish of one
     target are serialized; the key lock makes "start the daemon or join it" and
-    "leave it, and stop it if last" atomic with respect to each other.
+    "leave it, and stop it if last" atomic with respect to each other. Calls do not
+    wait for a lock (Busy instead): a publish holds one while a daemon starts, and
+    kubelet's retries of a slow call would otherwise each block a gRPC worker.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, staging: Path) -> None:
         self.root = root
+        self.staging = staging
         self._volumes = root / "volumes"
         self._daemons = root / "daemons"
         self._homes = root / "homes"
@@ -127,32 +163,45 @@ class Records:
         self._locks: dict[str, threading.Lock] = {}
 
     @contextlib.contextmanager
-    def locked(self, name: str) -> Iterator[None]:
+    def locked(self, name: str, *, wait: bool = False) -> Iterator[None]:
+        """Hold lock `name`; Busy at once if another call holds it (unless `wait`)."""
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
-        with lock:
+        if not lock.acquire(blocking=wait):
+            raise Busy(f"an operation on this volume is already in progress ({name})")
+        try:
             yield
+        finally:
+            lock.release()
 
     # -- volumes ------------------------------------------------------------------
 
     def _volume_path(self, target: str) -> Path:
         return self._volumes / (hashlib.sha256(os.fsencode(target)).hexdigest()[:32] + ".json")
 
-    def volume(self, target: str) -> VolumeRecord | None:
-        doc = _read_json(self._volume_path(target))
-        try:
-            return VolumeRecord.from_json(doc) if doc is not None else None
-        except (KeyError, TypeError):
-            log.warning("ignoring malformed volume record for %s", target)
+    def _load_volume(self, path: Path) -> VolumeRecord | None:
+        doc = _read_json(path)
+        if doc is None:
             return None
+        try:
+            record = VolumeRecord.from_json(doc)
+        except (KeyError, TypeError):
+            record = None
+        if (record is None or not is_key(record.key) or not is_canonical(record.target)
+                or self._volume_path(record.target) != path):
+            log.warning("ignoring malformed volume record %s", path)
+            return None
+        return record
+
+    def volume(self, target: str) -> VolumeRecord | None:
+        return self._load_volume(self._volume_path(target))
 
     def volumes(self) -> list[VolumeRecord]:
         found = []
         for path in sorted(self._volumes.glob("*.json")):
-            doc = _read_json(path)
-            with contextlib.suppress(KeyError, TypeError):
-                if doc is not None:
-                    found.append(VolumeRecord.from_json(doc))
+            record = self._load_volume(path)
+            if record is not None:
+                found.append(record)
         return found
 
     def users(self, key: str) -> list[VolumeRecord]:
@@ -167,13 +216,31 @@ class Records:
 
     # -- daemons ------------------------------------------------------------------
 
+    def mountpoint(self, key: str) -> Path:
+        """Where the daemon for `key` mounts: derived, never read from a record."""
+        return self.staging / key / "mnt"
+
+    def home(self, key: str) -> Path:
+        """The daemon's credentials directory, when it has one."""
+        return self._homes / key
+
     def daemon(self, key: str) -> DaemonRecord | None:
+        if not is_key(key):
+            log.warning("ignoring daemon record %r: not a daemon key", key)
+            return None
         doc = _read_json(self._daemons / f"{key}.json")
+        if doc is None:
+            return None
         try:
-            return DaemonRecord.from_json(doc) if doc is not None else None
+            record = DaemonRecord.from_json(doc)
         except (KeyError, TypeError):
+            record = None
+        if (record is None or record.key != key
+                or record.mountpoint != str(self.mountpoint(key))
+                or record.home not in (None, str(self.home(key)))):
             log.warning("ignoring malformed daemon record %s", key)
             return None
+        return record
 
     def daemons(self) -> list[DaemonRecord]:
         found = []
@@ -187,6 +254,8 @@ class Records:
         _write_json(self._daemons / f"{record.key}.json", record.to_json())
 
     def drop_daemon(self, key: str) -> None:
+        if not is_key(key):
+            raise ValueError(f"not a daemon key: {key!r}")
         with contextlib.suppress(FileNotFoundError):
             (self._daemons / f"{key}.json").unlink()
         shutil.rmtree(self._homes / key, ignore_errors=True)
@@ -204,6 +273,9 @@ class Records:
         shutil.rmtree(self._homes / name, ignore_errors=True)
 
     def drop_leftover_credentials(self) -> None:
-        """Remove what a server killed mid-publish left (request-*: not a daemon's)."""
-        for path in self._homes.glob("request-*"):
-            shutil.rmtree(path, ignore_errors=True)
+        """Remove credentials no daemon record names: a server killed mid-publish leaves
+        request-* (an authorization) or a daemon's home written before its record."""
+        for path in self._homes.iterdir():
+            if not (is_key(path.name) and (self._daemons / f"{path.name}.json").exists()):
+                log.info("removing leftover credentials %s", path.name)
+                shutil.rmtree(path, ignore_errors=True)

@@ -124,7 +124,9 @@ def _helper_for(config: dict[str, Any], address: str, detect: bool) -> str:
     return ""
 
 
-def _entry_credential(entry: dict[str, Any], where: str) -> Credential:
+def entry_credential(entry: dict[str, Any], where: str) -> Credential:
+    """The credential of one config.json `auths` entry; LocalStorageError if its auth is
+    not base64 of user:password (the CSI driver checks a pod's secret with it too)."""
     username = str(entry.get("username") or "")
     password = str(entry.get("password") or "")
     auth = entry.get("auth")
@@ -151,7 +153,7 @@ def _file_credential(config: dict[str, Any], address: str, path: str) -> Credent
         entry = next((v for k, v in auths.items() if _hostname(k) == address), None)
     if not isinstance(entry, dict):
         return None
-    cred = _entry_credential(entry, path)
+    cred = entry_credential(entry, path)
     return None if cred.is_empty else cred
 
 

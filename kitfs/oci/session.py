@@ -25,6 +25,7 @@ from kitfs.errors import (
     AuthError,
     KitfsError,
     NotFoundError,
+    RegistryBusyError,
     RegistryError,
     UnreachableError,
     UsageError,
@@ -468,7 +469,8 @@ class RegistrySession:
         proxy = proxy_for(url, self.options)
         if proxy is None or url.scheme != "http":
             return error
-        return type(error)(f"{error} (through proxy {proxy})")
+        error.args = (f"{error} (through proxy {proxy})",)  # keeps its type and fields
+        return error
 
     async def _status_error(
         self, response: httpx.Response, what: str, retries: int
@@ -493,12 +495,14 @@ class RegistrySession:
             )
         after = f" after retrying {retries} times" if retries else ""
         if status == 429:
-            return RegistryError(f"{what}: rate limited by {self.registry} (HTTP 429){after}")
+            return RegistryBusyError(
+                f"{what}: rate limited by {self.registry} (HTTP 429){after}", status)
         reason = response.reason_phrase or httpx.codes.get_reason_phrase(status)
         host = response.request.url.netloc.decode()
-        return RegistryError(
-            f"{what}: {host} answered HTTP {status} {reason}".rstrip() + f"{suffix}{after}"
-        )
+        message = f"{what}: {host} answered HTTP {status} {reason}".rstrip() + f"{suffix}{after}"
+        if status >= 500:
+            return RegistryBusyError(message, status)
+        return RegistryError(message)
 
 
 class _LastStatus:
