@@ -16,7 +16,7 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,9 +225,10 @@ def append_signature(
     config["rootfs"]["diff_ids"].append(new.descriptor["digest"])  # uncompressed: diff_id = digest
     config["history"].append({"created": _ZERO_TIME})
     config_bytes = go_json(config)
-    old_config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    old_config = manifest.get("config")
+    old_type = old_config.get("mediaType") if isinstance(old_config, dict) else None
     manifest["config"] = {
-        "mediaType": old_config.get("mediaType", OCI_CONFIG_MEDIA_TYPE),
+        "mediaType": old_type or OCI_CONFIG_MEDIA_TYPE,
         "size": len(config_bytes),
         "digest": _sha256(config_bytes),
     }

@@ -138,7 +138,7 @@ class PublicKey:
                 algs.append(hashes.SHA256)
             return [
                 (
-                    f"ECDSA {curve} {alg.name.upper()}",
+                    f"ECDSA {curve} {alg().name.upper()}",
                     lambda data, alg=alg: key.verify(der, data, ec.ECDSA(alg())),
                 )
                 for alg in algs
