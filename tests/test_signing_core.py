@@ -394,7 +394,7 @@ def test_cosigns_attestation_bundle_verifies_over_the_empty_image() -> None:
     tlog are keyless checks this core does not make."""
     assert sha256(empty_image_manifest()) == EMPTY_IMAGE_DIGEST
     parsed, cert_key = cosign_attestation()
-    assert parsed.version == (0, 3) and parsed.tlog_entries == 1
+    assert parsed.version == (0, 3) and len(parsed.tlog_entries) == 1
     verdict = bundle.verify_bundle(parsed, cert_key, EMPTY_IMAGE_DIGEST)
     assert verdict.predicate_type == "https://cosign.sigstore.dev/attestation/v1"
     assert not verdict.tlog_checked

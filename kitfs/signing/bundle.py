@@ -6,8 +6,8 @@ the signed manifest. This module parses such bundles (protojson, so parsed,
 never compared as bytes), verifies them with a public key as `cosign verify
 --key --insecure-ignore-tlog` does, and builds them and their referrer manifest.
 
-Not covered: certificate chains, identities and transparency-log proofs
-(keyless); a Verdict always says `tlog_checked=False`.
+Certificates, identities and transparency-log entries are keyless.py's part;
+a Verdict from here says `tlog_checked=False`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from kitfs.signing.dsse import (
     parse_statement,
 )
 from kitfs.signing.gojson import go_json
-from kitfs.signing.keys import PrivateKey, PublicKey
+from kitfs.signing.keys import PrivateKey, PublicKey, supported_public_key
 from kitfs.signing.payload import check_digest
 from kitfs.signing.refusal import Reason, SignatureRefused, most_telling
 from kitfs.signing.verdict import Verdict
@@ -64,7 +64,7 @@ class Bundle:
     envelope: Envelope | None  # None for message-signature (blob) bundles
     public_key_hint: str | None
     certificate: x509.Certificate | None
-    tlog_entries: int
+    tlog_entries: tuple[Any, ...]  # protojson TransparencyLogEntry objects, as found
 
 
 def parse_bundle(data: bytes) -> Bundle:
@@ -108,7 +108,7 @@ def parse_bundle(data: bytes) -> Bundle:
         envelope=envelope,
         public_key_hint=hint if isinstance(hint, str) else None,
         certificate=certificate,
-        tlog_entries=len(tlog) if isinstance(tlog, list) else 0,
+        tlog_entries=tuple(tlog) if isinstance(tlog, list) else (),
     )
 
 
@@ -124,10 +124,10 @@ def _signed_by(bundle: Bundle, key: PublicKey) -> bool | None:
         return bundle.public_key_hint == key.hint()
     if bundle.certificate is not None:
         try:
-            cert_key = PublicKey(bundle.certificate.public_key(), "certificate")  # type: ignore[arg-type]
-            return cert_key.der() == key.der()
-        except (ValueError, TypeError, AttributeError):
+            cert_key = supported_public_key(bundle.certificate.public_key(), "certificate")
+        except SignatureRefused:
             return None
+        return cert_key.der() == key.der()
     return None
 
 

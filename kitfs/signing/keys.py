@@ -175,6 +175,13 @@ def _ed25519ph_verify(signature: bytes, data: bytes, public_raw: bytes) -> None:
     nacl.bindings.crypto_sign_ed25519ph_final_verify(state, signature, public_raw)
 
 
+def supported_public_key(key: object, source: str) -> PublicKey:
+    """`key` (e.g. a certificate's) as a PublicKey, if it is of a type cosign accepts."""
+    _check_supported(key, source)
+    assert isinstance(key, PublicKeyType)
+    return PublicKey(key, source)
+
+
 def load_public_key(data: bytes, source: str) -> PublicKey:
     """A cosign public key file: PEM `PUBLIC KEY` (PKIX) or `RSA PUBLIC KEY` (PKCS#1)."""
     try:
@@ -186,9 +193,7 @@ def load_public_key(data: bytes, source: str) -> PublicKey:
         raise SignatureRefused(
             Reason.UNSUPPORTED_KEY, f"{source}: not a PEM public key ({e})"
         ) from None
-    _check_supported(key, source)
-    assert isinstance(key, PublicKeyType)
-    return PublicKey(key, source)
+    return supported_public_key(key, source)
 
 
 @dataclass(frozen=True)

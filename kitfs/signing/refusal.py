@@ -20,8 +20,11 @@ class Reason(IntEnum):
     NOT_A_SIGNATURE = 1
     UNSUPPORTED_KEY = 2
     WRONG_KEY = 3
-    TAMPERED = 4
-    DIGEST_MISMATCH = 5
+    UNTRUSTED = 4  # chain or transparency-log proof does not hold
+    EXPIRED_CERTIFICATE = 5
+    IDENTITY_MISMATCH = 6
+    TAMPERED = 7
+    DIGEST_MISMATCH = 8
 
 
 class SignatureRefused(SignatureError):
