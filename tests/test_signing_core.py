@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from kitfs.errors import SignatureError
-from kitfs.signing import bundle, classic, dsse, keys, payload
+from kitfs.signing import bundle, classic, dsse, keyless, keys, payload, trustroot
 from kitfs.signing.refusal import Reason, SignatureRefused
 
 DATA = Path(__file__).parent / "data" / "cosign"
@@ -491,3 +491,220 @@ def test_the_core_imports_neither_httpx_nor_trio() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+# --- keyless and transparency-log entries (offline, against cosign's trusted root) -----------
+
+GITHUB = "https://github.com/login/oauth"
+
+
+def trusted_root(edit: Any = None) -> trustroot.TrustedRoot:
+    doc = json.loads(read("cosign-trusted_root_pgi.json"))
+    if edit is not None:
+        edit(doc)
+    return trustroot.load_trusted_root(json.dumps(doc).encode(), "trusted_root_pgi.json")
+
+
+def test_trusted_root_is_read() -> None:
+    root = trusted_root()
+    rekor = public("ci-rekor.pub")
+    assert [log.log_id for log in root.logs] == [hashlib.sha256(rekor.der()).hexdigest()]
+    assert len(root.authorities) == 2
+    with pytest.raises(SignatureError, match="not a usable sigstore trusted root"):
+        trustroot.load_trusted_root(b'{"mediaType": "x"}', "bad.json")
+
+
+def test_published_keyless_classic_signature_verifies_at_log_time() -> None:
+    sig = containers_image_signature("ci-fulcio-rekor-valid.signature-1")
+    assert sha256(read("ci-fulcio-rekor-valid.manifest.json")) == REKOR_DIGEST
+    who = keyless.Identity("mitr@redhat.com", GITHUB)
+    verdict = keyless.verify_classic_keyless(sig, trusted_root(), who, REKOR_DIGEST)
+    assert verdict.tlog_checked
+    assert "mitr@redhat.com" in verdict.describe()
+
+    refused(Reason.IDENTITY_MISMATCH, keyless.verify_classic_keyless, sig, trusted_root(),
+            keyless.Identity("someone@else", GITHUB), REKOR_DIGEST)
+    refused(Reason.IDENTITY_MISMATCH, keyless.verify_classic_keyless, sig, trusted_root(),
+            keyless.Identity("mitr@redhat.com", "https://accounts.google.com"), REKOR_DIGEST)
+    refused(Reason.DIGEST_MISMATCH, keyless.verify_classic_keyless, sig, trusted_root(), who,
+            VALID_DIGEST)
+    # Without the log's word on when it signed, the 10-minute certificate is long expired.
+    message = refused(Reason.EXPIRED_CERTIFICATE, keyless.verify_classic_keyless, sig,
+                      trusted_root(), who, REKOR_DIGEST, True)
+    assert "2023-01-20T21:01:31Z" in message
+
+
+def test_keyless_classic_refused_without_trust() -> None:
+    sig = containers_image_signature("ci-fulcio-rekor-valid.signature-1")
+    who = keyless.Identity("mitr@redhat.com", GITHUB)
+
+    def no_cas(doc: dict[str, Any]) -> None:
+        doc["certificateAuthorities"] = doc["certificateAuthorities"][:1]  # expired in 2022
+
+    refused(Reason.UNTRUSTED, keyless.verify_classic_keyless, sig, trusted_root(no_cas), who,
+            REKOR_DIGEST)
+
+    def only_the_old_ca(doc: dict[str, Any]) -> None:
+        no_cas(doc)
+        del doc["certificateAuthorities"][0]["validFor"]["end"]  # valid, but not the issuer
+
+    message = refused(Reason.UNTRUSTED, keyless.verify_classic_keyless, sig,
+                      trusted_root(only_the_old_ca), who, REKOR_DIGEST)
+    assert "does not chain" in message
+
+    def other_log_key(doc: dict[str, Any]) -> None:
+        other = keys.generate_private_key().public()
+        doc["tlogs"][0]["publicKey"]["rawBytes"] = base64.b64encode(other.der()).decode()
+
+    message = refused(Reason.UNTRUSTED, keyless.verify_classic_keyless, sig,
+                      trusted_root(other_log_key), who, REKOR_DIGEST)
+    assert "signed entry timestamp" in message
+    annotations = dict(sig.annotations)
+    rekor = json.loads(annotations[classic.ANNOTATION_REKOR_BUNDLE])
+    rekor["Payload"]["integratedTime"] += 1
+    annotations[classic.ANNOTATION_REKOR_BUNDLE] = json.dumps(rekor)
+    moved = classic.ClassicSignature(sig.payload, annotations)
+    refused(Reason.UNTRUSTED, keyless.verify_classic_keyless, moved, trusted_root(), who,
+            REKOR_DIGEST)
+    del annotations[classic.ANNOTATION_REKOR_BUNDLE]
+    unlogged = classic.ClassicSignature(sig.payload, annotations)
+    refused(Reason.UNTRUSTED, keyless.verify_classic_keyless, unlogged, trusted_root(), who,
+            REKOR_DIGEST)
+    keyed = containers_image_signature("ci-valid.signature-1")
+    refused(Reason.WRONG_KEY, keyless.verify_classic_keyless, keyed, trusted_root(), who,
+            VALID_DIGEST)
+
+
+def test_published_keyed_signature_with_rekor_entry_verifies_logged() -> None:
+    sig = containers_image_signature("ci-key-rekor-valid.signature-1")
+    key = public("ci-cosign2.pub")
+    assert keyless.verify_classic_logged(sig, key, REKOR_DIGEST, trusted_root()).tlog_checked
+    # The entry must be about this signature: another signer's entry is refused.
+    keyless_sig = containers_image_signature("ci-fulcio-rekor-valid.signature-1")
+    swapped = dict(sig.annotations)
+    swapped[classic.ANNOTATION_REKOR_BUNDLE] = keyless_sig.annotations[
+        classic.ANNOTATION_REKOR_BUNDLE
+    ]
+    message = refused(Reason.UNTRUSTED, keyless.verify_classic_logged,
+                      classic.ClassicSignature(sig.payload, swapped), key, REKOR_DIGEST,
+                      trusted_root())
+    assert "another" in message
+    unlogged = containers_image_signature("ci-valid.signature-1")
+    refused(Reason.UNTRUSTED, keyless.verify_classic_logged, unlogged, public("ci-cosign.pub"),
+            VALID_DIGEST, trusted_root())
+
+
+def test_cosigns_keyless_bundle_verifies_offline() -> None:
+    parsed = bundle.parse_bundle(read("cosign-oci-attestation.sigstore.json"))
+    who = keyless.Identity("cody@soyland.com", GITHUB)
+    verdict = keyless.verify_bundle_keyless(parsed, trusted_root(), who, EMPTY_IMAGE_DIGEST)
+    assert verdict.tlog_checked and verdict.format == "bundle"
+    refused(Reason.IDENTITY_MISMATCH, keyless.verify_bundle_keyless, parsed, trusted_root(),
+            keyless.Identity("mitr@redhat.com", GITHUB), EMPTY_IMAGE_DIGEST)
+    refused(Reason.DIGEST_MISMATCH, keyless.verify_bundle_keyless, parsed, trusted_root(), who,
+            VALID_DIGEST)
+    refused(Reason.EXPIRED_CERTIFICATE, keyless.verify_bundle_keyless, parsed, trusted_root(),
+            who, EMPTY_IMAGE_DIGEST, True)
+    doc = json.loads(read("cosign-oci-attestation.sigstore.json"))
+    entry = doc["verificationMaterial"]["tlogEntries"][0]
+    entry["logIndex"] = str(int(entry["logIndex"]) + 1)
+    refused(Reason.UNTRUSTED, keyless.verify_bundle_keyless,
+            bundle.parse_bundle(json.dumps(doc).encode()), trusted_root(), who,
+            EMPTY_IMAGE_DIGEST)
+    signer = keys.generate_private_key()
+    keyed = bundle.parse_bundle(bundle.build_bundle(signer, VALID_DIGEST))
+    refused(Reason.WRONG_KEY, keyless.verify_bundle_keyless, keyed, trusted_root(), who,
+            VALID_DIGEST)
+    message = refused(Reason.UNTRUSTED, keyless.verify_bundle_logged, keyed, signer.public(),
+                      VALID_DIGEST, trusted_root())
+    assert "no transparency-log entry" in message
+
+
+def test_log_entries_must_describe_the_signature_they_vouch_for() -> None:
+    """A log of our own (its key in an edited trusted root) vouches for entries that
+    name another signature, payload or signer: each is refused."""
+    log = keys.generate_private_key()
+    log_id = hashlib.sha256(log.public().der()).hexdigest()
+
+    def our_log(doc: dict[str, Any]) -> None:
+        doc["tlogs"][0]["publicKey"]["rawBytes"] = base64.b64encode(log.public().der()).decode()
+        doc["tlogs"][0]["logId"]["keyId"] = base64.b64encode(bytes.fromhex(log_id)).decode()
+
+    root = trusted_root(our_log)
+    signer = keys.generate_private_key()
+    layer = classic.sign_classic(signer, "r/x", VALID_DIGEST)
+    signature = layer.descriptor["annotations"][classic.ANNOTATION_SIGNATURE]
+
+    def logged(**changes: Any) -> classic.ClassicSignature:
+        spec = {
+            "data": {"hash": {"algorithm": "sha256",
+                              "value": hashlib.sha256(layer.payload).hexdigest()}},
+            "signature": {"content": signature, "publicKey": {
+                "content": base64.b64encode(signer.public().pem()).decode()}},
+        }
+        spec.update(changes)
+        body = base64.b64encode(json.dumps(
+            {"apiVersion": "0.0.1", "kind": "hashedrekord", "spec": spec}).encode()).decode()
+        promise = {"body": body, "integratedTime": 1767225600, "logID": log_id, "logIndex": 7}
+        canonical = json.dumps(promise, sort_keys=True, separators=(",", ":")).encode()
+        rekor = {"SignedEntryTimestamp": base64.b64encode(log.sign(canonical)).decode(),
+                 "Payload": promise}
+        annotations = {**layer.descriptor["annotations"],
+                       classic.ANNOTATION_REKOR_BUNDLE: json.dumps(rekor)}
+        return classic.ClassicSignature(layer.payload, annotations)
+
+    assert keyless.verify_classic_logged(logged(), signer.public(), VALID_DIGEST, root)
+    other = classic.sign_classic(signer, "r/x", VALID_DIGEST).descriptor["annotations"]
+    cases = {
+        "another signature": {"signature": {
+            "content": other[classic.ANNOTATION_SIGNATURE],
+            "publicKey": {"content": base64.b64encode(signer.public().pem()).decode()}}},
+        "another signer": {"signature": {"content": signature, "publicKey": {
+            "content": base64.b64encode(keys.generate_private_key().public().pem()).decode()}}},
+        "another payload": {"data": {"hash": {"algorithm": "sha256", "value": "00" * 32}}},
+    }
+    for what, change in cases.items():
+        message = refused(Reason.UNTRUSTED, keyless.verify_classic_logged, logged(**change),
+                          signer.public(), VALID_DIGEST, root)
+        assert what in message
+
+
+def test_bundle_log_entries_must_describe_the_envelope() -> None:
+    log = keys.generate_private_key()
+    log_id = hashlib.sha256(log.public().der()).hexdigest()
+
+    def our_log(doc: dict[str, Any]) -> None:
+        doc["tlogs"][0]["publicKey"]["rawBytes"] = base64.b64encode(log.public().der()).decode()
+        doc["tlogs"][0]["logId"]["keyId"] = base64.b64encode(bytes.fromhex(log_id)).decode()
+
+    root = trusted_root(our_log)
+    signer = keys.generate_private_key()
+    made = json.loads(bundle.build_bundle(signer, VALID_DIGEST))
+    envelope = made["dsseEnvelope"]
+
+    def logged(signature_b64: str) -> bundle.Bundle:
+        spec = {
+            "payloadHash": {"algorithm": "sha256", "value": hashlib.sha256(
+                base64.b64decode(envelope["payload"])).hexdigest()},
+            "signatures": [{"signature": signature_b64, "verifier": base64.b64encode(
+                signer.public().pem()).decode()}],
+        }
+        body = base64.b64encode(json.dumps(
+            {"apiVersion": "0.0.1", "kind": "dsse", "spec": spec}).encode()).decode()
+        promise = {"body": body, "integratedTime": 1767225600, "logID": log_id, "logIndex": 9}
+        canonical = json.dumps(promise, sort_keys=True, separators=(",", ":")).encode()
+        made["verificationMaterial"]["tlogEntries"] = [{
+            "logIndex": "9", "logId": {"keyId": base64.b64encode(bytes.fromhex(log_id)).decode()},
+            "kindVersion": {"kind": "dsse", "version": "0.0.1"}, "integratedTime": "1767225600",
+            "inclusionPromise": {"signedEntryTimestamp": base64.b64encode(
+                log.sign(canonical)).decode()},
+            "canonicalizedBody": body,
+        }]
+        return bundle.parse_bundle(json.dumps(made).encode())
+
+    real = envelope["signatures"][0]["sig"]
+    assert keyless.verify_bundle_logged(logged(real), signer.public(), VALID_DIGEST, root)
+    forged = base64.b64encode(signer.sign(b"something else")).decode()
+    message = refused(Reason.UNTRUSTED, keyless.verify_bundle_logged, logged(forged),
+                      signer.public(), VALID_DIGEST, root)
+    assert "another signature" in message
