@@ -263,6 +263,13 @@ def test_classic_round_trip_and_refusals_for_every_key_type(signer: keys.Private
     refused(Reason.TAMPERED, classic.verify_classic, as_fetched, signer.public(), VALID_DIGEST)
     bare = classic.ClassicSignature(tampered, layer.descriptor["annotations"])
     refused(Reason.WRONG_KEY, classic.verify_classic, bare, signer.public(), VALID_DIGEST)
+    for garbage in (b"abc", b"\x30" * 64, b"\x00" * 64, b"\x00" * 512):
+        annotations = {classic.ANNOTATION_SIGNATURE: base64.b64encode(garbage).decode()}
+        broken = classic.ClassicSignature(layer.payload, annotations)
+        refused(Reason.WRONG_KEY, classic.verify_classic, broken, signer.public(), VALID_DIGEST)
+    unsigned = classic.ClassicSignature(layer.payload, {})
+    refused(Reason.NOT_A_SIGNATURE, classic.verify_classic, unsigned, signer.public(),
+            VALID_DIGEST)
 
 
 def test_signatures_made_the_ways_cosign_makes_them_verify() -> None:

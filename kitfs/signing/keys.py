@@ -121,7 +121,7 @@ class PublicKey:
         for scheme, check in self._schemes(signature):
             try:
                 check(data)
-            except (InvalidSignature, nacl.exceptions.BadSignatureError, ValueError):
+            except (InvalidSignature, nacl.exceptions.CryptoError, ValueError, TypeError):
                 continue
             return scheme
         raise SignatureRefused(
