@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from kitfs.errors import SignatureError
 from kitfs.signing import bundle, classic, dsse, keyless, keys, payload, trustroot
-from kitfs.signing.refusal import Reason, SignatureRefused
+from kitfs.signing.refusal import Reason, SignatureRefused, first_pass
 
 DATA = Path(__file__).parent / "data" / "cosign"
 VALID_DIGEST = "sha256:634a8f35b5f16dcf4aaa0822adc0b1964bb786fca12f6831de8ddc45e5986a00"
@@ -580,6 +580,13 @@ def test_keyless_classic_refused_without_trust() -> None:
     keyed = containers_image_signature("ci-valid.signature-1")
     refused(Reason.WRONG_KEY, keyless.verify_classic_keyless, keyed, trusted_root(), who,
             VALID_DIGEST)
+    # Among several signatures, one keyless signature that passes is enough.
+    verdict = first_pass(
+        [keyed, unlogged, sig],
+        lambda s: keyless.verify_classic_keyless(s, trusted_root(), who, REKOR_DIGEST),
+        REKOR_DIGEST,
+    )
+    assert verdict.tlog_checked
 
 
 def test_published_keyed_signature_with_rekor_entry_verifies_logged() -> None:

@@ -29,12 +29,13 @@ from kitfs.signing.dsse import (
     INTOTO_PAYLOAD_TYPE,
     Envelope,
     build_statement,
+    pae,
     parse_statement,
 )
 from kitfs.signing.gojson import go_json
 from kitfs.signing.keys import PrivateKey, PublicKey, supported_public_key
 from kitfs.signing.payload import check_digest
-from kitfs.signing.refusal import Reason, SignatureRefused, most_telling
+from kitfs.signing.refusal import Reason, SignatureRefused, first_pass
 from kitfs.signing.verdict import Verdict
 
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -179,13 +180,11 @@ def verify_bundle(bundle: Bundle, key: PublicKey, manifest_digest: str) -> Verdi
 
 def verify_any_bundle(bundles: Iterable[bytes], key: PublicKey, manifest_digest: str) -> Verdict:
     """The first bundle (JSON bytes) that passes; else the most telling refusal."""
-    refusals: list[SignatureRefused] = []
-    for data in bundles:
-        try:
-            return verify_bundle(parse_bundle(data), key, manifest_digest)
-        except SignatureRefused as refusal:
-            refusals.append(refusal)
-    raise most_telling(refusals, manifest_digest)
+    return first_pass(
+        bundles,
+        lambda data: verify_bundle(parse_bundle(data), key, manifest_digest),
+        manifest_digest,
+    )
 
 
 def build_bundle(
@@ -193,8 +192,8 @@ def build_bundle(
 ) -> bytes:
     """The bundle `cosign sign --key --tlog-upload=false` makes (keyed, no tlog entry)."""
     statement = build_statement(manifest_digest, annotations)
-    unsigned = Envelope(statement, INTOTO_PAYLOAD_TYPE, ())
-    envelope = Envelope(statement, unsigned.payload_type, (key.sign(unsigned.signed_bytes()),))
+    signature = key.sign(pae(INTOTO_PAYLOAD_TYPE, statement))
+    envelope = Envelope(statement, INTOTO_PAYLOAD_TYPE, (signature,))
     return go_json(
         {
             "mediaType": BUNDLE_MEDIA_TYPE,

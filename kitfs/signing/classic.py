@@ -25,7 +25,7 @@ from kitfs.modelkit.mediatypes import OCI_MANIFEST
 from kitfs.signing.gojson import go_json
 from kitfs.signing.keys import PrivateKey, PublicKey
 from kitfs.signing.payload import COSIGN_SIGNATURE_TYPE, build_payload, check_digest, parse_payload
-from kitfs.signing.refusal import Reason, SignatureRefused, most_telling
+from kitfs.signing.refusal import Reason, SignatureRefused, first_pass
 from kitfs.signing.verdict import Verdict
 
 SIMPLESIGNING_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
@@ -119,14 +119,10 @@ def verify_classic(sig: ClassicSignature, key: PublicKey, manifest_digest: str) 
 def verify_any_classic(
     signatures: Iterable[ClassicSignature], key: PublicKey, manifest_digest: str
 ) -> Verdict:
-    """The first signature that passes (cosign needs just one); else the most telling refusal."""
-    refusals: list[SignatureRefused] = []
-    for sig in signatures:
-        try:
-            return verify_classic(sig, key, manifest_digest)
-        except SignatureRefused as refusal:
-            refusals.append(refusal)
-    raise most_telling(refusals, manifest_digest)
+    """The first signature that passes; else the most telling refusal."""
+    return first_pass(
+        signatures, lambda sig: verify_classic(sig, key, manifest_digest), manifest_digest
+    )
 
 
 @dataclass(frozen=True)

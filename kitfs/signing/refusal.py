@@ -7,10 +7,14 @@ every refusal carries a ranked `Reason`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import IntEnum
+from typing import TypeVar
 
 from kitfs.errors import SignatureError
+
+T = TypeVar("T")
+V = TypeVar("V")
 
 
 class Reason(IntEnum):
@@ -44,3 +48,15 @@ def most_telling(refusals: Iterable[SignatureRefused], what: str) -> SignatureRe
     if best is None:
         return SignatureRefused(Reason.NO_SIGNATURE, f"no signatures found for {what}")
     return best
+
+
+def first_pass(candidates: Iterable[T], check: Callable[[T], V], what: str) -> V:
+    """The verdict of the first candidate `check` accepts (cosign needs just one valid
+    signature); else the most telling of the refusals, NO_SIGNATURE when there were none."""
+    refusals: list[SignatureRefused] = []
+    for candidate in candidates:
+        try:
+            return check(candidate)
+        except SignatureRefused as refusal:
+            refusals.append(refusal)
+    raise most_telling(refusals, what)
