@@ -65,13 +65,15 @@ def _der_utf8(value: bytes) -> str:
 
 
 def _issuer_of(cert: x509.Certificate) -> str | None:
-    for oid, decode in ((_OIDC_ISSUER_V2, _der_utf8), (_OIDC_ISSUER_V1, bytes.decode)):
+    for oid in (_OIDC_ISSUER_V2, _OIDC_ISSUER_V1):
         try:
             ext = cert.extensions.get_extension_for_oid(oid).value
         except x509.ExtensionNotFound:
             continue
         if isinstance(ext, x509.UnrecognizedExtension):
-            return decode(ext.value)
+            if oid == _OIDC_ISSUER_V2:
+                return _der_utf8(ext.value)
+            return ext.value.decode("utf-8", errors="replace")
     return None
 
 
