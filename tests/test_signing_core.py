@@ -619,12 +619,39 @@ def test_cosigns_keyless_bundle_verifies_offline() -> None:
             VALID_DIGEST)
     refused(Reason.EXPIRED_CERTIFICATE, keyless.verify_bundle_keyless, parsed, trusted_root(),
             who, EMPTY_IMAGE_DIGEST, True)
-    doc = json.loads(read("cosign-oci-attestation.sigstore.json"))
-    entry = doc["verificationMaterial"]["tlogEntries"][0]
-    entry["logIndex"] = str(int(entry["logIndex"]) + 1)
-    refused(Reason.UNTRUSTED, keyless.verify_bundle_keyless,
-            bundle.parse_bundle(json.dumps(doc).encode()), trusted_root(), who,
-            EMPTY_IMAGE_DIGEST)
+
+    def edited(edit: Any) -> bundle.Bundle:
+        doc = json.loads(read("cosign-oci-attestation.sigstore.json"))
+        edit(doc["verificationMaterial"]["tlogEntries"][0])
+        return bundle.parse_bundle(json.dumps(doc).encode())
+
+    def other_index(entry: dict[str, Any]) -> None:
+        entry["logIndex"] = str(int(entry["logIndex"]) + 1)
+
+    def other_path(entry: dict[str, Any]) -> None:
+        hashes = entry["inclusionProof"]["hashes"]
+        hashes[3], hashes[4] = hashes[4], hashes[3]
+
+    def other_checkpoint(entry: dict[str, Any]) -> None:
+        proof = entry["inclusionProof"]
+        signed = " wNI9ajBFAiEAuh"  # the log's key hint, then its signature
+        assert signed in proof["checkpoint"]["envelope"]
+        proof["checkpoint"]["envelope"] = proof["checkpoint"]["envelope"].replace(
+            signed, signed[:-1] + "H"
+        )
+
+    def short_path(entry: dict[str, Any]) -> None:
+        entry["inclusionProof"]["hashes"].pop()
+
+    for edit, why in (
+        (other_index, "signed entry timestamp"),
+        (other_path, "does not lead to the logged tree root"),
+        (short_path, "shorter than its tree is deep"),
+        (other_checkpoint, "checkpoint's signature does not verify"),
+    ):
+        message = refused(Reason.UNTRUSTED, keyless.verify_bundle_keyless, edited(edit),
+                          trusted_root(), who, EMPTY_IMAGE_DIGEST)
+        assert why in message
     signer = keys.generate_private_key()
     keyed = bundle.parse_bundle(bundle.build_bundle(signer, VALID_DIGEST))
     refused(Reason.WRONG_KEY, keyless.verify_bundle_keyless, keyed, trusted_root(), who,

@@ -8,7 +8,7 @@ The signature itself is then checked with the certificate's key exactly as a
 keyed one is (classic.verify_classic, bundle.verify_bundle).
 
 Not covered: SCTs (the certificate-transparency proof embedded in Fulcio certs),
-RFC 3161 timestamps, Merkle inclusion proofs (see tlog), identity regexps.
+RFC 3161 timestamps (so Rekor v2 entries), identity regexps.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from kitfs.signing.tlog import (
     check_hashedrekord,
     entry_from_bundle,
     entry_from_rekor_annotation,
+    verify_inclusion,
     verify_promise,
 )
 from kitfs.signing.trustroot import TrustedRoot
@@ -234,6 +235,7 @@ def _bundle_tlog(bundle: bundles.Bundle, signer: PublicKey, root: TrustedRoot) -
         raise SignatureRefused(Reason.UNTRUSTED, "the bundle has more than one tlog entry")
     entry = entry_from_bundle(bundle.tlog_entries[0])
     when = verify_promise(entry, root)
+    verify_inclusion(entry, root)
     check_dsse_entry(entry, envelope.payload, envelope.signatures[0], signer)
     return when
 
