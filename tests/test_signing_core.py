@@ -559,6 +559,15 @@ def test_keyless_classic_refused_without_trust() -> None:
                       trusted_root(only_the_old_ca), who, REKOR_DIGEST)
     assert "does not chain" in message
 
+    def other_ct_log_keys(doc: dict[str, Any]) -> None:
+        for ctlog in doc["ctlogs"]:
+            other = keys.generate_private_key().public()
+            ctlog["publicKey"]["rawBytes"] = base64.b64encode(other.der()).decode()
+
+    message = refused(Reason.UNTRUSTED, keyless.verify_classic_keyless, sig,
+                      trusted_root(other_ct_log_keys), who, REKOR_DIGEST)
+    assert "certificate-transparency" in message
+
     def other_log_key(doc: dict[str, Any]) -> None:
         other = keys.generate_private_key().public()
         doc["tlogs"][0]["publicKey"]["rawBytes"] = base64.b64encode(other.der()).decode()

@@ -7,8 +7,8 @@ that time; and the certificate names the expected identity (SAN) and OIDC issuer
 The signature itself is then checked with the certificate's key exactly as a
 keyed one is (classic.verify_classic, bundle.verify_bundle).
 
-Not covered: SCTs (the certificate-transparency proof embedded in Fulcio certs),
-RFC 3161 timestamps (so Rekor v2 entries), identity regexps.
+The certificate's embedded SCT must verify with a CT log of the trusted root too.
+Not covered: RFC 3161 timestamps (so Rekor v2 entries), identity regexps.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from kitfs.signing import bundle as bundles
 from kitfs.signing import classic
 from kitfs.signing.keys import PublicKey, supported_public_key
 from kitfs.signing.refusal import Reason, SignatureRefused
+from kitfs.signing.sct import verify_sct
 from kitfs.signing.tlog import (
     check_dsse_entry,
     check_hashedrekord,
@@ -111,7 +112,8 @@ def verify_certificate(
     cert: x509.Certificate, root: TrustedRoot, when: datetime, identity: Identity, logged: bool
 ) -> PublicKey:
     """The certificate's key, once it was valid at `when`, chains to a Fulcio CA of `root`
-    (valid at `when`), is a code-signing certificate and names `identity`."""
+    (valid at `when`), carries an SCT of a CT log of `root`, is a code-signing
+    certificate and names `identity`."""
     _check_time(cert, when, logged)
     anchors = [c for ca in root.authorities_at(when) for c in ca.chain]
     if not anchors:
@@ -132,11 +134,12 @@ def verify_certificate(
         .build_client_verifier()
     )
     try:
-        verifier.verify(cert, [])
+        chain = verifier.verify(cert, []).chain
     except (VerificationError, ValueError) as e:
         raise SignatureRefused(
             Reason.UNTRUSTED, f"the certificate does not chain to a CA in {root.source} ({e})"
         ) from None
+    verify_sct(cert, chain[1], root)
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         extended = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

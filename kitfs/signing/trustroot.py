@@ -48,18 +48,36 @@ class CertificateAuthority:
 
 @dataclass(frozen=True)
 class TrustedRoot:
-    logs: tuple[LogKey, ...]
+    logs: tuple[LogKey, ...]  # transparency logs (Rekor)
     authorities: tuple[CertificateAuthority, ...]
     source: str
+    ct_logs: tuple[LogKey, ...] = ()  # certificate-transparency logs (SCTs in Fulcio certs)
 
     def log_key(self, log_id: str, when: datetime) -> PublicKey | None:
-        for log in self.logs:
-            if log.log_id == log_id and log.valid.holds(when):
-                return log.key
-        return None
+        return _key_at(self.logs, log_id, when)
+
+    def ct_log_key(self, log_id: str, when: datetime) -> PublicKey | None:
+        return _key_at(self.ct_logs, log_id, when)
 
     def authorities_at(self, when: datetime) -> list[CertificateAuthority]:
         return [ca for ca in self.authorities if ca.valid.holds(when)]
+
+
+def _key_at(logs: tuple[LogKey, ...], log_id: str, when: datetime) -> PublicKey | None:
+    for log in logs:
+        if log.log_id == log_id and log.valid.holds(when):
+            return log.key
+    return None
+
+
+def _log_keys(entries: Any, source: str) -> tuple[LogKey, ...]:
+    logs = []
+    for tlog in entries or []:
+        raw = base64.b64decode(tlog["publicKey"]["rawBytes"], validate=True)
+        log_id = base64.b64decode(tlog["logId"]["keyId"], validate=True).hex()
+        key = load_public_key(raw, f"{source}: log {tlog.get('baseUrl', log_id)}")
+        logs.append(LogKey(log_id, key, _window(tlog["publicKey"])))
+    return tuple(logs)
 
 
 def _time(value: Any) -> datetime | None:
@@ -83,12 +101,6 @@ def load_trusted_root(data: bytes, source: str) -> TrustedRoot:
         media_type = doc.get("mediaType", "")
         if not str(media_type).startswith("application/vnd.dev.sigstore.trustedroot"):
             raise ValueError(f"media type {media_type!r} is not a sigstore trusted root")
-        logs = []
-        for tlog in doc.get("tlogs") or []:
-            raw = base64.b64decode(tlog["publicKey"]["rawBytes"], validate=True)
-            log_id = base64.b64decode(tlog["logId"]["keyId"], validate=True).hex()
-            key = load_public_key(raw, f"{source}: log {tlog.get('baseUrl', log_id)}")
-            logs.append(LogKey(log_id, key, _window(tlog["publicKey"])))
         authorities = []
         for ca in doc.get("certificateAuthorities") or []:
             chain = tuple(
@@ -98,6 +110,11 @@ def load_trusted_root(data: bytes, source: str) -> TrustedRoot:
             if not chain:
                 raise ValueError("a certificate authority with no certificates")
             authorities.append(CertificateAuthority(chain, _window(ca)))
+        return TrustedRoot(
+            _log_keys(doc.get("tlogs"), source),
+            tuple(authorities),
+            source,
+            _log_keys(doc.get("ctlogs"), source),
+        )
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as e:
         raise SignatureError(f"{source}: not a usable sigstore trusted root ({e})") from None
-    return TrustedRoot(tuple(logs), tuple(authorities), source)
