@@ -32,14 +32,21 @@ MOUNTER_DESCRIPTION = """\
 Start the kitfs mount daemons for the CSI driver of this node, so that they
 live outside the driver's container: an upgrade or restart of the driver
 leaves running pods' mounts serving. The driver (`kitfs csi --mounter
-SOCKET`) asks over a root-only Unix socket; this process runs nothing but
-`kitfs mount ... --foreground` daemons, answers with each one's ready line,
-and reaps them when the driver stops them. Stopping it leaves the daemons
-running, but in Kubernetes its container's end kills them: it runs in the
-kitfs-mounter DaemonSet (deploy/kubernetes/mounter.yaml), upgraded by drain.
+SOCKET`) asks over a root-only Unix socket, in plain fields (protocol v1);
+this process builds each `kitfs mount ... --foreground` command line itself,
+mounting only at STAGING-DIR/<key>/mnt, caching only under --cache-dir, and
+passing on only the proxy and CA variables of the driver's environment. It
+answers with each daemon's ready line, stops a daemon not mounted within
+--launch-wait, and reaps them when the driver stops them. Stopping it leaves
+the daemons running, but in Kubernetes its container's end kills them: it
+runs in the kitfs-mounter DaemonSet (deploy/kubernetes/mounter.yaml),
+upgraded by drain. Give it the driver's directories (the defaults are the
+driver's) and the driver's node credentials as its KITOPS_HOME.
 
 examples:
   kitfs csi mounter --socket unix:///run/kitfs/mounter.sock
+  kitfs csi mounter --socket /tmp/mounter.sock --staging-dir /tmp/csi/staging \\
+      --cache-dir /tmp/csi/cache --state-dir /tmp/csi/state
 """
 
 

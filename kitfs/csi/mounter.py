@@ -119,7 +119,8 @@ def mount_request(config: MountConfig, key: str, *, home: str | None, verbose: i
     only ENV_ALLOWED variables of `env` go in it."""
     client = config.client
     return {"version": PROTOCOL, "key": key, "reference": config.reference,
-            "cache_dir": str(config.cache_dir), "home": home,
+            "cache_dir": str(config.cache_dir),
+            "home": os.path.abspath(home) if home else None,
             "filters": list(config.filters), "verify": config.verify,
             "prefetch": config.prefetch, "memory": config.memory,
             "cache_size": config.cache_size, "timeout": client.read_timeout,
