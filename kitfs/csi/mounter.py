@@ -328,6 +328,22 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
+def _launch(argv: list[str], env: dict[str, str], mountpoint: Path, children: _Children,
+            wait: float) -> str:
+    """Start the daemon; its ready line, or why it could not start in the same form."""
+    try:
+        mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"error 1 cannot create the mountpoint {mountpoint}: {exc.strerror}"
+    keep_earlier_log(mountpoint)
+    try:
+        with children.spawning(argv, env, mountpoint) as starting:
+            log.info("starting daemon pid %d at %s", starting.process.pid, mountpoint)
+            return await_daemon(starting, wait)
+    except MountError as exc:
+        return f"error 1 {exc}"
+
+
 def _answer(conn: socket.socket, children: _Children, bounds: Bounds) -> None:
     conn.settimeout(REQUEST_WAIT)
     try:
@@ -343,14 +359,7 @@ def _answer(conn: socket.socket, children: _Children, bounds: Bounds) -> None:
         log.warning("refused a request: %s", exc)
         line = f"error {REFUSED} the kitfs mounter refused the request: {exc}"
     else:
-        mountpoint.mkdir(mode=0o755, parents=True, exist_ok=True)
-        keep_earlier_log(mountpoint)
-        try:
-            with children.spawning(argv, env, mountpoint) as starting:
-                log.info("starting daemon pid %d at %s", starting.process.pid, mountpoint)
-                line = await_daemon(starting, bounds.launch_wait)
-        except MountError as exc:
-            line = f"error 1 {exc}"
+        line = _launch(argv, env, mountpoint, children, bounds.launch_wait)
         log.info("the daemon at %s: %s", mountpoint, line)
     with contextlib.suppress(OSError):  # a driver killed meanwhile: its next one adopts
         conn.sendall(line.encode() + b"\n")
