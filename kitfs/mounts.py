@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import stat
@@ -465,9 +466,17 @@ class ReadyPipe:
             os.close(fd)
 
 
-def _read_line(fd: int) -> str:
+def _read_line(fd: int, deadline: float | None = None) -> str | None:
+    """The line on `fd` (what came before EOF, if no newline); None once `deadline`
+    (time.monotonic()) passes first."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     data = b""
     while not data.endswith(b"\n"):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return None
         piece = os.read(fd, 4096)
         if not piece:
             break
@@ -508,20 +517,24 @@ def daemon_argv(
     return argv
 
 
-def launch_daemon(argv: Sequence[str], mountpoint: Path,
-                  env: Mapping[str, str] | None = None) -> tuple[str, Path | None]:
-    """Run `python -m kitfs.cli mount --foreground ...` detached; wait for its one line.
+@dataclass
+class Starting:
+    """A daemon spawned and not yet awaited: the end of its ready pipe is ours to read."""
 
-    The line is the daemon's own (`ready`, or `error CODE TEXT` from its
-    ReadyPipe), or one made here in the same form when it died before saying
-    anything, so a caller in another process (the CSI mounter's client) reads
-    exactly what start_daemon would. The daemon gets `env`, or this process's
-    environment (HTTP_PROXY and the like included, so it reaches the registry
-    as the command did). Also returns where the log an earlier daemon at this
-    mountpoint left was kept (see keep_earlier_log), if it left one.
-    """
+    process: subprocess.Popen[bytes]
+    ready_fd: int
+    logfile: Path
+
+
+#: How long a daemon that missed its start deadline gets to unmount after SIGTERM.
+STOP_GRACE = 5.0
+
+
+def spawn_daemon(argv: Sequence[str], mountpoint: Path,
+                 env: Mapping[str, str] | None = None) -> Starting:
+    """Run `python -m kitfs.cli mount --foreground ...` detached, in a session of its own,
+    logging to the mountpoint's log; a MountError when it cannot be run at all."""
     ensure_state_dir()
-    earlier = keep_earlier_log(mountpoint)
     logfile = log_path(mountpoint)
     r, w = os.pipe()
     try:
@@ -533,26 +546,71 @@ def launch_daemon(argv: Sequence[str], mountpoint: Path,
             )
     except OSError as exc:
         os.close(r)
-        return f"error 1 cannot start the kitfs daemon: {exc.strerror}", earlier
+        raise MountError(f"cannot start the kitfs daemon: {exc.strerror}") from None
     finally:
         os.close(w)
+    return Starting(proc, r, logfile)
+
+
+def _stop_starting(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM to the daemon's session (it unmounts if it got that far), SIGKILL after
+    STOP_GRACE; its exit status, collected."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            return proc.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
+
+
+def await_daemon(starting: Starting, timeout: float | None = None) -> str:
+    """The daemon's one line: its own (`ready`, or `error CODE TEXT` from its ReadyPipe),
+    or one made here in the same form when it died before saying anything or said
+    nothing within `timeout` seconds (then it is stopped and collected)."""
+    proc, logfile = starting.process, starting.logfile
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        line = _read_line(r)
+        line = _read_line(starting.ready_fd, deadline)
     except BaseException:
         proc.terminate()  # Ctrl-C while waiting: the daemon unmounts if it got that far
         raise
     finally:
-        os.close(r)
+        os.close(starting.ready_fd)
+    if line is None:
+        stopped = _stop_starting(proc)
+        log.warning("the kitfs daemon (pid %d) was not ready within %gs; stopped it "
+                    "(exit status %d)", proc.pid, timeout, stopped)
+        return (f"error 1 the kitfs daemon was not ready within {timeout:g}s and was "
+                f"stopped (log: {logfile})")
     if line == READY or line.startswith("error "):
-        return line, earlier
+        return line
     try:
-        status = proc.wait(timeout=10)
+        status: int | None = proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         status = None
     tail = _log_tail(logfile)
     message = (f"the kitfs daemon exited (status {status}) before the mount was ready"
                + (f": {tail}" if tail else "") + f" (log: {logfile})")
-    return f"error {status if status and status > 0 else 1} {' '.join(message.split())}", earlier
+    return f"error {status if status and status > 0 else 1} {' '.join(message.split())}"
+
+
+def launch_daemon(argv: Sequence[str], mountpoint: Path,
+                  env: Mapping[str, str] | None = None) -> tuple[str, Path | None]:
+    """Start a daemon (spawn_daemon) and wait for its one line (await_daemon), so that a
+    caller in another process reads exactly what start_daemon would. The daemon gets
+    `env`, or this process's environment (HTTP_PROXY and the like included, so it
+    reaches the registry as the command did). Also returns where the log an earlier
+    daemon at this mountpoint left was kept (see keep_earlier_log), if it left one.
+    """
+    ensure_state_dir()
+    earlier = keep_earlier_log(mountpoint)
+    try:
+        starting = spawn_daemon(argv, mountpoint, env)
+    except MountError as exc:
+        return f"error 1 {exc}", earlier
+    return await_daemon(starting), earlier
 
 
 def daemon_result(line: str, mountpoint: Path) -> MountState:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import grpc
 import pytest
 
-from helpers import kitfs, make_project
+from helpers import kitfs, make_project, ok
 from kitfs.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc
 from kitfs.mounts import all_states, daemon_alive, find_mount
 from registry import RegistryServer, free_port
@@ -562,6 +562,7 @@ class Mounter:
     socket: Path
     log: Path
     process: subprocess.Popen[bytes]
+    node: Path  # the driver's root its bounds are (--staging-dir, --cache-dir, --state-dir)
 
     def ask(self, request: Any) -> str:
         """One raw request, as the driver sends it; the mounter's one-line answer."""
@@ -573,19 +574,32 @@ class Mounter:
             conn.shutdown(socket.SHUT_WR)
             return conn.makefile("rb").readline().decode().strip()
 
+    def mountpoint(self, key: str) -> Path:
+        return self.node / "staging" / key / "mnt"
 
-def _start_mounter(root: Path) -> Mounter:
-    """`kitfs csi mounter` as its DaemonSet runs it; returns once it listens."""
+    def daemon_pid(self, key: str) -> int:
+        """The pid it logged starting the daemon for `key`."""
+        for line in self.log.read_text().splitlines():
+            if "starting daemon pid" in line and line.endswith(f"{self.mountpoint(key)}"):
+                return int(line.split("starting daemon pid ")[1].split()[0])
+        raise AssertionError(f"no daemon started for {key}")
+
+
+def _start_mounter(root: Path, node: Path, *flags: str) -> Mounter:
+    """`kitfs csi mounter` as its DaemonSet runs it, for a driver rooted at `node` (as
+    _start_driver lays it out); returns once it listens."""
     sock = root / "mounter" / "mounter.sock"
     root.mkdir(parents=True, exist_ok=True)
     log = root / "mounter.log"
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "kitfs.cli", "csi", "mounter", "--socket", f"unix://{sock}"],
+            [sys.executable, "-m", "kitfs.cli", "csi", "mounter", "--socket", f"unix://{sock}",
+             "--staging-dir", str(node / "staging"), "--cache-dir", str(node / "cache"),
+             "--state-dir", str(node / "state"), *flags],
             stdout=out, stderr=out, env=_env(root), start_new_session=True)
     for _ in range(int(RPC_WAIT / 0.05)):  # a deadline for its start, not a timing check
         if "listens on" in log.read_text():
-            return Mounter(sock, log, process)
+            return Mounter(sock, log, process, node)
         assert process.poll() is None, log.read_text()
         threading.Event().wait(0.05)
     raise AssertionError("the mounter did not start: " + log.read_text())
@@ -637,7 +651,7 @@ def gone(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def mounter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounter]:
-    m = _start_mounter(tmp_path_factory.mktemp("mounter"))
+    m = _start_mounter(tmp_path_factory.mktemp("mounter"), tmp_path_factory.mktemp("node"))
     try:
         yield m
     finally:
@@ -657,7 +671,7 @@ def test_driver_container_killed_mid_read(model: Model, registry: RegistryServer
     pack(project, ref, root / "home")
     expected = (project / WEIGHTS).read_bytes()
 
-    driver = _start_driver(root / "node", mounter.socket)
+    driver = _start_driver(mounter.node, mounter.socket)
     halfway, go = threading.Event(), threading.Event()
     try:
         target = driver.target("pod-stream")
@@ -688,7 +702,7 @@ def test_driver_container_killed_mid_read(model: Model, registry: RegistryServer
         assert bytes(got) == expected
         assert daemon_alive(daemon.pid, daemon.start_time)
 
-        driver = _start_driver(root / "node", mounter.socket)  # same --state-dir
+        driver = _start_driver(mounter.node, mounter.socket)  # same --state-dir
         assert "adopted the daemon for" in driver.log.read_text()
         driver.publish(target, ref, pod="stream", prefetch="none")  # kubelet retry: OK
         second = driver.target("pod-second")
@@ -718,7 +732,7 @@ def test_publish_without_a_mounter_is_unavailable(model: Model,
     kills them); publishing a new daemon is UNAVAILABLE, joining the running one and
     unpublish (which stops it) still work."""
     root = tmp_path_factory.mktemp("csi-no-mounter")
-    own = _start_mounter(root / "mounter")
+    own = _start_mounter(root / "mounter", root / "node")
     driver = _start_driver(root / "node", own.socket)
     try:
         target = driver.target("pod-kept")
@@ -749,34 +763,160 @@ def test_publish_without_a_mounter_is_unavailable(model: Model,
         _stop_mounter(own)
 
 
-def test_the_mounter_runs_only_daemon_mounts(mounter: Mounter, tmp_path: Path) -> None:
+def pinned(ref: str) -> str:
+    """`ref` pinned by the digest its registry gives the tag now."""
+    name, tag = ref.rsplit(":", 1)
+    host, repo = name.split("/", 1)
+    request = urllib.request.Request(
+        f"http://{host}/v2/{repo}/manifests/{tag}", method="HEAD",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(request, timeout=RPC_WAIT) as answer:
+        return f"{ref}@{answer.headers['Docker-Content-Digest']}"
+
+
+def mount_request(mounter: Mounter, key: str, reference: str, **fields: Any) -> dict[str, Any]:
+    """A v1 request as a driver whose directories are the mounter's sends it."""
+    return {"version": 1, "key": key, "reference": reference,
+            "cache_dir": str(mounter.node / "cache" / "repos" / key), "home": None,
+            "filters": ["model"], "verify": "lazy", "prefetch": "none", **fields}
+
+
+@contextlib.contextmanager
+def hung_registry() -> Iterator[str]:
+    """HOST:PORT of a registry that takes connections (the kernel's backlog) and never
+    answers: a daemon starting against it waits for as long as its --timeout."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+HUNG_DIGEST = "@sha256:" + "0" * 64
+
+
+def test_the_mounter_runs_only_daemon_mounts_within_its_bounds(mounter: Mounter,
+                                                               tmp_path: Path) -> None:
+    """Every path in a request stays inside the driver's directories, the daemon's command
+    line is the mounter's own, and of the request's environment only the proxy and CA
+    variables reach the daemon (the reviewer's PYTHONPATH with a sitecustomize.py did)."""
     assert mounter.socket.stat().st_mode & 0o777 == 0o600
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    good = ["mount", "127.0.0.1:1/UPPER/case:v1", str(mp), "--foreground"]
-    secret_env = dict(os.environ, KITFS_PROXY="http://user:hunter2-not-logged@127.0.0.1:1")
+    key, other = "a" * 24, "b" * 24
+    ref = "127.0.0.1:1/csi/closed:v1" + HUNG_DIGEST  # nothing listens on port 1
+    good = mount_request(mounter, key, ref)
+    node = mounter.node
     refused = [
-        {"argv": ["umount", str(mp)], "env": None, "mountpoint": str(mp)},
-        {"argv": ["pack", str(mp), "-t", "x.io/a:b"], "env": None, "mountpoint": str(mp)},
-        {"argv": good[:-1], "env": None, "mountpoint": str(mp)},  # not --foreground
-        {"argv": [*good, "--ready-fd", "0"], "env": None, "mountpoint": str(mp)},
-        {"argv": [*good, "--no-such-flag"], "env": None, "mountpoint": str(mp)},
-        {"argv": good, "env": None, "mountpoint": str(tmp_path)},  # another mountpoint
-        {"argv": good, "env": {"A": 1}, "mountpoint": str(mp)},
-        {"argv": "mount x y --foreground", "env": None, "mountpoint": str(mp)},
-        {"argv": good, "mountpoint": str(mp)},
+        {**good, "version": 2},  # a newer driver's request this mounter cannot read
+        {**good, "key": "../../../../etc/x"},  # the mountpoint is <staging>/<key>/mnt
+        {**good, "key": other.upper()},
+        {**good, "cache_dir": str(tmp_path / "cache")},
+        {**good, "cache_dir": f"{node}/cache/../elsewhere"},
+        {**good, "cache_dir": "relative/cache"},
+        {**good, "home": str(tmp_path)},
+        {**good, "home": str(node / "state" / "homes" / other)},  # another daemon's
+        {**good, "reference": "127.0.0.1:1/csi/closed:v1"},  # not pinned
+        {**good, "filters": "model"},
+        {**good, "verify": "never"},
+        {**good, "memory": True},
+        {**good, "ca_file": "ca.pem"},
+        {**good, "env": {"HTTPS_PROXY": 1}},
+        {k: v for k, v in good.items() if k != "cache_dir"},
+        {"argv": ["mount", ref, str(tmp_path), "--foreground"], "env": None,
+         "mountpoint": str(tmp_path)},  # the old protocol: a command line
+        [good],
         "not json",
     ]
     for request in refused:
         answer = mounter.ask(request)
         assert answer.startswith("error 2 the kitfs mounter refused the request: "), \
             (request, answer)
-    # A well-formed mount runs, and its own error comes back as the daemon said it.
-    answer = mounter.ask({"argv": good, "env": secret_env, "mountpoint": str(mp)})
-    assert answer.startswith("error 2 ") and "UPPER" in answer and "refused" not in answer
-    assert find_mount(mp) is None and list(mp.iterdir()) == []
+    assert "protocol v2" in mounter.ask(refused[0]) and "drain" in mounter.ask(refused[0])
+    # A well-formed request runs (the daemon's own error comes back as it said it), with
+    # the proxy of the request (a password in it is never logged) and nothing else of it.
+    site = tmp_path / "site"
+    site.mkdir()
+    marker = tmp_path / "ran-as-root"
+    (site / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    env = {"KITFS_PROXY": "http://user:hunter2-not-logged@127.0.0.1:1",
+           "PYTHONPATH": str(site), "LD_PRELOAD": str(tmp_path / "nothing.so")}
+    answer = mounter.ask({**good, "home": str(node / "state" / "homes" / key), "env": env})
+    assert answer.startswith("error ") and "refused the request" not in answer, answer
+    assert "127.0.0.1:1" in answer  # the registry (through its proxy) could not be reached
+    assert not marker.exists()
+    mountpoint = mounter.mountpoint(key)
+    assert find_mount(mountpoint) is None and list(mountpoint.iterdir()) == []
     assert "hunter2-not-logged" not in mounter.log.read_text()
     assert mounter.process.poll() is None
+
+
+def test_a_request_of_another_version_still_mounts(mounter: Mounter, model: Model) -> None:
+    """A driver one release newer (a field this mounter does not know) or older (fields
+    this one added, absent) is understood: the mounter is replaced only by a drain."""
+    key = "c" * 24
+    request = mount_request(mounter, key, pinned(model.ref), from_a_newer_driver={"x": 1})
+    for added_later in ("memory", "cache_size", "verbose", "tls_verify", "prefetch"):
+        request.pop(added_later, None)
+    assert mounter.ask(request) == "ready", mounter.log.read_text()[-2000:]
+    mountpoint = mounter.mountpoint(key)
+    pid = mounter.daemon_pid(key)
+    try:
+        assert read_all(mountpoint / WEIGHTS) == model.weights
+        assert parent_pid(pid) == mounter.process.pid
+    finally:
+        ok(kitfs("umount", str(mountpoint)))
+    assert gone(pid)  # reaped by the mounter
+
+
+def test_a_daemon_start_that_hangs_does_not_stop_reaping(mounter: Mounter,
+                                                         model: Model) -> None:
+    """While a daemon is still starting (its registry never answers), a daemon that ends
+    is reaped all the same: no zombie waits for the hung start to finish."""
+    hung, key = "d" * 24, "e" * 24
+    answers: list[str] = []
+    with hung_registry() as host:
+        request = mount_request(mounter, hung, f"{host}/csi/hung:v1{HUNG_DIGEST}",
+                                timeout=600)  # the daemon waits; the mounter's deadline: 300 s
+        asking = threading.Thread(target=lambda: answers.append(mounter.ask(request)))
+        asking.start()
+        try:
+            for _ in range(int(RPC_WAIT / 0.05)):  # a deadline, not a timing check
+                if f"{mounter.mountpoint(hung)}" in mounter.log.read_text():
+                    break
+                threading.Event().wait(0.05)
+            starting = mounter.daemon_pid(hung)
+
+            assert mounter.ask(mount_request(mounter, key, pinned(model.ref))) == "ready"
+            ended = mounter.daemon_pid(key)
+            ok(kitfs("umount", str(mounter.mountpoint(key))))
+            assert gone(ended)  # reaped while the other start still hangs
+            assert asking.is_alive() and answers == []
+        finally:
+            with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+                os.kill(starting, signal.SIGKILL)
+            asking.join(RPC_WAIT)
+    assert answers and answers[0].startswith("error ") and "before the mount was ready" \
+        in answers[0], answers
+    assert gone(starting)
+
+
+def test_a_daemon_start_that_hangs_is_stopped_at_the_deadline(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`--launch-wait`: the mounter stops a daemon that is not mounted by then, collects
+    it, and answers with an error the driver relays (kubelet retries the publish)."""
+    root = tmp_path_factory.mktemp("mounter-deadline")
+    own = _start_mounter(root / "mounter", root / "node", "--launch-wait", "1")
+    key = "f" * 24
+    try:
+        with hung_registry() as host:
+            answer = own.ask(mount_request(own, key, f"{host}/csi/hung:v1{HUNG_DIGEST}",
+                                           timeout=600))
+        assert answer.startswith("error 1 the kitfs daemon was not ready within 1s and was "
+                                 "stopped"), answer
+        pid = own.daemon_pid(key)
+        assert gone(pid)
+        assert find_mount(own.mountpoint(key)) is None
+        assert own.process.poll() is None and "Traceback" not in own.log.read_text()
+    finally:
+        _stop_mounter(own)
 
 
 class _ManifestCopy(http.server.BaseHTTPRequestHandler):

@@ -455,6 +455,19 @@ def test_mounter_args_are_flags_kitfs_csi_mounter_accepts(
     assert set(mounter_args) <= accepted, sorted(set(mounter_args) - accepted)
 
 
+def test_mounter_bounds_are_the_drivers_directories(
+        pod_spec: Doc, mounter_spec: Doc, driver_args: dict[str, str],
+        mounter_args: dict[str, str]) -> None:
+    """The mounter refuses a request outside its --staging-dir, --cache-dir and
+    --state-dir: they must be the driver's, and its kit home the driver's node
+    credentials (the daemons take the mounter's environment, not the driver's)."""
+    for flag in ("--staging-dir", "--cache-dir", "--state-dir"):
+        assert mounter_args[flag] == driver_args[flag], flag
+    homes = [{e["name"]: e.get("value") for e in c.get("env", [])}.get("KITOPS_HOME")
+             for c in (container(pod_spec, "kitfs"), container(mounter_spec, "mounter"))]
+    assert homes[0] is not None and homes[0] == homes[1]
+
+
 def test_driver_identity_metrics_and_placement(
         daemonset: Doc, pod_spec: Doc, driver_args: dict[str, str]) -> None:
     kitfs_container = container(pod_spec, "kitfs")
@@ -804,7 +817,8 @@ def test_daemonset_container_serves_the_example_pod(
         "mounter_command": [sys.executable, "-m", "kitfs.cli",
                             *mounter_container["command"][1:]],
         "mounter_args": mounter_container["args"],
-        "mounter_env": {"PYTHONPATH": env["PYTHONPATH"]},
+        "mounter_env": {**{e["name"]: e["value"] for e in mounter_container["env"]},
+                        "PYTHONPATH": env["PYTHONPATH"]},
         "mounter_log": str(tmp_path / "mounter.log"),
         "mounter_socket": flag_values(mounter_container["args"])["--socket"]
         .removeprefix("unix://"),

@@ -17,11 +17,14 @@ from pathlib import Path
 
 from kitfs.commands.command import Command
 from kitfs.commands.common import add_network_options, client_options, daemon_env
+from kitfs.csi.mounter import LAUNCH_WAIT
+from kitfs.errors import UsageError
 from kitfs.units import parse_cache_size
 
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_STATE_DIR = "/run/kitfs/csi"
 DEFAULT_STAGING_DIR = "/var/lib/kubelet/plugins/kitfs.kitops.org/volumes"
+DEFAULT_CACHE_DIR = "/var/cache/kitfs"
 DEFAULT_METRICS_ADDR = ":9810"
 DEFAULT_MOUNTER_SOCKET = "unix:///run/kitfs/mounter.sock"
 
@@ -29,14 +32,21 @@ MOUNTER_DESCRIPTION = """\
 Start the kitfs mount daemons for the CSI driver of this node, so that they
 live outside the driver's container: an upgrade or restart of the driver
 leaves running pods' mounts serving. The driver (`kitfs csi --mounter
-SOCKET`) asks over a root-only Unix socket; this process runs nothing but
-`kitfs mount ... --foreground` daemons, answers with each one's ready line,
-and reaps them when the driver stops them. Stopping it leaves the daemons
-running, but in Kubernetes its container's end kills them: it runs in the
-kitfs-mounter DaemonSet (deploy/kubernetes/mounter.yaml), upgraded by drain.
+SOCKET`) asks over a root-only Unix socket, in plain fields (protocol v1);
+this process builds each `kitfs mount ... --foreground` command line itself,
+mounting only at STAGING-DIR/<key>/mnt, caching only under --cache-dir, and
+passing on only the proxy and CA variables of the driver's environment. It
+answers with each daemon's ready line, stops a daemon not mounted within
+--launch-wait, and reaps them when the driver stops them. Stopping it leaves
+the daemons running, but in Kubernetes its container's end kills them: it
+runs in the kitfs-mounter DaemonSet (deploy/kubernetes/mounter.yaml),
+upgraded by drain. Give it the driver's directories (the defaults are the
+driver's) and the driver's node credentials as its KITOPS_HOME.
 
 examples:
   kitfs csi mounter --socket unix:///run/kitfs/mounter.sock
+  kitfs csi mounter --socket /tmp/mounter.sock --staging-dir /tmp/csi/staging \\
+      --cache-dir /tmp/csi/cache --state-dir /tmp/csi/state
 """
 
 
@@ -45,9 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the Unix socket kubelet dials (default {DEFAULT_ENDPOINT}; a plain "
                         "path works too)")
     p.add_argument("--node-id", metavar="ID", help="this node's id (default: the host name)")
-    p.add_argument("--cache-dir", default="/var/cache/kitfs", metavar="DIR",
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, metavar="DIR",
                    help="the node's chunk caches, one per repository (DIR/repos/<hash>), "
-                        "shared by that repository's volumes (default /var/cache/kitfs)")
+                        f"shared by that repository's volumes (default {DEFAULT_CACHE_DIR})")
     p.add_argument("--cache-size", metavar="SIZE",
                    help="bound each repository's chunk cache under --cache-dir: its daemons "
                         "evict least-recently-used chunks beyond this much disk (default: "
@@ -82,6 +92,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mounter.add_argument("--socket", default=DEFAULT_MOUNTER_SOCKET, metavar="SOCKET",
                          help=f"where the driver asks (default {DEFAULT_MOUNTER_SOCKET}; "
                               "a plain path works too)")
+    # The driver's directories, as the driver's own flags (same defaults): a request
+    # naming anything outside them is refused.
+    mounter.add_argument("--staging-dir", default=DEFAULT_STAGING_DIR, metavar="DIR",
+                         help="the driver's --staging-dir: daemons mount only at "
+                              f"DIR/<key>/mnt (default {DEFAULT_STAGING_DIR})")
+    mounter.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, metavar="DIR",
+                         help="the driver's --cache-dir: daemons cache only under it "
+                              f"(default {DEFAULT_CACHE_DIR})")
+    mounter.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                         help="the driver's --state-dir: daemons read per-volume "
+                              f"credentials only from DIR/homes/<key> (default "
+                              f"{DEFAULT_STATE_DIR}); else this process's kit home")
+    mounter.add_argument("--launch-wait", type=float, default=LAUNCH_WAIT, metavar="SECONDS",
+                         help="stop a daemon that is not mounted this long after its start "
+                              f"(default {LAUNCH_WAIT:g})")
     mounter.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                          help="log more (-vv: debug)")
 
@@ -106,15 +131,24 @@ def _logging(verbose: int, name: str = "kitfs-csi") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _absolute(text: str) -> Path:
+    return Path(os.path.abspath(Path(text).expanduser()))
+
+
 def run(args: argparse.Namespace) -> int:
     from kitfs.csi.sockets import socket_path
 
     if args.role == "mounter":
+        from kitfs.csi.mounter import Bounds
         from kitfs.csi.mounter import serve as serve_mounter
 
         path = socket_path(args.socket, "--socket")
+        if not args.launch_wait > 0:
+            raise UsageError("--launch-wait must be positive")
         _logging(args.verbose, "kitfs-mounter")
-        return serve_mounter(path)
+        return serve_mounter(path, Bounds(
+            staging_dir=_absolute(args.staging_dir), cache_dir=_absolute(args.cache_dir),
+            state_dir=_absolute(args.state_dir), launch_wait=args.launch_wait))
     metrics = metrics_address(args.metrics_addr)
     cache_size = parse_cache_size(args.cache_size)  # a bad size fails before the server
     options = client_options(args)
@@ -130,13 +164,10 @@ def run(args: argparse.Namespace) -> int:
     from kitfs.csi.node import DriverConfig
     from kitfs.csi.server import serve
 
-    def absolute(text: str) -> Path:
-        return Path(os.path.abspath(Path(text).expanduser()))
-
     config = DriverConfig(
         node_id=args.node_id or socket.gethostname(),
-        state_dir=absolute(args.state_dir), staging_dir=absolute(args.staging_dir),
-        cache_dir=absolute(args.cache_dir), cache_size=cache_size,
+        state_dir=_absolute(args.state_dir), staging_dir=_absolute(args.staging_dir),
+        cache_dir=_absolute(args.cache_dir), cache_size=cache_size,
         cache_scope=args.cache_scope, client=options,
         daemon_env=daemon_env(options), verbose=args.verbose, mounter=mounter,
     )

@@ -30,7 +30,7 @@ import trio
 
 from kitfs.csi import binds, csi_pb2, csi_pb2_grpc
 from kitfs.csi.codes import CsiError, answer_unimplemented, invalid, rpc
-from kitfs.csi.mounter import request_daemon
+from kitfs.csi.mounter import mount_request, request_daemon
 from kitfs.csi.volumes import (
     Attributes,
     Busy,
@@ -251,15 +251,16 @@ class Node:
             verify=attrs.verify, allow_other=True,  # pods run as any user
             cache_size=self.config.cache_size,
         )
-        argv = daemon_argv(config, kitops_home=record.home or self.config.client.kitops_home,
-                           verbose=self.config.verbose)
+        kit_home = record.home or self.config.client.kitops_home
         try:
             if self.config.mounter is None:
+                argv = daemon_argv(config, kitops_home=kit_home, verbose=self.config.verbose)
                 state, _ = start_daemon(argv, mountpoint, self.config.daemon_env)
-            else:  # the daemon gets this driver's environment, as it would here
+            else:  # fields, not flags: the mounter builds the command line itself
                 env = self.config.daemon_env
-                state = request_daemon(self.config.mounter, argv, mountpoint,
-                                       dict(os.environ) if env is None else env)
+                request = mount_request(config, key, home=kit_home, verbose=self.config.verbose,
+                                        env=os.environ if env is None else env)
+                state = request_daemon(self.config.mounter, request, mountpoint)
         except BaseException:
             try:
                 self._stop(record)
