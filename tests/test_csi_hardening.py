@@ -145,9 +145,10 @@ def test_a_daemon_that_will_not_stop_does_not_stop_adoption(tmp_path: Path) -> N
     with foreign_mount(Path(stuck.mountpoint), tmp_path / "elsewhere"):
         node.adopt()  # before: MountError "... is not a kitfs mount" ended serve()
         assert node.records.daemons() == [stuck]  # kept, to try again; the dead one dropped
-        assert node.stop_unused() == [stuck.reference]  # what Probe reports
-    # The next publish, unpublish or probe tries again, and now it goes.
-    node.unpublish(tmp_path / "pods/never/mount")
+        assert node.stop_unused() == [stuck.reference]
+        assert node.unused == (stuck.reference,)  # what Probe reports
+    # The sweeper's next round tries again, and now it goes.
+    assert node.stop_unused() == [] and node.unused == ()
     assert node.records.daemons() == []
     assert not Path(stuck.mountpoint).parent.exists()
 
