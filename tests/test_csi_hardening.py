@@ -454,3 +454,29 @@ def test_publishes_past_the_bound_are_refused_and_probe_still_answers(
         registry.shutdown()
         registry.server_close()
     assert [r.code() for r in results] == [grpc.StatusCode.NOT_FOUND] * VOLUME_SLOTS
+
+
+def test_cache_scope_node_is_warned_about_at_start(tmp_path: Path) -> None:
+    """One cache for every repository reopens the shared read of private bytes: the
+    operator must see it in the driver's log."""
+    short = Path(tempfile.mkdtemp(prefix="csi", dir="/tmp"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kitfs.cli", "csi", "--serve", "--cache-scope", "node",
+         "--endpoint", str(short / "csi.sock"), "--state-dir", str(tmp_path / "state"),
+         "--staging-dir", str(tmp_path / "staging"), "--cache-dir", str(tmp_path / "cache"),
+         "--metrics-addr", "off"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert server.stderr is not None
+        lines = []
+        for line in server.stderr:  # up to the line saying it serves
+            lines.append(line)
+            if " serving " in line:
+                break
+        log = "".join(lines)
+        assert "WARNING" in log and "--cache-scope node" in log, log
+        assert "private ModelKit" in log
+    finally:
+        server.terminate()
+        server.wait(RPC_JOIN)
+        shutil.rmtree(short, ignore_errors=True)
