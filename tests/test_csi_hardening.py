@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,9 +23,11 @@ from typing import Any
 
 import grpc
 import pytest
+import trio
 
+from helpers import kitfs, make_project
 from kitfs.csi.codes import status_of
-from kitfs.csi.node import DriverConfig, Node
+from kitfs.csi.node import DriverConfig, Node, _resolve
 from kitfs.csi.volumes import (
     Attributes,
     Busy,
@@ -145,9 +148,10 @@ def test_a_daemon_that_will_not_stop_does_not_stop_adoption(tmp_path: Path) -> N
     with foreign_mount(Path(stuck.mountpoint), tmp_path / "elsewhere"):
         node.adopt()  # before: MountError "... is not a kitfs mount" ended serve()
         assert node.records.daemons() == [stuck]  # kept, to try again; the dead one dropped
-        assert node.stop_unused() == [stuck.reference]  # what Probe reports
-    # The next publish, unpublish or probe tries again, and now it goes.
-    node.unpublish(tmp_path / "pods/never/mount")
+        assert node.stop_unused() == [stuck.reference]
+        assert node.unused == (stuck.reference,)  # what Probe reports
+    # The sweeper's next round tries again, and now it goes.
+    assert node.stop_unused() == [] and node.unused == ()
     assert node.records.daemons() == []
     assert not Path(stuck.mountpoint).parent.exists()
 
@@ -237,3 +241,242 @@ def test_a_registry_in_trouble_is_unavailable(tmp_path: Path, status: int,
         server.server_close()
     got, message = status_of(failure.value)
     assert got == expected and f"HTTP {status}" in message
+
+
+# -- a busy node: shared daemons starting, stuck stops, many publishes ------------------
+
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None
+    or os.geteuid() != 0, reason="needs /dev/fuse, fusermount3 and root (bind mounts)")
+WEIGHTS = "model/model.safetensors"
+RPC_JOIN = 60.0  # a deadline for a thread's call, so a hang fails instead of blocking
+CALL_WAIT = 3.0  # the livenessprobe sidecar's --probe-timeout: a deadline, not a timing check
+
+
+@contextlib.contextmanager
+def csi_server(node: Node) -> Iterator[tuple[Any, Any]]:
+    """The driver's real gRPC server for `node`, in this process: (identity, node) stubs."""
+    from kitfs.csi import csi_pb2_grpc
+    from kitfs.csi.server import grpc_server
+
+    short = Path(tempfile.mkdtemp(prefix="csi", dir="/tmp"))  # a socket path's 108 bytes
+    server = grpc_server(node, short / "csi.sock")
+    server.start()
+    channel = grpc.insecure_channel(f"unix://{short / 'csi.sock'}")
+    try:
+        yield csi_pb2_grpc.IdentityStub(channel), csi_pb2_grpc.NodeStub(channel)
+    finally:
+        channel.close()
+        server.stop(None).wait()
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def probe(identity: Any) -> bool:
+    from kitfs.csi import csi_pb2
+
+    answer = identity.Probe(csi_pb2.ProbeRequest(), timeout=CALL_WAIT)
+    return bool(answer.ready.value)
+
+
+@needs_fuse
+@pytest.mark.registry
+def test_a_second_volume_waits_for_the_shared_daemon_and_succeeds(
+        tmp_path: Path, registry: Any) -> None:
+    """Another volume of the same daemon holding its lock (its daemon starting) makes this
+    publish wait, not fail ABORTED; a retry of this same target meanwhile is ABORTED; past
+    the bound the answer is ABORTED naming the shared daemon."""
+    project = make_project(tmp_path / "proj", weight_bytes=1 << 20)
+    ref = f"{registry.host}/hardening/shared:v1"
+    assert kitfs("pack", str(project), "-t", ref, home=tmp_path / "home").returncode == 0
+    node = Node(replace(make_node(tmp_path).config, daemon_env=dict(
+        os.environ, PYTHONPATH=os.pathsep.join(sys.path))))
+    attrs = replace(ATTRS, reference=ref)
+    target = tmp_path / "pods/second/mount"
+    target.parent.mkdir(parents=True)
+    reached = threading.Event()
+    key_locked = node._key_locked
+
+    def spy(key: str, reference: str) -> Any:
+        reached.set()  # the publish holds its target lock and asks for the daemon's
+        return key_locked(key, reference)
+
+    node._key_locked = spy  # type: ignore[method-assign]
+    failures: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            node.publish("second", target, attrs, None)
+        except BaseException as exc:
+            failures.append(exc)
+
+    # The daemon's key, as publish finds it; its lock held as by a first volume whose
+    # daemon is starting.
+    key = daemon_key(trio.run(_resolve, parse_reference(ref), node.config.client), attrs)
+    with node.records.locked(f"key:{key}"):
+        second = threading.Thread(target=publish)
+        second.start()
+        assert reached.wait(RPC_JOIN)
+        with pytest.raises(Busy) as retry:  # kubelet's retry of the same target
+            node.publish("second", target, attrs, None)
+        assert status_of(retry.value)[0] == grpc.StatusCode.ABORTED
+        assert second.is_alive() and not failures  # waiting, not ABORTED
+    second.join(RPC_JOIN)
+    assert not second.is_alive() and not failures, failures
+    try:
+        assert (target / WEIGHTS).read_bytes() == (project / WEIGHTS).read_bytes()
+        # Past the bound: ABORTED, saying which daemon and why.
+        node.key_wait = 0.05
+        other = tmp_path / "pods/third/mount"
+        other.parent.mkdir(parents=True)
+        with node.records.locked(f"key:{key}"), pytest.raises(Busy) as late:
+            node.publish("third", other, attrs, None)
+        code, message = status_of(late.value)
+        assert code == grpc.StatusCode.ABORTED
+        assert ref in message and "shared with another volume" in message
+        assert node.records.volume(str(other)) is None
+    finally:
+        node.unpublish(target)
+    assert node.records.daemons() == [] and node.records.volumes() == []
+
+
+@needs_root
+def test_probe_answers_while_an_unused_daemon_will_not_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Stopping an unused daemon may wait out umount's timeout; Probe (3 s in the sidecar)
+    reports the sweeper's last finding instead of trying itself."""
+    from kitfs.csi import node as node_module
+    from kitfs.csi.server import Sweeper
+
+    node = make_node(tmp_path)
+    stuck = daemon_record(node.records)
+    node.records.save_daemon(stuck)
+    in_umount, let_go = threading.Event(), threading.Event()
+    real_umount = node_module.umount
+
+    def slow_umount(mountpoint: Path) -> str:
+        in_umount.set()
+        let_go.wait(RPC_JOIN)  # an umount waiting on a daemon that does not answer
+        return real_umount(mountpoint)  # then: not a kitfs mount, it will not stop
+
+    monkeypatch.setattr(node_module, "umount", slow_umount)
+    sweeper = Sweeper(node, every=0.01)
+    with foreign_mount(Path(stuck.mountpoint), tmp_path / "elsewhere"), \
+            csi_server(node) as (identity, _):
+        try:
+            # Probe itself stops nothing (it used to, one umount timeout after another).
+            assert not probe(identity)  # not ready: that daemon left no state file
+            assert not in_umount.is_set()
+            sweeper.start()
+            assert in_umount.wait(RPC_JOIN)
+            # Answered within the deadline mid-sweep; the sweep's finding is not in yet.
+            assert not probe(identity)
+            assert "will not stop" not in caplog.text
+            let_go.set()
+            while not node.unused:  # the sweep ends; its finding is what Probe reports
+                assert sweeper._thread.is_alive()
+                in_umount.clear()
+                assert in_umount.wait(RPC_JOIN)  # the next sweep is under way
+            assert not probe(identity)
+            assert f"{stuck.reference} (unused, will not stop)" in caplog.text
+        finally:
+            let_go.set()
+            sweeper.stop()
+    assert not sweeper._thread.is_alive()
+
+
+class _Stalling(http.server.BaseHTTPRequestHandler):
+    """A registry that holds every request until released, counting those it holds."""
+
+    arrived = threading.Semaphore(0)
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        type(self).arrived.release()
+        type(self).release.wait(RPC_JOIN)
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_publishes_past_the_bound_are_refused_and_probe_still_answers(
+        tmp_path: Path) -> None:
+    from kitfs.csi import csi_pb2
+    from kitfs.csi.server import VOLUME_SLOTS, WORKERS
+
+    assert 0 < VOLUME_SLOTS <= WORKERS - 2  # at least two workers left for other calls
+    handler = type("Stall", (_Stalling,), {"arrived": threading.Semaphore(0),
+                                           "release": threading.Event()})
+    registry = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=registry.serve_forever, daemon=True).start()
+    node = make_node(tmp_path)
+    reference = f"127.0.0.1:{registry.server_address[1]}/org/stalled:v1"
+    capability = csi_pb2.VolumeCapability(mount=csi_pb2.VolumeCapability.MountVolume())
+
+    def request(n: int) -> Any:
+        target = tmp_path / f"pods/p{n}/mount"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return csi_pb2.NodePublishVolumeRequest(
+            volume_id=f"vol{n}", target_path=str(target), volume_capability=capability,
+            readonly=True, volume_context={"reference": reference})
+
+    results: list[Any] = []
+    try:
+        with csi_server(node) as (identity, stub):
+            calls = [stub.NodePublishVolume.future(request(n), timeout=RPC_JOIN)
+                     for n in range(VOLUME_SLOTS)]
+            for _ in range(VOLUME_SLOTS):  # every one of them is at the registry
+                assert handler.arrived.acquire(timeout=RPC_JOIN)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.NodePublishVolume(request(VOLUME_SLOTS), timeout=CALL_WAIT)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "already in progress on this node" in refused.value.details()
+            with pytest.raises(grpc.RpcError) as unpublish:
+                stub.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+                    volume_id="vol0", target_path=request(0).target_path), timeout=CALL_WAIT)
+            assert unpublish.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert probe(identity)
+            stub.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest(), timeout=CALL_WAIT)
+            handler.release.set()
+            for call in calls:
+                results.append(call.exception(RPC_JOIN))
+            # The slots are free again: the same publish now reaches the registry.
+            with pytest.raises(grpc.RpcError) as after:
+                stub.NodePublishVolume(request(VOLUME_SLOTS), timeout=RPC_JOIN)
+            assert after.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        handler.release.set()
+        registry.shutdown()
+        registry.server_close()
+    assert [r.code() for r in results] == [grpc.StatusCode.NOT_FOUND] * VOLUME_SLOTS
+
+
+def test_cache_scope_node_is_warned_about_at_start(tmp_path: Path) -> None:
+    """One cache for every repository reopens the shared read of private bytes: the
+    operator must see it in the driver's log."""
+    short = Path(tempfile.mkdtemp(prefix="csi", dir="/tmp"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kitfs.cli", "csi", "--serve", "--cache-scope", "node",
+         "--endpoint", str(short / "csi.sock"), "--state-dir", str(tmp_path / "state"),
+         "--staging-dir", str(tmp_path / "staging"), "--cache-dir", str(tmp_path / "cache"),
+         "--metrics-addr", "off"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert server.stderr is not None
+        lines = []
+        for line in server.stderr:  # up to the line saying it serves
+            lines.append(line)
+            if " serving " in line:
+                break
+        log = "".join(lines)
+        assert "WARNING" in log and "--cache-scope node" in log, log
+        assert "private ModelKit" in log
+    finally:
+        server.terminate()
+        server.wait(RPC_JOIN)
+        shutil.rmtree(short, ignore_errors=True)

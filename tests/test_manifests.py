@@ -336,10 +336,33 @@ def test_driver_mounts_propagate_to_the_host(
     assert mount["mountPropagation"] == "Bidirectional"
     # Shared daemons mount under the staging dir; the bind source must be visible to the host.
     staging = driver_args["--staging-dir"]
-    assert staging == f"{KUBELET_DIR}/plugins/{DRIVER}/volumes"
+    assert staging == f"{KUBELET_DIR}/kitfs/volumes"
     assert mount_holding(kitfs_container, staging)["mountPropagation"] == "Bidirectional"
     _, host = host_path_of(pod_spec, kitfs_container, "/dev/fuse")
     assert host == {"path": "/dev/fuse", "type": "CharDevice"}
+
+
+def test_no_container_copies_the_staged_mounts_privately(
+        pod_spec: Doc, mounter_spec: Doc, driver_args: dict[str, str]) -> None:
+    """A container mounting a host dir that holds the staging dir with the default
+    (private) propagation gets a copy of every FUSE mount live there when it starts,
+    kept in its own mount namespace: the sidecars did, with the plugin dir."""
+    driver_c = container(pod_spec, "kitfs")
+    held = mount_holding(driver_c, driver_args["--staging-dir"])
+    _, host = host_path_of(pod_spec, driver_c, held["mountPath"])
+    staged = host["path"].rstrip("/") + driver_args["--staging-dir"][len(held["mountPath"]):]
+    assert not staged.startswith(f"{KUBELET_DIR}/plugins/{DRIVER}/")  # the socket dir
+    seen = 0
+    for spec in (pod_spec, mounter_spec):
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            for m in c.get("volumeMounts", []):
+                source = volumes[m["name"]].get("hostPath", {}).get("path")
+                if source and (staged + "/").startswith(source.rstrip("/") + "/"):
+                    seen += 1
+                    assert m.get("mountPropagation") in ("Bidirectional", "HostToContainer"), \
+                        (c["name"], m)
+    assert seen >= 2  # the driver and the mounter: the check looked at something
 
 
 def test_driver_state_and_cache_outlive_the_container(

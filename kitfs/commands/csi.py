@@ -21,9 +21,14 @@ from kitfs.csi.mounter import LAUNCH_WAIT
 from kitfs.errors import UsageError
 from kitfs.units import parse_cache_size
 
+log = logging.getLogger(__name__)
+
 DEFAULT_ENDPOINT = "unix:///csi/csi.sock"
 DEFAULT_STATE_DIR = "/run/kitfs/csi"
-DEFAULT_STAGING_DIR = "/var/lib/kubelet/plugins/kitfs.kitops.org/volumes"
+#: Under /var/lib/kubelet (the Bidirectional mount, so the FUSE mounts reach the host) but
+#: outside the plugin dir kubelet's sidecars mount with private propagation: each of
+#: their starts would copy every live FUSE mount there into a namespace nobody cleans.
+DEFAULT_STAGING_DIR = "/var/lib/kubelet/kitfs/volumes"
 DEFAULT_CACHE_DIR = "/var/cache/kitfs"
 DEFAULT_METRICS_ADDR = ":9810"
 DEFAULT_MOUNTER_SOCKET = "unix:///run/kitfs/mounter.sock"
@@ -163,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
 
     from kitfs.csi.node import DriverConfig
     from kitfs.csi.server import serve
+
+    if args.cache_scope == "node":
+        log.warning("--cache-scope node: every volume on this node shares one chunk cache, "
+                    "so a pod can read cached bytes of a private ModelKit by naming a "
+                    "registry of its own that claims the same digests; use it only where "
+                    "every pod on the node may read every model any of them uses")
 
     config = DriverConfig(
         node_id=args.node_id or socket.gethostname(),

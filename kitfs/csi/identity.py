@@ -36,9 +36,11 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
 
         Not ready is a report, not a reason to restart the driver: a restart of its
         container would end every daemon in it (see the README's Kubernetes section).
+        Reads state files only: the sidecar gives up after 3 s, so the unused daemons
+        that would not stop are the sweeper's last finding, not a new attempt.
         """
         unhealthy = [f"{reference} (unused, will not stop)"
-                     for reference in self.node.stop_unused()]
+                     for reference in self.node.unused]
         now = time.time()
         for daemon in self.node.records.daemons():
             state = read_state(Path(daemon.mountpoint))

@@ -19,8 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +72,10 @@ SECRET_KEYS = (".dockerconfigjson", ".dockercfg")
 #: What a secret's registry entry may say; anything else (credsStore, credHelpers: a
 #: program to run on the node) is not taken from a pod's secret.
 ENTRY_FIELDS = ("auth", "username", "password", "identitytoken", "registrytoken")
+#: How long a publish or unpublish waits for a daemon's lock, which another volume of the
+#: same daemon may hold while that daemon starts (up to the mounter's launch wait) or
+#: stops; under kubelet's 2 minute deadline, so the answer is ABORTED, not a timeout.
+KEY_WAIT = 45.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,16 @@ class Node:
     def __init__(self, config: DriverConfig) -> None:
         self.config = config
         self.records = Records(config.state_dir, config.staging_dir)
+        self.key_wait = KEY_WAIT
+        #: stop_unused's last answer (Probe reports it without waiting for another).
+        self.unused: tuple[str, ...] = ()
+
+    def _key_locked(self, key: str, reference: str) -> contextlib.AbstractContextManager[None]:
+        """The daemon's lock, waited for: other pods' volumes share it."""
+        return self.records.locked(
+            f"key:{key}", wait=self.key_wait,
+            busy=f"the daemon for {reference}, shared with another volume on this node, is "
+                 f"still starting or stopping after {self.key_wait:.0f}s (kubelet retries)")
 
     # -- daemons --------------------------------------------------------------------
 
@@ -323,11 +338,13 @@ class Node:
 
     def stop_unused(self) -> list[str]:
         """Stop daemons no volume uses (one that would not stop at adoption or at its last
-        unpublish); the references of those still running without users.
+        unpublish); the references of those still running without users, also kept in
+        `unused` for Probe.
 
-        Called at every publish, unpublish and probe, so a daemon that could not be stopped
-        once is tried again rather than left to run untracked. One whose key another call
-        holds is left for the next time.
+        Called at adoption and then every few seconds by the server's sweeper thread, so
+        a daemon that could not be stopped once is tried again rather than left to run
+        untracked - never inside a call: each stop may wait out umount's timeout. One whose
+        key another call holds is left for the next time.
         """
         used = {v.key for v in self.records.volumes()}
         left = []
@@ -346,11 +363,11 @@ class Node:
             except (MountError, OSError) as exc:
                 log.warning("cannot stop the unused daemon for %s: %s", daemon.reference, exc)
                 left.append(daemon.reference)
+        self.unused = tuple(left)
         return left
 
     def publish(self, volume_id: str, target: Path, attrs: Attributes,
                 auths: dict[str, Any] | None, pod: str = "") -> None:
-        self.stop_unused()
         with self.records.locked(f"target:{target}"):
             existing = self.records.volume(str(target))
             if existing is not None:
@@ -363,14 +380,14 @@ class Node:
                 if daemon is not None and self.serving(daemon) and _is_ours(target):
                     return
                 log.warning("republishing %s: its mount or its daemon is gone", target)
-                with self.records.locked(f"key:{existing.key}"):
+                with self._key_locked(existing.key, existing.attributes.reference):
                     self._leave(existing)
             elif find_mount(target) is not None:
                 raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"{target} is already a mount point that kitfs did not make")
             digest = self._authorize(attrs, auths)
             key = daemon_key(digest, attrs)
-            with self.records.locked(f"key:{key}"):
+            with self._key_locked(key, attrs.reference):
                 daemon = self._daemon_for(key, digest, attrs, auths)
                 volume = VolumeRecord(volume_id, str(target), key, attrs, pod)
                 self.records.save_volume(volume)
@@ -384,7 +401,6 @@ class Node:
                      pod or volume_id)
 
     def unpublish(self, target: Path) -> None:
-        self.stop_unused()
         with self.records.locked(f"target:{target}"):
             volume = self.records.volume(str(target))
             if volume is None:
@@ -392,7 +408,7 @@ class Node:
                     binds.unbind(target)
                 _remove_dir(target)
                 return
-            with self.records.locked(f"key:{volume.key}"):
+            with self._key_locked(volume.key, volume.attributes.reference):
                 self._leave(volume)
             log.info("unpublished %s (%s)", target, volume.attributes.reference)
 
@@ -440,8 +456,30 @@ def target_path(text: str) -> Path:
 
 
 class NodeService(csi_pb2_grpc.NodeServicer):
-    def __init__(self, node: Node) -> None:
+    """The Node RPCs; at most `slots` publishes and unpublishes run at once.
+
+    Each may take minutes (a registry, a daemon starting, an umount timing out) and
+    kubelet starts a node's pods in parallel: without a bound they could hold every gRPC
+    worker, and Probe (the plugin's readiness) and NodeGetCapabilities would queue
+    behind them. One past the bound is answered RESOURCE_EXHAUSTED at once, which
+    kubelet retries with backoff.
+    """
+
+    def __init__(self, node: Node, slots: int) -> None:
         self.node = node
+        self.slots = slots
+        self._free = threading.BoundedSemaphore(slots)
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            raise CsiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"{self.slots} volume publishes and unpublishes are already in "
+                           "progress on this node; kubelet retries")
+        try:
+            yield
+        finally:
+            self._free.release()
 
     @rpc
     def NodePublishVolume(self, request: Any, context: Any) -> Any:
@@ -457,14 +495,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         auths = secret_auths(request.secrets)
         pod = "/".join(request.volume_context.get(KUBELET_PREFIX + k, "")
                        for k in ("pod.namespace", "pod.name")).strip("/")
-        self.node.publish(request.volume_id, target, attrs, auths, pod)
+        with self._slot():
+            self.node.publish(request.volume_id, target, attrs, auths, pod)
         return csi_pb2.NodePublishVolumeResponse()
 
     @rpc
     def NodeUnpublishVolume(self, request: Any, context: Any) -> Any:
         if not request.volume_id:
             raise invalid("volume_id is missing")
-        self.node.unpublish(target_path(request.target_path))
+        target = target_path(request.target_path)
+        with self._slot():
+            self.node.unpublish(target)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     @rpc

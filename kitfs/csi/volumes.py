@@ -144,11 +144,12 @@ class Records:
 
     Lock order: a target's lock, then a key's lock. Publish and unpublish of one
     target are serialized; the key lock makes "start the daemon or join it" and
-    "leave it, and stop it if last" atomic with respect to each other. Calls do not
-    wait for a lock (Busy instead): a publish holds one while a daemon starts, and
-    kubelet's retries of a slow call would otherwise each block a gRPC worker.
+    "leave it, and stop it if last" atomic with respect to each other. A target's
+    lock is never waited for (Busy at once): kubelet's retries of one slow call
+    would otherwise each block a gRPC worker. A key's lock is waited for, within a
+    bound: it is shared by every pod using that daemon, and another pod's daemon
+    starting is no reason to fail this pod's volume.
     """
-
     def __init__(self, root: Path, staging: Path) -> None:
         self.root = root
         self.staging = staging
@@ -163,12 +164,14 @@ class Records:
         self._locks: dict[str, threading.Lock] = {}
 
     @contextlib.contextmanager
-    def locked(self, name: str, *, wait: bool = False) -> Iterator[None]:
-        """Hold lock `name`; Busy at once if another call holds it (unless `wait`)."""
+    def locked(self, name: str, *, wait: float = 0.0,
+               busy: str | None = None) -> Iterator[None]:
+        """Hold lock `name`, waiting up to `wait` seconds for it; Busy after that, with
+        the message `busy` (default: an operation on this volume is in progress)."""
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
-        if not lock.acquire(blocking=wait):
-            raise Busy(f"an operation on this volume is already in progress ({name})")
+        if not (lock.acquire(timeout=wait) if wait > 0 else lock.acquire(blocking=False)):
+            raise Busy(busy or f"an operation on this volume is already in progress ({name})")
         try:
             yield
         finally:
