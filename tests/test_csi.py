@@ -485,6 +485,18 @@ def probe_until_served(driver: Driver) -> Any:
     raise AssertionError("no CSI server came back")
 
 
+def slow_reader(path: Path, got: bytearray, halfway: threading.Event,
+                go: threading.Event) -> None:
+    """Read `path` into `got`: half of it, then wait for `go` (the test kills something)."""
+    size = path.stat().st_size
+    with open(path, "rb", buffering=0) as f:
+        while piece := f.read(128 << 10):
+            got.extend(piece)
+            if len(got) >= size // 2 and not halfway.is_set():
+                halfway.set()
+                go.wait(RPC_WAIT)
+
+
 def test_server_killed_mid_read(model: Model, registry: RegistryServer,
                                 tmp_path_factory: pytest.TempPathFactory) -> None:
     """SIGKILL the gRPC server while a pod streams a file: the read finishes with the
@@ -505,16 +517,8 @@ def test_server_killed_mid_read(model: Model, registry: RegistryServer,
         old_server = driver.server_pid()
 
         got = bytearray()
-
-        def reader() -> None:  # a slow reader: half, then it waits for the kill
-            with open(target / WEIGHTS, "rb", buffering=0) as f:
-                while piece := f.read(128 << 10):
-                    got.extend(piece)
-                    if len(got) >= len(expected) // 2 and not halfway.is_set():
-                        halfway.set()
-                        go.wait(RPC_WAIT)
-
-        thread = threading.Thread(target=reader)
+        thread = threading.Thread(target=slow_reader,
+                                  args=(target / WEIGHTS, got, halfway, go))
         thread.start()
         assert halfway.wait(RPC_WAIT)
         os.kill(old_server, signal.SIGKILL)
@@ -666,16 +670,8 @@ def test_driver_container_killed_mid_read(model: Model, registry: RegistryServer
         assert parent_pid(daemon.pid) == mounter.process.pid  # not in the driver's tree
 
         got = bytearray()
-
-        def reader() -> None:  # a slow reader: half, then it waits for the kill
-            with open(target / WEIGHTS, "rb", buffering=0) as f:
-                while piece := f.read(128 << 10):
-                    got.extend(piece)
-                    if len(got) >= len(expected) // 2 and not halfway.is_set():
-                        halfway.set()
-                        go.wait(RPC_WAIT)
-
-        thread = threading.Thread(target=reader)
+        thread = threading.Thread(target=slow_reader,
+                                  args=(target / WEIGHTS, got, halfway, go))
         thread.start()
         assert halfway.wait(RPC_WAIT)
         driver.channel.close()

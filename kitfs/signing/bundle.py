@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -23,6 +22,7 @@ from typing import Any
 
 from cryptography import x509
 
+from kitfs.modelkit.manifest import sha256_digest
 from kitfs.modelkit.mediatypes import ANNOTATION_CREATED, OCI_EMPTY_JSON, OCI_MANIFEST
 from kitfs.signing.dsse import (
     COSIGN_SIGN_PREDICATE,
@@ -50,10 +50,6 @@ _MEDIA_TYPE_RE = re.compile(
     r"^application/vnd\.dev\.sigstore\.bundle"
     r"(?:\.v(\d+)\.(\d+)\+json|\+json;version=(\d+)\.(\d+))$"
 )
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -228,11 +224,12 @@ def bundle_referrer_manifest(
             "config": {
                 "mediaType": OCI_EMPTY_JSON,
                 "size": len(EMPTY_CONFIG),
-                "digest": _sha256(EMPTY_CONFIG),
+                "digest": sha256_digest(EMPTY_CONFIG),
                 "artifactType": BUNDLE_MEDIA_TYPE,
             },
             "layers": [
-                {"mediaType": BUNDLE_MEDIA_TYPE, "size": len(bundle), "digest": _sha256(bundle)}
+                {"mediaType": BUNDLE_MEDIA_TYPE, "size": len(bundle),
+                 "digest": sha256_digest(bundle)}
             ],
             "annotations": {
                 ANNOTATION_BUNDLE_CONTENT: "dsse-envelope",

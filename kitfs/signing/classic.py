@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kitfs.errors import FormatError
+from kitfs.modelkit.manifest import sha256_digest
 from kitfs.modelkit.mediatypes import OCI_MANIFEST
 from kitfs.signing.gojson import go_json
 from kitfs.signing.keys import PrivateKey, PublicKey
@@ -45,10 +45,6 @@ def signature_tag(manifest_digest: str, prefix: str = "") -> str:
     """The tag cosign keeps a digest's classic signatures under: `sha256-<hex>.sig`."""
     algorithm, _, hexpart = check_digest(manifest_digest).partition(":")
     return f"{prefix}{algorithm}-{hexpart}.{SIGNATURE_TAG_SUFFIX}"
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,7 @@ def verify_classic(sig: ClassicSignature, key: PublicKey, manifest_digest: str) 
         raise SignatureRefused(
             Reason.NOT_A_SIGNATURE, f"layer of type {sig.media_type!r} is not a cosign signature"
         )
-    if sig.layer_digest is not None and sig.layer_digest != _sha256(sig.payload):
+    if sig.layer_digest is not None and sig.layer_digest != sha256_digest(sig.payload):
         raise SignatureRefused(
             Reason.TAMPERED, f"tampered payload: its bytes do not match layer {sig.layer_digest}"
         )
@@ -147,7 +143,7 @@ def sign_classic(
         descriptor={
             "mediaType": SIMPLESIGNING_MEDIA_TYPE,
             "size": len(payload),
-            "digest": _sha256(payload),
+            "digest": sha256_digest(payload),
             "annotations": {ANNOTATION_SIGNATURE: signature},
         },
     )
@@ -226,6 +222,6 @@ def append_signature(
     manifest["config"] = {
         "mediaType": old_type or OCI_CONFIG_MEDIA_TYPE,
         "size": len(config_bytes),
-        "digest": _sha256(config_bytes),
+        "digest": sha256_digest(config_bytes),
     }
     return go_json(manifest), config_bytes
