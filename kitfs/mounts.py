@@ -451,8 +451,11 @@ class ReadyPipe:
     def ready(self) -> None:
         self._send(READY)
 
-    def failed(self, exit_code: int, message: str) -> None:
-        self._send(f"error {exit_code} {message}")
+    def failed(self, exit_code: int, message: str, kind: str | None = None) -> None:
+        """`kind`: the error's class in kitfs.errors, sent as `error CODE/KIND TEXT` so
+        that a driver can answer a registry outage differently from a bad request; a
+        reader that knows no kinds still finds the exit status before the slash."""
+        self._send(f"error {exit_code}{'/' + kind if kind else ''} {message}")
 
     def _send(self, line: str) -> None:
         if self._fd is None:
@@ -624,10 +627,24 @@ def daemon_result(line: str, mountpoint: Path) -> MountState:
         return state
     if not line.startswith("error "):
         raise MountError(f"unexpected answer from the kitfs daemon: {line[:200]!r}")
-    _, code, message = [*line.split(" ", 2), "", ""][:3]
-    error = MountError(message or "the kitfs daemon failed")
+    _, status, message = [*line.split(" ", 2), "", ""][:3]
+    code, _, kind = status.partition("/")
+    error = _daemon_error(kind, message or "the kitfs daemon failed")
     error.exit_code = int(code) if code.isdigit() else 1
     raise error
+
+
+def _daemon_error(kind: str, message: str) -> KitfsError:
+    """The daemon's error as its own class (kitfs.errors names it), else a MountError."""
+    from kitfs import errors
+
+    found = getattr(errors, kind, None) if kind.isidentifier() else None
+    if isinstance(found, type) and issubclass(found, KitfsError):
+        try:
+            return found(message)
+        except TypeError:  # a class that needs more than a message
+            pass
+    return MountError(message)
 
 
 def start_daemon(

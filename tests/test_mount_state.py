@@ -15,6 +15,7 @@ import pytest
 
 from helpers import kitfs, make_project
 from kitfs import mounts
+from kitfs.errors import BadReferenceError, KitfsError, UnreachableError
 from kitfs.mounts import MountError, MountState
 from mounting import mounted
 from registry import RegistryServer
@@ -114,6 +115,26 @@ def test_umount_of_nothing_and_of_a_stale_state(state_dir: Path, tmp_path: Path)
         mounts.umount(Path("/proc"))
 
 
+def test_a_daemons_failure_keeps_its_error_class(tmp_path: Path) -> None:
+    """The CSI driver answers a registry outage UNAVAILABLE, a bad reference INVALID_ARGUMENT:
+    the class the daemon failed with travels on its ready line, the exit status first."""
+    r, w = os.pipe()
+    mounts.ReadyPipe(w).failed(1, "registry gone", "UnreachableError")
+    line = mounts._read_line(r)
+    os.close(r)
+    assert line == "error 1/UnreachableError registry gone"
+    with pytest.raises(UnreachableError, match=r"^registry gone$") as failure:
+        mounts.daemon_result(line, tmp_path)
+    assert failure.value.exit_code == 1
+    for line, exit_code in (("error 2 bad flag", 2), ("error 1/NoSuchClass x", 1),
+                            ("error 1/__import__ x", 1), ("error 4/MountError x", 4)):
+        with pytest.raises(KitfsError) as failure:
+            mounts.daemon_result(line, tmp_path)
+        assert type(failure.value) is MountError and failure.value.exit_code == exit_code
+    with pytest.raises(BadReferenceError):
+        mounts.daemon_result("error 2/BadReferenceError no such thing", tmp_path)
+
+
 def test_ready_pipe_protocol(state_dir: Path, tmp_path: Path) -> None:
     r, w = os.pipe()
     mounts.ReadyPipe(w).failed(3, "registry said no\nreally")
@@ -132,7 +153,7 @@ def test_start_daemon_relays_the_daemons_error(state_dir: Path, tmp_path: Path) 
     mp = tmp_path / "mnt"
     mp.mkdir()
     # the child is the real CLI: a bad reference fails in it exactly as in the parent
-    with pytest.raises(MountError, match="UPPER") as info:
+    with pytest.raises(BadReferenceError, match="UPPER") as info:
         mounts.start_daemon(["mount", "127.0.0.1:1/UPPER:v1", str(mp), "--foreground"], mp)
     assert info.value.exit_code == 2
     assert mounts.read_state(mp) is None

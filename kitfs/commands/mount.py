@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _mount(args, pipe)
     except KitfsError as exc:
-        pipe.failed(exc.exit_code, str(exc))
+        pipe.failed(exc.exit_code, str(exc), type(exc).__name__)
         raise
     except BaseException as exc:
         pipe.failed(70, f"internal error: {type(exc).__name__}: {exc}")
