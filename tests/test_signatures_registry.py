@@ -59,7 +59,7 @@ async def image(registry: RegistryServer, repo: str, tag: str = "v1") -> str:
 
 
 def env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, COSIGN_PASSWORD=PASSWORD, **extra)
+    return {**os.environ, "COSIGN_PASSWORD": PASSWORD, **extra}
 
 
 def sign(ref: str, key: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -95,7 +95,10 @@ async def test_sign_then_verify(registry: RegistryServer, tmp_path: Path, kind: 
     what = "bundle signature" if fmt == "new" else "classic signature"
     assert line.startswith(f"{digest}: {what}")
     assert "cosign.pub" in line and "[transparency log not checked]" in line
-    assert {"ecdsa": "ECDSA P-256", "ed25519": "Ed25519", "rsa": "RSA"}[kind] in line
+    # the scheme cosign verify --key checks: ECDSA SHA-256, pure Ed25519, RSA PKCS#1 v1.5
+    assert line.endswith({"ecdsa": "(ECDSA P-256 SHA256)", "ed25519": "(Ed25519)",
+                          "rsa": "(RSA PKCS#1 v1.5 SHA256)"}[kind]
+                         + " [transparency log not checked]"), line
     # another key of the same type is refused
     (tmp_path / "other").mkdir()
     _, other = keypair(tmp_path / "other", kind)
@@ -118,6 +121,10 @@ async def test_classic_appends_and_skips_duplicates(registry: RegistryServer,
     # each key finds its own signature among the two layers
     assert "ECDSA" in ok(keyed(ref, first_pub))
     assert "Ed25519" in ok(keyed(ref, second_pub))
+    # checking the log (offline, against a trusted root) finds no entry: kitfs logs nothing
+    error = one_line_error(verify(ref, "--key", str(first_pub), "--trusted-root",
+                                  str(DATA / "cosign-trusted_root_pgi.json")), 1)
+    assert "no transparency-log entry" in error
 
 
 async def test_no_signature_and_other_repository(registry: RegistryServer,
@@ -274,3 +281,5 @@ def test_bad_input_is_one_line(tmp_path: Path, registry: RegistryServer) -> None
                  stdin="")
     assert "COSIGN_PASSWORD" in one_line_error(proc, 2)
     assert "cannot read --key" in one_line_error(sign(ref, tmp_path / "missing.key"), 2)
+    for verb, teaches in (("verify", "--insecure-ignore-tlog"), ("sign", "COSIGN_PASSWORD")):
+        assert teaches in ok(kitfs(verb, "--help"))

@@ -138,8 +138,10 @@ def judge(
     root: TrustedRoot | None,
     ignore_tlog: bool,
 ) -> Verdict:
-    """The first signature in `found` that passes for `digest`, else SignatureRefused with
-    the most telling reason (the one rule mount/unpack enforcement should reuse)."""
+    """The first signature in `found` that passes for `digest` (bundles first, as cosign 3
+    looks), else SignatureRefused with the most telling reason. Unlike cosign, classic
+    signatures are still tried when bundles exist but fail: any one valid signature is
+    enough. The one rule mount/unpack enforcement should reuse."""
     from collections.abc import Callable
     from functools import partial
 
@@ -149,17 +151,6 @@ def judge(
     from kitfs.signing.refusal import first_pass
 
     checks: list[Callable[[], Verdict]] = []
-    for sig in found.classic:
-        if identity is not None:
-            assert root is not None
-            checks.append(partial(keyless.verify_classic_keyless, sig, root, identity, digest,
-                                  ignore_tlog))
-        else:
-            assert key is not None
-            if ignore_tlog or root is None:
-                checks.append(partial(verify_classic, sig, key, digest))
-            else:
-                checks.append(partial(keyless.verify_classic_logged, sig, key, digest, root))
     for data in found.bundles:
         def check(data: bytes = data) -> Verdict:
             bundle = parse_bundle(data)
@@ -171,6 +162,17 @@ def judge(
                 return verify_bundle(bundle, key, digest)
             return keyless.verify_bundle_logged(bundle, key, digest, root)
         checks.append(check)
+    for sig in found.classic:
+        if identity is not None:
+            assert root is not None
+            checks.append(partial(keyless.verify_classic_keyless, sig, root, identity, digest,
+                                  ignore_tlog))
+        else:
+            assert key is not None
+            if ignore_tlog or root is None:
+                checks.append(partial(verify_classic, sig, key, digest))
+            else:
+                checks.append(partial(keyless.verify_classic_logged, sig, key, digest, root))
     return first_pass(checks, lambda check: check(), digest)
 
 
