@@ -283,3 +283,37 @@ def test_bad_input_is_one_line(tmp_path: Path, registry: RegistryServer) -> None
     assert "cannot read --key" in one_line_error(sign(ref, tmp_path / "missing.key"), 2)
     for verb, teaches in (("verify", "--insecure-ignore-tlog"), ("sign", "COSIGN_PASSWORD")):
         assert teaches in ok(kitfs(verb, "--help"))
+
+
+async def test_referrers_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a registry with the referrers API (the in-process fake: Distribution has none) the
+    bundle is found through the API and no `sha256-<hex>` tag is written; a table of
+    contents among the referrers is skipped."""
+    from fakeregistry import REGISTRY, FakeRegistry
+
+    from kitfs.commands.verify import judge
+    from kitfs.oci.signatures import fetch_signatures
+    from kitfs.signing.bundle import build_bundle
+    from kitfs.signing.keys import generate_private_key
+
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    fake = FakeRegistry()
+    fake.oci_subject = True  # the registry says it indexed the referrer's subject
+    body = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+                       "config": layer_desc(mt.OCI_EMPTY_JSON, b"{}"), "layers": []}).encode()
+    digest = fake.add_manifest("org/img", body, mt.OCI_MANIFEST, "v1")
+    toc = json.dumps({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+                      "artifactType": "application/vnd.kitfs.toc", "layers": [],
+                      "subject": {"digest": digest}}).encode()
+    fake.add_manifest("org/img", toc, mt.OCI_MANIFEST, None)
+    key = generate_private_key()
+    subject = {"mediaType": mt.OCI_MANIFEST, "size": len(body), "digest": digest}
+    options = ClientOptions(kitops_home=str(tmp_path))
+    async with RegistryClient(REGISTRY, options, transport=fake.transport()) as client:
+        await push_bundle(client, "org/img", subject, build_bundle(key, digest),
+                          "2026-01-01T00:00:00Z")
+        found = await fetch_signatures(client, "org/img", digest)
+    assert fake.count("PUT", f"/manifests/{digest.replace(':', '-')}") == 0
+    assert found.count == 1 and not found.classic
+    verdict = judge(found, digest, key.public(), None, None, True)
+    assert verdict.format == "bundle" and verdict.manifest_digest == digest
