@@ -317,3 +317,21 @@ async def test_referrers_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert found.count == 1 and not found.classic
     verdict = judge(found, digest, key.public(), None, None, True)
     assert verdict.format == "bundle" and verdict.manifest_digest == digest
+
+
+async def test_signatures_in_another_registry(registry: RegistryServer,
+                                              auth_registry: RegistryServer,
+                                              kitops_home: Path, tmp_path: Path) -> None:
+    """$COSIGN_REPOSITORY on another registry (one that wants a login) holds the
+    signatures of an image in the first: both formats go there and are read back."""
+    repo = "sig/cross"
+    digest = await image(registry, repo)
+    key, pub = keypair(tmp_path, "ecdsa")
+    ok(kitfs("login", auth_registry.host, "-u", str(auth_registry.username),
+             "--password-stdin", stdin=f"{auth_registry.password}\n", env=env()))
+    store = f"{auth_registry.host}/sig/store"
+    ref = f"{registry.host}/{repo}:v1"
+    ok(sign(ref, key, "--bundle-format", "classic", COSIGN_REPOSITORY=store))
+    assert f"pushed {store}@sha256:" in ok(sign(ref, key, COSIGN_REPOSITORY=store))
+    assert ok(keyed(ref, pub, COSIGN_REPOSITORY=store)).startswith(f"{digest}: bundle")
+    assert "no signatures found" in one_line_error(keyed(ref, pub), 1)

@@ -16,10 +16,8 @@ from kitfs.errors import UsageError
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
-    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
-    from kitfs.oci.client import RegistryClient
     from kitfs.oci.options import ClientOptions
     from kitfs.oci.reference import Reference
     from kitfs.signing.keys import PrivateKey
@@ -86,7 +84,12 @@ async def _sign(ref: Reference, options: ClientOptions, key: PrivateKey, fmt: st
     from datetime import UTC, datetime
 
     from kitfs.oci.client import RegistryClient
-    from kitfs.oci.signatures import push_bundle, push_classic, signature_repository
+    from kitfs.oci.signatures import (
+        push_bundle,
+        push_classic,
+        signature_client,
+        signature_repository,
+    )
     from kitfs.signing.bundle import build_bundle
     from kitfs.signing.classic import sign_classic
 
@@ -94,7 +97,7 @@ async def _sign(ref: Reference, options: ClientOptions, key: PrivateKey, fmt: st
     async with RegistryClient(ref.registry, options) as client:
         body, media_type, digest = await client.get_manifest(ref.repository, ref.target)
         signed = f"{ref.name}@{digest}"
-        async with _client_for(client, registry, options) as target:
+        async with signature_client(client, registry) as target:
             where = f"{registry}/{repo}"
             if fmt == "classic":
                 layer = sign_classic(key, ref.name, digest)
@@ -107,18 +110,6 @@ async def _sign(ref: Reference, options: ClientOptions, key: PrivateKey, fmt: st
             referrer = await push_bundle(target, repo, subject, build_bundle(key, digest),
                                          created)
             return f"Signed {signed} (bundle, {key.public().kind}): pushed {where}@{referrer}"
-
-
-def _client_for(client: RegistryClient, registry: str, options: ClientOptions
-                ) -> AbstractAsyncContextManager[RegistryClient]:
-    """`client` itself when it talks to `registry`, else a new client for it."""
-    from contextlib import nullcontext
-
-    from kitfs.oci.client import RegistryClient
-
-    if client.registry == registry:
-        return nullcontext(client)
-    return RegistryClient(registry, options)
 
 
 COMMAND = Command(

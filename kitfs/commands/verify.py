@@ -117,16 +117,13 @@ async def _verify(
     import os
 
     from kitfs.oci.client import RegistryClient
-    from kitfs.oci.signatures import fetch_signatures, signature_repository
+    from kitfs.oci.signatures import fetch_signatures, signature_client, signature_repository
 
     registry, repo = signature_repository(ref, os.environ)
     async with RegistryClient(ref.registry, options) as client:
         _, _, digest = await client.get_manifest(ref.repository, ref.target)
-        if registry == ref.registry:
-            found = await fetch_signatures(client, repo, digest)
-        else:
-            async with RegistryClient(registry, options) as other:
-                found = await fetch_signatures(other, repo, digest)
+        async with signature_client(client, registry) as target:
+            found = await fetch_signatures(target, repo, digest)
     return judge(found, digest, key, identity, root, ignore_tlog)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from contextlib import suppress
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,16 @@ def signature_repository(ref: Reference, environ: Mapping[str, str]) -> tuple[st
         raise UsageError(f"${COSIGN_REPOSITORY_ENV} must be REGISTRY/REPOSITORY, "
                          f"not {override!r}")
     return target.registry, target.repository
+
+
+def signature_client(
+    client: RegistryClient, registry: str
+) -> AbstractAsyncContextManager[RegistryClient]:
+    """A client for the registry `signature_repository` named: `client` itself when it is
+    the same registry, else a new one with the same options (closed on exit)."""
+    if client.registry == registry:
+        return nullcontext(client)
+    return RegistryClient(registry, client.options)
 
 
 @dataclass(frozen=True)
