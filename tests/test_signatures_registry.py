@@ -291,10 +291,10 @@ async def test_referrers_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     contents among the referrers is skipped."""
     from fakeregistry import REGISTRY, FakeRegistry
 
-    from kitfs.commands.verify import judge
     from kitfs.oci.signatures import fetch_signatures
     from kitfs.signing.bundle import build_bundle
     from kitfs.signing.keys import generate_private_key
+    from kitfs.signing.trust import Trust, check_signatures
 
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
     fake = FakeRegistry()
@@ -315,7 +315,7 @@ async def test_referrers_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         found = await fetch_signatures(client, "org/img", digest)
     assert fake.count("PUT", f"/manifests/{digest.replace(':', '-')}") == 0
     assert found.count == 1 and not found.classic
-    verdict = judge(found, digest, key.public(), None, None, True)
+    verdict = check_signatures(found, digest, Trust(key=key.public(), ignore_tlog=True))
     assert verdict.format == "bundle" and verdict.manifest_digest == digest
 
 
@@ -335,3 +335,15 @@ async def test_signatures_in_another_registry(registry: RegistryServer,
     assert f"pushed {store}@sha256:" in ok(sign(ref, key, COSIGN_REPOSITORY=store))
     assert ok(keyed(ref, pub, COSIGN_REPOSITORY=store)).startswith(f"{digest}: bundle")
     assert "no signatures found" in one_line_error(keyed(ref, pub), 1)
+
+
+def test_trust_takes_one_way() -> None:
+    from kitfs.signing.keyless import Identity
+    from kitfs.signing.keys import generate_private_key
+    from kitfs.signing.trust import Trust
+
+    key = generate_private_key().public()
+    for bad in ({}, {"key": key}, {"identity": Identity("a@b", GITHUB), "ignore_tlog": True},
+                {"key": key, "identity": Identity("a@b", GITHUB), "ignore_tlog": True}):
+        with pytest.raises(ValueError):
+            Trust(**bad)  # type: ignore[arg-type]

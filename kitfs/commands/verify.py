@@ -22,9 +22,8 @@ if TYPE_CHECKING:
 
     from kitfs.oci.options import ClientOptions
     from kitfs.oci.reference import Reference
-    from kitfs.oci.signatures import FoundSignatures
-    from kitfs.signing.keyless import Identity
     from kitfs.signing.keys import PublicKey
+    from kitfs.signing.trust import Trust
     from kitfs.signing.trustroot import TrustedRoot
     from kitfs.signing.verdict import Verdict
 
@@ -53,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kitfs.oci.reference import parse_reference
+    from kitfs.signing.trust import Trust
 
     ref = parse_reference(args.reference)
     if ref.is_local:
@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
 
         identity = Identity(args.certificate_identity, args.certificate_oidc_issuer)
     options = client_options(args)
-    verdict = run_async(lambda: _verify(ref, options, key, identity, root,
-                                        args.insecure_ignore_tlog))
+    trust = Trust(key=key, identity=identity, root=root,
+                  ignore_tlog=args.insecure_ignore_tlog)
+    verdict = run_async(lambda: _verify(ref, options, trust))
     print(verdict.describe() + ("" if verdict.tlog_checked else " [transparency log not checked]"))
     return 0
 
@@ -106,71 +107,19 @@ def _load_root(path: Path) -> TrustedRoot:
     return load_trusted_root(data, path.name)
 
 
-async def _verify(
-    ref: Reference,
-    options: ClientOptions,
-    key: PublicKey | None,
-    identity: Identity | None,
-    root: TrustedRoot | None,
-    ignore_tlog: bool,
-) -> Verdict:
+async def _verify(ref: Reference, options: ClientOptions, trust: Trust) -> Verdict:
     import os
 
     from kitfs.oci.client import RegistryClient
     from kitfs.oci.signatures import fetch_signatures, signature_client, signature_repository
+    from kitfs.signing.trust import check_signatures
 
     registry, repo = signature_repository(ref, os.environ)
     async with RegistryClient(ref.registry, options) as client:
         _, _, digest = await client.get_manifest(ref.repository, ref.target)
         async with signature_client(client, registry) as target:
             found = await fetch_signatures(target, repo, digest)
-    return judge(found, digest, key, identity, root, ignore_tlog)
-
-
-def judge(
-    found: FoundSignatures,
-    digest: str,
-    key: PublicKey | None,
-    identity: Identity | None,
-    root: TrustedRoot | None,
-    ignore_tlog: bool,
-) -> Verdict:
-    """The first signature in `found` that passes for `digest` (bundles first, as cosign 3
-    looks), else SignatureRefused with the most telling reason. Unlike cosign, classic
-    signatures are still tried when bundles exist but fail: any one valid signature is
-    enough. The one rule mount/unpack enforcement should reuse."""
-    from collections.abc import Callable
-    from functools import partial
-
-    from kitfs.signing import keyless
-    from kitfs.signing.bundle import parse_bundle, verify_bundle
-    from kitfs.signing.classic import verify_classic
-    from kitfs.signing.refusal import first_pass
-
-    checks: list[Callable[[], Verdict]] = []
-    for data in found.bundles:
-        def check(data: bytes = data) -> Verdict:
-            bundle = parse_bundle(data)
-            if identity is not None:
-                assert root is not None
-                return keyless.verify_bundle_keyless(bundle, root, identity, digest, ignore_tlog)
-            assert key is not None
-            if ignore_tlog or root is None:
-                return verify_bundle(bundle, key, digest)
-            return keyless.verify_bundle_logged(bundle, key, digest, root)
-        checks.append(check)
-    for sig in found.classic:
-        if identity is not None:
-            assert root is not None
-            checks.append(partial(keyless.verify_classic_keyless, sig, root, identity, digest,
-                                  ignore_tlog))
-        else:
-            assert key is not None
-            if ignore_tlog or root is None:
-                checks.append(partial(verify_classic, sig, key, digest))
-            else:
-                checks.append(partial(keyless.verify_classic_logged, sig, key, digest, root))
-    return first_pass(checks, lambda check: check(), digest)
+    return check_signatures(found, digest, trust)
 
 
 COMMAND = Command(

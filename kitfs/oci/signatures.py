@@ -13,7 +13,6 @@ import json
 import logging
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext, suppress
-from dataclasses import dataclass
 from typing import Any
 
 from kitfs.errors import NotFoundError, UsageError
@@ -35,6 +34,7 @@ from kitfs.signing.classic import (
     signature_tag,
 )
 from kitfs.signing.keys import PublicKey
+from kitfs.signing.trust import FoundSignatures
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,6 @@ def signature_client(
     if client.registry == registry:
         return nullcontext(client)
     return RegistryClient(registry, client.options)
-
-
-@dataclass(frozen=True)
-class FoundSignatures:
-    """Every signature of one digest, as stored (nothing checked yet)."""
-
-    classic: tuple[ClassicSignature, ...]
-    bundles: tuple[bytes, ...]
-
-    @property
-    def count(self) -> int:
-        return len(self.classic) + len(self.bundles)
 
 
 async def fetch_signatures(client: RegistryClient, repo: str, digest: str) -> FoundSignatures:
