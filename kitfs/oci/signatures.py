@@ -19,7 +19,7 @@ from kitfs.errors import NotFoundError, UsageError
 from kitfs.modelkit.manifest import sha256_digest
 from kitfs.oci.client import INDEX_MEDIA_TYPES, RegistryClient
 from kitfs.oci.digest import short
-from kitfs.oci.reference import Reference, parse_reference
+from kitfs.oci.reference import Reference, is_digest, parse_reference
 from kitfs.signing.bundle import (
     BUNDLE_MEDIA_TYPE,
     BUNDLE_MEDIA_TYPE_PREFIX,
@@ -88,7 +88,7 @@ async def _classic_signatures(
         return []
     found = []
     for layer in layers[:MAX_SIGNATURE_LAYERS]:
-        if not isinstance(layer, dict) or not isinstance(layer.get("digest"), str):
+        if not isinstance(layer, dict) or not is_digest(str(layer.get("digest"))):
             continue
         size = layer.get("size")
         blob = await client.get_blob(repo, layer["digest"], MAX_SIGNATURE_BLOB,
@@ -101,11 +101,11 @@ async def _bundles(client: RegistryClient, repo: str, digest: str) -> list[bytes
     found = []
     for descriptor in (await client.referrers(repo, digest))[:MAX_REFERRERS]:
         artifact_type = descriptor.get("artifactType")
-        if artifact_type is not None and not str(artifact_type).startswith(
-                BUNDLE_MEDIA_TYPE_PREFIX):
+        if artifact_type and not str(artifact_type).startswith(BUNDLE_MEDIA_TYPE_PREFIX):
             continue  # tables of contents, SBOMs, ...
         ref = descriptor.get("digest")
-        if not isinstance(ref, str) or descriptor.get("mediaType") in INDEX_MEDIA_TYPES:
+        if not isinstance(ref, str) or not is_digest(ref) or (
+                descriptor.get("mediaType") in INDEX_MEDIA_TYPES):
             continue
         try:
             body, _, _ = await client.get_manifest(repo, ref)
@@ -116,8 +116,12 @@ async def _bundles(client: RegistryClient, repo: str, digest: str) -> list[bytes
             continue
         layer = manifest["layers"][0]
         size = layer.get("size")
-        found.append(await client.get_blob(repo, str(layer.get("digest")), MAX_SIGNATURE_BLOB,
-                                           size=size if isinstance(size, int) else None))
+        try:
+            found.append(await client.get_blob(repo, str(layer.get("digest")),
+                                               MAX_SIGNATURE_BLOB,
+                                               size=size if isinstance(size, int) else None))
+        except NotFoundError:
+            continue  # as cosign's GetBundles: an unreadable referrer is not a signature
     return found
 
 
