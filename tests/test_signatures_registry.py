@@ -347,3 +347,37 @@ def test_trust_takes_one_way() -> None:
                 {"key": key, "identity": Identity("a@b", GITHUB), "ignore_tlog": True}):
         with pytest.raises(ValueError):
             Trust(**bad)  # type: ignore[arg-type]
+
+
+async def test_classic_appends_to_a_sig_image_cosign_made(registry: RegistryServer,
+                                                          tmp_path: Path) -> None:
+    """A `.sig` image holding a real cosign layer (containers/image's fixture, made by
+    cosign for another image): kitfs keeps it verbatim and appends its own after it."""
+    repo = "sig/foreign"
+    digest = await image(registry, repo)
+    data = (DATA / "ci-valid.signature-1").read_bytes()
+    magic = b"\x00sigstore-json\n"
+    doc = json.loads(data[len(magic):])
+    payload = base64.b64decode(doc["payload"])
+    foreign = layer_desc(doc["mimeType"], payload, doc["annotations"])
+    config = json.dumps({"architecture": "", "created": "0001-01-01T00:00:00Z",
+                         "history": [{"created": "0001-01-01T00:00:00Z"}], "os": "",
+                         "rootfs": {"type": "layers", "diff_ids": [sha(payload)]},
+                         "config": {}}).encode()
+    await push_manifest(registry.host, repo, {
+        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+        "config": layer_desc("application/vnd.oci.image.config.v1+json", config),
+        "layers": [foreign]}, [config, payload], signature_tag(digest))
+    key, pub = keypair(tmp_path, "ecdsa")
+    ref = f"{registry.host}/{repo}:v1"
+    # cosign's key verifies its layer, which is for another digest
+    error = one_line_error(keyed(ref, DATA / "ci-cosign.pub"), 1)
+    assert "digest mismatch: the signature is for sha256:634a8f35" in error
+    ok(sign(ref, key, "--bundle-format", "classic"))
+    sig = await get_manifest(registry, repo, signature_tag(digest))
+    layers = sig["layers"]
+    assert isinstance(layers, list) and len(layers) == 2 and layers[0] == foreign
+    async with RegistryClient(registry.host, ClientOptions()) as client:
+        config_blob = await client.get_blob(repo, sig["config"]["digest"])  # type: ignore[index]
+    assert json.loads(config_blob)["rootfs"]["diff_ids"] == [sha(payload), layers[1]["digest"]]
+    assert ok(keyed(ref, pub)).startswith(f"{digest}: classic signature")

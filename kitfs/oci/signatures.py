@@ -17,7 +17,7 @@ from typing import Any
 
 from kitfs.errors import NotFoundError, UsageError
 from kitfs.modelkit.manifest import sha256_digest
-from kitfs.oci.client import INDEX_MEDIA_TYPES, RegistryClient
+from kitfs.oci.client import INDEX_MEDIA_TYPES, OCI_MANIFEST, RegistryClient
 from kitfs.oci.digest import short
 from kitfs.oci.reference import Reference, is_digest, parse_reference
 from kitfs.signing.bundle import (
@@ -154,7 +154,7 @@ async def push_classic(
     manifest, config = result
     await client.push_blob_bytes(repo, new.descriptor["digest"], new.payload)
     await client.push_blob_bytes(repo, sha256_digest(config), config)
-    media_type = str(_json(manifest).get("mediaType"))
+    media_type = str(_json(manifest).get("mediaType") or OCI_MANIFEST)
     await client.put_manifest(repo, tag, manifest, media_type)
     return tag
 
