@@ -32,10 +32,12 @@ from kitfs.commands import (
     pull,
     push,
     remove,
+    sign,
     status,
     tag,
     umount,
     unpack,
+    verify,
 )
 from kitfs.commands import list as list_
 from kitfs.commands.command import Command
@@ -88,6 +90,7 @@ COMMANDS: tuple[Command, ...] = (
     remove.COMMAND, inspect.COMMAND, info.COMMAND, diff.COMMAND, ls.COMMAND,
     unpack.COMMAND, login.COMMAND, logout.COMMAND, mount.COMMAND, umount.COMMAND,
     status.COMMAND,
+    sign.COMMAND, verify.COMMAND,
     cache.COMMAND, csi.COMMAND,
 )
 

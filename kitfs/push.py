@@ -22,7 +22,7 @@ from pathlib import Path
 import trio
 
 from kitfs import __version__
-from kitfs.errors import FormatError, IntegrityError, NotFoundError, UsageError
+from kitfs.errors import IntegrityError, NotFoundError, UsageError
 from kitfs.modelkit import mediatypes as mt
 from kitfs.modelkit.manifest import manifest_blobs, sha256_digest
 from kitfs.modelkit.toc import TOC_ANNOTATION, TOC_ARTIFACT_TYPE, TOC_MEDIA_TYPE
@@ -117,28 +117,7 @@ async def attach_toc(
     """Push the TOC referrer; fall back to the `sha256-<hex>` tag schema where needed."""
     await client.push_blob_bytes(repo, sha256_digest(EMPTY_JSON), EMPTY_JSON)
     referrer = toc_referrer(manifest, digest, toc, toc_digest)
-    referrer_digest = sha256_digest(referrer)
-    _, has_referrers_api = await client.put_manifest(repo, referrer_digest, referrer,
-                                                     mt.OCI_MANIFEST)
-    if has_referrers_api:
-        return
-    fallback_tag = digest.replace(":", "-")
-    try:
-        body, media_type, _ = await client.get_manifest(repo, fallback_tag)
-        index = json.loads(body) if media_type == mt.OCI_INDEX else None
-    except NotFoundError:
-        index = None
-    except ValueError:
-        raise FormatError(f"referrers tag {fallback_tag} in {repo} is not JSON") from None
-    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
-        index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": []}
-    descriptor = {"mediaType": mt.OCI_MANIFEST, "digest": referrer_digest,
-                  "size": len(referrer), "artifactType": TOC_ARTIFACT_TYPE}
-    if any(m.get("digest") == referrer_digest for m in index["manifests"]):
-        return
-    index["manifests"].append(descriptor)
-    body = json.dumps(index, separators=(",", ":")).encode()
-    await client.put_manifest(repo, fallback_tag, body, mt.OCI_INDEX)
+    await client.attach_referrer(repo, digest, referrer, TOC_ARTIFACT_TYPE)
 
 
 def push_targets(source: Reference, destination: Reference | None) -> tuple[Reference, Reference]:

@@ -30,16 +30,18 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 
-def add_network_options(p: argparse.ArgumentParser) -> None:
-    """kit's network flags, for every verb that may talk to a registry."""
+def add_network_options(p: argparse.ArgumentParser, *, tls_client: bool = True) -> None:
+    """kit's network flags, for every verb that may talk to a registry; without
+    --cert/--key where `tls_client` is False (sign and verify: --key is cosign's key)."""
     g = p.add_argument_group("registry connection")
     g.add_argument("--plain-http", action="store_true",
                    help="talk HTTP, not HTTPS (automatic for loopback registries)")
     g.add_argument("--tls-verify", choices=("true", "false"), default="true",
                    help="verify the registry's TLS certificate (default: true)")
     g.add_argument("--ca-file", metavar="PEM", help="trust these CA certificates too")
-    g.add_argument("--cert", metavar="PEM", help="client certificate for mutual TLS")
-    g.add_argument("--key", metavar="PEM", help="private key for --cert")
+    if tls_client:
+        g.add_argument("--cert", metavar="PEM", help="client certificate for mutual TLS")
+        g.add_argument("--key", metavar="PEM", help="private key for --cert")
     g.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="give up on a registry that stays silent this long (default: 30)")
     g.add_argument("--proxy", metavar="URL",

@@ -28,6 +28,7 @@ import httpx
 import trio
 
 from kitfs.errors import (
+    FormatError,
     IntegrityError,
     KitfsError,
     LocalStorageError,
@@ -734,6 +735,38 @@ class RegistryClient:
         if artifact_type:
             manifests = [m for m in manifests if m.get("artifactType") == artifact_type]
         return manifests
+
+
+    async def attach_referrer(
+        self, repo: str, subject_digest: str, referrer: bytes, artifact_type: str
+    ) -> str:
+        """Push `referrer` (an OCI manifest whose subject is `subject_digest`; its blobs
+        are already there) and make `referrers` find it: registries with the referrers
+        API index it themselves, for the others the `sha256-<hex>` tag index gets an
+        entry (OCI 1.1 fallback; an entry already there is not added twice).
+        Returns the referrer's digest."""
+        digest, has_referrers_api = await self.put_manifest(
+            repo, digest_of(referrer, "sha256"), referrer, OCI_MANIFEST)
+        if has_referrers_api:
+            return digest
+        algorithm, hexpart = split_digest(subject_digest)
+        fallback_tag = f"{algorithm}-{hexpart}"
+        try:
+            body, media_type, _ = await self.get_manifest(repo, fallback_tag)
+            index = json.loads(body) if media_type == OCI_INDEX else None
+        except NotFoundError:
+            index = None
+        except ValueError:
+            raise FormatError(f"referrers tag {fallback_tag} in {repo} is not JSON") from None
+        if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+        if any(m.get("digest") == digest for m in index["manifests"] if isinstance(m, dict)):
+            return digest
+        index["manifests"].append({"mediaType": OCI_MANIFEST, "digest": digest,
+                                   "size": len(referrer), "artifactType": artifact_type})
+        body = json.dumps(index, separators=(",", ":")).encode()
+        await self.put_manifest(repo, fallback_tag, body, OCI_INDEX)
+        return digest
 
 
 class _BlobBody:

@@ -10,4 +10,5 @@ them) can be written and tested separately on top of these functions.
 - dsse, bundle: DSSE envelopes, in-toto statements, sigstore bundles and their referrer
 - trustroot, tlog, sct, keyless: offline keyless checks against a trusted-root file
 - refusal, verdict: why a check failed (ranked reasons) and what a passed one vouches for
+- trust: who must have signed (Trust) and the one rule over all of a digest's signatures
 """

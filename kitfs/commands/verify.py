@@ -1,0 +1,151 @@
+"""`kitfs verify`: check a manifest's cosign signatures in its registry, as `cosign verify`.
+
+The tag is resolved to a digest once and every signature is judged against
+that digest, so the line printed names exactly what was verified (a tag moved
+afterwards names something else). Any one valid signature is enough, as in
+cosign; when none is, the most telling reason is the one shown. Nothing is
+fetched from Rekor or Fulcio: transparency-log entries and certificates are
+checked offline against --trusted-root, or the log is skipped on request.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kitfs.commands.command import Command
+from kitfs.commands.common import add_network_options, client_options, run_async
+from kitfs.errors import UsageError
+
+TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from kitfs.oci.options import ClientOptions
+    from kitfs.oci.reference import Reference
+    from kitfs.signing.keys import PublicKey
+    from kitfs.signing.trust import Trust
+    from kitfs.signing.trustroot import TrustedRoot
+    from kitfs.signing.verdict import Verdict
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reference", metavar="REF",
+                   help="REGISTRY/REPO[:TAG|@DIGEST]: any manifest, a ModelKit or not")
+    g = p.add_argument_group("who must have signed (--key, or an identity)")
+    g.add_argument("--key", dest="cosign_key", metavar="PUB",
+                   help="cosign public key file (PEM: ECDSA, RSA or Ed25519), e.g. cosign.pub")
+    g.add_argument("--certificate-identity", metavar="ID",
+                   help="keyless: the signer's identity (certificate SAN, exact match)")
+    g.add_argument("--certificate-oidc-issuer", metavar="ISSUER",
+                   help="keyless: the OIDC issuer that vouched for the identity "
+                        "(e.g. https://github.com/login/oauth)")
+    g.add_argument("--trusted-root", metavar="FILE",
+                   help="sigstore trusted_root.json: Fulcio CAs, Rekor and CT log keys "
+                        "(needed for keyless, and to check a keyed signature's Rekor entry)")
+    g.add_argument("--insecure-ignore-tlog", action="store_true",
+                   help="accept signatures without checking a transparency-log entry "
+                        "(as cosign's flag; needed for what `kitfs sign` makes)")
+    add_network_options(p, tls_client=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kitfs.oci.reference import parse_reference
+    from kitfs.signing.trust import Trust
+
+    ref = parse_reference(args.reference)
+    if ref.is_local:
+        raise UsageError(f"verify needs a reference with a registry, not {args.reference!r} "
+                         "(e.g. registry.example.com/team/model:v1)")
+    identity_given = args.certificate_identity or args.certificate_oidc_issuer
+    if bool(args.cosign_key) == bool(identity_given):
+        raise UsageError("give --key PUB, or --certificate-identity and "
+                         "--certificate-oidc-issuer (one of the two ways)")
+    if identity_given and not (args.certificate_identity and args.certificate_oidc_issuer):
+        raise UsageError("keyless verification needs both --certificate-identity and "
+                         "--certificate-oidc-issuer")
+    if identity_given and not args.trusted_root:
+        raise UsageError("keyless verification needs --trusted-root FILE (kitfs fetches "
+                         "nothing from Sigstore's TUF repository)")
+    if args.cosign_key and not args.trusted_root and not args.insecure_ignore_tlog:
+        raise UsageError("--key without --trusted-root cannot check a transparency-log "
+                         "entry offline: give --trusted-root FILE, or --insecure-ignore-tlog "
+                         "to accept keyed signatures without one (kitfs sign makes those)")
+    root = _load_root(Path(args.trusted_root)) if args.trusted_root else None
+    key = _load_key(Path(args.cosign_key)) if args.cosign_key else None
+    identity = None
+    if identity_given:
+        from kitfs.signing.keyless import Identity
+
+        identity = Identity(args.certificate_identity, args.certificate_oidc_issuer)
+    options = client_options(args)
+    trust = Trust(key=key, identity=identity, root=root,
+                  ignore_tlog=args.insecure_ignore_tlog)
+    verdict = run_async(lambda: _verify(ref, options, trust))
+    print(verdict.describe() + ("" if verdict.tlog_checked else " [transparency log not checked]"))
+    return 0
+
+
+def _load_key(path: Path) -> PublicKey:
+    from kitfs.signing.keys import load_public_key
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read --key {path}: {e.strerror}") from None
+    return load_public_key(data, path.name)
+
+
+def _load_root(path: Path) -> TrustedRoot:
+    from kitfs.signing.trustroot import load_trusted_root
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read --trusted-root {path}: {e.strerror}") from None
+    return load_trusted_root(data, path.name)
+
+
+async def _verify(ref: Reference, options: ClientOptions, trust: Trust) -> Verdict:
+    import os
+
+    from kitfs.oci.client import RegistryClient
+    from kitfs.oci.signatures import fetch_signatures, signature_client, signature_repository
+    from kitfs.signing.trust import check_signatures
+
+    registry, repo = signature_repository(ref, os.environ)
+    async with RegistryClient(ref.registry, options) as client:
+        _, _, digest = await client.get_manifest(ref.repository, ref.target)
+        async with signature_client(client, registry) as target:
+            found = await fetch_signatures(target, repo, digest)
+    return check_signatures(found, digest, trust)
+
+
+COMMAND = Command(
+    name="verify",
+    help="check a ModelKit's cosign signatures in its registry (as `cosign verify`)",
+    description="""\
+Resolve REF to a manifest digest once, find that digest's cosign signatures
+(sigstore bundles attached as OCI referrers, and classic `sha256-<hex>.sig`
+images; in $COSIGN_REPOSITORY when set) and check them. Exit 0 and one line
+naming the digest, the signature format and the key or identity when at least
+one signature verifies; otherwise one line saying why (no signature, wrong key,
+digest mismatch, tampered, identity mismatch, expired certificate, untrusted)
+and exit 1. Works on any manifest, not only ModelKits, and needs no cosign.
+
+Nothing is fetched from Sigstore's services: keyless signatures and Rekor
+entries are checked against --trusted-root (the trusted_root.json cosign
+uses). Signatures made by `kitfs sign` (or `cosign sign --tlog-upload=false`)
+have no log entry: verify them with --insecure-ignore-tlog.
+
+examples:
+  kitfs verify --key cosign.pub --insecure-ignore-tlog registry.example.com/team/llm:v1
+  kitfs verify --key cosign.pub --trusted-root trusted_root.json ghcr.io/org/llm:v1
+  kitfs verify --certificate-identity me@example.com \\
+      --certificate-oidc-issuer https://github.com/login/oauth \\
+      --trusted-root trusted_root.json ghcr.io/org/llm@sha256:...
+""",
+    add_arguments=add_arguments,
+    run=run,
+)
