@@ -30,6 +30,7 @@ import pyfuse3
 import trio
 
 from kitfs.buffers import trim_memory, tune_malloc
+from kitfs.enforcement import signature_gate
 from kitfs.engine.api import FileReader
 from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import open_kit
@@ -49,6 +50,7 @@ from kitfs.mounts import (
 )
 from kitfs.oci.client import RegistryClient
 from kitfs.oci.reference import Reference, parse_reference
+from kitfs.signing.flags import MOUNT_FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +164,11 @@ async def _serve_kit(
         prefetch=config.prefetch, verify=config.verify, read_timeout=config.request_timeout,
         memory_bytes=config.memory,
     )
+    gate = signature_gate(config.signature, MOUNT_FLAGS, config.client,
+                          config.signature.describe(MOUNT_FLAGS))
     async with open_kit(
         reference, config.client, config.cache_dir, filters=filters, config=engine_config,
-        cache_budget=config.cache_size,
+        cache_budget=config.cache_size, gate=gate,
     ) as kit:
         ops = KitfsOperations(kit.tree, kit.engine, FsConfig(
             uid=os.getuid(), gid=os.getgid(), time_ns=_tree_time_ns(kit.inspection),
@@ -179,6 +183,7 @@ async def _serve_kit(
             log=str(config.log_file) if config.log_file is not None else None,
             started=time.time(), files=sum(1 for _ in kit.tree.files()),
             size=kit.tree.total_size, filters=list(config.filters),
+            signatures=list(gate.passed) if gate is not None else [],
         )
 
         async def poisoned(nodes: list[Node]) -> None:

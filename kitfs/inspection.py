@@ -86,11 +86,15 @@ class Parent:
                      if layer.kind in ("model", "modelpart"))
 
 
-async def inspect(source: BlobSource, *, toc: bool = True) -> Inspection:
+async def inspect(
+    source: BlobSource, *, toc: bool = True, resolved: tuple[bytes, str, str] | None = None
+) -> Inspection:
     """The manifest, config and Kitfile of the ModelKit `source` names; its kitfs table of
     contents too unless `toc` is False (what only reads the Kitfile or compares layers,
-    `info` and `diff`, need not fetch a blob that can run to megabytes)."""
-    manifest, _media_type, digest = await source.resolve()
+    `info` and `diff`, need not fetch a blob that can run to megabytes). `resolved`: what
+    `source.resolve()` already returned, so that a signature checked on that digest covers
+    exactly what is read (no second resolve of a tag that may have moved)."""
+    manifest, _media_type, digest = resolved if resolved is not None else await source.resolve()
     try:
         doc = json.loads(manifest)
         config_desc = doc.get("config") or {}

@@ -43,6 +43,7 @@ from kitfs.cache.memory import DEFAULT_MEMORY_TIER_BYTES
 from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.errors import KitfsError
 from kitfs.oci.options import ClientOptions
+from kitfs.signing.flags import MOUNT_FLAGS, SignatureFlags
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class MountConfig:
     log_file: Path | None = None
     #: HOST:PORT the daemon serves Prometheus metrics on (kitfs/metrics.py); None: off.
     metrics_addr: str | None = None
+    #: Who must have signed (kitfs/enforcement.py; the node's policy file applies as well).
+    signature: SignatureFlags = field(default_factory=SignatureFlags)
 
 
 def state_dir() -> Path:
@@ -279,6 +282,8 @@ class MountState:
     filters: list[str] = field(default_factory=list)
     updated: float = 0.0
     status: dict[str, Any] = field(default_factory=dict)
+    #: What each signature check that passed vouched for (empty: none was required).
+    signatures: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -515,6 +520,14 @@ def daemon_argv(
                         ("--key", config.client.key_file), ("--config", kitops_home)):
         if value:
             argv += [flag, str(absolute(value))]
+    sig = config.signature
+    for flag, value in ((MOUNT_FLAGS.key, sig.key), (MOUNT_FLAGS.identity, sig.identity),
+                        (MOUNT_FLAGS.issuer, sig.issuer),
+                        (MOUNT_FLAGS.trusted_root, sig.trusted_root)):
+        if value:
+            argv += [flag, value]
+    if sig.ignore_tlog:
+        argv.append(MOUNT_FLAGS.ignore_tlog)
     if verbose:
         argv.append("-" + "v" * verbose)
     return argv

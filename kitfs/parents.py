@@ -42,14 +42,18 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from kitfs.errors import FormatError, KitfsError
+from kitfs.errors import FormatError, KitfsError, SignatureError
 from kitfs.inspection import Inspection, Parent, inspect
 from kitfs.modelkit.kitfile import Kitfile
 from kitfs.oci.layout import display_name
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference, parse_reference
 from kitfs.oci.source import BlobSource, RoutedSource, Where, open_source
+
+if TYPE_CHECKING:
+    from kitfs.enforcement import SignatureGate
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +90,14 @@ async def follow(
     stack: contextlib.AsyncExitStack,
     *,
     toc: bool = True,
+    gate: SignatureGate | None = None,
 ) -> tuple[tuple[Parent, ...], dict[str, BlobSource]]:
     """The parents of `child`, whose Kitfile's `model.path` is `named`, nearest first; and
     the source of each of their model layers, by digest (open until `stack` closes).
 
     Each parent is looked for in kit's local storage first, then in its registry,
-    as kit finds it. Whatever fails is one line naming the parent and who named it.
+    as kit finds it, and must pass `gate` as the ModelKit itself did. Whatever fails is
+    one line naming the parent and who named it.
     """
     chain = Chain()
     chain.enter(child)
@@ -103,7 +109,7 @@ async def follow(
         source = open_source(ref, options, where="local-first")
         stack.push_async_callback(source.aclose)
         try:
-            found = await inspect(source, toc=toc)
+            found = await _checked_inspect(source, toc, gate)
         except KitfsError as exc:
             raise _about(exc, ref, child) from None
         log.info("parent ModelKit %s (model.path of %s): %s", ref, child, found.digest)
@@ -115,10 +121,22 @@ async def follow(
     return tuple(parents), routes
 
 
+async def _checked_inspect(
+    source: BlobSource, toc: bool, gate: SignatureGate | None
+) -> Inspection:
+    """Resolve once, let `gate` judge that digest, then read what that manifest names."""
+    resolved = await source.resolve()
+    if gate is not None:
+        await gate.check(source.reference, resolved[2])
+    return await inspect(source, toc=toc, resolved=resolved)
+
+
 def _about(exc: KitfsError, parent: Reference, child: Reference) -> KitfsError:
     """`exc`, of the same kind (so the exit status stays), saying which parent it concerns."""
     what = (f"parent ModelKit {display_name(str(parent))} (the model.path of "
             f"{display_name(str(child))})")
+    if isinstance(exc, SignatureError):  # SignatureRefused takes a reason too
+        return SignatureError(f"{what}: {exc}")
     try:
         return type(exc)(f"{what}: {exc}")
     except TypeError:  # pragma: no cover - every KitfsError takes one message
@@ -133,17 +151,20 @@ async def open_modelkit(
     where: Where = "reference",
     toc: bool = True,
     parents: bool = True,
+    gate: SignatureGate | None = None,
 ) -> AsyncIterator[tuple[BlobSource, Inspection]]:
     """The ModelKit `reference` names (looked for as `where` says) with its parents
     (unless `parents` is False: info and diff show a ModelKit alone, as kit's do): one
-    source serving every blob of the chain, and the inspection, its `parents` filled."""
+    source serving every blob of the chain, and the inspection, its `parents` filled.
+    With a `gate`, each ModelKit of the chain is resolved once and its signatures checked
+    on that digest before anything else of it is read (kitfs/enforcement.py)."""
     async with contextlib.AsyncExitStack() as stack:
         source = open_source(reference, options, where=where)
         stack.push_async_callback(source.aclose)
-        ins = await inspect(source, toc=toc)
+        ins = await _checked_inspect(source, toc, gate)
         if parents and ins.view.model_reference is not None:
             found, routes = await follow(reference, ins.view.model_reference, options, stack,
-                                         toc=toc)
+                                         toc=toc, gate=gate)
             ins = replace(ins, parents=found)
             source = RoutedSource(source, routes)  # its sources close with the stack
         yield source, ins

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 from kitfs.errors import UsageError, user_error
 from kitfs.units import shown_path
 
-__all__ = ["add_network_options", "client_options", "daemon_env", "inspect_reference",
-           "run_async", "shown_path"]
+__all__ = ["add_network_options", "add_signature_options", "client_options", "daemon_env",
+           "inspect_reference", "run_async", "shown_path", "signature_flags"]
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from kitfs.oci.options import ClientOptions
     from kitfs.oci.reference import Reference
     from kitfs.oci.source import Where
+    from kitfs.signing.flags import SignatureFlags
 
     T = TypeVar("T")
 
@@ -49,6 +50,44 @@ def add_network_options(p: argparse.ArgumentParser, *, tls_client: bool = True) 
                         "included (as kit's --proxy: it overrides HTTP_PROXY, HTTPS_PROXY "
                         "and NO_PROXY); http://[USER:PASSWORD@]HOST:PORT or https://...; "
                         f"also ${PROXY_ENV}")
+
+
+def add_signature_options(p: argparse.ArgumentParser) -> None:
+    """mount's and unpack's signature requirement (verify's flags, renamed where kit's
+    --key already means the TLS client key)."""
+    g = p.add_argument_group(
+        "signature required (cosign-compatible; the node's /etc/kitfs/policy.yaml applies too)")
+    g.add_argument("--signature-key", metavar="PUB",
+                   help="refuse the ModelKit unless signed with this cosign public key "
+                        "(PEM: ECDSA, RSA or Ed25519)")
+    g.add_argument("--signature-identity", metavar="ID",
+                   help="keyless: refuse unless signed by this identity (certificate SAN)")
+    g.add_argument("--signature-issuer", metavar="ISSUER",
+                   help="keyless: the OIDC issuer that must have vouched for the identity")
+    g.add_argument("--trusted-root", metavar="FILE",
+                   help="sigstore trusted_root.json (keyless; and checks a keyed "
+                        "signature's transparency-log entry)")
+    g.add_argument("--insecure-ignore-tlog", action="store_true",
+                   help="with --signature-key: accept signatures without a transparency-log "
+                        "entry (what `kitfs sign` makes)")
+
+
+def signature_flags(args: argparse.Namespace) -> SignatureFlags:
+    """The signature flags as given; files named are made absolute (a daemon runs in /)."""
+    import os
+
+    from kitfs.signing.flags import SignatureFlags
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(os.path.expanduser(path)) if path else None
+
+    return SignatureFlags(
+        key=absolute(getattr(args, "signature_key", None)),
+        identity=getattr(args, "signature_identity", None) or None,
+        issuer=getattr(args, "signature_issuer", None) or None,
+        trusted_root=absolute(getattr(args, "trusted_root", None)),
+        ignore_tlog=bool(getattr(args, "insecure_ignore_tlog", False)),
+    )
 
 
 PROXY_ENV = "KITFS_PROXY"

@@ -15,8 +15,16 @@ import sys
 from pathlib import Path
 
 from kitfs.commands.command import Command
-from kitfs.commands.common import add_network_options, client_options, daemon_env, run_async
+from kitfs.commands.common import (
+    add_network_options,
+    add_signature_options,
+    client_options,
+    daemon_env,
+    run_async,
+    signature_flags,
+)
 from kitfs.errors import KitfsError, UsageError
+from kitfs.signing.flags import MOUNT_FLAGS
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
@@ -60,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     # `mount -f` through mount.fuse.kitfs: every check a mount makes, then no mount.
     p.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
+    add_signature_options(p)
     add_network_options(p)
 
 
@@ -81,6 +90,12 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         parse_addr(args.metrics_addr)
     mountpoint = absolute_mountpoint(args.mountpoint)
     options = client_options(args)
+    signature = signature_flags(args)
+    if signature.given or signature.problem(MOUNT_FLAGS) is not None:
+        from kitfs.signing.policy import requirement_from_flags
+
+        # A missing key file or a bad trusted root fails here, before a daemon starts.
+        requirement_from_flags(signature, MOUNT_FLAGS, "")
     return MountConfig(
         reference=args.reference, mountpoint=mountpoint,
         cache_dir=Path(os.path.abspath(Path(args.cache_dir).expanduser())) if args.cache_dir
@@ -90,7 +105,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         foreground=bool(args.foreground),
         request_timeout=options.read_timeout,
         log_file=log_path(mountpoint) if args.ready_fd is not None else None,
-        metrics_addr=args.metrics_addr,
+        metrics_addr=args.metrics_addr, signature=signature,
     )
 
 
@@ -103,6 +118,8 @@ def _print_mounted(state: MountState) -> None:
     daemon = f"pid {state.pid}" + (f", log {state.log}" if state.log else "")
     print(f"  daemon  {daemon}")
     print(f"  cache   {state.cache_dir}")
+    for line in state.signatures:
+        print(f"  signed  {line}")
     sys.stdout.flush()
 
 
@@ -186,11 +203,19 @@ mounts with that parent's model layers where `kit unpack` writes them, read
 from the parent's own repository and verified like the rest; a missing
 parent or a cycle fails the mount before anything is mounted.
 
+With --signature-key (or --signature-identity and --signature-issuer), or a
+node policy in /etc/kitfs/policy.yaml that asks for it, REF (and each parent)
+is resolved to a digest once, that digest's cosign signatures are checked,
+and only that digest is served: a ModelKit that fails is never mounted, and
+the one-line error says why.
+
 examples:
   kitfs mount registry.example.com/team/llama:v1 /mnt/llama
   kitfs mount localhost:5000/demo/llm:v1 /mnt/llm --filter model --prefetch none
   kitfs mount mymodel:v1 /mnt/m --cache-dir /nvme/kitfs --cache-size 200G --allow-other
   kitfs mount mymodel:v1 /mnt/m --metrics-addr 127.0.0.1:9100
+  kitfs mount registry.example.com/team/llama:v1 /mnt/llama \
+      --signature-key cosign.pub --trusted-root trusted_root.json
   kitfs umount /mnt/llama
 """,
     add_arguments=add_arguments,

@@ -31,6 +31,7 @@ def _status_doc(state: MountState, mounted: bool, alive: bool, health: Health
         "started": _iso(state.started), "updated": _iso(state.updated) if state.updated else None,
         "files": state.files, "size": state.size, "filters": state.filters,
         "cacheDir": state.cache_dir, "log": state.log, "status": state.status,
+        "signatures": state.signatures,
     }
 
 
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n{s.mountpoint}  {s.digest}")
         for problem in h.problems:
             print(f"  unhealthy: {problem}")
+        for line in s.signatures:
+            print(f"  signed: {line}")
         for line in counters:
             print(f"  {line}")
     return verdict
@@ -118,7 +121,8 @@ COMMAND = Command(
 List every kitfs mount of this user (root: of the machine), or just the one
 at MOUNTPOINT: reference, digest, daemon pid and whether it is alive, and
 the engine's counters (bytes fetched and served, cache hits, prefetch
-progress, layer verification, registry requests). A mount whose daemon died
+progress, layer verification, registry requests), and the signatures that
+were checked before it was mounted, if any were required. A mount whose daemon died
 shows as `dead`: `kitfs umount` cleans it up.
 
 HEALTH is `unhealthy` when the daemon is dead or stuck (its state not

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from kitfs.commands.command import Command
-from kitfs.commands.common import add_network_options, client_options, run_async
+from kitfs.commands.common import (
+    add_network_options,
+    add_signature_options,
+    client_options,
+    run_async,
+    signature_flags,
+)
 from kitfs.errors import UsageError
 
 #: kit's deprecated shorthand flags and the filter type each stands for (pkg/cmd/unpack/cmd.go).
@@ -33,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="the shared chunk cache, as for mount (default: $KITFS_CACHE_DIR, "
                         "else /var/cache/kitfs for root, else $XDG_CACHE_HOME/kitfs)")
+    add_signature_options(p)
     add_network_options(p)
 
 
@@ -48,16 +55,19 @@ def filter_texts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import logging
     import os
+    import sys
     from pathlib import Path
 
     import trio
 
     from kitfs.buffers import trim_memory, tune_malloc
+    from kitfs.enforcement import signature_gate
     from kitfs.engine.session import open_kit
     from kitfs.modelkit.filters import FilterSet
     from kitfs.mounts import default_cache_dir
     from kitfs.oci.reference import parse_reference
     from kitfs.progress import Progress
+    from kitfs.signing.flags import MOUNT_FLAGS
     from kitfs.unpack import UnpackOptions, engine_config, unpack
 
     if not args.verbose:
@@ -74,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     directory = Path(os.path.abspath(Path(args.dir).expanduser()))
     config = engine_config(options.read_timeout)
     unpacking = UnpackOptions(overwrite=args.overwrite, ignore_existing=args.ignore_existing)
+    signature = signature_flags(args)
+    gate = signature_gate(signature, MOUNT_FLAGS, options, signature.describe(MOUNT_FLAGS))
     progress = Progress("unpacking", 0)
 
     trim = tune_malloc()  # chunks pass through by the thousand: keep the heap flat
@@ -84,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
                 nursery.start_soon(trim_memory, trim)
             # kit looks in its local storage first, then in the reference's registry.
             async with open_kit(ref, options, cache, filters=filters, config=config,
-                                where="local-first") as kit:
+                                where="local-first", gate=gate) as kit:
+                for line in gate.passed if gate is not None else ():
+                    print(f"signature verified: {line}", file=sys.stderr)
                 await unpack(kit, directory, unpacking, progress)
             nursery.cancel_scope.cancel()
 
@@ -111,10 +125,17 @@ into DIR: each file under a temporary name, renamed into place once complete
 An interrupted unpack leaves no half-written file; run it again (with -o or -i
 for the files it finished) and it fetches only what is missing.
 
+With --signature-key (or --signature-identity and --signature-issuer), or a
+node policy in /etc/kitfs/policy.yaml that asks for it, REF is resolved to a
+digest once, that digest's cosign signatures are checked, and only that
+digest is unpacked; a ModelKit that fails is not unpacked at all.
+
 examples:
   kitfs unpack registry.example.com/team/llm:v1 -d ./llm
   kitfs unpack registry.example.com/team/llm:v1 -d ./llm --filter model
   kitfs unpack registry.example.com/team/llm:v1 --filter=datasets:validation -o
+  kitfs unpack registry.example.com/team/llm:v1 -d ./llm \
+      --signature-key cosign.pub --insecure-ignore-tlog
 """,
     add_arguments=add_arguments,
     run=run,

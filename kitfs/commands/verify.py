@@ -18,13 +18,9 @@ from kitfs.errors import UsageError
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from kitfs.oci.options import ClientOptions
     from kitfs.oci.reference import Reference
-    from kitfs.signing.keys import PublicKey
     from kitfs.signing.trust import Trust
-    from kitfs.signing.trustroot import TrustedRoot
     from kitfs.signing.verdict import Verdict
 
 
@@ -49,62 +45,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kitfs.oci.reference import parse_reference
-    from kitfs.signing.trust import Trust
+    from kitfs.signing.flags import VERIFY_FLAGS, SignatureFlags
+    from kitfs.signing.policy import requirement_from_flags
 
     ref = parse_reference(args.reference)
     if ref.is_local:
         raise UsageError(f"verify needs a reference with a registry, not {args.reference!r} "
                          "(e.g. registry.example.com/team/model:v1)")
-    identity_given = args.certificate_identity or args.certificate_oidc_issuer
-    if bool(args.cosign_key) == bool(identity_given):
+    flags = SignatureFlags(key=args.cosign_key, identity=args.certificate_identity,
+                           issuer=args.certificate_oidc_issuer, trusted_root=args.trusted_root,
+                           ignore_tlog=args.insecure_ignore_tlog)
+    if not flags.given:
         raise UsageError("give --key PUB, or --certificate-identity and "
                          "--certificate-oidc-issuer (one of the two ways)")
-    if identity_given and not (args.certificate_identity and args.certificate_oidc_issuer):
-        raise UsageError("keyless verification needs both --certificate-identity and "
-                         "--certificate-oidc-issuer")
-    if identity_given and not args.trusted_root:
-        raise UsageError("keyless verification needs --trusted-root FILE (kitfs fetches "
-                         "nothing from Sigstore's TUF repository)")
-    if args.cosign_key and not args.trusted_root and not args.insecure_ignore_tlog:
-        raise UsageError("--key without --trusted-root cannot check a transparency-log "
-                         "entry offline: give --trusted-root FILE, or --insecure-ignore-tlog "
-                         "to accept keyed signatures without one (kitfs sign makes those)")
-    root = _load_root(Path(args.trusted_root)) if args.trusted_root else None
-    key = _load_key(Path(args.cosign_key)) if args.cosign_key else None
-    identity = None
-    if identity_given:
-        from kitfs.signing.keyless import Identity
-
-        identity = Identity(args.certificate_identity, args.certificate_oidc_issuer)
+    requirement = requirement_from_flags(flags, VERIFY_FLAGS, flags.describe(VERIFY_FLAGS))
+    assert requirement is not None  # flags.given
     options = client_options(args)
-    trust = Trust(key=key, identity=identity, root=root,
-                  ignore_tlog=args.insecure_ignore_tlog)
-    verdict = run_async(lambda: _verify(ref, options, trust))
+    verdict = run_async(lambda: _verify(ref, options, requirement.trusts[0]))
     print(verdict.describe() + ("" if verdict.tlog_checked else " [transparency log not checked]"))
     return 0
-
-
-def _load_key(path: Path) -> PublicKey:
-    from kitfs.signing.keys import load_public_key
-
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read --key {path}: {e.strerror}") from None
-    return load_public_key(data, path.name)
-
-
-def _load_root(path: Path) -> TrustedRoot:
-    from kitfs.signing.trustroot import load_trusted_root
-
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read --trusted-root {path}: {e.strerror}") from None
-    return load_trusted_root(data, path.name)
 
 
 async def _verify(ref: Reference, options: ClientOptions, trust: Trust) -> Verdict:

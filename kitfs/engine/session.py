@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kitfs.cache.store import ChunkStore
 from kitfs.cache.tocs import TocCache
@@ -23,6 +24,9 @@ from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference
 from kitfs.oci.source import BlobSource, Where
 from kitfs.parents import open_modelkit
+
+if TYPE_CHECKING:
+    from kitfs.enforcement import SignatureGate
 
 
 @dataclass
@@ -44,6 +48,7 @@ async def open_kit(
     config: EngineConfig | None = None,
     cache_budget: int | None = None,
     where: Where = "local-first",
+    gate: SignatureGate | None = None,
 ) -> AsyncIterator[OpenedKit]:
     """Resolve, read the metadata (tables of contents cached by layer digest), build the engine.
 
@@ -53,9 +58,9 @@ async def open_kit(
     ModelKit its `model.path` names, whose model layers the tree holds and the
     source serves (kitfs/parents.py). Fetches no file data. The caller starts the
     engine's background work with `await kit.engine.start(nursery)`; the sources are
-    closed on exit.
+    closed on exit. A `gate` checks every ModelKit's signatures before its files are read.
     """
-    async with open_modelkit(reference, options, where=where) as (source, ins):
+    async with open_modelkit(reference, options, where=where, gate=gate) as (source, ins):
         # No fsync per chunk: every chunk file carries its xxh3, so one torn by a
         # crash reads as absent and is fetched again, never served; syncing each
         # chunk cost more I/O wait than the fetch itself (design.md asked for it).
