@@ -8,9 +8,14 @@ its defaults:
 - UNPACK_FILTER (default `model`): given as --filter, so what it selects is unpacked
   (a --filter in EXTRA_FLAGS adds to it, as in kit);
 - EXTRA_FLAGS (default `--ignore-existing`, only when empty): more `kitfs unpack` flags;
-- COSIGN_KEY, or COSIGN_CERT_IDENTITY with COSIGN_CERT_OIDC_ISSUER: verify the
-  ModelKit's signature first. kitfs cannot verify signatures yet, so any of them
-  set is refused (signature_check), never skipped.
+- COSIGN_KEY (a public key file), or COSIGN_CERT_IDENTITY with COSIGN_CERT_OIDC_ISSUER:
+  unpack only a ModelKit whose cosign signature verifies (COSIGN_KEY wins when both
+  are set, as in kit's script). kit runs `cosign verify`, which also reads its flags
+  from COSIGN_* variables; kitfs reads the two an offline check needs the same way:
+  COSIGN_TRUSTED_ROOT (trusted_root.json; required for keyless) and
+  COSIGN_INSECURE_IGNORE_TLOG (true: accept keyed signatures without a log entry).
+  The tag is resolved once and that digest's signature checked and unpacked
+  (kitfs/enforcement.py). The node's /etc/kitfs/policy.yaml applies as well.
 """
 
 from __future__ import annotations
@@ -31,30 +36,52 @@ from kitfs.entrypoint import (
     term_as_interrupt,
 )
 from kitfs.errors import SignatureError
+from kitfs.signing.flags import FlagNames, SignatureFlags, parse_bool
+from kitfs.signing.policy import requirement_from_flags
 
 PROG = "kitfs-init"
 DEFAULT_UNPACK_PATH = "/home/user/modelkit/"
 DEFAULT_FILTER = "model"
 DEFAULT_FLAGS = ("--ignore-existing",)
-COSIGN_VARIABLES = ("COSIGN_KEY", "COSIGN_CERT_IDENTITY", "COSIGN_CERT_OIDC_ISSUER")
 
 
-def signature_check(reference: str, environ: Mapping[str, str]) -> str:
-    """The signature check the COSIGN_* variables ask for, before anything is unpacked; the
-    log line to print when none is asked for.
+#: The settings as this contract spells them, for errors that name what to change.
+INIT_NAMES = FlagNames(key="COSIGN_KEY", identity="COSIGN_CERT_IDENTITY",
+                       issuer="COSIGN_CERT_OIDC_ISSUER", trusted_root="COSIGN_TRUSTED_ROOT",
+                       ignore_tlog="COSIGN_INSECURE_IGNORE_TLOG=true")
 
-    kit runs `cosign verify` here. Until kitfs verifies signatures itself, asking for
-    it fails: a user who set a key wants no unverified model to run. (kit also skips
-    the check silently when only one of the keyless pair is set; kitfs refuses that
-    too.) The signatures work replaces the body of this function.
+
+def signature_check(reference: str, environ: Mapping[str, str]) -> tuple[SignatureFlags, str]:
+    """The signature check the COSIGN_* variables ask for, and the line kit's script prints.
+
+    Checked here, before anything is fetched: a setting that cannot make a check is
+    refused, never skipped (kit also skips the check silently when only one of the
+    keyless pair is set; kitfs refuses that too).
     """
-    asked = [name for name in COSIGN_VARIABLES if environ.get(name, "").strip()]
-    if not asked:
-        return "Signature verification is disabled"
-    raise SignatureError(
-        f"{reference}: {' and '.join(asked)} asks for signature verification, which is not "
-        f"available in this kitfs yet; refusing to unpack an unverified ModelKit (unset "
-        f"{', '.join(COSIGN_VARIABLES)} to unpack without a check)")
+    def get(name: str) -> str:
+        return environ.get(name, "").strip()
+
+    key = get("COSIGN_KEY")
+    identity, issuer = get("COSIGN_CERT_IDENTITY"), get("COSIGN_CERT_OIDC_ISSUER")
+    root = get("COSIGN_TRUSTED_ROOT") or None
+    ignore = parse_bool(environ.get("COSIGN_INSECURE_IGNORE_TLOG", ""),
+                        "COSIGN_INSECURE_IGNORE_TLOG")
+    if not (key or identity or issuer):
+        return SignatureFlags(), "Signature verification is disabled"
+    if key and "://" in key:
+        raise SignatureError(
+            f"COSIGN_KEY={key}: kitfs verifies with a public key file only (no KMS, "
+            "Kubernetes secret or URL keys): mount the key into the container and give its "
+            "path")
+    if key:
+        flags = SignatureFlags(key=os.path.abspath(key), trusted_root=root, ignore_tlog=ignore)
+        line = f"Verifying signature for modelkit {reference} via key"
+    else:
+        flags = SignatureFlags(identity=identity or None, issuer=issuer or None,
+                               trusted_root=root, ignore_tlog=ignore)
+        line = f"Verifying signature for modelkit {reference}"
+    requirement_from_flags(flags, INIT_NAMES, "")  # files read and checked now
+    return flags, line
 
 
 def prepare(environ: Mapping[str, str]) -> argparse.Namespace:
@@ -64,7 +91,12 @@ def prepare(environ: Mapping[str, str]) -> argparse.Namespace:
     unpack_filter = environ.get("UNPACK_FILTER") or DEFAULT_FILTER
     flags = split_flags("EXTRA_FLAGS", environ) or list(DEFAULT_FLAGS)
     args = parse_unpack("EXTRA_FLAGS", flags, reference, (f"--filter={unpack_filter}",))
-    say(signature_check(reference, environ))
+    signature, line = signature_check(reference, environ)
+    say(line)
+    if signature.given:
+        args.signature_key, args.signature_identity = signature.key, signature.identity
+        args.signature_issuer, args.trusted_root = signature.issuer, signature.trusted_root
+        args.insecure_ignore_tlog = signature.ignore_tlog
     say_version(PROG)
     shown = shown_flags(flags)
     if args.dir is None:

@@ -180,14 +180,24 @@ def secure_gzip_model(auth_registry: RegistryServer,
 
 
 def _env(root: Path) -> dict[str, str]:
+    """The driver's environment; its node policy ($KITFS_POLICY) allows everything until a
+    test writes rules into it (read again at each publish)."""
+    policy = root / "policy.yaml"
+    if not policy.exists():
+        policy.write_text(ALLOW_ALL)
     return dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
-                KITOPS_HOME=str(root / "node-home"), DOCKER_CONFIG=str(root / "node-docker"))
+                KITOPS_HOME=str(root / "node-home"), DOCKER_CONFIG=str(root / "node-docker"),
+                KITFS_POLICY=str(policy))
+
+
+ALLOW_ALL = "version: 1\ndefault: allow\n"
 
 
 def _start_driver(root: Path, mounter: Path | None = None, metrics: str = "off") -> Driver:
     """The driver as its DaemonSet runs it: `kitfs csi` (supervisor, then server)."""
     sock = root / "csi" / "csi.sock"
     root.mkdir(parents=True, exist_ok=True)
+    env = _env(root)
     log = root / "driver.log"
     extra = ["--mounter", f"unix://{mounter}"] if mounter is not None else []
     with open(log, "ab") as out:
@@ -196,7 +206,7 @@ def _start_driver(root: Path, mounter: Path | None = None, metrics: str = "off")
              "--node-id", "node-1", "--cache-dir", str(root / "cache"),
              "--state-dir", str(root / "state"), "--staging-dir", str(root / "staging"),
              "--metrics-addr", metrics, "--cache-size", "64M", *extra],
-            stdout=out, stderr=out, env=_env(root), start_new_session=True)
+            stdout=out, stderr=out, env=env, start_new_session=True)
     channel = grpc.insecure_channel(f"unix://{sock}")
     driver = Driver(root, sock, log, process, csi_pb2_grpc.NodeStub(channel),
                     csi_pb2_grpc.IdentityStub(channel), channel)
@@ -433,6 +443,56 @@ def test_registry_credentials_from_the_pod_secret(driver: Driver, secure_model: 
 
     driver.unpublish(target)
     assert driver.daemons() == [] and list((driver.root / "state" / "homes").iterdir()) == []
+
+
+def test_signatures_are_checked_at_publish(driver: Driver, model: Model,
+                                           tmp_path: Path) -> None:
+    """signatureKey (PEM) and the node policy: a volume whose digest is not signed as asked
+    is refused with PERMISSION_DENIED and nothing is mounted."""
+    from test_signatures_registry import PASSWORD, keypair
+
+    key, pub = keypair(tmp_path, "ecdsa")
+    (tmp_path / "other").mkdir()
+    _, other = keypair(tmp_path / "other", "ed25519")
+    ok(kitfs("sign", "--key", str(key), model.ref,
+             env={**os.environ, "COSIGN_PASSWORD": PASSWORD}))
+    target = driver.target("pod-signed")
+    denied, invalid = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT
+
+    status, message = code(lambda: driver.publish(
+        target, model.ref, signatureKey=other.read_text(), signatureIgnoreTlog="true"))
+    assert status == denied and "does not verify with" in message, message
+    assert not target.exists() and driver.daemons() == []
+    status, message = code(lambda: driver.publish(target, model.ref,
+                                                  signatureKey=pub.read_text()))
+    assert status == invalid and 'signatureIgnoreTlog: "true"' in message, message
+    status, message = code(lambda: driver.publish(target, model.ref, signatureKey=str(pub),
+                                                  signatureIgnoreTlog="true"))
+    assert status == invalid and "not a file name" in message
+    status, message = code(lambda: driver.publish(target, model.ref,
+                                                  signatureIdentity="me@example.com"))
+    assert status == invalid and "signatureIssuer" in message
+
+    driver.publish(target, model.ref, signatureKey=pub.read_text(), signatureIgnoreTlog="true")
+    try:
+        assert read_all(target / WEIGHTS) == model.weights
+    finally:
+        driver.unpublish(target)
+
+    # The node's policy, edited while the driver runs, applies to the next publish.
+    policy = driver.root / "policy.yaml"
+    host = model.ref.split("/")[0]
+    (driver.root / "node.pub").write_bytes(other.read_bytes())
+    policy.write_text(f"version: 1\ndefault: allow\nrules:\n  - match: {host}/csi/*\n"
+                      f"    require: [{{key: node.pub}}]\n    ignoreTlog: true\n")
+    try:
+        status, message = code(lambda: driver.publish(
+            target, model.ref, signatureKey=pub.read_text(), signatureIgnoreTlog="true"))
+        assert status == denied and f"{policy} rule 1" in message, message
+        assert not target.exists() and driver.daemons() == []
+    finally:
+        policy.write_text(ALLOW_ALL)
+    assert "Traceback" not in driver.log.read_text()
 
 
 class _Denying(http.server.BaseHTTPRequestHandler):

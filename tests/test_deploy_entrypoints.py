@@ -158,20 +158,57 @@ def test_progress_goes_to_the_log_as_plain_lines(kit_ref: str, tmp_path: Path) -
     assert "$KITFS_PROGRESS_LINES must be a number" in one_line_error(entry(INIT, env))
 
 
-@pytest.mark.parametrize("variables", [
-    {"COSIGN_KEY": "/keys/cosign.pub"},
-    {"COSIGN_CERT_IDENTITY": "kitops@jozu.com",
-     "COSIGN_CERT_OIDC_ISSUER": "https://github.com/login/oauth"},
-    {"COSIGN_CERT_IDENTITY": "kitops@jozu.com"},  # kit skips this silently; kitfs refuses
-], ids=["key", "keyless", "identity-only"])
+@pytest.mark.parametrize(("variables", "needle"), [
+    ({"COSIGN_KEY": "/keys/cosign.pub"},
+     "COSIGN_KEY without COSIGN_TRUSTED_ROOT cannot check a transparency-log entry"),
+    ({"COSIGN_KEY": "/keys/cosign.pub", "COSIGN_INSECURE_IGNORE_TLOG": "true"},
+     "cannot read COSIGN_KEY /keys/cosign.pub"),
+    ({"COSIGN_KEY": "k8s://ns/secret", "COSIGN_INSECURE_IGNORE_TLOG": "1"},
+     "a public key file only"),
+    ({"COSIGN_KEY": "/k.pub", "COSIGN_INSECURE_IGNORE_TLOG": "yes"},
+     "COSIGN_INSECURE_IGNORE_TLOG='yes' is not a boolean"),
+    ({"COSIGN_CERT_IDENTITY": "kitops@jozu.com",
+      "COSIGN_CERT_OIDC_ISSUER": "https://github.com/login/oauth"},
+     "keyless verification needs COSIGN_TRUSTED_ROOT"),
+    # kit skips this one silently; kitfs refuses it
+    ({"COSIGN_CERT_IDENTITY": "kitops@jozu.com"},
+     "needs both COSIGN_CERT_IDENTITY and COSIGN_CERT_OIDC_ISSUER"),
+], ids=["key-no-log-choice", "missing-key", "kms", "bad-bool", "keyless-no-root",
+        "identity-only"])
 def test_init_refuses_a_signature_check_it_cannot_make(
-        kit_ref: str, tmp_path: Path, variables: dict[str, str]) -> None:
+        kit_ref: str, tmp_path: Path, variables: dict[str, str], needle: str) -> None:
     dest = tmp_path / "modelkit"
     env = environment(tmp_path, MODELKIT_REF=kit_ref, UNPACK_PATH=str(dest), **variables)
-    line = one_line_error(entry(INIT, env))
-    assert "signature verification" in line and "not available in this kitfs yet" in line
-    assert all(name in line for name in variables)
+    assert needle in one_line_error(entry(INIT, env))
     assert not dest.exists()
+
+
+def test_init_verifies_the_signature_first(kit_ref: str, tmp_path: Path) -> None:
+    """kit's COSIGN_KEY contract: a ModelKit signed with the key unpacks, one signed with
+    another key does not (nothing is written); COSIGN_* as cosign reads them."""
+    from test_signatures_registry import PASSWORD, keypair
+
+    host = kit_ref.split("/")[0]
+    signed_ref = f"{host}/entry/signed:v1"
+    ok(kitfs("pack", str(make_project(tmp_path / "proj", weight_bytes=64 << 10)), "-t",
+             signed_ref, home=tmp_path / "packer"))
+    key, pub = keypair(tmp_path, "ecdsa")
+    ok(kitfs("sign", "--key", str(key), signed_ref,
+             env={**os.environ, "COSIGN_PASSWORD": PASSWORD}))
+    _, other = keypair(tmp_path / "proj", "ed25519")
+    dest = tmp_path / "modelkit"
+    env = environment(tmp_path, MODELKIT_REF=signed_ref, UNPACK_PATH=str(dest),
+                      COSIGN_KEY=str(other), COSIGN_INSECURE_IGNORE_TLOG="true")
+    refused = entry(INIT, env)
+    assert "refused, signature required by" in one_line_error(refused)
+    assert "does not verify with" in refused.stderr
+    assert not dest.exists() or not any(dest.rglob("*"))
+    env["COSIGN_KEY"] = str(pub)
+    proc = entry(INIT, env)
+    ok(proc)
+    assert f"Verifying signature for modelkit {signed_ref} via key" in proc.stdout
+    assert "signature verified: sha256:" in proc.stderr
+    assert (dest / "model").exists()
 
 
 @pytest.mark.parametrize(("variables", "needle"), [

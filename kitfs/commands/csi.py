@@ -83,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="HOST:PORT",
                    help=f"serve Prometheus metrics here (default {DEFAULT_METRICS_ADDR}); "
                         "off or none disables them")
+    p.add_argument("--trusted-root", metavar="FILE",
+                   help="sigstore trusted_root.json for volumes whose attributes ask for a "
+                        "signature (keyless ones need it; keyed ones check their "
+                        "transparency-log entry with it)")
     p.add_argument("--mounter", metavar="SOCKET",
                    help="have the `kitfs csi mounter` at this socket start the mount "
                         f"daemons (e.g. {DEFAULT_MOUNTER_SOCKET}), so that they outlive "
@@ -160,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
     # bad sockets fail here, not in a restart loop
     mounter = socket_path(args.mounter, "--mounter") if args.mounter else None
     socket_path(args.endpoint)
+    if args.trusted_root:
+        from kitfs.signing.policy import load_root
+
+        load_root(args.trusted_root, "--trusted-root")  # a bad file fails at start
     _logging(args.verbose)
     if not args.serve:
         from kitfs.csi.supervisor import server_argv, supervise
@@ -181,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=_absolute(args.cache_dir), cache_size=cache_size,
         cache_scope=args.cache_scope, client=options,
         daemon_env=daemon_env(options), verbose=args.verbose, mounter=mounter,
+        trusted_root=str(_absolute(args.trusted_root)) if args.trusted_root else None,
     )
     return serve(config, args.endpoint, metrics)
 
@@ -207,6 +216,14 @@ mounts serving, and the next server adopts them from --state-dir. With
 --mounter, the daemons are started by `kitfs csi mounter` in another
 container, so that a restart or upgrade of this driver's container leaves
 them serving too. Meant to run in the DaemonSets of deploy/kubernetes/.
+
+Signatures: a volume with the attribute signatureKey (a cosign public key's
+PEM text), or signatureIdentity and signatureIssuer (keyless, with
+--trusted-root), is published only when the digest its reference resolves
+to carries a valid cosign signature (signatureIgnoreTlog: "true" accepts
+keyed signatures without a transparency-log entry); the node's
+/etc/kitfs/policy.yaml ($KITFS_POLICY) is applied to every volume as well.
+A refused volume fails its publish with PERMISSION_DENIED and the reason.
 
 examples:
   kitfs csi --endpoint unix:///csi/csi.sock --node-id "$NODE_NAME" \\

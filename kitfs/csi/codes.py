@@ -25,6 +25,7 @@ from kitfs.errors import (
     KitfsError,
     NotFoundError,
     RegistryBusyError,
+    SignatureError,
     UnreachableError,
     UsageError,
 )
@@ -55,7 +56,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, BadReferenceError | KitfileError | UsageError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     # 403 is checked first: it is an AuthError too, but logging in again will not help.
-    if isinstance(exc, AccessDeniedError):
+    if isinstance(exc, AccessDeniedError | SignatureError):
         return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, AuthError):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)

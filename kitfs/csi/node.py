@@ -40,8 +40,9 @@ from kitfs.csi.volumes import (
     VolumeRecord,
     daemon_key,
 )
+from kitfs.enforcement import SignatureGate, signature_gate
 from kitfs.engine.api import PrefetchMode, VerifyMode
-from kitfs.errors import FormatError, LocalStorageError, NotFoundError
+from kitfs.errors import FormatError, LocalStorageError, NotFoundError, UsageError
 from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.manifest import manifest_blobs
 from kitfs.mounts import (
@@ -59,10 +60,16 @@ from kitfs.oci.client import RegistryClient
 from kitfs.oci.credentials import entry_credential, save_auths
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference, parse_reference
+from kitfs.signing.flags import FlagNames, SignatureFlags, parse_bool
 
 log = logging.getLogger(__name__)
 
-ATTRIBUTES = ("reference", "filter", "verify", "prefetch")
+ATTRIBUTES = ("reference", "filter", "verify", "prefetch", "signatureKey", "signatureIdentity",
+              "signatureIssuer", "signatureIgnoreTlog")
+#: The signature settings as a pod spells them, for errors that name what to change.
+ATTRIBUTE_NAMES = FlagNames(key="signatureKey", identity="signatureIdentity",
+                            issuer="signatureIssuer", trusted_root="the driver's --trusted-root",
+                            ignore_tlog='signatureIgnoreTlog: "true"')
 #: kubelet adds these (podInfoOnMount, ephemeral): csi.storage.k8s.io/pod.name, ...
 KUBELET_PREFIX = "csi.storage.k8s.io/"
 VERIFY_MODES: tuple[VerifyMode, ...] = ("lazy", "strict")
@@ -95,6 +102,8 @@ class DriverConfig:
     #: None: this server starts them itself, and they die with its container.
     mounter: Path | None = None
     verbose: int = 0
+    #: sigstore trusted_root.json for volumes that ask for a signature (--trusted-root).
+    trusted_root: str | None = None
 
 
 # -- the request ------------------------------------------------------------------
@@ -123,7 +132,18 @@ def parse_attributes(context: Mapping[str, str]) -> Attributes:
     prefetch = context.get("prefetch", "model")
     if prefetch not in PREFETCH_MODES:
         raise invalid(f"volume attribute prefetch={prefetch!r}: use model, none or all")
-    return Attributes(text, filter_, verify, prefetch)
+    key = context.get("signatureKey", "").strip()
+    if key and not key.startswith("-----BEGIN"):
+        raise invalid("volume attribute signatureKey: the PEM text of a cosign public key "
+                      "(-----BEGIN PUBLIC KEY-----...), not a file name: pods do not see "
+                      "the node's files")
+    try:
+        ignore = parse_bool(context.get("signatureIgnoreTlog", ""), "signatureIgnoreTlog")
+    except UsageError as exc:
+        raise invalid(f"volume attribute {exc}") from None
+    return Attributes(text, filter_, verify, prefetch, key,
+                      context.get("signatureIdentity", "").strip(),
+                      context.get("signatureIssuer", "").strip(), ignore)
 
 
 def secret_auths(secrets: Mapping[str, str]) -> dict[str, Any] | None:
@@ -180,6 +200,17 @@ async def _resolve(ref: Reference, options: ClientOptions) -> str:
             if await client.head_blob(ref.repository, blob.digest) is None:
                 raise NotFoundError(f"{ref}: blob {blob.digest} is not in "
                                     f"{ref.registry}/{ref.repository}")
+    return digest
+
+
+async def _resolve_checked(ref: Reference, options: ClientOptions,
+                           gate: SignatureGate | None) -> str:
+    """_resolve, then the signature check on that very digest: the daemon is started (or
+    joined) for the digest, never the tag, so what passed is what the pod reads."""
+    digest = await _resolve(ref, options)
+    if gate is not None:
+        gate.options = options  # the pod's credentials reach its signatures too
+        await gate.check(ref, digest)
     return digest
 
 
@@ -313,17 +344,36 @@ class Node:
     # -- volumes --------------------------------------------------------------------
 
     def _authorize(self, attrs: Attributes, auths: dict[str, Any] | None) -> str:
-        """The manifest digest, resolved with this request's credentials."""
+        """The manifest digest, resolved with this request's credentials, and its
+        signatures checked when the volume or the node's policy asks for them."""
         ref = parse_reference(attrs.reference)
+        gate = self._gate(attrs)
         if auths is None:
-            return trio.run(_resolve, ref, self.config.client)
+            return trio.run(_resolve_checked, ref, self.config.client, gate)
         name = "request-" + uuid.uuid4().hex
         home = self.records.credentials_dir(name)
         try:
             save_auths(str(home), auths)
-            return trio.run(_resolve, ref, replace(self.config.client, kitops_home=str(home)))
+            return trio.run(_resolve_checked, ref,
+                            replace(self.config.client, kitops_home=str(home)), gate)
         finally:
             self.records.drop_credentials(name)
+
+    def _gate(self, attrs: Attributes) -> SignatureGate | None:
+        """The check this volume needs: its attributes' and the node policy's (read again
+        for every publish, so an edited policy applies to the next pod)."""
+        flags = SignatureFlags(
+            key=attrs.signature_key or None, identity=attrs.signature_identity or None,
+            issuer=attrs.signature_issuer or None, trusted_root=self.config.trusted_root,
+            ignore_tlog=attrs.signature_ignore_tlog)
+        if not flags.given:
+            flags = SignatureFlags()
+        problem = flags.problem(ATTRIBUTE_NAMES)
+        if problem is not None:
+            raise invalid(f"volume attributes: {problem}")
+        return signature_gate(flags, ATTRIBUTE_NAMES, self.config.client,
+                              f"volume attribute {flags.describe(ATTRIBUTE_NAMES)}"
+                              if flags.given else "")
 
     def _leave(self, volume: VolumeRecord) -> None:
         """Undo one volume; the last user of a daemon stops it. Key lock held."""

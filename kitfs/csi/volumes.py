@@ -62,6 +62,12 @@ class Attributes:
     filter: str
     verify: VerifyMode
     prefetch: PrefetchMode
+    #: Who must have signed the ModelKit (checked at each publish; not part of the daemon
+    #: key: the daemon serves one digest, which each volume's own check covers).
+    signature_key: str = ""  # PEM text of a cosign public key
+    signature_identity: str = ""
+    signature_issuer: str = ""
+    signature_ignore_tlog: bool = False
 
 
 @dataclass(frozen=True)
