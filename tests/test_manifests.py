@@ -55,7 +55,8 @@ DRIVER = "kitfs.kitops.org"
 IMAGE = "ghcr.io/kitfs/kitfs:latest"
 KUBELET_DIR = "/var/lib/kubelet"
 # What the CSI driver reads from volumeAttributes (kubelet adds csi.storage.k8s.io/* itself).
-VOLUME_ATTRIBUTES = {"reference", "filter", "verify", "prefetch"}
+VOLUME_ATTRIBUTES = {"reference", "filter", "verify", "prefetch", "signatureKey",
+                     "signatureIdentity", "signatureIssuer", "signatureIgnoreTlog"}
 # Console scripts the image and the manifests run; other branches add the last three.
 CONSOLE_SCRIPTS = {"kitfs", "kitfs-init", "kitfs-kserve", "mount.fuse.kitfs"}
 KSERVE_ENV = {"KIT_UNPACK_FLAGS", "KIT_USER", "KIT_PASSWORD"}
@@ -532,6 +533,8 @@ def test_volume_attributes_documented_here_are_the_drivers() -> None:
     (kitfs/csi/node.py, from the csi branch: until it is merged this fails, by design)."""
     from kitfs.csi.node import ATTRIBUTES
     assert set(ATTRIBUTES) == VOLUME_ATTRIBUTES
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{name}`" in readme or f"{name}:" in readme for name in VOLUME_ATTRIBUTES)
 
 
 # --- the example pod ---------------------------------------------------------------

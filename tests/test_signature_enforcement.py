@@ -18,7 +18,7 @@ import pytest
 import trio
 from crafted import CraftLayer, build_tar, craft_layer, publish_kit
 from opening import LAZY, read_file
-from test_signatures_registry import PASSWORD, keypair
+from test_signatures_registry import DATA, GITHUB, PASSWORD, keypair, push_cosign_vector
 
 from helpers import kitfs, ok, one_line_error
 from kitfs.enforcement import SignatureGate
@@ -190,6 +190,37 @@ async def test_retag_between_check_and_use(registry: RegistryServer, tmp_path: P
     # and the tag as it is now is refused: it is not signed
     line = one_line_error(unpack(ref, tmp_path / "now", *keyed(pub)), 1)
     assert "no signatures found" in line
+
+
+async def test_keyless_requirement(registry: RegistryServer, tmp_path: Path) -> None:
+    """cosign's own keyless bundle (tests/data/cosign): the identity it names passes the
+    check (the unpack then stops because that manifest is an empty container image, not a
+    ModelKit), another identity is refused for that reason."""
+    ref, _ = await push_cosign_vector(registry, "enf/keyless")
+    root = str(DATA / "cosign-trusted_root_pgi.json")
+    passed = unpack(ref, tmp_path / "a", "--signature-identity", "cody@soyland.com",
+                    "--signature-issuer", GITHUB, "--trusted-root", root)
+    line = one_line_error(passed, 1)
+    assert "refused" not in line and "signature" not in line, line
+    assert "ModelKit" in line or "Kitfile" in line, line
+    refused = unpack(ref, tmp_path / "b", "--signature-identity", "mitr@redhat.com",
+                     "--signature-issuer", GITHUB, "--trusted-root", root)
+    line = one_line_error(refused, 1)
+    assert "refused, signature required by --signature-identity mitr@redhat.com" in line
+    assert "mitr@redhat.com" in line.split("refused", 1)[1]
+    policy = write_policy(tmp_path, f"""\
+version: 1
+trustedRoot: {root}
+rules:
+  - match: {registry.host}/enf/*
+    require:
+      - identity: someone@example.com
+        issuer: {GITHUB}
+      - identity: cody@soyland.com
+        issuer: {GITHUB}
+""")
+    line = one_line_error(unpack(ref, tmp_path / "c", environ=env(KITFS_POLICY=str(policy))), 1)
+    assert "refused" not in line and "signature" not in line, line
 
 
 # -- the node policy ----------------------------------------------------------------------

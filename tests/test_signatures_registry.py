@@ -223,10 +223,9 @@ async def test_retagged_after_signing(registry: RegistryServer, tmp_path: Path) 
     assert ok(keyed(f"{registry.host}/{repo}@{first}", pub)).startswith(first)
 
 
-async def test_cosigns_keyless_bundle(registry: RegistryServer) -> None:
-    """cosign's own keyless bundle over go-containerregistry's empty image (a Docker
-    schema 2 manifest), attached as cosign's test attaches it, verifies offline."""
-    repo = "sig/cosign-vector"
+async def push_cosign_vector(registry: RegistryServer, repo: str) -> tuple[str, str]:
+    """go-containerregistry's empty image (a Docker schema 2 manifest) with cosign's own
+    keyless bundle over it, attached as cosign's test attaches it: (reference, digest)."""
     config = (b'{"architecture":"","created":"0001-01-01T00:00:00Z","os":"",'
               b'"rootfs":{"type":"layers","diff_ids":null},"config":{}}')
     manifest = json.dumps({
@@ -243,7 +242,12 @@ async def test_cosigns_keyless_bundle(registry: RegistryServer) -> None:
         await push_bundle(client, repo, subject,
                           (DATA / "cosign-oci-attestation.sigstore.json").read_bytes(),
                           "2025-02-28T19:18:11Z")
-    ref = f"{registry.host}/{repo}:empty"
+    return f"{registry.host}/{repo}:empty", digest
+
+
+async def test_cosigns_keyless_bundle(registry: RegistryServer) -> None:
+    """cosign's own keyless bundle verifies offline."""
+    ref, digest = await push_cosign_vector(registry, "sig/cosign-vector")
     root = str(DATA / "cosign-trusted_root_pgi.json")
     line = ok(verify(ref, "--certificate-identity", "cody@soyland.com",
                      "--certificate-oidc-issuer", GITHUB, "--trusted-root", root)).strip()
