@@ -49,10 +49,15 @@ VALUE_OPTIONS = {
     "key": "--key",
     "proxy": "--proxy",
     "metrics_addr": "--metrics-addr",
+    "signature_key": "--signature-key",
+    "signature_identity": "--signature-identity",
+    "signature_issuer": "--signature-issuer",
+    "trusted_root": "--trusted-root",
 }
 
 #: -o NAME -> the `kitfs mount` switch.
-SWITCH_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http"}
+SWITCH_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http",
+                  "insecure_ignore_tlog": "--insecure-ignore-tlog"}
 
 #: What mount(8), systemd and fstab conventions put in OPTIONS that means nothing to kitfs:
 #: the mount is always read-only, nosuid and nodev, so `rw` (which mount(8) adds whenever

@@ -311,6 +311,19 @@ def test_fake_mount_checks_but_mounts_nothing(
                        "memory=1k"))
 
 
+def test_signature_options_are_enforced(kit: Kit, mountpoint: Path, tmp_path: Path) -> None:
+    """fstab's signature_key=...,insecure_ignore_tlog: an unsigned ModelKit is not mounted."""
+    from test_signatures_registry import keypair
+
+    _, pub = keypair(tmp_path, "ecdsa")
+    line = one_line_error(run("mount", "-t", "fuse.kitfs", kit.ref, str(mountpoint), "-o",
+                              f"cache_dir={tmp_path / 'cache'},signature_key={pub},"
+                              "insecure_ignore_tlog"))
+    assert "refused, signature required by --signature-key" in line
+    assert "no signatures found" in line
+    assert find_mount(mountpoint) is None and read_state(mountpoint) is None
+
+
 def test_verbose_says_what_was_mounted_and_kitfs_umount_works_too(
     kit: Kit, mountpoint: Path, tmp_path: Path,
 ) -> None:
@@ -394,6 +407,17 @@ def test_options_map_to_kitfs_mount_flags() -> None:
         kitfs_mount_argv("r/x:v1", "/mnt/m", ["metrics_addr=127.0.0.1:9100"], known_flags=FLAGS)
     with pytest.raises(UsageError, match="allow_other"):
         kitfs_mount_argv("r/x:v1", "/mnt/m", ["allow_other=1"], known_flags=FLAGS)
+    signed = kitfs_mount_argv(
+        "r/x:v1", "/mnt/m", ["signature_identity=ci@example.com",
+                             "signature_issuer=https://token.actions.githubusercontent.com",
+                             "trusted_root=/etc/kitfs/trusted_root.json",
+                             "insecure_ignore_tlog"],
+        known_flags=FLAGS | {"--signature-identity", "--signature-issuer", "--trusted-root",
+                             "--insecure-ignore-tlog"})
+    assert signed[3:] == ["--signature-identity=ci@example.com",
+                          "--signature-issuer=https://token.actions.githubusercontent.com",
+                          "--trusted-root=/etc/kitfs/trusted_root.json",
+                          "--insecure-ignore-tlog"]
 
 
 def test_extra_tags_in_a_reference_cannot_reach_the_fuse_options(
