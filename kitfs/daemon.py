@@ -164,8 +164,7 @@ async def _serve_kit(
         prefetch=config.prefetch, verify=config.verify, read_timeout=config.request_timeout,
         memory_bytes=config.memory,
     )
-    gate = signature_gate(config.signature, MOUNT_FLAGS, config.client,
-                          config.signature.describe(MOUNT_FLAGS))
+    gate = signature_gate(config.signature, MOUNT_FLAGS, config.client)
     async with open_kit(
         reference, config.client, config.cache_dir, filters=filters, config=engine_config,
         cache_budget=config.cache_size, gate=gate,
@@ -184,6 +183,7 @@ async def _serve_kit(
             started=time.time(), files=sum(1 for _ in kit.tree.files()),
             size=kit.tree.total_size, filters=list(config.filters),
             signatures=list(gate.passed) if gate is not None else [],
+            parents=[p.inspection.digest for p in kit.inspection.parents],
         )
 
         async def poisoned(nodes: list[Node]) -> None:

@@ -78,6 +78,11 @@ class SignatureError(KitfsError):
     """A signature check that was asked for could not be made or did not pass."""
 
 
+class PolicyError(UsageError):
+    """A signature policy file that cannot be used: every mount it governs is refused
+    (the node's operator must fix it; the user's request was not at fault)."""
+
+
 class LocalStorageError(KitfsError):
     """kit's local storage (or a file kitfs writes) could not be read or written."""
 

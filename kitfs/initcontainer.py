@@ -25,6 +25,7 @@ import os
 import sys
 from collections.abc import Mapping
 
+from kitfs.enforcement import flags_requirement
 from kitfs.entrypoint import (
     parse_unpack,
     required,
@@ -37,7 +38,6 @@ from kitfs.entrypoint import (
 )
 from kitfs.errors import SignatureError
 from kitfs.signing.flags import FlagNames, SignatureFlags, parse_bool
-from kitfs.signing.policy import requirement_from_flags
 
 PROG = "kitfs-init"
 DEFAULT_UNPACK_PATH = "/home/user/modelkit/"
@@ -64,10 +64,10 @@ def signature_check(reference: str, environ: Mapping[str, str]) -> tuple[Signatu
     key = get("COSIGN_KEY")
     identity, issuer = get("COSIGN_CERT_IDENTITY"), get("COSIGN_CERT_OIDC_ISSUER")
     root = get("COSIGN_TRUSTED_ROOT") or None
-    ignore = parse_bool(environ.get("COSIGN_INSECURE_IGNORE_TLOG", ""),
-                        "COSIGN_INSECURE_IGNORE_TLOG")
     if not (key or identity or issuer):
         return SignatureFlags(), "Signature verification is disabled"
+    ignore = parse_bool(environ.get("COSIGN_INSECURE_IGNORE_TLOG", ""),
+                        "COSIGN_INSECURE_IGNORE_TLOG")
     if key and "://" in key:
         raise SignatureError(
             f"COSIGN_KEY={key}: kitfs verifies with a public key file only (no KMS, "
@@ -80,7 +80,7 @@ def signature_check(reference: str, environ: Mapping[str, str]) -> tuple[Signatu
         flags = SignatureFlags(identity=identity or None, issuer=issuer or None,
                                trusted_root=root, ignore_tlog=ignore)
         line = f"Verifying signature for modelkit {reference}"
-    requirement_from_flags(flags, INIT_NAMES, "")  # files read and checked now
+    flags_requirement(flags, INIT_NAMES)  # files read and checked now
     return flags, line
 
 
@@ -97,6 +97,7 @@ def prepare(environ: Mapping[str, str]) -> argparse.Namespace:
         args.signature_key, args.signature_identity = signature.key, signature.identity
         args.signature_issuer, args.trusted_root = signature.issuer, signature.trusted_root
         args.insecure_ignore_tlog = signature.ignore_tlog
+        args.signature_names = INIT_NAMES  # refusals name COSIGN_KEY, not --signature-key
     say_version(PROG)
     shown = shown_flags(flags)
     if args.dir is None:

@@ -284,6 +284,9 @@ class MountState:
     status: dict[str, Any] = field(default_factory=dict)
     #: What each signature check that passed vouched for (empty: none was required).
     signatures: list[str] = field(default_factory=list)
+    #: The digests of the parent ModelKits served (model.path), nearest first: what the
+    #: CSI driver compares with the parents it checked.
+    parents: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

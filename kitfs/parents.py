@@ -136,7 +136,7 @@ def _about(exc: KitfsError, parent: Reference, child: Reference) -> KitfsError:
     what = (f"parent ModelKit {display_name(str(parent))} (the model.path of "
             f"{display_name(str(child))})")
     if isinstance(exc, SignatureError):  # SignatureRefused takes a reason too
-        return SignatureError(f"{what}: {exc}")
+        return SignatureError(f"{what}: {str(exc).removeprefix(f'{parent}: ')}")
     try:
         return type(exc)(f"{what}: {exc}")
     except TypeError:  # pragma: no cover - every KitfsError takes one message

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import grpc
 import pytest
+import trio
 
 from helpers import kitfs, make_project, ok
 from kitfs.csi import DRIVER_NAME, csi_pb2, csi_pb2_grpc
@@ -479,6 +480,24 @@ def test_signatures_are_checked_at_publish(driver: Driver, model: Model,
     finally:
         driver.unpublish(target)
 
+    # A signed child whose model.path names an unsigned parent: the parent's weights would
+    # be served unsigned, so the publish is refused until the parent is signed too.
+    parent, child = trio.run(_parent_and_child, model.ref.split("/")[0])
+    ok(kitfs("sign", "--key", str(key), child, env={**os.environ, "COSIGN_PASSWORD": PASSWORD}))
+    signed = {"signatureKey": pub.read_text(), "signatureIgnoreTlog": "true"}
+    status, message = code(lambda: driver.publish(target, child, **signed))
+    assert status == denied and f"parent ModelKit {parent}" in message, message
+    assert not target.exists() and driver.daemons() == []
+    ok(kitfs("sign", "--key", str(key), parent, env={**os.environ, "COSIGN_PASSWORD": PASSWORD}))
+    driver.publish(target, child, **signed)
+    try:
+        assert read_all(target / "weights" / "w.bin") == PARENT_WEIGHTS
+        (daemon,) = driver.daemons()
+        argv = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--verify") + 1] == b"strict"  # signed: verified bytes only
+    finally:
+        driver.unpublish(target)
+
     # The node's policy, edited while the driver runs, applies to the next publish.
     policy = driver.root / "policy.yaml"
     host = model.ref.split("/")[0]
@@ -493,6 +512,25 @@ def test_signatures_are_checked_at_publish(driver: Driver, model: Model,
     finally:
         policy.write_text(ALLOW_ALL)
     assert "Traceback" not in driver.log.read_text()
+
+
+PARENT_WEIGHTS = b"parent weights\n" * 1000
+
+
+async def _parent_and_child(host: str) -> tuple[str, str]:
+    """A parent ModelKit holding weights, and a child whose model.path names it."""
+    from crafted import build_tar, craft_layer, publish_kit
+
+    model = craft_layer(build_tar([("weights/w.bin", PARENT_WEIGHTS)]), kind="model",
+                        path="./weights")
+    parent = await publish_kit(host, "csi/parent", "v1", [model], {
+        "manifestVersion": "1.0.0", "package": {"name": "parent"},
+        "model": {"name": "w", "path": "./weights"}})
+    docs = craft_layer(build_tar([("README.md", b"child\n")]), kind="docs", path="./README.md")
+    child = await publish_kit(host, "csi/child", "v1", [docs], {
+        "manifestVersion": "1.0.0", "package": {"name": "child"},
+        "model": {"path": parent}, "docs": [{"path": "./README.md"}]})
+    return parent, child
 
 
 class _Denying(http.server.BaseHTTPRequestHandler):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,18 +18,19 @@ from pathlib import Path
 import pytest
 import trio
 from crafted import CraftLayer, build_tar, craft_layer, publish_kit
-from opening import LAZY, read_file
+from opening import LAZY
+from opening import read_file as read_kit_file
 from test_signatures_registry import DATA, GITHUB, PASSWORD, keypair, push_cosign_vector
 
 from helpers import kitfs, ok, one_line_error
-from kitfs.enforcement import SignatureGate
+from kitfs.enforcement import SignatureGate, flags_requirement, load_policies, read_file
 from kitfs.engine.session import open_kit
 from kitfs.errors import SignatureError
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.reference import Reference, parse_reference
 from kitfs.signing.classic import signature_tag
 from kitfs.signing.flags import MOUNT_FLAGS, SignatureFlags
-from kitfs.signing.policy import parse_policy, requirement_from_flags
+from kitfs.signing.policy import parse_policy
 from mounting import mounted
 from registry import RegistryServer
 
@@ -159,6 +161,9 @@ async def test_mount_enforces_the_key(registry: RegistryServer, tmp_path: Path,
         assert mine and mine[0]["digest"] == digest
         assert any(line.startswith(f"{digest}: classic signature") for line in
                    mine[0]["signatures"]), mine
+        # a signature asked for, no --verify given: only verified bytes are served
+        argv = Path(f"/proc/{mine[0]['pid']}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--verify") + 1] == b"strict"
 
 
 async def test_retag_between_check_and_use(registry: RegistryServer, tmp_path: Path,
@@ -171,20 +176,19 @@ async def test_retag_between_check_and_use(registry: RegistryServer, tmp_path: P
     key, pub = keys["ecdsa"]
     sign(ref, key)
     signed_digest = await digest_of(host, "enf/race", "v1")
-    requirement = requirement_from_flags(SignatureFlags(key=str(pub), ignore_tlog=True),
-                                         MOUNT_FLAGS, "--signature-key")
+    requirement = flags_requirement(SignatureFlags(key=str(pub), ignore_tlog=True), MOUNT_FLAGS)
 
     class RetagAfterCheck(SignatureGate):
         async def check(self, ref: Reference, digest: str) -> None:
             await super().check(ref, digest)
             await publish(host, "enf/race", swapped_data)  # v1 now names an unsigned kit
 
-    gate = RetagAfterCheck(OPTIONS, requirement, None, env())
+    gate = RetagAfterCheck(OPTIONS, requirement, (), env())
     async with open_kit(parse_reference(ref), OPTIONS, tmp_path / "cache", config=LAZY,
                         gate=gate) as kit, trio.open_nursery() as nursery:
         await kit.engine.start(nursery)
         assert kit.inspection.digest == signed_digest
-        assert await read_file(kit, "weights.bin") == signed_data
+        assert await read_kit_file(kit, "weights.bin") == signed_data
         nursery.cancel_scope.cancel()
     assert await digest_of(host, "enf/race", "v1") != signed_digest
     # and the tag as it is now is refused: it is not signed
@@ -221,6 +225,32 @@ rules:
 """)
     line = one_line_error(unpack(ref, tmp_path / "c", environ=env(KITFS_POLICY=str(policy))), 1)
     assert "refused" not in line and "signature" not in line, line
+
+
+async def test_a_signed_index_vouches_for_the_modelkit_it_lists(
+        registry: RegistryServer, tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
+    """`kitfs sign REF` (like cosign) signs what the tag names; when that is an image index,
+    the ModelKit kitfs serves from it passes through the index's signature."""
+    from kitfs.oci.client import OCI_INDEX
+
+    host = registry.host
+    data = os.urandom(6000)
+    await publish(host, "enf/indexed", data, "kit")
+    async with RegistryClient(host, ClientOptions()) as client:
+        body, media_type, digest = await client.get_manifest("enf/indexed", "kit")
+        index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"mediaType": media_type, "digest": digest, "size": len(body),
+             "artifactType": json.loads(body).get("artifactType")}]}).encode()
+        await client.put_manifest("enf/indexed", "v1", index, OCI_INDEX)
+    ref = f"{host}/enf/indexed:v1"
+    key, pub = keys["ecdsa"]
+    sign(ref, key)
+    done = unpack(ref, tmp_path / "out", *keyed(pub))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "weights.bin").read_bytes() == data
+    # by digest there is no tag to find the index by: the ModelKit itself is not signed
+    line = one_line_error(unpack(f"{host}/enf/indexed@{digest}", tmp_path / "d", *keyed(pub)), 1)
+    assert "no signatures found" in line
 
 
 # -- the node policy ----------------------------------------------------------------------
@@ -294,7 +324,7 @@ async def test_policy_covers_parents(registry: RegistryServer, tmp_path: Path,
         "model": {"path": parent}, "docs": [{"path": "./README.md"}]})
     sign(child, key)
     line = one_line_error(unpack(child, tmp_path / "out", *keyed(pub)), 1)
-    assert f"parent ModelKit {parent} (the model.path of {child}): {parent}: refused" in line
+    assert f"parent ModelKit {parent} (the model.path of {child}): refused" in line
     assert "no signatures found" in line, line
     sign(parent, key)
     done = unpack(child, tmp_path / "out2", *keyed(pub))
@@ -306,9 +336,8 @@ def test_local_storage_without_a_registry(tmp_path: Path,
                                           keys: dict[str, tuple[Path, Path]]) -> None:
     """A gate asked about kit's local storage, which keeps no signatures, says so."""
     _, pub = keys["ecdsa"]
-    requirement = requirement_from_flags(SignatureFlags(key=str(pub), ignore_tlog=True),
-                                         MOUNT_FLAGS, "--signature-key")
-    gate = SignatureGate(OPTIONS, requirement, None, {})
+    requirement = flags_requirement(SignatureFlags(key=str(pub), ignore_tlog=True), MOUNT_FLAGS)
+    gate = SignatureGate(OPTIONS, requirement, (), {})
 
     async def check() -> None:
         await gate.check(parse_reference("mymodel:v1"), "sha256:" + "0" * 64)
@@ -331,13 +360,28 @@ def test_local_storage_without_a_registry(tmp_path: Path,
     ("version: 1\nrules:\n  - match: a/**\n    require: [{identity: me, issuer: x}]\n",
      "keyless needs a trustedRoot"),
     ("version: 1\nrules:\n  - require: []\n", "match must be a pattern"),
+    ("version: 1\nrules: []\nrules: [{match: a/**, allow: unsigned}]\n",
+     "'rules' given twice"),
+    ("version: true\n", "version must be 1"),
+    ("version: 1\nrules:\n  - match: a/b:v1\n    allow: unsigned\n", "names a tag or digest"),
+    ("version: 1\nrules:\n  - match: a/b@sha256:00\n    allow: unsigned\n",
+     "names a tag or digest"),
+    ("version: 1\nrules:\n  - match: ' a/**'\n    allow: unsigned\n", "blanks around it"),
+    ("version: 1\nrules:\n  - match: a/prod**\n    allow: unsigned\n",
+     "must be a whole path segment"),
+    ("version: 1\nrules:\n  - match: a/**\n    reject: false\n", "reject takes a reason"),
+    ("version: 1\nrules:\n  - match: a/**\n    allow: unsigned\n    ignoreTlog: true\n",
+     "belong to require rules"),
+    ("version: 1\nrules:\n  - match: a/**\n    require: [{key: '-----BEGIN PUBLIC KEY-----'}]"
+     "\n    ignoreTlog: true\n", "not a PEM public key"),
+    ("[" * 5000, "not valid YAML"),
 ])
 def test_policy_file_errors(tmp_path: Path, text: str, message: str) -> None:
-    from kitfs.errors import UsageError
+    from kitfs.errors import PolicyError
 
     path = write_policy(tmp_path, text)
-    with pytest.raises(UsageError, match=message):
-        parse_policy(path.read_bytes(), str(path))
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        parse_policy(path.read_bytes(), str(path), read_file)
 
 
 def test_policy_key_needs_a_log_decision(tmp_path: Path,
@@ -348,7 +392,7 @@ def test_policy_key_needs_a_log_decision(tmp_path: Path,
     path = write_policy(tmp_path, f"version: 1\nrules:\n  - match: '**'\n"
                                   f"    require: [{{key: {pub}}}]\n")
     with pytest.raises(UsageError, match="or ignoreTlog: true on its rule"):
-        parse_policy(path.read_bytes(), str(path))
+        parse_policy(path.read_bytes(), str(path), read_file)
 
 
 def test_policy_matching(tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
@@ -366,13 +410,53 @@ rules:
   - match: reg.example.com/**/secret
     reject: true
 """)
-    policy = parse_policy(path.read_bytes(), str(path))
+    policy = parse_policy(path.read_bytes(), str(path), read_file)
     assert policy.requirement_for("reg.example.com/team/llm") is not None
     assert policy.requirement_for("reg.example.com/team/sub/llm") is None  # `*`: one segment
     assert policy.requirement_for("reg.example.com/teams/llm") is None
     with pytest.raises(SignatureError, match=r"rule 2$"):
         policy.requirement_for("reg.example.com/a/b/secret")
     assert policy.requirement_for("other.example.com/x") is None  # default: allow
+    with pytest.raises(SignatureError):  # `/**/` spans no segment too
+        policy.requirement_for("reg.example.com/secret")
+
+
+def test_policy_names_compare_as_hosts_do(tmp_path: Path) -> None:
+    """A host's case, the :443 port and Docker Hub's aliases do not get round a rule."""
+    from kitfs.oci.reference import parse_reference
+    from kitfs.signing.policy import policy_name
+
+    path = write_policy(tmp_path, "version: 1\ndefault: allow\nrules:\n"
+                                  "  - match: Registry.Example.com/prod/**\n"
+                                  "    reject: true\n"
+                                  "  - match: docker.io/**\n    reject: true\n")
+    policy = parse_policy(path.read_bytes(), str(path), read_file)
+    for text in ("REGISTRY.EXAMPLE.COM/prod/llm:v1", "registry.example.com:443/prod/llm:v1",
+                 "index.docker.io/library/x:v1", "registry-1.docker.io/org/x:v1",
+                 "docker.io/org/x:v1"):
+        ref = parse_reference(text)
+        with pytest.raises(SignatureError, match="rejected"):
+            policy.requirement_for(policy_name(ref.registry, ref.repository))
+    ref = parse_reference("registry.example.com:5000/prod/llm:v1")  # another port: another host
+    assert policy.requirement_for(policy_name(ref.registry, ref.repository)) is None
+
+
+def test_a_policy_file_adds_to_the_nodes(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """$KITFS_POLICY cannot replace /etc/kitfs/policy.yaml: both apply."""
+    import kitfs.enforcement
+
+    node = write_policy(tmp_path, "version: 1\ndefault: reject\n")
+    monkeypatch.setattr(kitfs.enforcement, "NODE_POLICY", node)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("version: 1\ndefault: allow\n")
+    policies = load_policies({"KITFS_POLICY": str(mine)})
+    assert [p.source for p in policies] == [str(node), str(mine)]
+    gate = SignatureGate(OPTIONS, None, policies, {})
+    with pytest.raises(SignatureError, match="whose default is reject"):
+        gate.requirements(parse_reference("reg.example.com/a/b:v1"))
+    monkeypatch.setattr(kitfs.enforcement, "NODE_POLICY", tmp_path / "none" / "policy.yaml")
+    assert load_policies({}) == ()
 
 
 def test_a_broken_policy_refuses_every_mount(tmp_path: Path) -> None:

@@ -491,7 +491,8 @@ def test_bundle_referrer_manifest_is_the_one_cosign_pushes() -> None:
 
 def test_the_core_imports_neither_httpx_nor_trio() -> None:
     code = (
-        "import sys, kitfs.signing.bundle, kitfs.signing.classic, kitfs.signing.keys;"
+        "import sys, kitfs.signing.bundle, kitfs.signing.classic, kitfs.signing.keys,"
+        " kitfs.signing.policy, kitfs.signing.flags, kitfs.signing.trust;"
         "print(sorted(m for m in ('httpx', 'trio', 'pyfuse3') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -13,11 +13,13 @@ from collections.abc import Awaitable, Callable
 from kitfs.errors import UsageError, user_error
 from kitfs.units import shown_path
 
-__all__ = ["add_network_options", "add_signature_options", "client_options", "daemon_env",
+__all__ = ["absolute_path", "add_network_options", "add_signature_options", "client_options",
+           "daemon_env",
            "inspect_reference", "run_async", "shown_path", "signature_flags"]
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import TypeVar
 
     from kitfs.inspection import Inspection
@@ -72,14 +74,20 @@ def add_signature_options(p: argparse.ArgumentParser) -> None:
                         "entry (what `kitfs sign` makes)")
 
 
+def absolute_path(text: str) -> Path:
+    """A path given on the command line, absolute (daemons and servers run in /)."""
+    import os
+    from pathlib import Path
+
+    return Path(os.path.abspath(os.path.expanduser(text)))
+
+
 def signature_flags(args: argparse.Namespace) -> SignatureFlags:
     """The signature flags as given; files named are made absolute (a daemon runs in /)."""
-    import os
-
     from kitfs.signing.flags import SignatureFlags
 
     def absolute(path: str | None) -> str | None:
-        return os.path.abspath(os.path.expanduser(path)) if path else None
+        return str(absolute_path(path)) if path else None
 
     return SignatureFlags(
         key=absolute(getattr(args, "signature_key", None)),

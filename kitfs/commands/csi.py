@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import socket
-from pathlib import Path
 
 from kitfs.commands.command import Command
-from kitfs.commands.common import add_network_options, client_options, daemon_env
+from kitfs.commands.common import (
+    absolute_path,
+    add_network_options,
+    client_options,
+    daemon_env,
+)
 from kitfs.csi.mounter import LAUNCH_WAIT
 from kitfs.errors import UsageError
 from kitfs.units import parse_cache_size
@@ -140,10 +143,6 @@ def _logging(verbose: int, name: str = "kitfs-csi") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _absolute(text: str) -> Path:
-    return Path(os.path.abspath(Path(text).expanduser()))
-
-
 def run(args: argparse.Namespace) -> int:
     from kitfs.csi.sockets import socket_path
 
@@ -156,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--launch-wait must be positive")
         _logging(args.verbose, "kitfs-mounter")
         return serve_mounter(path, Bounds(
-            staging_dir=_absolute(args.staging_dir), cache_dir=_absolute(args.cache_dir),
-            state_dir=_absolute(args.state_dir), launch_wait=args.launch_wait))
+            staging_dir=absolute_path(args.staging_dir), cache_dir=absolute_path(args.cache_dir),
+            state_dir=absolute_path(args.state_dir), launch_wait=args.launch_wait))
     metrics = metrics_address(args.metrics_addr)
     cache_size = parse_cache_size(args.cache_size)  # a bad size fails before the server
     options = client_options(args)
@@ -165,9 +164,10 @@ def run(args: argparse.Namespace) -> int:
     mounter = socket_path(args.mounter, "--mounter") if args.mounter else None
     socket_path(args.endpoint)
     if args.trusted_root:
+        from kitfs.enforcement import read_file
         from kitfs.signing.policy import load_root
 
-        load_root(args.trusted_root, "--trusted-root")  # a bad file fails at start
+        load_root(args.trusted_root, "--trusted-root", read_file)  # a bad file fails at start
     _logging(args.verbose)
     if not args.serve:
         from kitfs.csi.supervisor import server_argv, supervise
@@ -185,11 +185,11 @@ def run(args: argparse.Namespace) -> int:
 
     config = DriverConfig(
         node_id=args.node_id or socket.gethostname(),
-        state_dir=_absolute(args.state_dir), staging_dir=_absolute(args.staging_dir),
-        cache_dir=_absolute(args.cache_dir), cache_size=cache_size,
+        state_dir=absolute_path(args.state_dir), staging_dir=absolute_path(args.staging_dir),
+        cache_dir=absolute_path(args.cache_dir), cache_size=cache_size,
         cache_scope=args.cache_scope, client=options,
         daemon_env=daemon_env(options), verbose=args.verbose, mounter=mounter,
-        trusted_root=str(_absolute(args.trusted_root)) if args.trusted_root else None,
+        trusted_root=str(absolute_path(args.trusted_root)) if args.trusted_root else None,
     )
     return serve(config, args.endpoint, metrics)
 

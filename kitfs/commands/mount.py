@@ -28,7 +28,9 @@ from kitfs.signing.flags import MOUNT_FLAGS
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
+    from kitfs.engine.api import VerifyMode
     from kitfs.mounts import MountConfig, MountState, ReadyPipe
+    from kitfs.signing.flags import SignatureFlags
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,11 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fetch ahead of readers: the Kitfile, small files, then weights in "
                         "load order (model, the default), every file (all), or only what "
                         "is read (none)")
-    p.add_argument("--verify", choices=("lazy", "strict"), default="lazy",
-                   help="lazy (default): serve bytes as they arrive and verify each layer "
-                        "in the background (a mismatch makes later reads fail); strict: "
-                        "serve only verified bytes (a layer without per-chunk digests is "
-                        "read whole before its first byte is served)")
+    p.add_argument("--verify", choices=("lazy", "strict"),
+                   help="lazy (the default, unless a signature is required): serve bytes as "
+                        "they arrive and verify each layer in the background (a mismatch "
+                        "makes later reads fail); strict (the default when a signature is "
+                        "required): serve only verified bytes (a layer without per-chunk "
+                        "digests is read whole before its first byte is served)"),
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (non-root needs user_allow_other "
                         "in /etc/fuse.conf)")
@@ -91,22 +94,38 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     mountpoint = absolute_mountpoint(args.mountpoint)
     options = client_options(args)
     signature = signature_flags(args)
-    if signature.given or signature.problem(MOUNT_FLAGS) is not None:
-        from kitfs.signing.policy import requirement_from_flags
-
-        # A missing key file or a bad trusted root fails here, before a daemon starts.
-        requirement_from_flags(signature, MOUNT_FLAGS, "")
+    verify: VerifyMode = args.verify or (
+        "strict" if _signature_required(args.reference, signature) else "lazy")
     return MountConfig(
         reference=args.reference, mountpoint=mountpoint,
         cache_dir=Path(os.path.abspath(Path(args.cache_dir).expanduser())) if args.cache_dir
         else default_cache_dir(),
         client=options, filters=tuple(args.filter), prefetch=args.prefetch,
-        cache_size=cache_size, memory=memory, verify=args.verify, allow_other=args.allow_other,
+        cache_size=cache_size, memory=memory, verify=verify, allow_other=args.allow_other,
         foreground=bool(args.foreground),
         request_timeout=options.read_timeout,
         log_file=log_path(mountpoint) if args.ready_fd is not None else None,
         metrics_addr=args.metrics_addr, signature=signature,
     )
+
+
+def _signature_required(reference: str, signature: SignatureFlags) -> bool:
+    """Whether the flags or the node's policies ask for a signature; reading them now
+    fails a bad key, trusted root or policy (or a rejected reference) before a daemon
+    starts, `mount -f` included."""
+    import os
+
+    from kitfs.enforcement import POLICY_ENV, flags_requirement, load_policies
+    from kitfs.oci.reference import parse_reference
+    from kitfs.signing.policy import policy_name
+
+    if os.environ.get(POLICY_ENV):  # the daemon runs in /: it gets the path made absolute
+        os.environ[POLICY_ENV] = os.path.abspath(os.environ[POLICY_ENV])
+    required = flags_requirement(signature, MOUNT_FLAGS) is not None
+    ref = parse_reference(reference)
+    for policy in load_policies(os.environ):
+        required |= policy.requirement_for(policy_name(ref.registry, ref.repository)) is not None
+    return required
 
 
 def _print_mounted(state: MountState) -> None:

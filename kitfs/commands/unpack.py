@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     config = engine_config(options.read_timeout)
     unpacking = UnpackOptions(overwrite=args.overwrite, ignore_existing=args.ignore_existing)
     signature = signature_flags(args)
-    gate = signature_gate(signature, MOUNT_FLAGS, options, signature.describe(MOUNT_FLAGS))
+    # kitfs-init names the settings as its COSIGN_* variables (initcontainer.INIT_NAMES)
+    gate = signature_gate(signature, getattr(args, "signature_names", MOUNT_FLAGS), options)
     progress = Progress("unpacking", 0)
 
     trim = tune_malloc()  # chunks pass through by the thousand: keep the heap flat

@@ -45,9 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kitfs.enforcement import flags_requirement
     from kitfs.oci.reference import parse_reference
     from kitfs.signing.flags import VERIFY_FLAGS, SignatureFlags
-    from kitfs.signing.policy import requirement_from_flags
 
     ref = parse_reference(args.reference)
     if ref.is_local:
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if not flags.given:
         raise UsageError("give --key PUB, or --certificate-identity and "
                          "--certificate-oidc-issuer (one of the two ways)")
-    requirement = requirement_from_flags(flags, VERIFY_FLAGS, flags.describe(VERIFY_FLAGS))
+    requirement = flags_requirement(flags, VERIFY_FLAGS)
     assert requirement is not None  # flags.given
     options = client_options(args)
     verdict = run_async(lambda: _verify(ref, options, requirement.trusts[0]))

@@ -24,6 +24,7 @@ from kitfs.errors import (
     KitfileError,
     KitfsError,
     NotFoundError,
+    PolicyError,
     RegistryBusyError,
     SignatureError,
     UnreachableError,
@@ -53,6 +54,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, str(exc)
     if isinstance(exc, Busy):
         return grpc.StatusCode.ABORTED, str(exc)
+    if isinstance(exc, PolicyError):  # the node's policy file: not the pod's fault
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, BadReferenceError | KitfileError | UsageError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     # 403 is checked first: it is an AuthError too, but logging in again will not help.

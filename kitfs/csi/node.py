@@ -40,9 +40,9 @@ from kitfs.csi.volumes import (
     VolumeRecord,
     daemon_key,
 )
-from kitfs.enforcement import SignatureGate, signature_gate
+from kitfs.enforcement import SignatureGate, load_policies, signature_gate
 from kitfs.engine.api import PrefetchMode, VerifyMode
-from kitfs.errors import FormatError, LocalStorageError, NotFoundError, UsageError
+from kitfs.errors import FormatError, LocalStorageError, NotFoundError, SignatureError, UsageError
 from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.manifest import manifest_blobs
 from kitfs.mounts import (
@@ -60,7 +60,9 @@ from kitfs.oci.client import RegistryClient
 from kitfs.oci.credentials import entry_credential, save_auths
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference, parse_reference
-from kitfs.signing.flags import FlagNames, SignatureFlags, parse_bool
+from kitfs.parents import open_modelkit
+from kitfs.signing.flags import FlagNames, SignatureFlags, is_pem, parse_bool
+from kitfs.signing.policy import policy_name
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +128,16 @@ def parse_attributes(context: Mapping[str, str]) -> Attributes:
                       "'.' or ':'); a volume needs a registry, e.g. ghcr.io/org/model:v1")
     filter_ = context.get("filter", "model").strip() or "model"
     FilterSet.parse([filter_])
-    verify = context.get("verify", "lazy")
+    key = context.get("signatureKey", "").strip()
+    identity = context.get("signatureIdentity", "").strip()
+    # Signed: serve only verified bytes unless the pod says otherwise (kitfs mount's rule).
+    verify = context.get("verify", "strict" if key or identity else "lazy")
     if verify not in VERIFY_MODES:
         raise invalid(f"volume attribute verify={verify!r}: use strict or lazy")
     prefetch = context.get("prefetch", "model")
     if prefetch not in PREFETCH_MODES:
         raise invalid(f"volume attribute prefetch={prefetch!r}: use model, none or all")
-    key = context.get("signatureKey", "").strip()
-    if key and not key.startswith("-----BEGIN"):
+    if key and not is_pem(key):
         raise invalid("volume attribute signatureKey: the PEM text of a cosign public key "
                       "(-----BEGIN PUBLIC KEY-----...), not a file name: pods do not see "
                       "the node's files")
@@ -141,8 +145,7 @@ def parse_attributes(context: Mapping[str, str]) -> Attributes:
         ignore = parse_bool(context.get("signatureIgnoreTlog", ""), "signatureIgnoreTlog")
     except UsageError as exc:
         raise invalid(f"volume attribute {exc}") from None
-    return Attributes(text, filter_, verify, prefetch, key,
-                      context.get("signatureIdentity", "").strip(),
+    return Attributes(text, filter_, verify, prefetch, key, identity,
                       context.get("signatureIssuer", "").strip(), ignore)
 
 
@@ -203,18 +206,44 @@ async def _resolve(ref: Reference, options: ClientOptions) -> str:
     return digest
 
 
+@dataclass(frozen=True)
+class Authorized:
+    """What a publish may serve: the manifest digest, and (when signatures were checked)
+    the digests of the parent ModelKits that passed, nearest first."""
+
+    digest: str
+    parents: tuple[str, ...] | None = None  # None: not checked
+
+
 async def _resolve_checked(ref: Reference, options: ClientOptions,
-                           gate: SignatureGate | None) -> str:
-    """_resolve, then the signature check on that very digest: the daemon is started (or
-    joined) for the digest, never the tag, so what passed is what the pod reads."""
+                           gate: SignatureGate | None) -> Authorized:
+    """_resolve, then the signature check of that very digest and of each parent its
+    Kitfile names. The daemon is started (or joined) for the digest, never the tag; it
+    resolves parents itself, so publish compares what it serves with what passed here."""
     digest = await _resolve(ref, options)
-    if gate is not None:
-        gate.options = options  # the pod's credentials reach its signatures too
-        await gate.check(ref, digest)
-    return digest
+    if gate is None:
+        return Authorized(digest)
+    gate.options = options  # the pod's credentials reach its signatures too
+    async with open_modelkit(ref.with_digest(digest), options, where="remote", toc=False,
+                             gate=gate) as (_, ins):
+        return Authorized(digest, tuple(p.inspection.digest for p in ins.parents))
 
 
 # -- the node -----------------------------------------------------------------------
+
+
+def _same_parents(daemon: DaemonRecord, authorized: Authorized) -> None:
+    """Refuse to bind a daemon whose parent ModelKits are not the ones whose signatures
+    were just checked (a parent's tag moved since, or the daemon found another copy)."""
+    if authorized.parents is None:
+        return
+    state = read_state(Path(daemon.mountpoint))
+    serving = tuple(state.parents) if state is not None else None
+    if serving != authorized.parents:
+        raise SignatureError(
+            f"{daemon.reference}: the parent ModelKits served ({', '.join(serving or ())}) "
+            f"are not those whose signatures were checked "
+            f"({', '.join(authorized.parents)}); refusing to publish")
 
 
 def _remove_dir(path: Path) -> None:
@@ -343,7 +372,7 @@ class Node:
 
     # -- volumes --------------------------------------------------------------------
 
-    def _authorize(self, attrs: Attributes, auths: dict[str, Any] | None) -> str:
+    def _authorize(self, attrs: Attributes, auths: dict[str, Any] | None) -> Authorized:
         """The manifest digest, resolved with this request's credentials, and its
         signatures checked when the volume or the node's policy asks for them."""
         ref = parse_reference(attrs.reference)
@@ -359,6 +388,18 @@ class Node:
         finally:
             self.records.drop_credentials(name)
 
+    def default_verify(self, attrs: Attributes) -> Attributes:
+        """A volume the node's policy requires signed serves only verified bytes, unless its
+        attributes say `verify: lazy` (as for volumes with signature attributes)."""
+        ref = parse_reference(attrs.reference)
+        name = policy_name(ref.registry, ref.repository)
+        try:
+            required = any(p.requirement_for(name) is not None
+                           for p in load_policies(os.environ))
+        except SignatureError:
+            return attrs  # rejected outright: publish says so
+        return replace(attrs, verify="strict") if required else attrs
+
     def _gate(self, attrs: Attributes) -> SignatureGate | None:
         """The check this volume needs: its attributes' and the node policy's (read again
         for every publish, so an edited policy applies to the next pod)."""
@@ -371,9 +412,7 @@ class Node:
         problem = flags.problem(ATTRIBUTE_NAMES)
         if problem is not None:
             raise invalid(f"volume attributes: {problem}")
-        return signature_gate(flags, ATTRIBUTE_NAMES, self.config.client,
-                              f"volume attribute {flags.describe(ATTRIBUTE_NAMES)}"
-                              if flags.given else "")
+        return signature_gate(flags, ATTRIBUTE_NAMES, self.config.client)
 
     def _leave(self, volume: VolumeRecord) -> None:
         """Undo one volume; the last user of a daemon stops it. Key lock held."""
@@ -435,13 +474,15 @@ class Node:
             elif find_mount(target) is not None:
                 raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"{target} is already a mount point that kitfs did not make")
-            digest = self._authorize(attrs, auths)
+            authorized = self._authorize(attrs, auths)
+            digest = authorized.digest
             key = daemon_key(digest, attrs)
             with self._key_locked(key, attrs.reference):
                 daemon = self._daemon_for(key, digest, attrs, auths)
                 volume = VolumeRecord(volume_id, str(target), key, attrs, pod)
                 self.records.save_volume(volume)
                 try:
+                    _same_parents(daemon, authorized)
                     target.mkdir(mode=0o755, exist_ok=True)
                     binds.bind_readonly(Path(daemon.mountpoint), target)
                 except BaseException:
@@ -542,6 +583,8 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise invalid("block access is not supported: a ModelKit volume is a file system "
                           "(use a mount volume)")
         attrs = parse_attributes(request.volume_context)
+        if "verify" not in request.volume_context and attrs.verify == "lazy":
+            attrs = self.node.default_verify(attrs)
         auths = secret_auths(request.secrets)
         pod = "/".join(request.volume_context.get(KUBELET_PREFIX + k, "")
                        for k in ("pod.namespace", "pod.name")).strip("/")

@@ -69,6 +69,12 @@ class Attributes:
     signature_issuer: str = ""
     signature_ignore_tlog: bool = False
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Attributes:
+        """Fields this version does not know (a record written by a newer driver, then
+        rolled back) are left out rather than failing adoption."""
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+
 
 @dataclass(frozen=True)
 class VolumeRecord:
@@ -84,7 +90,7 @@ class VolumeRecord:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> VolumeRecord:
         return cls(volume_id=doc["volume_id"], target=doc["target"], key=doc["key"],
-                   attributes=Attributes(**doc["attributes"]), pod=doc.get("pod", ""))
+                   attributes=Attributes.from_json(doc["attributes"]), pod=doc.get("pod", ""))
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ class DaemonRecord:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> DaemonRecord:
         return cls(key=doc["key"], reference=doc["reference"], digest=doc["digest"],
-                   attributes=Attributes(**doc["attributes"]), mountpoint=doc["mountpoint"],
+                   attributes=Attributes.from_json(doc["attributes"]), mountpoint=doc["mountpoint"],
                    home=doc.get("home"))
 
 

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from kitfs.errors import UsageError
 
 
+def is_pem(text: str) -> bool:
+    """A key given as PEM text (CSI attributes, policy files) rather than a file's path."""
+    return text.lstrip().startswith("-----BEGIN")
+
+
 @dataclass(frozen=True)
 class FlagNames:
     """How the interface at hand spells each setting, for errors that name what to change."""
@@ -47,7 +52,7 @@ class SignatureFlags:
     def describe(self, names: FlagNames) -> str:
         """Who asked, as the refusal names it: the flag and its value."""
         if self.key:
-            shown = "(inline PEM)" if self.key.lstrip().startswith("-----BEGIN") else self.key
+            shown = "(inline PEM)" if is_pem(self.key) else self.key
             return f"{names.key} {shown}"
         return f"{names.identity} {self.identity} {names.issuer} {self.issuer}"
 

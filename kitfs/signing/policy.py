@@ -1,9 +1,10 @@
-"""Which ModelKits must be signed, and by whom: one mount's flags, and the node's policy file.
+"""Which ModelKits must be signed, and by whom: one mount's flags, and a node's policy file.
 
 A regulated node states its rules once, in /etc/kitfs/policy.yaml, and every
 mount and unpack on it obeys them, whatever flags a user passes; flags can
-only add a requirement, never lift one. The file is read fresh by each mount
-and a broken one refuses everything (a typo must not turn checking off).
+only add a requirement, never lift one. The file is read fresh by each mount,
+and anything doubtful in it (a duplicate key, a pattern that cannot match, an
+unknown field) refuses everything: a typo must not turn checking off.
 
     version: 1
     default: reject               # or allow: what no rule matches (reject if absent)
@@ -21,42 +22,45 @@ and a broken one refuses everything (a typo must not turn checking off).
         reject: ModelKits from Docker Hub are not allowed here
 
 `match` patterns name REGISTRY/REPOSITORY (no tag): `*` stays within one path
-segment, `**` spans any number. Keys may also be given inline as PEM text.
+segment, `**` (a whole segment) spans any number of them, none included.
+Registry names compare as hosts do: case-insensitively, `:443` and Docker
+Hub's aliases folded (policy_name). Keys may also be given inline as PEM.
+
+Pure: files are read through the `read` callable the caller passes
+(kitfs/enforcement.py reads them from disk).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from kitfs.errors import SignatureError, UsageError
-from kitfs.signing.flags import FlagNames, SignatureFlags
+from kitfs.errors import PolicyError, SignatureError, UsageError
+from kitfs.signing.flags import FlagNames, SignatureFlags, is_pem
 from kitfs.signing.keyless import Identity
 from kitfs.signing.keys import PublicKey, load_public_key
 from kitfs.signing.trust import Trust
 from kitfs.signing.trustroot import TrustedRoot, load_trusted_root
 
-DEFAULT_POLICY = Path("/etc/kitfs/policy.yaml")
-POLICY_ENV = "KITFS_POLICY"
-#: Policies, keys and trusted roots are kilobytes; a bigger file is a mistake.
-MAX_FILE = 16 << 20
-
 #: read(path, what) -> bytes: a file the policy or the flags name; `what` names it in errors.
 Reader = Callable[[str, str], bytes]
 
+#: Docker Hub's other names, folded into the one kit and users write.
+DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
 
-def read_file(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(MAX_FILE)
-    except OSError as e:
-        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+
+def policy_name(registry: str, repository: str) -> str:
+    """REGISTRY/REPOSITORY as policies match it: hosts compare case-insensitively, the
+    HTTPS port is the default one, and Docker Hub has one name."""
+    host = registry.lower().removesuffix(":443")
+    if host in DOCKER_HUB_ALIASES:
+        host = "docker.io"
+    return f"{host}/{repository}"
 
 
 @dataclass(frozen=True)
@@ -72,19 +76,28 @@ class PolicyRejected(SignatureError):
     """The node's policy forbids this reference, signed or not."""
 
 
-def load_key(spec: str, what: str, read: Reader = read_file) -> PublicKey:
-    """A public key from a PEM file's path, or from PEM text itself (CSI attributes)."""
-    if spec.lstrip().startswith("-----BEGIN"):
-        return load_public_key(spec.encode(), what)
-    return load_public_key(read(spec, what), Path(spec).name)
+def load_key(spec: str, what: str, read: Reader) -> PublicKey:
+    """A public key from a PEM file's path, or from PEM text itself; a UsageError naming
+    `what` when it is not a usable key (a setting to fix, not a refused signature)."""
+    try:
+        if is_pem(spec):
+            return load_public_key(spec.encode(), what)
+        return load_public_key(read(spec, what), Path(spec).name)
+    except SignatureError as exc:
+        raise (PolicyError if what.startswith("policy ") else UsageError)(
+            f"{what}: {exc}") from None
 
 
-def load_root(path: str, what: str, read: Reader = read_file) -> TrustedRoot:
-    return load_trusted_root(read(path, what), Path(path).name)
+def load_root(path: str, what: str, read: Reader) -> TrustedRoot:
+    try:
+        return load_trusted_root(read(path, what), Path(path).name)
+    except SignatureError as exc:
+        raise (PolicyError if what.startswith("policy ") else UsageError)(
+            f"{what}: {exc}") from None
 
 
 def requirement_from_flags(
-    flags: SignatureFlags, names: FlagNames, origin: str, read: Reader = read_file
+    flags: SignatureFlags, names: FlagNames, origin: str, read: Reader
 ) -> Requirement | None:
     """What `flags` ask for (None: nothing), their files loaded; a UsageError if they
     cannot make a check."""
@@ -105,9 +118,33 @@ def requirement_from_flags(
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
-    parts = re.split(r"(\*\*|\*|\?)", pattern)
-    table = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
-    return re.compile("".join(table.get(p, re.escape(p)) for p in parts))
+    """`**` as a whole segment: any number of segments (`a/**/b` matches `a/b`); `*` and
+    `?` within one. The registry (first segment) compares case-insensitively."""
+    host, _, rest = pattern.partition("/")
+    out = [re.escape(host.lower()).replace(r"\*", "[^/]*").replace(r"\?", "[^/]")]
+    if host == "**":
+        out = [".*"]
+    segments = rest.split("/") if rest else []
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment == "**":
+            out.append("(?:/.*)?" if last else "(?:/[^/]+)*")
+        else:
+            body = "".join({"*": "[^/]*", "?": "[^/]"}.get(c, re.escape(c)) for c in segment)
+            out.append("/" + body)
+    return re.compile("".join(out))
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    if pattern != pattern.strip() or not pattern:
+        return f"pattern {pattern!r} has blanks around it"
+    rest = pattern.partition("/")[2]
+    if "@" in pattern or ":" in rest:
+        return (f"pattern {pattern!r} names a tag or digest; patterns match "
+                "REGISTRY/REPOSITORY only")
+    if any("**" in s and s != "**" for s in pattern.split("/")):
+        return f"pattern {pattern!r}: ** must be a whole path segment"
+    return None
 
 
 @dataclass(frozen=True)
@@ -116,13 +153,10 @@ class Rule:
     action: Literal["require", "allow", "reject"]
     requirement: Requirement | None = None
     reason: str = ""
-
-    @cached_property
-    def _compiled(self) -> tuple[re.Pattern[str], ...]:
-        return tuple(_glob(p) for p in self.patterns)
+    compiled: tuple[re.Pattern[str], ...] = field(default=(), compare=False, repr=False)
 
     def matches(self, name: str) -> bool:
-        return any(p.fullmatch(name) for p in self._compiled)
+        return any(p.fullmatch(name) for p in self.compiled)
 
 
 @dataclass(frozen=True)
@@ -132,7 +166,7 @@ class Policy:
     default: Literal["reject", "allow"] = "reject"
 
     def requirement_for(self, name: str) -> Requirement | None:
-        """What the node asks of `name` (REGISTRY/REPOSITORY): a requirement, or None when
+        """What the node asks of `name` (policy_name's form): a requirement, or None when
         it may be used unsigned; PolicyRejected when it may not be used at all."""
         for index, rule in enumerate(self.rules, 1):
             if not rule.matches(name):
@@ -152,25 +186,55 @@ _RULE = {"match", "require", "allow", "reject", "ignoreTlog", "trustedRoot"}
 _SIGNER = {"key", "identity", "issuer"}
 
 
-def parse_policy(text: bytes, source: str, read: Reader = read_file) -> Policy:
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice is an error, not silently the last one (a second
+    `rules:` would otherwise drop every rule of the first)."""
+
+
+def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
+                   deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def parse_policy(text: bytes, source: str, read: Reader) -> Policy:
     """The policy in `text` (YAML), the files it names read through `read` relative to
     `source`'s directory; a UsageError naming the first thing wrong."""
     base = Path(source).parent
 
     def fail(message: str) -> UsageError:
-        return UsageError(f"policy {source}: {message}")
+        return PolicyError(f"policy {source}: {message}")
+
+    def read_named(path: str, what: str) -> bytes:
+        try:
+            return read(path, what)
+        except UsageError as exc:  # a file the policy names: the policy's fault
+            raise PolicyError(str(exc)) from None
 
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise fail(f"not valid YAML{where}") from None
+        problem = getattr(e, "problem", None)
+        raise fail(f"not valid YAML{where}" + (f": {problem}" if problem else "")) from None
+    except RecursionError:
+        raise fail("not valid YAML (nested too deep)") from None
     if not isinstance(doc, dict):
         raise fail("must be a mapping with `version: 1` and `rules`")
     _only(doc, _TOP, "the top level", fail)
-    if doc.get("version") != 1:
-        raise fail(f"version must be 1, not {doc.get('version')!r}")
+    version = doc.get("version")
+    if type(version) is not int or version != 1:
+        raise fail(f"version must be 1, not {version!r}")
     default = doc.get("default", "reject")
     if default not in ("reject", "allow"):
         raise fail(f"default must be reject or allow, not {default!r}")
@@ -183,7 +247,7 @@ def parse_policy(text: bytes, source: str, read: Reader = read_file) -> Policy:
     def root_at(value: Any, what: str) -> TrustedRoot | None:
         if value is None:
             return None
-        return load_root(path(value, what), f"policy {source} {what}", read)
+        return load_root(path(value, what), f"policy {source} {what}", read_named)
 
     top_root = root_at(doc.get("trustedRoot"), "trustedRoot")
     rules_doc = doc.get("rules", [])
@@ -199,33 +263,42 @@ def parse_policy(text: bytes, source: str, read: Reader = read_file) -> Policy:
         if isinstance(patterns, str):
             patterns = [patterns]
         if (not isinstance(patterns, list) or not patterns
-                or not all(isinstance(p, str) and p.strip() for p in patterns)):
+                or not all(isinstance(p, str) for p in patterns)):
             raise fail(f"{where}: match must be a pattern or a list of them")
+        for pattern in patterns:
+            problem = _pattern_problem(pattern)
+            if problem is not None:
+                raise fail(f"{where}: {problem}")
+        compiled = tuple(_glob(p) for p in patterns)
         actions = [a for a in ("require", "allow", "reject") if a in item]
         if len(actions) != 1:
             raise fail(f"{where}: needs exactly one of require, allow, reject")
         action = actions[0]
+        if action != "require" and ("ignoreTlog" in item or "trustedRoot" in item):
+            raise fail(f"{where}: ignoreTlog and trustedRoot belong to require rules")
         ignore = item.get("ignoreTlog", False)
         if not isinstance(ignore, bool):
             raise fail(f"{where}: ignoreTlog must be true or false")
         if action == "allow":
             if item["allow"] != "unsigned":
                 raise fail(f"{where}: allow takes the value unsigned")
-            rules.append(Rule(tuple(patterns), "allow"))
+            rules.append(Rule(tuple(patterns), "allow", compiled=compiled))
         elif action == "reject":
             reason = item["reject"]
-            rules.append(Rule(tuple(patterns), "reject",
-                              reason="" if reason is True else str(reason or "")))
+            if reason is not True and not (isinstance(reason, str) and reason.strip()):
+                raise fail(f"{where}: reject takes a reason (text) or true")
+            rules.append(Rule(tuple(patterns), "reject", compiled=compiled,
+                              reason="" if reason is True else reason.strip()))
         else:
             root = root_at(item.get("trustedRoot"), f"{where} trustedRoot") or top_root
             signers = item["require"]
             if not isinstance(signers, list) or not signers:
                 raise fail(f"{where}: require must be a non-empty list of signers")
             trusts = tuple(_signer(s, f"{where} require[{n}]", root, ignore, path, fail,
-                                   source, read)
+                                   source, read_named)
                            for n, s in enumerate(signers))
             rules.append(Rule(tuple(patterns), "require",
-                              Requirement(trusts, f"{source} {where}")))
+                              Requirement(trusts, f"{source} {where}"), compiled=compiled))
     return Policy(source, tuple(rules), default)
 
 
@@ -241,9 +314,8 @@ def _signer(item: Any, where: str, root: TrustedRoot | None, ignore: bool,
         spec = item["key"]
         if not isinstance(spec, str):
             raise fail(f"{where}: key must be a file path or PEM text")
-        what = f"policy {source} {where} key"
-        inline = spec.lstrip().startswith("-----BEGIN")
-        key = load_key(spec if inline else path(spec, f"{where} key"), what, read)
+        key = load_key(spec if is_pem(spec) else path(spec, f"{where} key"),
+                       f"policy {source} {where} key", read)
         if root is None and not ignore:
             raise fail(f"{where}: a key needs a trustedRoot to check transparency-log "
                        "entries, or ignoreTlog: true on its rule")
@@ -256,19 +328,8 @@ def _signer(item: Any, where: str, root: TrustedRoot | None, ignore: bool,
     return Trust(identity=Identity(identity, issuer), root=root, ignore_tlog=ignore)
 
 
-def _only(doc: Mapping[str, Any], allowed: set[str], where: str,
+def _only(doc: Mapping[Any, Any], allowed: set[str], where: str,
           fail: Callable[[str], UsageError]) -> None:
     unknown = sorted(str(k) for k in doc if k not in allowed)
     if unknown:
         raise fail(f"{where}: unknown field {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
-
-
-def load_policy(environ: Mapping[str, str]) -> Policy | None:
-    """The node's policy: $KITFS_POLICY (which must exist), else /etc/kitfs/policy.yaml if
-    it exists; None when there is none."""
-    named = environ.get(POLICY_ENV, "").strip()
-    if named:
-        return parse_policy(read_file(named, f"${POLICY_ENV}"), named)
-    if not DEFAULT_POLICY.exists():
-        return None
-    return parse_policy(read_file(str(DEFAULT_POLICY), "policy"), str(DEFAULT_POLICY))
