@@ -15,7 +15,8 @@ its defaults:
   COSIGN_TRUSTED_ROOT (trusted_root.json; required for keyless) and
   COSIGN_INSECURE_IGNORE_TLOG (true: accept keyed signatures without a log entry).
   The tag is resolved once and that digest's signature checked and unpacked
-  (kitfs/enforcement.py). The node's /etc/kitfs/policy.yaml applies as well.
+  (kitfs/enforcement.py). A policy file in the image (/etc/kitfs/policy.yaml) applies too;
+  the node's does not reach a container.
 """
 
 from __future__ import annotations
