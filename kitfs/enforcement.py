@@ -19,7 +19,6 @@ pure) and fetches signatures from the registry (kitfs.oci.signatures).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -46,7 +45,7 @@ from kitfs.signing.policy import (
     policy_name,
     requirement_from_flags,
 )
-from kitfs.signing.refusal import Reason, SignatureRefused, most_telling
+from kitfs.signing.refusal import SignatureRefused, most_telling
 from kitfs.signing.trust import FoundSignatures, check_signatures
 from kitfs.signing.verdict import Verdict
 
@@ -63,9 +62,13 @@ MAX_FILE = 16 << 20
 def read_file(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read(MAX_FILE)
+            data = f.read(MAX_FILE + 1)
     except OSError as e:
         raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(data) > MAX_FILE:
+        raise UsageError(f"{what} {path} is over {MAX_FILE >> 20} MiB: not a key, trusted "
+                         "root or policy")
+    return data
 
 
 def flags_requirement(flags: SignatureFlags, names: FlagNames) -> Requirement | None:
@@ -85,12 +88,11 @@ def load_policies(environ: Mapping[str, str]) -> tuple[Policy, ...]:
             raise PolicyError(str(exc)) from None
 
     try:
-        os.stat(NODE_POLICY)
+        os.lstat(NODE_POLICY)  # a dangling symlink (a ConfigMap not there yet) is no absence
     except FileNotFoundError:
         pass
     except OSError as e:
-        if e.errno != errno.ENOTDIR:
-            raise PolicyError(f"cannot read the node policy {NODE_POLICY}: {e.strerror}") from None
+        raise PolicyError(f"cannot read the node policy {NODE_POLICY}: {e.strerror}") from None
     else:
         policies.append(parse_policy(read_policy(str(NODE_POLICY), "the node policy"),
                                      str(NODE_POLICY), read_file))
@@ -155,8 +157,12 @@ class SignatureGate:
         try:
             return _first_trust(found, digest, requirement)
         except SignatureRefused as refusal:
-            if refusal.reason == Reason.NO_SIGNATURE and ref.tag is not None:
-                verdict = await self._through_index(ref, digest, requirement, client, repo)
+            if ref.tag is not None and not ref.is_local:
+                try:
+                    verdict = await self._through_index(ref, digest, requirement, client, repo)
+                except KitfsError as exc:  # the refusal of the ModelKit itself says more
+                    log.info("%s: no signed index to fall back on: %s", ref, exc)
+                    verdict = None
                 if verdict is not None:
                     return verdict
             raise SignatureRefused(refusal.reason, f"{ref}: refused, signature required by "
@@ -202,15 +208,23 @@ def _first_trust(found: FoundSignatures, digest: str, requirement: Requirement) 
     raise most_telling(refusals, digest)
 
 
+def may_require(flags: SignatureFlags, policies: tuple[Policy, ...]) -> bool:
+    """Whether anything a mount serves may need a signature: the flags ask for one, or a
+    policy has a rule that does (for the ModelKit or one of its parents, which are only
+    known once resolved). Such a mount serves verified bytes only, by default."""
+    return flags.given or any(rule.action == "require" for p in policies for rule in p.rules)
+
+
 def signature_gate(
     flags: SignatureFlags, names: FlagNames, options: ClientOptions,
-    environ: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None, policies: tuple[Policy, ...] | None = None,
 ) -> SignatureGate | None:
-    """The gate for a mount or unpack given `flags` and the node's policies; None when
-    neither asks for anything. Files are read and checked here, before any fetch."""
+    """The gate for a mount or unpack given `flags` and the node's policies (read now
+    unless given); None when neither asks for anything. Files are read and checked here,
+    before any fetch."""
     env = dict(os.environ) if environ is None else dict(environ)
     requirement = flags_requirement(flags, names)
-    policies = load_policies(env)
+    policies = load_policies(env) if policies is None else policies
     if requirement is None and not policies:
         return None
     return SignatureGate(options, requirement, policies, env)

@@ -285,8 +285,8 @@ class MountState:
     #: What each signature check that passed vouched for (empty: none was required).
     signatures: list[str] = field(default_factory=list)
     #: The digests of the parent ModelKits served (model.path), nearest first: what the
-    #: CSI driver compares with the parents it checked.
-    parents: list[str] = field(default_factory=list)
+    #: CSI driver compares with the parents it checked. None: an older daemon's state.
+    parents: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

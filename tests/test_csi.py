@@ -509,9 +509,54 @@ def test_signatures_are_checked_at_publish(driver: Driver, model: Model,
             target, model.ref, signatureKey=pub.read_text(), signatureIgnoreTlog="true"))
         assert status == denied and f"{policy} rule 1" in message, message
         assert not target.exists() and driver.daemons() == []
+        # A policy that requires signatures somewhere: volumes default to verify: strict
+        # (a parent may be one it requires signed, which is known only once resolved).
+        policy.write_text(f"version: 1\ndefault: allow\nrules:\n  - match: {host}/elsewhere/*"
+                          f"\n    require: [{{key: node.pub}}]\n    ignoreTlog: true\n")
+        driver.publish(target, model.ref)
+        try:
+            (daemon,) = driver.daemons()
+            argv = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().split(b"\0")
+            assert argv[argv.index(b"--verify") + 1] == b"strict"
+        finally:
+            driver.unpublish(target)
     finally:
         policy.write_text(ALLOW_ALL)
     assert "Traceback" not in driver.log.read_text()
+
+
+def test_a_signed_volume_never_joins_a_daemon_serving_other_parents(
+        driver: Driver, model: Model, tmp_path: Path) -> None:
+    """A daemon started for an unsigned volume resolved the parent's tag then; the tag has
+    moved to a signed parent since. A signed volume of the same child (same digest, filter,
+    verify: the same daemon) checks the new parent, so it must not be bound to the daemon
+    still serving the old one."""
+    from crafted import build_tar, craft_layer, publish_kit
+    from test_signatures_registry import PASSWORD, keypair
+
+    host = model.ref.split("/")[0]
+    key, pub = keypair(tmp_path, "ecdsa")
+    _, child = trio.run(_parent_and_child, host)
+    first, second = driver.target("pod-old-parent"), driver.target("pod-new-parent")
+    driver.publish(first, child, verify="strict")
+    try:
+        assert read_all(first / "weights" / "w.bin") == PARENT_WEIGHTS
+        newer = craft_layer(build_tar([("weights/w.bin", b"newer weights\n")]), kind="model",
+                            path="./weights")
+        parent = trio.run(lambda: publish_kit(host, "csi/parent", "v1", [newer], {
+            "manifestVersion": "1.0.0", "package": {"name": "parent"},
+            "model": {"name": "w", "path": "./weights"}}))
+        signer = {**os.environ, "COSIGN_PASSWORD": PASSWORD}
+        ok(kitfs("sign", "--key", str(key), parent, env=signer))
+        ok(kitfs("sign", "--key", str(key), child, env=signer))
+        status, message = code(lambda: driver.publish(
+            second, child, verify="strict", signatureKey=pub.read_text(),
+            signatureIgnoreTlog="true"))
+        assert status == grpc.StatusCode.PERMISSION_DENIED, message
+        assert "not those whose signatures were checked" in message, message
+        assert not second.exists() and len(driver.daemons()) == 1
+    finally:
+        driver.unpublish(first)
 
 
 PARENT_WEIGHTS = b"parent weights\n" * 1000

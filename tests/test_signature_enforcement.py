@@ -375,6 +375,11 @@ def test_local_storage_without_a_registry(tmp_path: Path,
     ("version: 1\nrules:\n  - match: a/**\n    require: [{key: '-----BEGIN PUBLIC KEY-----'}]"
      "\n    ignoreTlog: true\n", "not a PEM public key"),
     ("[" * 5000, "not valid YAML"),
+    ("version: 1\nrules:\n  - match: docker.io\n    reject: true\n", "needs REGISTRY/REPOSITORY"),
+    ("version: 1\nrules:\n  - match: docker.io/\n    reject: true\n",
+     "needs REGISTRY/REPOSITORY"),
+    ("version: 1\nrules:\n  - match: reg.io/Prod/**\n    reject: true\n", "lower case"),
+    ("version: 1\n? [a, b]\n: x\n", "a key that is a list or mapping"),
 ])
 def test_policy_file_errors(tmp_path: Path, text: str, message: str) -> None:
     from kitfs.errors import PolicyError
@@ -426,19 +431,20 @@ def test_policy_names_compare_as_hosts_do(tmp_path: Path) -> None:
     from kitfs.oci.reference import parse_reference
     from kitfs.signing.policy import policy_name
 
-    path = write_policy(tmp_path, "version: 1\ndefault: allow\nrules:\n"
-                                  "  - match: Registry.Example.com/prod/**\n"
-                                  "    reject: true\n"
-                                  "  - match: docker.io/**\n    reject: true\n")
-    policy = parse_policy(path.read_bytes(), str(path), read_file)
-    for text in ("REGISTRY.EXAMPLE.COM/prod/llm:v1", "registry.example.com:443/prod/llm:v1",
-                 "index.docker.io/library/x:v1", "registry-1.docker.io/org/x:v1",
-                 "docker.io/org/x:v1"):
-        ref = parse_reference(text)
-        with pytest.raises(SignatureError, match="rejected"):
-            policy.requirement_for(policy_name(ref.registry, ref.repository))
-    ref = parse_reference("registry.example.com:5000/prod/llm:v1")  # another port: another host
-    assert policy.requirement_for(policy_name(ref.registry, ref.repository)) is None
+    for patterns in (["Registry.Example.com/prod/**", "docker.io/**"],
+                     ["registry.example.com:443/prod/**", "index.docker.io/**"],
+                     ["registry.example.com:0443/prod/**", "registry-1.docker.io/**"]):
+        path = write_policy(tmp_path, "version: 1\ndefault: allow\nrules:\n" + "".join(
+            f"  - match: {p}\n    reject: true\n" for p in patterns))
+        policy = parse_policy(path.read_bytes(), str(path), read_file)
+        for text in ("REGISTRY.EXAMPLE.COM/prod/llm:v1", "registry.example.com:443/prod/llm:v1",
+                     "registry.example.com:0443/prod/llm:v1", "index.docker.io/library/x:v1",
+                     "registry-1.docker.io/org/x:v1", "docker.io/org/x:v1"):
+            ref = parse_reference(text)
+            with pytest.raises(SignatureError, match="rejected"):
+                policy.requirement_for(policy_name(ref.registry, ref.repository))
+        ref = parse_reference("registry.example.com:5000/prod/llm:v1")  # another port
+        assert policy.requirement_for(policy_name(ref.registry, ref.repository)) is None
 
 
 def test_a_policy_file_adds_to_the_nodes(tmp_path: Path,
@@ -457,6 +463,14 @@ def test_a_policy_file_adds_to_the_nodes(tmp_path: Path,
         gate.requirements(parse_reference("reg.example.com/a/b:v1"))
     monkeypatch.setattr(kitfs.enforcement, "NODE_POLICY", tmp_path / "none" / "policy.yaml")
     assert load_policies({}) == ()
+    # a link to a policy not there yet (a ConfigMap still mounting) is not "no policy"
+    dangling = tmp_path / "link.yaml"
+    dangling.symlink_to(tmp_path / "not-yet" / "policy.yaml")
+    monkeypatch.setattr(kitfs.enforcement, "NODE_POLICY", dangling)
+    from kitfs.errors import PolicyError
+
+    with pytest.raises(PolicyError, match="cannot read the node policy"):
+        load_policies({})
 
 
 def test_a_broken_policy_refuses_every_mount(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from kitfs.commands.command import Command
 from kitfs.commands.common import (
+    absolute_path,
     add_network_options,
     add_signature_options,
     client_options,
@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "they arrive and verify each layer in the background (a mismatch "
                         "makes later reads fail); strict (the default when a signature is "
                         "required): serve only verified bytes (a layer without per-chunk "
-                        "digests is read whole before its first byte is served)"),
+                        "digests is read whole before its first byte is served)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (non-root needs user_allow_other "
                         "in /etc/fuse.conf)")
@@ -98,7 +98,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         "strict" if _signature_required(args.reference, signature) else "lazy")
     return MountConfig(
         reference=args.reference, mountpoint=mountpoint,
-        cache_dir=Path(os.path.abspath(Path(args.cache_dir).expanduser())) if args.cache_dir
+        cache_dir=absolute_path(args.cache_dir) if args.cache_dir
         else default_cache_dir(),
         client=options, filters=tuple(args.filter), prefetch=args.prefetch,
         cache_size=cache_size, memory=memory, verify=verify, allow_other=args.allow_other,
@@ -110,22 +110,22 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
 
 
 def _signature_required(reference: str, signature: SignatureFlags) -> bool:
-    """Whether the flags or the node's policies ask for a signature; reading them now
-    fails a bad key, trusted root or policy (or a rejected reference) before a daemon
-    starts, `mount -f` included."""
-    import os
+    """Whether what this mount serves may need a signature (enforcement.may_require).
+    Reading the flags' files and the policies now fails a bad key, trusted root or policy,
+    or a reference a policy rejects, before a daemon starts (`mount -f` included)."""
 
-    from kitfs.enforcement import POLICY_ENV, flags_requirement, load_policies
+    from kitfs.enforcement import POLICY_ENV, flags_requirement, load_policies, may_require
     from kitfs.oci.reference import parse_reference
     from kitfs.signing.policy import policy_name
 
     if os.environ.get(POLICY_ENV):  # the daemon runs in /: it gets the path made absolute
         os.environ[POLICY_ENV] = os.path.abspath(os.environ[POLICY_ENV])
-    required = flags_requirement(signature, MOUNT_FLAGS) is not None
+    flags_requirement(signature, MOUNT_FLAGS)
+    policies = load_policies(os.environ)
     ref = parse_reference(reference)
-    for policy in load_policies(os.environ):
-        required |= policy.requirement_for(policy_name(ref.registry, ref.repository)) is not None
-    return required
+    for policy in policies:
+        policy.requirement_for(policy_name(ref.registry, ref.repository))
+    return may_require(signature, policies)
 
 
 def _print_mounted(state: MountState) -> None:

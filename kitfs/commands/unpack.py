@@ -6,6 +6,7 @@ import argparse
 
 from kitfs.commands.command import Command
 from kitfs.commands.common import (
+    absolute_path,
     add_network_options,
     add_signature_options,
     client_options,
@@ -54,9 +55,7 @@ def filter_texts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import logging
-    import os
     import sys
-    from pathlib import Path
 
     import trio
 
@@ -79,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.reference}: can not unpack multiple tags")
     filters = FilterSet.parse(filter_texts(args))
     options = client_options(args)
-    cache = (Path(os.path.abspath(Path(args.cache_dir).expanduser())) if args.cache_dir
+    cache = (absolute_path(args.cache_dir) if args.cache_dir
              else default_cache_dir())
-    directory = Path(os.path.abspath(Path(args.dir).expanduser()))
+    directory = absolute_path(args.dir)
     config = engine_config(options.read_timeout)
     unpacking = UnpackOptions(overwrite=args.overwrite, ignore_existing=args.ignore_existing)
     signature = signature_flags(args)

@@ -40,9 +40,16 @@ from kitfs.csi.volumes import (
     VolumeRecord,
     daemon_key,
 )
-from kitfs.enforcement import SignatureGate, load_policies, signature_gate
+from kitfs.enforcement import SignatureGate, load_policies, may_require, signature_gate
 from kitfs.engine.api import PrefetchMode, VerifyMode
-from kitfs.errors import FormatError, LocalStorageError, NotFoundError, SignatureError, UsageError
+from kitfs.errors import (
+    FormatError,
+    LocalStorageError,
+    NotFoundError,
+    PolicyError,
+    SignatureError,
+    UsageError,
+)
 from kitfs.modelkit.filters import FilterSet
 from kitfs.modelkit.manifest import manifest_blobs
 from kitfs.mounts import (
@@ -62,7 +69,7 @@ from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference, parse_reference
 from kitfs.parents import open_modelkit
 from kitfs.signing.flags import FlagNames, SignatureFlags, is_pem, parse_bool
-from kitfs.signing.policy import policy_name
+from kitfs.signing.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +239,28 @@ async def _resolve_checked(ref: Reference, options: ClientOptions,
 # -- the node -----------------------------------------------------------------------
 
 
+def signature_flags(attrs: Attributes, trusted_root: str | None) -> SignatureFlags:
+    """A volume's signature attributes as flags (no trusted root unless it asks for one)."""
+    if not (attrs.signature_key or attrs.signature_identity or attrs.signature_issuer):
+        return SignatureFlags()
+    return SignatureFlags(
+        key=attrs.signature_key or None, identity=attrs.signature_identity or None,
+        issuer=attrs.signature_issuer or None, trusted_root=trusted_root,
+        ignore_tlog=attrs.signature_ignore_tlog)
+
+
 def _same_parents(daemon: DaemonRecord, authorized: Authorized) -> None:
     """Refuse to bind a daemon whose parent ModelKits are not the ones whose signatures
     were just checked (a parent's tag moved since, or the daemon found another copy)."""
     if authorized.parents is None:
         return
     state = read_state(Path(daemon.mountpoint))
-    serving = tuple(state.parents) if state is not None else None
+    if state is not None and state.parents is None:
+        raise SignatureError(
+            f"{daemon.reference}: its daemon was started by an older kitfs, which does not "
+            "say which parent ModelKits it serves; refusing to publish a signed volume on "
+            "it (it stops when its last volume is unpublished)")
+    serving = tuple(state.parents or ()) if state is not None else None
     if serving != authorized.parents:
         raise SignatureError(
             f"{daemon.reference}: the parent ModelKits served ({', '.join(serving or ())}) "
@@ -372,11 +394,12 @@ class Node:
 
     # -- volumes --------------------------------------------------------------------
 
-    def _authorize(self, attrs: Attributes, auths: dict[str, Any] | None) -> Authorized:
+    def _authorize(self, attrs: Attributes, auths: dict[str, Any] | None,
+                   policies: tuple[Policy, ...] | None = None) -> Authorized:
         """The manifest digest, resolved with this request's credentials, and its
         signatures checked when the volume or the node's policy asks for them."""
         ref = parse_reference(attrs.reference)
-        gate = self._gate(attrs)
+        gate = self._gate(attrs, policies)
         if auths is None:
             return trio.run(_resolve_checked, ref, self.config.client, gate)
         name = "request-" + uuid.uuid4().hex
@@ -388,31 +411,21 @@ class Node:
         finally:
             self.records.drop_credentials(name)
 
-    def default_verify(self, attrs: Attributes) -> Attributes:
-        """A volume the node's policy requires signed serves only verified bytes, unless its
-        attributes say `verify: lazy` (as for volumes with signature attributes)."""
-        ref = parse_reference(attrs.reference)
-        name = policy_name(ref.registry, ref.repository)
-        try:
-            required = any(p.requirement_for(name) is not None
-                           for p in load_policies(os.environ))
-        except SignatureError:
-            return attrs  # rejected outright: publish says so
-        return replace(attrs, verify="strict") if required else attrs
-
-    def _gate(self, attrs: Attributes) -> SignatureGate | None:
+    def _gate(self, attrs: Attributes,
+              policies: tuple[Policy, ...] | None) -> SignatureGate | None:
         """The check this volume needs: its attributes' and the node policy's (read again
         for every publish, so an edited policy applies to the next pod)."""
-        flags = SignatureFlags(
-            key=attrs.signature_key or None, identity=attrs.signature_identity or None,
-            issuer=attrs.signature_issuer or None, trusted_root=self.config.trusted_root,
-            ignore_tlog=attrs.signature_ignore_tlog)
-        if not flags.given:
-            flags = SignatureFlags()
+        flags = signature_flags(attrs, self.config.trusted_root)
         problem = flags.problem(ATTRIBUTE_NAMES)
         if problem is not None:
             raise invalid(f"volume attributes: {problem}")
-        return signature_gate(flags, ATTRIBUTE_NAMES, self.config.client)
+        try:
+            return signature_gate(flags, ATTRIBUTE_NAMES, self.config.client,
+                                  policies=policies)
+        except UsageError as exc:
+            if flags.trusted_root and "--trusted-root" in str(exc):
+                raise PolicyError(str(exc)) from None  # the node's file, not the pod's
+            raise
 
     def _leave(self, volume: VolumeRecord) -> None:
         """Undo one volume; the last user of a daemon stops it. Key lock held."""
@@ -456,7 +469,10 @@ class Node:
         return left
 
     def publish(self, volume_id: str, target: Path, attrs: Attributes,
-                auths: dict[str, Any] | None, pod: str = "") -> None:
+                auths: dict[str, Any] | None, pod: str = "",
+                policies: tuple[Policy, ...] | None = None) -> None:
+        """Serve `attrs`' ModelKit at `target`; `policies`: the node's, as read for this
+        request (None: read them now)."""
         with self.records.locked(f"target:{target}"):
             existing = self.records.volume(str(target))
             if existing is not None:
@@ -474,7 +490,7 @@ class Node:
             elif find_mount(target) is not None:
                 raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"{target} is already a mount point that kitfs did not make")
-            authorized = self._authorize(attrs, auths)
+            authorized = self._authorize(attrs, auths, policies)
             digest = authorized.digest
             key = daemon_key(digest, attrs)
             with self._key_locked(key, attrs.reference):
@@ -583,13 +599,15 @@ class NodeService(csi_pb2_grpc.NodeServicer):
             raise invalid("block access is not supported: a ModelKit volume is a file system "
                           "(use a mount volume)")
         attrs = parse_attributes(request.volume_context)
-        if "verify" not in request.volume_context and attrs.verify == "lazy":
-            attrs = self.node.default_verify(attrs)
+        policies = load_policies(os.environ)  # once: the verify default and the check agree
+        if "verify" not in request.volume_context and may_require(
+                signature_flags(attrs, None), policies):
+            attrs = replace(attrs, verify="strict")  # a signed volume serves verified bytes
         auths = secret_auths(request.secrets)
         pod = "/".join(request.volume_context.get(KUBELET_PREFIX + k, "")
                        for k in ("pod.namespace", "pod.name")).strip("/")
         with self._slot():
-            self.node.publish(request.volume_id, target, attrs, auths, pod)
+            self.node.publish(request.volume_id, target, attrs, auths, pod, policies)
         return csi_pb2.NodePublishVolumeResponse()
 
     @rpc

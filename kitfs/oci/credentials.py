@@ -27,6 +27,7 @@ import trio
 from kitfs.errors import AuthError, LocalStorageError
 from kitfs.oci.auth import Credential
 from kitfs.oci.options import ClientOptions
+from kitfs.oci.reference import DOCKER_HUB_HOSTS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ HELPER_PREFIX = "docker-credential-"
 _TOKEN_USERNAME = "<token>"
 _HELPER_TIMEOUT = 30.0
 _DOCKER_HUB_ADDRESS = "https://index.docker.io/v1/"
-_DOCKER_HUB_HOSTS = {"docker.io", "registry-1.docker.io", "index.docker.io"}
 
 
 def kitops_home(override: str | None = None) -> str:
@@ -63,7 +63,7 @@ def docker_config_path() -> str:
 
 def server_address(registry: str) -> str:
     """The key a registry's credentials are stored under (Docker Hub has a legacy one)."""
-    return _DOCKER_HUB_ADDRESS if registry in _DOCKER_HUB_HOSTS else registry
+    return _DOCKER_HUB_ADDRESS if registry in DOCKER_HUB_HOSTS else registry
 
 
 def _hostname(key: str) -> str:

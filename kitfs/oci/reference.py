@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from kitfs.errors import BadReferenceError
 
 LOCAL_REGISTRY = "localhost"
+#: Docker Hub's names: kit's and the user's, and the ones its API answers at.
+DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 DEFAULT_REPOSITORY = "_"
 DEFAULT_TAG = "latest"
 

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import yaml
 
 from kitfs.errors import PolicyError, SignatureError, UsageError
+from kitfs.oci.reference import DOCKER_HUB_HOSTS
 from kitfs.signing.flags import FlagNames, SignatureFlags, is_pem
 from kitfs.signing.keyless import Identity
 from kitfs.signing.keys import PublicKey, load_public_key
@@ -50,17 +51,22 @@ from kitfs.signing.trustroot import TrustedRoot, load_trusted_root
 #: read(path, what) -> bytes: a file the policy or the flags name; `what` names it in errors.
 Reader = Callable[[str, str], bytes]
 
-#: Docker Hub's other names, folded into the one kit and users write.
-DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
+def policy_host(registry: str) -> str:
+    """A registry as policies compare it: hosts case-insensitively, the HTTPS port as no
+    port (`:443`, `:0443`: what an HTTP client dials), Docker Hub by one name."""
+    host, colon, port = registry.lower().rpartition(":")
+    if not colon or "]" in port:  # no port (an IPv6 literal's colons are inside [])
+        host = registry.lower()
+    elif port.isdigit() and int(port) == 443:
+        pass  # the default port, however written
+    else:
+        host = f"{host}:{int(port)}" if port.isdigit() else registry.lower()
+    return "docker.io" if host in DOCKER_HUB_HOSTS else host
 
 
 def policy_name(registry: str, repository: str) -> str:
-    """REGISTRY/REPOSITORY as policies match it: hosts compare case-insensitively, the
-    HTTPS port is the default one, and Docker Hub has one name."""
-    host = registry.lower().removesuffix(":443")
-    if host in DOCKER_HUB_ALIASES:
-        host = "docker.io"
-    return f"{host}/{repository}"
+    """REGISTRY/REPOSITORY as policies match it (policy_host)."""
+    return f"{policy_host(registry)}/{repository}"
 
 
 @dataclass(frozen=True)
@@ -119,11 +125,13 @@ def requirement_from_flags(
 
 def _glob(pattern: str) -> re.Pattern[str]:
     """`**` as a whole segment: any number of segments (`a/**/b` matches `a/b`); `*` and
-    `?` within one. The registry (first segment) compares case-insensitively."""
+    `?` within one. The registry (first segment) is folded as policy_host folds names."""
     host, _, rest = pattern.partition("/")
-    out = [re.escape(host.lower()).replace(r"\*", "[^/]*").replace(r"\?", "[^/]")]
     if host == "**":
-        out = [".*"]
+        return re.compile(".*")
+    if not any(c in host for c in "*?"):
+        host = policy_host(host)
+    out = [re.escape(host.lower()).replace(r"\*", "[^/]*").replace(r"\?", "[^/]")]
     segments = rest.split("/") if rest else []
     for i, segment in enumerate(segments):
         last = i == len(segments) - 1
@@ -136,12 +144,21 @@ def _glob(pattern: str) -> re.Pattern[str]:
 
 
 def _pattern_problem(pattern: str) -> str | None:
+    """Why `pattern` could never match a reference (a rule that silently does nothing is
+    how a typo turns checking off), or None."""
     if pattern != pattern.strip() or not pattern:
         return f"pattern {pattern!r} has blanks around it"
-    rest = pattern.partition("/")[2]
+    if pattern == "**":
+        return None
+    host, _, rest = pattern.partition("/")
     if "@" in pattern or ":" in rest:
         return (f"pattern {pattern!r} names a tag or digest; patterns match "
                 "REGISTRY/REPOSITORY only")
+    if not rest or "" in rest.split("/") or not host:
+        return (f"pattern {pattern!r} needs REGISTRY/REPOSITORY, with no empty path "
+                "segment (e.g. registry.example.com/team/**)")
+    if rest != rest.lower():
+        return f"pattern {pattern!r}: repositories are lower case, so it can never match"
     if any("**" in s and s != "**" for s in pattern.split("/")):
         return f"pattern {pattern!r}: ** must be a whole path segment"
     return None
@@ -196,6 +213,11 @@ def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key that is a list or mapping", key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"{key!r} given twice", key_node.start_mark)
