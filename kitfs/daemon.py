@@ -49,6 +49,7 @@ from kitfs.mounts import (
 )
 from kitfs.oci.client import RegistryClient
 from kitfs.oci.reference import Reference, parse_reference
+from kitfs.offline import offline_note
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ async def _serve_kit(
             log=str(config.log_file) if config.log_file is not None else None,
             started=time.time(), files=sum(1 for _ in kit.tree.files()),
             size=kit.tree.total_size, filters=list(config.filters),
+            offline=offline_note(kit.source),
         )
 
         async def poisoned(nodes: list[Node]) -> None:

@@ -103,6 +103,8 @@ def _print_mounted(state: MountState) -> None:
     daemon = f"pid {state.pid}" + (f", log {state.log}" if state.log else "")
     print(f"  daemon  {daemon}")
     print(f"  cache   {state.cache_dir}")
+    if state.offline:
+        print(f"  warning {state.offline}")
     sys.stdout.flush()
 
 
