@@ -205,9 +205,9 @@ def get(url: str, headers: dict[str, str] | None = None,
     try:
         with _DIRECT.open(urllib.request.Request(url, headers=headers or {},
                                                  method=method)) as r:
-            return r.status, dict(r.headers), r.read()
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
 
 
 def the_blob(origin: RegistryServer, repo: str, digest: str) -> bytes:
@@ -269,15 +269,15 @@ def test_ranges_are_206_with_the_right_bytes_and_a_plain_get_200(
                        (len(blob) - 7, len(blob) - 1)]:
         status, headers, body = get(url, {"Range": f"bytes={start}-{end}"})
         assert status == 206
-        assert headers["Content-Range"] == f"bytes {start}-{end}/{len(blob)}"
+        assert headers["content-range"] == f"bytes {start}-{end}/{len(blob)}"
         assert body == blob[start:end + 1]
     status, headers, body = get(url, {"Range": f"bytes={len(blob) - 5}-"})
     assert status == 206 and body == blob[-5:]
     status, headers, body = get(url)
-    assert status == 200 and "Content-Range" not in headers
-    assert int(headers["Content-Length"]) == len(blob) and body == blob
+    assert status == 200 and "content-range" not in headers
+    assert int(headers["content-length"]) == len(blob) and body == blob
     status, headers, body = get(url, method="HEAD")
-    assert status == 200 and int(headers["Content-Length"]) == len(blob) and body == b""
+    assert status == 200 and int(headers["content-length"]) == len(blob) and body == b""
     assert "cache=HIT" in mirror.log()
 
 
@@ -331,7 +331,7 @@ def test_redirects_to_storage_are_followed_inside_the_mirror_without_credentials
         # The origin does redirect: a client talking to it directly sees the 307.
         digest = biggest(kit)
         status, headers, _ = get(blob_url(front.url, kit.repo, digest))
-        assert status == 307 and "/bucket/" in headers["Location"]
+        assert status == 307 and "/bucket/" in headers["location"]
         mirror = start_mirror(front.url, tmp_path / "mirror")
         try:
             blob = the_blob(origin, kit.repo, digest)
@@ -339,7 +339,7 @@ def test_redirects_to_storage_are_followed_inside_the_mirror_without_credentials
             status, headers, body = get(url, {"Range": f"bytes=5-{SLICE + 5}",
                                               "Authorization": "Bearer registry-token"})
             assert status == 206 and body == blob[5:SLICE + 6]
-            assert "Location" not in headers
+            assert "location" not in headers
             ref = f"{mirror.host}/{kit.repo}:v1"
             read_through(ref, tmp_path, tmp_path / "node1", kit.files)
             storage = front.log("storage.log")
@@ -361,3 +361,36 @@ def test_the_mirror_log_says_what_came_from_cache(mirror: Nginx) -> None:
     assert lines
     assert all(re.search(r'cache=(HIT|MISS|EXPIRED|UPDATING|STALE|-) slice="', line)
                for line in lines)
+
+
+def test_credentials_pass_through_to_a_registry_that_wants_them(
+        auth_registry: RegistryServer, tmp_path: Path) -> None:
+    """The mirror authenticates nobody itself: the registry's challenge reaches the
+    client, and the client's credentials reach the registry."""
+    home = tmp_path / "home"
+    home.mkdir()
+    assert auth_registry.password is not None and auth_registry.username is not None
+    ok(kitfs("login", auth_registry.host, "-u", auth_registry.username, "--password-stdin",
+             home=home, stdin=auth_registry.password))
+    project = make_project(tmp_path / "proj", weight_bytes=MiB)
+    repo = "mirror/private"
+    ok(kitfs("pack", str(project), "-t", f"{auth_registry.host}/{repo}:v1", home=home))
+    mirror = start_mirror(auth_registry.url, tmp_path / "mirror")
+    try:
+        status, headers, _ = get(f"{mirror.url}/v2/{repo}/manifests/v1",
+                                 {"Accept": MANIFEST_TYPES})
+        assert status == 401 and "Basic" in headers.get("www-authenticate", "")
+        ok(kitfs("login", mirror.host, "-u", auth_registry.username, "--password-stdin",
+                 home=home, stdin=auth_registry.password))
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        proc = kitfs("mount", f"{mirror.host}/{repo}:v1", str(mnt), "--cache-dir",
+                     str(tmp_path / "cache"), home=home)
+        assert proc.returncode == 0, proc.stderr
+        try:
+            files = source_files(project)
+            assert read_tree(mnt, files) == files
+        finally:
+            kitfs("umount", str(mnt))
+    finally:
+        mirror.stop()
