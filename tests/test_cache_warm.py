@@ -14,6 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +27,8 @@ from pathlib import Path
 import pytest
 import trio
 from crafted import CraftLayer, Member, build_tar, craft_layer, publish_kit
+from crafted import sha256 as sha256_of
+from faultproxy import FaultProxy, Slow
 
 from helpers import kitfs, make_project, ok, one_line_error, source_files
 from registry import RegistryServer, start_registry
@@ -137,8 +144,12 @@ def test_a_filter_warms_only_the_layers_it_selects(logged: RegistryServer,
                                                    tmp_path: Path) -> None:
     kit = _kit_made(logged, "warm/filtered")
     mark = logged.mark()
-    doc = warm(kit.ref, tmp_path / "cache", "--filter", "datasets")
+    # In a log (no terminal), progress is a line every $KITFS_PROGRESS_LINES seconds.
+    proc = kitfs("cache", "warm", kit.ref, "--cache-dir", str(tmp_path / "cache"), "--json",
+                 "--filter", "datasets", env=dict(os.environ, KITFS_PROGRESS_LINES="0.001"))
+    doc = json.loads(ok(proc))
     assert doc["layers"] == 1
+    assert re.search(r"^warming: +[\d.]+% .*/s eta", proc.stderr, re.M), proc.stderr
     served = logged.served(mark).by_blob
     assert served.get(kit.blobs[0], 0) == 0 and served.get(kit.blobs[1], 0) > 0
 
@@ -227,3 +238,50 @@ def test_with_the_registry_up_a_warmed_mount_says_nothing_of_the_cache(
         assert _read_all(mnt, kit.files) == kit.files
     finally:
         kitfs("umount", str(mnt))
+
+
+def test_a_killed_warm_keeps_what_it_fetched_and_the_next_one_fetches_the_rest(
+        logged: RegistryServer, tmp_path: Path) -> None:
+    """kill -9 in the middle of a layer checked only whole: the chunks it had stay (by
+    position, unverified), and the next warm fetches only the rest, then verifies it."""
+    weights = os.urandom(24 * MiB)
+    tar = build_tar([Member("model/w.bin", weights)])
+    ref = trio.run(lambda: publish_kit(logged.host, "warm/killed", "v1",
+                                       [CraftLayer(tar, path="./model")], toc=None))
+    digest = sha256_of(tar)
+    cache = tmp_path / "cache"
+    prefix = digest.split(":")[1] + "-"
+
+    def cached() -> int:  # the layer's chunk files by position, less their 32-byte header
+        return sum(p.stat().st_size - 32 for p in (cache / "chunks").glob(f"*/{prefix}*")
+                   if p.is_file())
+
+    with FaultProxy(logged.host) as proxy:
+        proxy.add(Slow(4 * MiB), path=digest)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "kitfs.cli", "cache", "warm",
+             ref.replace(logged.host, proxy.host, 1), "--cache-dir", str(cache)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not (cache / "chunks").is_dir() or cached() < len(tar) // 4:
+                assert child.poll() is None, child.stderr.read() if child.stderr else ""
+                assert time.monotonic() < deadline, "the warm made no progress"
+                time.sleep(0.05)
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    had = cached()
+    assert 0 < had < len(tar)
+    mark = logged.mark()
+    doc = warm(ref, cache)
+    present, total = int(str(doc["already_cached"])), int(str(doc["bytes"]))
+    assert present == had and total == len(tar)
+    fetched = logged.served(mark).by_blob.get(digest, 0)
+    # Only what the cache did not hold, plus the tar headers read again to list the layer
+    # (a window of 64 KiB and the archive's end: far less than one 2 MiB chunk).
+    assert 0 < fetched <= total - present + 256 * 1024, (fetched, total, present)
+    assert warm(ref, cache)["already_cached"] == total
