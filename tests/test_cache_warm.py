@@ -28,7 +28,7 @@ import pytest
 import trio
 from crafted import CraftLayer, Member, build_tar, craft_layer, publish_kit
 from crafted import sha256 as sha256_of
-from faultproxy import FaultProxy, Slow
+from faultproxy import FaultProxy, Hang, Slow
 
 from helpers import kitfs, make_project, ok, one_line_error, source_files
 from registry import RegistryServer, start_registry
@@ -285,3 +285,26 @@ def test_a_killed_warm_keeps_what_it_fetched_and_the_next_one_fetches_the_rest(
     # (a window of 64 KiB and the archive's end: far less than one 2 MiB chunk).
     assert 0 < fetched <= total - present + 256 * 1024, (fetched, total, present)
     assert warm(ref, cache)["already_cached"] == total
+
+
+def test_a_registry_that_stops_answering_falls_back_too(logged: RegistryServer,
+                                                         tmp_path: Path) -> None:
+    """Not refused but silent (a hung registry, a dropped route): past --timeout the mount
+    falls back to what was warmed, and reads every file without another request."""
+    kit = _kit_made(logged, "warm/silent")
+    cache = tmp_path / "cache"
+    with FaultProxy(logged.host) as proxy:
+        ref = kit.ref.replace(logged.host, proxy.host, 1)
+        warm(ref, cache)
+        proxy.clear_log()
+        proxy.add(Hang(60))  # every request: accepted, never answered
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        proc = kitfs("mount", ref, str(mnt), "--cache-dir", str(cache), "--timeout", "2")
+        try:
+            assert proc.returncode == 0, proc.stderr
+            assert "registry unreachable" in proc.stdout, proc.stdout
+            assert _read_all(mnt, kit.files) == kit.files
+            assert not [s for s in proxy.requests() if "/blobs/" in s.path]
+        finally:
+            kitfs("umount", str(mnt))
