@@ -41,7 +41,7 @@ from kitfs.oci.client import RegistryClient
 from kitfs.oci.digest import digest_of, short, split_digest
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference
-from kitfs.oci.source import BlobSource, RegistrySource, Where
+from kitfs.oci.source import BlobSource, RegistrySource, RoutedSource, Where
 from kitfs.oci.source import open_source as open_plain_source
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,9 @@ class OfflineSource:
         manifest = (await trio.to_thread.run_sync(self.kept.blob, found.digest)
                     if found is not None else None)
         if found is None or manifest is None:
-            raise type(exc)(f"{exc} (and {_shown(self.reference)} was never resolved on this "
-                            "node: `kitfs cache warm` it while the registry answers)") from None
+            raise type(exc)(f"{exc} (and this node keeps no usable record of what "
+                            f"{_shown(self.reference)} resolved to: `kitfs cache warm` it "
+                            "while the registry answers)") from None
         self.offline, self._why = found, exc
         if self.reference.digest:
             log.warning("registry unreachable (%s): %s served from the cache", exc,
@@ -255,8 +256,6 @@ def open_source(
 
 def offline_note(source: BlobSource) -> str | None:
     """What a mount of `source` should tell its user if it was opened from the cache."""
-    from kitfs.oci.source import RoutedSource
-
     primary = source.primary if isinstance(source, RoutedSource) else source
     if isinstance(primary, OfflineSource) and primary.offline is not None:
         found = primary.offline

@@ -31,6 +31,7 @@ from crafted import sha256 as sha256_of
 from faultproxy import FaultProxy, Hang, Slow
 
 from helpers import kitfs, make_project, ok, one_line_error, source_files
+from kitfs.cache.fileformat import BLOB_MAGIC, read_frame, write_frame
 from registry import RegistryServer, start_registry
 
 MiB = 1 << 20
@@ -154,6 +155,21 @@ def test_a_filter_warms_only_the_layers_it_selects(logged: RegistryServer,
     assert served.get(kit.blobs[0], 0) == 0 and served.get(kit.blobs[1], 0) > 0
 
 
+async def warm_offline(ref: str, cache: Path) -> str:
+    """Whether a kitfs command would open `ref` with its registry down: "served" from what
+    is kept, or "refused"."""
+    proc = await trio.run_process(
+        [sys.executable, "-m", "kitfs.cli", "cache", "warm", ref, "--cache-dir", str(cache),
+         "--timeout", "5"], capture_stdout=True, capture_stderr=True, check=False)
+    if proc.returncode == 0:
+        assert b"registry unreachable" in proc.stderr
+        return "served"
+    *said, error = proc.stderr.decode().strip().splitlines()
+    assert error.startswith("kitfs: error: ") and "no usable record" in error, proc.stderr
+    assert all("does not match its digest" in line for line in said), said  # why, if any
+    return "refused"
+
+
 def _read_all(root: Path, files: dict[str, str]) -> dict[str, str]:
     return {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in files}
 
@@ -181,15 +197,26 @@ def test_a_warmed_modelkit_mounts_and_reads_everything_with_the_registry_down(
             kitfs("umount", str(mnt))
 
 
-def test_a_reference_never_warmed_fails_in_one_line_with_the_registry_down(
+def test_a_reference_never_warmed_or_tampered_with_fails_in_one_line_with_the_registry_down(
         tmp_path: Path) -> None:
     registry = start_registry(tmp_path / "registry")
     kit = _kit_made(registry, "offline/never")
+    tampered = _kit_made(registry, "offline/tampered")
+    cache = tmp_path / "cache"
+    warm(tampered.ref, cache)
     registry.stop()
-    proc = kitfs("cache", "warm", kit.ref, "--cache-dir", str(tmp_path / "cache"),
-                 "--timeout", "5")
+    proc = kitfs("cache", "warm", kit.ref, "--cache-dir", str(cache), "--timeout", "5")
     line = one_line_error(proc)
     assert "Connection refused" in line and "kitfs cache warm" in line
+    # A kept manifest rewritten (a well-formed cache file, other bytes): not its digest,
+    # so not used; nothing is mounted from it.
+    assert trio.run(lambda: warm_offline(tampered.ref, cache)) == "served"
+    for path in (cache / "blobs").iterdir():
+        kept = bytes(read_frame(path, BLOB_MAGIC)[0])
+        if b'"layers"' in kept:
+            write_frame(path.parent, path.name, BLOB_MAGIC,
+                        memoryview(kept.replace(b'"layers"', b'"layers" ')))
+    assert trio.run(lambda: warm_offline(tampered.ref, cache)) == "refused"
 
 
 def test_a_deleted_tag_is_not_mounted_from_the_cache(registry: RegistryServer,

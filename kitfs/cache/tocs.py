@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 
 class TocCache:
-    """Tables of contents and verified-layer records by layer digest. Thread- and process-safe."""
+    """Tables of contents and verified-layer records by layer digest, and the metadata blobs
+    and resolved references offline.py keeps. Thread- and process-safe."""
 
     def __init__(self, root: Path, *, sync: bool = True) -> None:
         self.root = Path(root)
