@@ -188,6 +188,12 @@ class OfflineSource:
                         _shown(self.reference), found.when, short(found.digest))
         return manifest, found.media_type, found.digest
 
+    def _down(self) -> bool:
+        """Opened from the cache, and the registry has not answered since (a mount's daemon
+        asks it again in the background: once it answers, chunks missing from the cache
+        are fetched from it again, checked against the same digests)."""
+        return self.offline is not None and self.inner.client.stats.failing
+
     def _unreachable(self, what: str) -> UnreachableError:
         return UnreachableError(f"{what} is not in the cache, and the registry was "
                                 f"unreachable when this was opened ({self._why})")
@@ -198,6 +204,8 @@ class OfflineSource:
         if self.offline is not None:
             data = await trio.to_thread.run_sync(self.kept.blob, digest)
             if data is None:
+                if not self._down():
+                    return await self.inner.get_blob(digest, max_size, size=size)
                 raise self._unreachable(f"blob {short(digest)}")
             if (size is not None and len(data) != size) or len(data) > max_size:
                 raise IntegrityError(f"kept blob {short(digest)} is {len(data)} bytes, "
@@ -210,7 +218,7 @@ class OfflineSource:
     async def read_range(
         self, digest: str, offset: int, length: int, *, size: int | None = None
     ) -> bytes:
-        if self.offline is not None:
+        if self._down():
             raise self._unreachable(f"bytes {offset}+{length} of blob {short(digest)}")
         return await self.inner.read_range(digest, offset, length, size=size)
 
@@ -223,7 +231,7 @@ class OfflineSource:
         *,
         size: int | None = None,
     ) -> None:
-        if self.offline is not None:
+        if self._down():
             raise self._unreachable(f"bytes from {offset} of blob {short(digest)}")
         await self.inner.read_range_into(digest, offset, buffers, filled, size=size)
 
@@ -231,7 +239,7 @@ class OfflineSource:
     async def stream_blob(
         self, digest: str, *, size: int | None = None
     ) -> AsyncIterator[AsyncIterator[bytes]]:
-        if self.offline is not None:
+        if self._down():
             raise self._unreachable(f"blob {short(digest)}")
         async with self.inner.stream_blob(digest, size=size) as pieces:
             yield pieces
