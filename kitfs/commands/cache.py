@@ -159,7 +159,7 @@ def _warm(args: argparse.Namespace, root: Path) -> int:
 
 COMMAND = Command(
     name="cache",
-    help="show, trim, check or empty the shared chunk cache",
+    help="show, fill, trim, check or empty the shared chunk cache",
     description="""\
 Every mount on a node shares one content-addressed chunk cache. These actions
 are safe while mounts run: a removed chunk is simply fetched again.
