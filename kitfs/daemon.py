@@ -50,6 +50,7 @@ from kitfs.mounts import (
 )
 from kitfs.oci.client import RegistryClient
 from kitfs.oci.reference import Reference, parse_reference
+from kitfs.offline import offline_note
 from kitfs.signing.flags import MOUNT_FLAGS
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,7 @@ async def _serve_kit(
             size=kit.tree.total_size, filters=list(config.filters),
             signatures=list(gate.passed) if gate is not None else [],
             parents=[p.inspection.digest for p in kit.inspection.parents],
+            offline=offline_note(kit.source),
         )
 
         async def poisoned(nodes: list[Node]) -> None:

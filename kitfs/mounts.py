@@ -280,6 +280,9 @@ class MountState:
     files: int = 0
     size: int = 0
     filters: list[str] = field(default_factory=list)
+    #: Set when the registry was unreachable and the mount opened what `kitfs cache warm`
+    #: kept (kitfs/offline.py): says so, and as resolved when.
+    offline: str | None = None
     updated: float = 0.0
     status: dict[str, Any] = field(default_factory=dict)
     #: What each signature check that passed vouched for (empty: none was required).

@@ -50,7 +50,8 @@ from kitfs.modelkit.kitfile import Kitfile
 from kitfs.oci.layout import display_name
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import Reference, parse_reference
-from kitfs.oci.source import BlobSource, RoutedSource, Where, open_source
+from kitfs.oci.source import BlobSource, RoutedSource, Where
+from kitfs.offline import open_source  # falls back on the cache where options say (offline.py)
 
 if TYPE_CHECKING:
     from kitfs.enforcement import SignatureGate

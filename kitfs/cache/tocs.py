@@ -5,6 +5,10 @@
 - `<root>/verified/<layer hex>.json`: the per-chunk digests the engine
   recorded once it verified a layer end to end, so later mounts verify chunk
   by chunk instead of trusting bytes until the whole layer is hashed.
+- `<root>/blobs/<hex>.json` and `<root>/resolved/<hex>.json`: the manifests,
+  configs and tables of contents a mount read, by digest, and what each
+  reference resolved to (kitfs/offline.py), so a warmed ModelKit mounts with
+  its registry down. Blobs are checked against their digest when read back.
 
 Both use the chunk store's frame (32-byte header with length and xxh3, see
 `fileformat`; the JSON starts at byte 32) and the same temp + fdatasync +
@@ -26,6 +30,8 @@ import os
 from pathlib import Path
 
 from kitfs.cache.fileformat import (
+    BLOB_MAGIC,
+    RESOLVED_MAGIC,
     TOC_MAGIC,
     VERIFIED_MAGIC,
     BadFrame,
@@ -42,12 +48,14 @@ logger = logging.getLogger(__name__)
 
 
 class TocCache:
-    """Tables of contents and verified-layer records by layer digest. Thread- and process-safe."""
+    """Tables of contents and verified-layer records by layer digest, and the metadata blobs
+    and resolved references offline.py keeps. Thread- and process-safe."""
 
     def __init__(self, root: Path, *, sync: bool = True) -> None:
         self.root = Path(root)
         self._sync = sync
-        self._dirs = {TOC_MAGIC: self.root / "tocs", VERIFIED_MAGIC: self.root / "verified"}
+        self._dirs = {TOC_MAGIC: self.root / "tocs", VERIFIED_MAGIC: self.root / "verified",
+                      BLOB_MAGIC: self.root / "blobs", RESOLVED_MAGIC: self.root / "resolved"}
         self._secured: set[Path] = set()  # directories secure_directory passed in this process
 
     def get(self, layer_digest: str) -> bytes | None:
@@ -68,6 +76,20 @@ class TocCache:
     def remove_verified(self, layer_digest: str) -> bool:
         """Forget a layer's verification (its digest turned out wrong: the layer is poisoned)."""
         return self._remove(VERIFIED_MAGIC, layer_digest)
+
+    def get_blob(self, digest: str) -> bytes | None:
+        """A metadata blob kept by `put_blob`, unchecked: the caller hashes it (offline.py)."""
+        return self._get(BLOB_MAGIC, digest)
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        self._put(BLOB_MAGIC, digest, data)
+
+    def get_resolved(self, key: str) -> bytes | None:
+        """The record of what a reference resolved to; `key` a sha256 digest of its name."""
+        return self._get(RESOLVED_MAGIC, key)
+
+    def put_resolved(self, key: str, data: bytes) -> None:
+        self._put(RESOLVED_MAGIC, key, data)
 
     def _path(self, magic: bytes, layer_digest: str) -> Path:
         return self._dirs[magic] / f"{digest_hex(layer_digest)}.json"

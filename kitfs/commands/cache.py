@@ -1,4 +1,4 @@
-"""`kitfs cache du|gc|verify|clear`: look after the chunk cache every mount on the node shares.
+"""`kitfs cache du|gc|verify|clear|warm`: look after the chunk cache every mount on the node shares.
 
 Every operation is safe while mounts are running: chunks never change after
 they are written, a removed chunk is fetched again when next read, and the
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from kitfs.commands.command import Command
+from kitfs.commands.common import add_network_options
 from kitfs.errors import UsageError
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
@@ -21,12 +22,17 @@ if TYPE_CHECKING:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("du", "gc", "verify", "clear"))
+    p.add_argument("action", choices=("du", "gc", "verify", "clear", "warm"))
+    p.add_argument("reference", metavar="REF", nargs="?",
+                   help="for warm: the ModelKit whose chunks to fetch")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="the cache (default: $KITFS_CACHE_DIR, else /var/cache/kitfs for "
                         "root, else $XDG_CACHE_HOME/kitfs)")
     p.add_argument("--max-size", metavar="SIZE", help="for gc: the size to trim down to")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-f", "--filter", action="append", metavar="FILTER", default=[],
+                   help="for warm: only what matches, as for mount and unpack (repeatable)")
+    add_network_options(p)
 
 
 def _store(root: Path) -> ChunkStore | None:
@@ -62,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     from kitfs.units import human_bytes, parse_size
 
     root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    if args.action == "warm":
+        return _warm(args, Path(os.path.abspath(root)))
+    if args.reference is not None or args.filter:
+        raise UsageError(f"kitfs cache {args.action} takes no REF or --filter (warm does)")
     target = 0
     if args.action == "gc":  # a bad size is wrong whether or not there is a cache
         if args.max_size is None:
@@ -99,9 +109,57 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warm(args: argparse.Namespace, root: Path) -> int:
+    import logging
+
+    from kitfs.commands.common import client_options, run_async
+    from kitfs.engine.session import open_kit
+    from kitfs.modelkit.filters import FilterSet
+    from kitfs.oci.reference import parse_reference
+    from kitfs.progress import Progress
+    from kitfs.units import human_bytes
+    from kitfs.unpack import engine_config
+    from kitfs.warm import WarmSummary, warm
+
+    if args.reference is None:
+        raise UsageError("kitfs cache warm needs REF (e.g. kitfs cache warm "
+                         "registry.example.com/team/llm:v1)")
+    if not args.verbose:
+        # Failures reach the user as cli.main's one line; the read path's warnings on the
+        # way would repeat it. The offline fallback's warning is the one to keep.
+        logging.getLogger("kitfs").setLevel(logging.CRITICAL)
+        logging.getLogger("kitfs.offline").setLevel(logging.WARNING)
+    ref = parse_reference(args.reference)
+    if ref.extra_tags:
+        raise UsageError(f"{args.reference}: can not warm multiple tags")
+    if ref.is_local:
+        raise UsageError(f"{args.reference}: kitfs cache warm fetches from a registry; name "
+                         "one (e.g. registry.example.com/team/llm:v1)")
+    filters = FilterSet.parse(list(args.filter))
+    options = client_options(args)
+    progress = Progress("warming", 0)
+
+    async def main() -> WarmSummary:
+        async with open_kit(ref, options, root, filters=filters,
+                            config=engine_config(options.read_timeout), where="remote") as kit:
+            return await warm(kit, progress)
+
+    try:
+        done = run_async(main)
+    finally:
+        progress.close()
+    h = human_bytes
+    _emit(args, {"cache_dir": str(root), "reference": str(ref), "digest": done.digest,
+                 "layers": done.layers, "bytes": done.total, "already_cached": done.present,
+                 "fetched": done.fetched},
+          f"warmed {ref} ({done.digest}): {done.layers} layers, {h(done.total)}; "
+          f"{h(done.present)} already cached, {h(done.fetched)} fetched, into {root}")
+    return 0
+
+
 COMMAND = Command(
     name="cache",
-    help="show, trim, check or empty the shared chunk cache",
+    help="show, fill, trim, check or empty the shared chunk cache",
     description="""\
 Every mount on a node shares one content-addressed chunk cache. These actions
 are safe while mounts run: a removed chunk is simply fetched again.
@@ -110,11 +168,16 @@ are safe while mounts run: a removed chunk is simply fetched again.
   gc       evict least-recently-used chunks until it holds at most --max-size
   verify   check every chunk's checksum; remove bad ones (exit 1 if any)
   clear    remove every chunk
+  warm     fetch every chunk of REF (or what --filter selects) into the cache,
+           verified, without mounting; again, it fetches only what is missing.
+           What REF resolved to is kept: a mount of it then works with the
+           registry down (as resolved when warmed; the mount warns so)
 
 examples:
   kitfs cache du
   kitfs cache gc --max-size 200G
   kitfs cache verify --cache-dir /mnt/nvme/kitfs
+  kitfs cache warm registry.example.com/team/llm:v1 --filter model
 """,
     add_arguments=add_arguments,
     run=run,

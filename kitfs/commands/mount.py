@@ -139,6 +139,8 @@ def _print_mounted(state: MountState) -> None:
     print(f"  cache   {state.cache_dir}")
     for line in state.signatures:
         print(f"  signed  {line}")
+    if state.offline:
+        print(f"  warning {state.offline}")
     sys.stdout.flush()
 
 

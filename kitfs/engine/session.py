@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,9 @@ async def open_kit(
     engine's background work with `await kit.engine.start(nursery)`; the sources are
     closed on exit. A `gate` checks every ModelKit's signatures before its files are read.
     """
+    # What each registry reference resolved to is kept beside the chunks, so a warmed
+    # ModelKit opens with its registry down (kitfs/offline.py).
+    options = replace(options, metadata_cache=str(cache_dir))
     async with open_modelkit(reference, options, where=where, gate=gate) as (source, ins):
         # No fsync per chunk: every chunk file carries its xxh3, so one torn by a
         # crash reads as absent and is fetched again, never served; syncing each

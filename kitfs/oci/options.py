@@ -44,3 +44,6 @@ class ClientOptions:
     caller says what it wants."""
     kitops_home: str | None = None
     """Overrides $KITOPS_HOME when looking up credentials."""
+    metadata_cache: str | None = None
+    """A kitfs cache directory that keeps what each reference resolved to, to fall back
+    on when the registry is unreachable (kitfs/offline.py; open_kit sets it)."""
