@@ -14,10 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from nginxmirror import NGINX, Nginx, render, start_mirror, start_nginx
 
 from helpers import kitfs, make_project, ok, source_files
 from registry import RegistryServer, free_port, start_registry
 
-CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "mirror" / "nginx.conf"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 MiB = 1 << 20
 SLICE = 8 * MiB
 MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json"
@@ -44,75 +40,6 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
-
-
-@dataclass
-class Nginx:
-    host: str
-    state: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def log(self, name: str = "access.log") -> str:
-        path = self.state / name
-        return path.read_text() if path.exists() else ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-
-def _wait_listening(host: str, process: subprocess.Popen[bytes], what: Path) -> None:
-    address, port = host.rsplit(":", 1)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"nginx exited: {(what / 'error.log').read_text()[-2000:]}")
-        try:
-            socket.create_connection((address, int(port)), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("nginx did not listen within 20 s")
-
-
-def start_nginx(config: str, state: Path, host: str) -> Nginx:
-    state.mkdir(parents=True, exist_ok=True)
-    conf = state / "nginx.conf"
-    conf.write_text(config)
-    process = subprocess.Popen(
-        [NGINX, "-p", str(state), "-c", str(conf), "-e", str(state / "error.log"),
-         "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    server = Nginx(host, state, process)
-    try:
-        _wait_listening(host, process, state)
-    except BaseException:
-        server.stop()
-        raise
-    return server
-
-
-def render(origin: str, state: Path, port: int) -> str:
-    """The shipped template with its documented variables set, and nothing else changed."""
-    values = {
-        "MIRROR_LISTEN": f"127.0.0.1:{port}", "MIRROR_ORIGIN": origin,
-        "MIRROR_CACHE": str(state / "cache"), "MIRROR_CACHE_SIZE": "1g",
-        "MIRROR_STATE": str(state), "MIRROR_USER": "root", "MIRROR_RESOLVER": "127.0.0.1",
-    }
-    text = CONFIG.read_text()
-    for name, value in values.items():
-        text = text.replace("${" + name + "}", value)
-    assert "${" not in text, "a variable of the template is not documented here"
-    return text
-
-
-def start_mirror(origin: str, state: Path) -> Nginx:
-    port = free_port()
-    return start_nginx(render(origin, state, port), state, f"127.0.0.1:{port}")
 
 
 def redirecting_origin(registry: RegistryServer, state: Path) -> Nginx:
