@@ -178,11 +178,10 @@ def _root(url: str, override_path: bool, where: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise HostsError(f"{where}: not an http(s) URL")
-    path = os.path.normpath(parts.path) if parts.path else ""
-    path = "" if path in (".", "/") and not override_path else path
+    path = os.path.normpath(parts.path).rstrip("/") if parts.path else ""
     if not override_path and not path.endswith("/v2"):
         path += "/v2"
-    return f"{parts.scheme}://{parts.netloc}{path.rstrip('/') if path != '/' else ''}"
+    return f"{parts.scheme}://{parts.netloc}{path}"
 
 
 def _capabilities(value: Any, where: str) -> frozenset[str]:

@@ -56,7 +56,7 @@ DOWN_FOR = 30.0
 """Seconds a mirror that failed (unreachable, silent, 5xx) is skipped."""
 DISTRUST_FOR = 600.0
 """Seconds a mirror is not asked for a blob whose bytes it got wrong."""
-NO_RANGES_FOR = 60.0
+NO_RANGES_FOR = 10.0
 """Seconds a mirror that answered a range with the whole blob is not asked for its ranges."""
 
 
