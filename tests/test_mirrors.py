@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -425,3 +427,51 @@ def test_hang_then_origin(origin: RegistryServer, kit: tuple[str, dict[str, str]
                  "--timeout", "8", home=tmp_path / "home"))
         assert unpacked(tmp_path / "out") == files
         assert stuck.requests(path="/blobs/")  # it was tried
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A mirror that wants credentials of its own: 401 (Basic) to everything; it keeps
+    the headers of every request it got."""
+
+    seen: list[dict[str, str]]
+
+    def do_GET(self) -> None:
+        self.seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="mirror"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_registry_credentials_never_reach_a_mirror(
+    auth_registry: RegistryServer, kitops_home: Path, tmp_path: Path
+) -> None:
+    host = auth_registry.host
+    ok(kitfs("login", host, "-u", str(auth_registry.username), "--password-stdin",
+             stdin=f"{auth_registry.password}\n"))
+    project = make_project(tmp_path / "p", weight_bytes=256 << 10)
+    ref = f"{host}/mirrors/private:v1"
+    ok(kitfs("pack", str(project), "-t", ref))
+    handler = type("Handler", (_Recorder,), {"seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        mirror = f"127.0.0.1:{server.server_address[1]}"
+        hosts = hosts_dir(tmp_path, host,
+                          f'[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+                          f'  [host."http://{mirror}".header]\n    x-tenant = ["a", "b"]\n')
+        ok(kitfs("unpack", ref, "-d", str(tmp_path / "out"), "--hosts-dir", str(hosts)))
+        assert unpacked(tmp_path / "out") == source_files(project)
+        seen = handler.seen
+        assert seen  # asked first, refused without its own credentials: next host
+        assert all(s.get("x-tenant") == "a, b" for s in seen), seen  # hosts.toml's header
+        assert not [s for s in seen if "authorization" in s], seen
+    finally:
+        server.shutdown()
+        server.server_close()
