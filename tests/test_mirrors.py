@@ -16,6 +16,7 @@ mirror is never asked for a manifest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import socket
@@ -342,14 +343,14 @@ def test_mount_through_pull_through_cache(
         cache.stop()
 
 
-def status_registry(mp: Path) -> dict[str, int]:
-    """The mount's registry counters from `kitfs status --json`, once its state shows the
-    mirror's answer (the daemon rewrites its state every second or so)."""
+def status_registry(mp: Path, counter: str = "mirror_full_answers") -> dict[str, int]:
+    """The mount's registry counters from `kitfs status --json`, once its state shows
+    `counter` (the daemon rewrites its state every second or so)."""
     deadline = time.monotonic() + 15  # a bound on polling, not a timing under test
     while True:
         [doc] = json.loads(ok(kitfs("status", str(mp), "--json")))
         [registry] = doc["status"]["engine"]["registry"]
-        if registry["mirror_full_answers"] or time.monotonic() > deadline:
+        if registry[counter] or time.monotonic() > deadline:
             return dict(registry)
         time.sleep(0.3)
 
@@ -475,3 +476,30 @@ def test_registry_credentials_never_reach_a_mirror(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_mount_refuses_a_lying_mirrors_ranges(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """A mount checks each chunk against its own digest: a chunk a mirror got wrong fails
+    that read (EIO, as any lie does), and the mirror is not asked for the blob again, so
+    the next read of it comes from the registry, right."""
+    ref, files = kit
+    digest, _ = blob_digests(ref)[0]
+    with FaultProxy(origin.host) as liar:
+        liar.add(Corrupt(range(0, 16 * MiB, 4096)), path=f"/blobs/{digest}")
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'[host."http://{liar.host}"]\n  capabilities = ["pull"]\n')
+        with mounted(ref, tmp_path / "mnt", tmp_path / "cache-dir", "--hosts-dir", str(hosts),
+                     "--prefetch", "none") as mp:
+            path = mp / "model" / "model.safetensors"
+            with pytest.raises(OSError) as failed:
+                path.read_bytes()
+            assert failed.value.errno == errno.EIO
+            asked = liar.blob_requests(digest)
+            assert asked >= 1
+            got = {rel: hashlib.sha256((mp / rel).read_bytes()).hexdigest() for rel in files}
+            assert got == files
+            assert liar.blob_requests(digest) == asked  # not asked again
+            registry = status_registry(mp, "mirror_bad_blobs")
+            assert registry["mirror_bad_blobs"] >= 1, registry

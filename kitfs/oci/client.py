@@ -518,10 +518,17 @@ class RegistryClient:
                 continue
             if served is not None:
                 served.add(host.index)
+            self._route.served(host, digest)
             return response
         if served is not None:
             served.add(hosts[-1].index)
         return await self._open_blob_at(hosts[-1], repo, digest, headers, what, sink)
+
+    def refuse_mirror_bytes(self, digest: str) -> bool:
+        """Bytes of `digest` that the caller checked itself (a range, against a chunk's
+        digest) did not match: the mirrors that sent bytes of it lately are skipped for
+        it from now on. True if there were any, so reading again takes the next host."""
+        return self._route.refuse(digest)
 
     async def _open_blob_at(
         self, host: Host, repo: str, digest: str, headers: dict[str, str], what: str,

@@ -56,6 +56,7 @@ DOWN_FOR = 30.0
 """Seconds a mirror that failed (unreachable, silent, 5xx) is skipped."""
 DISTRUST_FOR = 600.0
 """Seconds a mirror is not asked for a blob whose bytes it got wrong."""
+_SERVED_LIMIT = 4096
 NO_RANGES_FOR = 10.0
 """Seconds a mirror that answered a range with the whole blob is not asked for its ranges."""
 
@@ -110,6 +111,9 @@ class Route:
         self.origin = self.hosts[-1]
         self._distrusted: dict[tuple[int, str], float] = {}
         self._no_ranges: dict[tuple[int, str], float] = {}
+        self._served: dict[str, set[int]] = {}
+        """The mirrors whose blob bytes went out unchecked (ranges), by blob: the ones to
+        blame if the caller's own check of them fails (see `refuse`)."""
 
     async def aclose(self) -> None:
         for host in self.hosts:
@@ -187,6 +191,17 @@ class Route:
                             "it for that blob for %gs", host.name, digest[:19], DISTRUST_FOR)
                 marked = True
         return marked
+
+    def served(self, host: Host, digest: str) -> None:
+        """`host` is sending bytes of `digest` (noted for mirrors only; bounded)."""
+        if host.mirror and host is not self.origin:
+            if len(self._served) >= _SERVED_LIMIT and digest not in self._served:
+                self._served.clear()
+            self._served.setdefault(digest, set()).add(host.index)
+
+    def refuse(self, digest: str) -> bool:
+        """The caller found bytes of `digest` wrong: distrust the mirrors that sent any."""
+        return self.distrust(self._served.pop(digest, set()), digest)
 
     def distrusted(self, digest: str) -> bool:
         """Whether some mirror is being kept away from `digest` now."""
