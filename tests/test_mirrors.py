@@ -19,7 +19,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -503,3 +505,32 @@ def test_mount_refuses_a_lying_mirrors_ranges(
             assert liar.blob_requests(digest) == asked  # not asked again
             registry = status_registry(mp, "mirror_bad_blobs")
             assert registry["mirror_bad_blobs"] >= 1, registry
+
+
+def test_mirror_tls_from_hosts_toml(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """An https:// mirror with a private CA: trusted through hosts.toml's `ca` (a path
+    relative to the file), and without it refused by TLS, so the registry serves."""
+    ref, files = kit
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cache = start_registry(tmp_path / "cache", request_log=True, tls=(cert, key),
+                           proxy=f"http://{origin.host}")
+    try:
+        mirror = f'[host."https://{cache.host}"]\n  capabilities = ["pull", "resolve"]\n'
+        hosts = hosts_dir(tmp_path, origin.host, mirror + '  ca = "mirror-ca.pem"\n')
+        shutil.copy(cert, next(hosts.iterdir()) / "mirror-ca.pem")
+        ok(kitfs("unpack", ref, "-d", str(tmp_path / "out"), "--hosts-dir", str(hosts)))
+        assert unpacked(tmp_path / "out") == files
+        served = len(cache.requests())
+        assert served > 0  # the mirror, over TLS, trusted through its ca
+        hosts_dir(tmp_path, origin.host, mirror)  # no ca: the mirror's certificate fails
+        ok(kitfs("unpack", ref, "-d", str(tmp_path / "again"), "--hosts-dir", str(hosts)))
+        assert unpacked(tmp_path / "again") == files
+        assert len(cache.requests()) == served
+    finally:
+        cache.stop()
