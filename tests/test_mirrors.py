@@ -37,6 +37,7 @@ from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.hosts import CAPABILITIES, HostEntry, load_hosts, parse_hosts
 from mounting import mounted
 from registry import RegistryServer, free_port, start_registry
+from scraping import scrape, value
 
 MiB = 1 << 20
 
@@ -331,11 +332,15 @@ def test_mount_through_pull_through_cache(
     try:
         hosts = hosts_dir(tmp_path, origin.host,
                           f'[host."http://{cache.host}"]\n  capabilities = ["pull", "resolve"]\n')
+        port = free_port()
         with mounted(ref, tmp_path / "mnt", tmp_path / "cache-dir", "--hosts-dir", str(hosts),
-                     "--prefetch", "none") as mp:
+                     "--prefetch", "none", "--metrics-addr", f"127.0.0.1:{port}") as mp:
             assert {rel: hashlib.sha256((mp / rel).read_bytes()).hexdigest()
                     for rel in files} == files
             registry = status_registry(mp)
+            samples, _ = scrape(port)
+            assert value(samples, "kitfs_registry_mirror_events_total", mountpoint=str(mp),
+                         registry=origin.host, event="full_answer") >= 1
         assert registry["mirror_full_answers"] >= 1, registry
         assert registry["mirror_fallbacks"] >= registry["mirror_full_answers"], registry
         model = sum(size for _, size in layers)
