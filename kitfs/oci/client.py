@@ -400,8 +400,23 @@ class RegistryClient:
         what = f"fetching blob {short(digest)} from {self._name(repo)}"
         start = prefix[0] if prefix is not None else 0
         body = _BlobBody(self, repo, digest, start, None, what, size=size)
+
+        def blame(exc: IntegrityError) -> IntegrityError:
+            """The blob's own check failed: a mirror's lie if one sent any of it."""
+            if self._route.distrust(body.served, digest):
+                return MirrorDataError(
+                    f"{exc} (served by a mirror, which is now skipped for this blob; "
+                    "reading it again takes it from the next host)")
+            return exc
+
         try:
-            await body.open()
+            try:
+                await body.open()
+            except IntegrityError as exc:
+                blamed = blame(exc)
+                if blamed is exc:
+                    raise
+                raise blamed from exc
             expected = size if size is not None else body.total
             if max_size is not None and expected is not None and expected > max_size:
                 raise RegistryError(
@@ -413,16 +428,10 @@ class RegistryClient:
                 prefix=prefix,
             )
             try:
-                async with aclosing(_verified(body, verifier, max_size, what)) as chunks:
+                async with aclosing(_verified(body, verifier, max_size, what, blame)) as chunks:
                     yield chunks
             finally:
                 verifier.abort()
-        except IntegrityError as exc:
-            if self._route.distrust(body.served, digest):
-                raise MirrorDataError(
-                    f"{exc} (served by a mirror, which is now skipped for this blob; "
-                    "reading it again takes it from the next host)") from exc
-            raise
         finally:
             await body.aclose()
 
@@ -1025,14 +1034,23 @@ class _BlobBody:
 
 
 async def _verified(
-    body: _BlobBody, verifier: DigestVerifier, max_size: int | None, what: str
+    body: _BlobBody, verifier: DigestVerifier, max_size: int | None, what: str,
+    blame: Callable[[IntegrityError], IntegrityError],
 ) -> AsyncGenerator[bytes, None]:
-    async for chunk in body:
-        if max_size is not None and verifier.received + len(chunk) > max_size:
-            raise RegistryError(f"{what}: blob is more than the {max_size} bytes expected here")
-        await verifier.update(chunk)
-        yield chunk
-    await verifier.verify()
+    """The body's chunks, checked; a failed check (size or digest) is `blame(error)`."""
+    try:
+        async for chunk in body:
+            if max_size is not None and verifier.received + len(chunk) > max_size:
+                raise RegistryError(
+                    f"{what}: blob is more than the {max_size} bytes expected here")
+            await verifier.update(chunk)
+            yield chunk
+        await verifier.verify()
+    except IntegrityError as exc:
+        blamed = blame(exc)
+        if blamed is exc:
+            raise
+        raise blamed from exc
 
 
 def _file_body(
