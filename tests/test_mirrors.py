@@ -236,6 +236,13 @@ def hosts_dir(root: Path, registry: str, text: str) -> Path:
     return directory
 
 
+def unpack(ref: str, out: Path, *extra: str, home: Path | None = None,
+           ) -> subprocess.CompletedProcess[str]:
+    """`kitfs unpack` into `out`, with a chunk cache of its own (not the machine's)."""
+    return kitfs("unpack", ref, "-d", str(out), "--cache-dir", str(out) + "-cache", *extra,
+                 home=home)
+
+
 def unpacked(root: Path) -> dict[str, str]:
     out = {}
     for path in root.rglob("*"):
@@ -375,7 +382,7 @@ def test_dead_mirrors_fall_back_to_the_registry(
                 f'[host."http://127.0.0.1:{silent.getsockname()[1]}"]\n'
                 '  capabilities = ["pull", "resolve"]\n')
         hosts = hosts_dir(tmp_path, origin.host, text)
-        proc = kitfs("unpack", ref, "-d", str(tmp_path / "out"), "--hosts-dir", str(hosts),
+        proc = unpack(ref, tmp_path / "out", "--hosts-dir", str(hosts),
                      "--timeout", "8", home=tmp_path / "home")
         ok(proc)
         assert unpacked(tmp_path / "out") == files
@@ -399,7 +406,7 @@ def test_lying_mirror_is_refused_and_the_next_host_used(
         assert liar.blob_requests(digest) == 1  # the mirror was asked once, and lied
         assert size in origin.served(mark).sizes.get(digest, [])  # the registry served it
         # Unpack from local storage: the blob pulled is the origin's, byte for byte.
-        ok(kitfs("unpack", ref, "-d", str(tmp_path / "out"), home=tmp_path / "home"))
+        ok(unpack(ref, tmp_path / "out", home=tmp_path / "home"))
         assert unpacked(tmp_path / "out") == files
         # A pull-only mirror is never asked what a name means.
         assert not liar.requests(path="/manifests/")
@@ -413,7 +420,7 @@ def test_resolve_only_on_hosts_allowed_to(
         text = (f'[host."http://{pull_only.host}"]\n  capabilities = ["pull"]\n'
                 f'[host."http://{resolver.host}"]\n  capabilities = ["resolve"]\n')
         hosts = hosts_dir(tmp_path, origin.host, text)
-        ok(kitfs("unpack", ref, "-d", str(tmp_path / "out"), "--hosts-dir", str(hosts),
+        ok(unpack(ref, tmp_path / "out", "--hosts-dir", str(hosts),
                  home=tmp_path / "home"))
         assert unpacked(tmp_path / "out") == files
         assert not pull_only.requests(path="/manifests/")
@@ -423,18 +430,25 @@ def test_resolve_only_on_hosts_allowed_to(
         assert not resolver.requests(path="/blobs/")
 
 
-def test_hang_then_origin(origin: RegistryServer, kit: tuple[str, dict[str, str]],
-                          tmp_path: Path) -> None:
-    """A mirror that answers nothing for blobs: the reads still finish from the origin."""
+@pytest.mark.parametrize("after_bytes", [None, 65536])
+def test_silent_mirror_then_origin(origin: RegistryServer, kit: tuple[str, dict[str, str]],
+                                   tmp_path: Path, after_bytes: int | None) -> None:
+    """A mirror that answers nothing for blobs, or stalls in the middle of one: the reads
+    still finish from the origin, well within the deadline."""
     ref, files = kit
+    digest = blob_digests(ref)[0][0] if after_bytes else ""  # mid-body: the big blob
     with FaultProxy(origin.host) as stuck:
-        stuck.add(Hang(60), path="/blobs/")
+        stuck.add(Hang(60, after_bytes), path=f"/blobs/{digest}")
         hosts = hosts_dir(tmp_path, origin.host,
                           f'[host."http://{stuck.host}"]\n  capabilities = ["pull"]\n')
-        ok(kitfs("unpack", ref, "-d", str(tmp_path / "out"), "--hosts-dir", str(hosts),
+        ok(unpack(ref, tmp_path / "out", "--hosts-dir", str(hosts),
                  "--timeout", "8", home=tmp_path / "home"))
         assert unpacked(tmp_path / "out") == files
-        assert stuck.requests(path="/blobs/")  # it was tried
+        tried = stuck.requests(path=f"/blobs/{digest}")
+        assert tried  # it was tried
+        # A range it stalled on was resumed from the next host, never from the mirror.
+        starts = {int(t.range.split("=")[1].split("-")[0]) for t in tried if t.range}
+        assert not {start + (after_bytes or 0) for start in starts} & starts, tried
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -474,7 +488,7 @@ def test_registry_credentials_never_reach_a_mirror(
         hosts = hosts_dir(tmp_path, host,
                           f'[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
                           f'  [host."http://{mirror}".header]\n    x-tenant = ["a", "b"]\n')
-        ok(kitfs("unpack", ref, "-d", str(tmp_path / "out"), "--hosts-dir", str(hosts)))
+        ok(unpack(ref, tmp_path / "out", "--hosts-dir", str(hosts)))
         assert unpacked(tmp_path / "out") == source_files(project)
         seen = handler.seen
         assert seen  # asked first, refused without its own credentials: next host
@@ -529,12 +543,12 @@ def test_mirror_tls_from_hosts_toml(
         mirror = f'[host."https://{cache.host}"]\n  capabilities = ["pull", "resolve"]\n'
         hosts = hosts_dir(tmp_path, origin.host, mirror + '  ca = "mirror-ca.pem"\n')
         shutil.copy(cert, next(hosts.iterdir()) / "mirror-ca.pem")
-        ok(kitfs("unpack", ref, "-d", str(tmp_path / "out"), "--hosts-dir", str(hosts)))
+        ok(unpack(ref, tmp_path / "out", "--hosts-dir", str(hosts)))
         assert unpacked(tmp_path / "out") == files
         served = len(cache.requests())
         assert served > 0  # the mirror, over TLS, trusted through its ca
         hosts_dir(tmp_path, origin.host, mirror)  # no ca: the mirror's certificate fails
-        ok(kitfs("unpack", ref, "-d", str(tmp_path / "again"), "--hosts-dir", str(hosts)))
+        ok(unpack(ref, tmp_path / "again", "--hosts-dir", str(hosts)))
         assert unpacked(tmp_path / "again") == files
         assert len(cache.requests()) == served
     finally:

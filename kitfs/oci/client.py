@@ -500,12 +500,13 @@ class RegistryClient:
     async def _open_blob(
         self, repo: str, digest: str, headers: dict[str, str], what: str,
         sink: Sink | None = None, served: set[int] | None = None,
-    ) -> httpx.Response:
+    ) -> tuple[httpx.Response, Host]:
         """GET a blob (or a range of it) from the first host that serves it as asked.
 
         A mirror that fails, or answers a range with the whole blob, is passed over (that
         answer closed unread: see oci/mirrors.py); the last host's answer is taken as it
-        comes. `served` collects the hosts whose answer was taken.
+        comes. `served` collects the hosts whose answer was taken; the host that answered
+        comes with the answer.
         """
         ranged = "Range" in headers
         hosts = self._route.candidates("pull", digest, ranged=ranged)
@@ -528,10 +529,10 @@ class RegistryClient:
             if served is not None:
                 served.add(host.index)
             self._route.served(host, digest)
-            return response
+            return response, host
         if served is not None:
             served.add(hosts[-1].index)
-        return await self._open_blob_at(hosts[-1], repo, digest, headers, what, sink)
+        return await self._open_blob_at(hosts[-1], repo, digest, headers, what, sink), hosts[-1]
 
     def refuse_mirror_bytes(self, digest: str) -> bool:
         """Bytes of `digest` that the caller checked itself (a range, against a chunk's
@@ -906,6 +907,7 @@ class _BlobBody:
         """The blob's size, when the registry told it."""
         self.served: set[int] = set()
         """The hosts (mirrors.Route indices) whose answers the body was taken from."""
+        self._host: Host | None = None
 
     async def open(self) -> None:
         await self._request()
@@ -922,7 +924,7 @@ class _BlobBody:
             headers["Range"] = f"bytes={self._pos}-{last}"
         if self._sink is not None:
             self._sink.enabled = False  # an error body must not land in the caller's buffers
-        response = await self._client._open_blob(
+        response, self._host = await self._client._open_blob(
             self._repo, self._digest, headers, self._what, self._sink, self.served
         )
         self._response = response
@@ -1016,7 +1018,14 @@ class _BlobBody:
                     return  # the whole blob arrived (the digest check judges it)
                 if self._end is not None and body_end is not None and body_end <= self._pos:
                     raise RegistryError(f"{self._what}: past the end of the blob")
-            # Dropped connection or a body shorter than announced: resume from here.
+            # Dropped connection or a body shorter than announced: resume from here (a
+            # mirror that did this is left alone for a while: the next host resumes).
+            host, route = self._host, self._client._route
+            if host is not None and host is not route.candidates("pull", self._digest)[-1]:
+                self._client._route.failed(host, UnreachableError(
+                    f"{self._what}: {host.name} stopped sending"))
+                await self._request()
+                continue
             if failure is not None and not retryable_transport_error(failure):
                 raise self._client._failed(
                     _transport(failure, response, self._client.options, self._what), failure)
