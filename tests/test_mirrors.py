@@ -553,3 +553,20 @@ def test_mirror_tls_from_hosts_toml(
         assert len(cache.requests()) == served
     finally:
         cache.stop()
+
+
+def test_pushes_go_to_the_registry_only(
+    origin: RegistryServer, tmp_path: Path
+) -> None:
+    """A mirror with every capability is still not where kitfs pushes (or checks what the
+    registry already has before pushing): that is the registry's `server`."""
+    project = make_project(tmp_path / "p", weight_bytes=64 << 10)
+    ref = f"{origin.host}/mirrors/pushed:v1"
+    with FaultProxy(origin.host) as mirror:
+        hosts = hosts_dir(tmp_path, origin.host, f'[host."http://{mirror.host}"]\n')
+        ok(kitfs("pack", str(project), "-t", ref, "--hosts-dir", str(hosts),
+                 home=tmp_path / "home"))
+        assert not [s for s in mirror.requests() if s.method != "GET"], mirror.requests()
+        assert not mirror.requests(path="/blobs/")
+    assert unpack(ref, tmp_path / "out").returncode == 0
+    assert unpacked(tmp_path / "out") == source_files(project)

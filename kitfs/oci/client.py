@@ -189,11 +189,16 @@ class RegistryClient:
 
     # -- manifests -------------------------------------------------------------------
 
-    async def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str, str]:
+    async def get_manifest(
+        self, repo: str, ref: str, *, origin: bool = False
+    ) -> tuple[bytes, str, str]:
         """(body, media type, digest); the digest is always computed from the body.
 
         Asked of the hosts allowed to `resolve` only (hosts.toml), tags and digests alike:
-        a mirror trusted with blobs alone is never asked what a name means."""
+        a mirror trusted with blobs alone is never asked what a name means. `origin` asks
+        the registry itself: a read before a write (a cache may be stale)."""
+        if origin:
+            return await self._get_manifest(self._session, repo, ref)
         return await self._route.first(
             "resolve", lambda host: self._get_manifest(host.session, repo, ref))
 
@@ -825,7 +830,8 @@ class RegistryClient:
             manifests = _descriptors(response.content, what)
         else:
             try:
-                body, media_type, _ = await self.get_manifest(repo, f"{algorithm}-{hexpart}")
+                body, media_type, _ = await self.get_manifest(
+                    repo, f"{algorithm}-{hexpart}", origin=True)
             except NotFoundError:
                 return []
             if media_type not in INDEX_MEDIA_TYPES:
@@ -851,7 +857,7 @@ class RegistryClient:
         algorithm, hexpart = split_digest(subject_digest)
         fallback_tag = f"{algorithm}-{hexpart}"
         try:
-            body, media_type, _ = await self.get_manifest(repo, fallback_tag)
+            body, media_type, _ = await self.get_manifest(repo, fallback_tag, origin=True)
             index = json.loads(body) if media_type == OCI_INDEX else None
         except NotFoundError:
             index = None
