@@ -197,6 +197,14 @@ def test_bad_hosts_file_is_one_line_error(tmp_path: Path, text: str, says: str) 
     assert says in line and "hosts.toml" in line
 
 
+def test_missing_ca_file_is_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "127.0.0.1_1_").mkdir()
+    (tmp_path / "127.0.0.1_1_" / "hosts.toml").write_text(
+        '[host."https://m"]\n  ca = "nope.pem"\n')
+    line = one_line_error(kitfs("inspect", "127.0.0.1:1/x/y:z", "--hosts-dir", str(tmp_path)))
+    assert f"cannot load {tmp_path}/127.0.0.1_1_/nope.pem" in line, line
+
+
 def test_missing_hosts_dir_is_one_line_error(tmp_path: Path) -> None:
     line = one_line_error(kitfs("inspect", "127.0.0.1:1/x/y:z",
                                 "--hosts-dir", str(tmp_path / "nope")))

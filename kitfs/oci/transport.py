@@ -82,13 +82,15 @@ def host_ssl_context(
     """A hosts.toml host's TLS, as containerd builds it: the command's own (flags), with
     the host's CAs added, its client certificates added and `skip_verify` deciding."""
     ctx = ssl_context(options)
+    path = ""
     try:
         for path in ca:
             ctx.load_verify_locations(cafile=path)
-        for cert, key in client:
-            ctx.load_cert_chain(cert, key or None)
+        for path, key in client:
+            ctx.load_cert_chain(path, key or None)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load TLS files named in hosts.toml: {exc}") from exc
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise UsageError(f"cannot load {path} (named in hosts.toml): {reason}") from exc
     if skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
