@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -358,6 +359,8 @@ def test_mount_through_pull_through_cache(
                          registry=origin.host, event="full_answer") >= 1
         assert registry["mirror_full_answers"] >= 1, registry
         assert registry["mirror_fallbacks"] >= registry["mirror_full_answers"], registry
+        [mirror] = registry["mirrors"]
+        assert mirror["registry"] == cache.host and mirror["requests"]["ok"] >= 1, mirror
         model = sum(size for _, size in layers)
         assert registry["bytes_received"] <= model + 1 * MiB, (registry, model)
         assert any("ns=" in r.uri for r in cache.requests() if "/blobs/" in r.uri)
@@ -365,7 +368,7 @@ def test_mount_through_pull_through_cache(
         cache.stop()
 
 
-def status_registry(mp: Path, counter: str = "mirror_full_answers") -> dict[str, int]:
+def status_registry(mp: Path, counter: str = "mirror_full_answers") -> dict[str, Any]:
     """The mount's registry counters from `kitfs status --json`, once its state shows
     `counter` (the daemon rewrites its state every second or so)."""
     deadline = time.monotonic() + 15  # a bound on polling, not a timing under test

@@ -109,6 +109,9 @@ class Route:
             )
             self.hosts.append(Host(index, entry, session, netloc or registry))
         self.origin = self.hosts[-1]
+        for host in self.hosts[:-1]:
+            host.session.stats.registry = host.name
+            self.origin.session.stats.mirrors.append(host.session.stats)
         self._distrusted: dict[tuple[int, str], float] = {}
         self._no_ranges: dict[tuple[int, str], float] = {}
         self._served: dict[str, set[int]] = {}

@@ -49,6 +49,8 @@ class RequestStats:
     mirror_fallbacks: int = 0
     mirror_full_answers: int = 0
     mirror_bad_blobs: int = 0
+    mirrors: list[RequestStats] = field(default_factory=list)
+    """Each mirror's own requests (its `registry` is the mirror's host)."""
 
     def succeeded(self) -> None:
         self.requests["ok"] += 1
@@ -80,6 +82,7 @@ class RequestStats:
             "mirror_fallbacks": self.mirror_fallbacks,
             "mirror_full_answers": self.mirror_full_answers,
             "mirror_bad_blobs": self.mirror_bad_blobs,
+            **({"mirrors": [m.to_json() for m in self.mirrors]} if self.mirrors else {}),
         }
 
 
