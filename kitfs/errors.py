@@ -74,6 +74,11 @@ class IntegrityError(KitfsError):
     """Bytes did not match the digest or length that vouches for them."""
 
 
+class MirrorDataError(IntegrityError):
+    """A registry mirror's bytes did not match their digest; that mirror is now skipped for
+    the blob (oci/mirrors.py), so reading it again takes it from the next host."""
+
+
 class SignatureError(KitfsError):
     """A signature check that was asked for could not be made or did not pass."""
 

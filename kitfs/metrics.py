@@ -82,6 +82,10 @@ class MountCollector(Collector):
         yield from f.values()
 
 
+_MIRROR_EVENTS = ("fallback", "full_answer", "bad_blob")
+"""RequestStats' mirror_<event>s counters (oci/stats.py)."""
+
+
 def _families() -> dict[str, Any]:
     m = ["mountpoint"]
     return {
@@ -99,6 +103,11 @@ def _families() -> dict[str, Any]:
         "registry_bytes": CounterMetricFamily(
             "kitfs_registry_bytes", "Bytes received from the registry (bodies).",
             labels=[*m, "registry"], unit="bytes"),
+        "mirror": CounterMetricFamily(
+            "kitfs_registry_mirror_events",
+            "hosts.toml mirrors: fallback (a read the next host served), full_answer (a "
+            "range answered with the whole blob, body not read), bad_blob (a blob that "
+            "did not match its digest).", labels=[*m, "registry", "event"]),
         "last_success": GaugeMetricFamily(
             "kitfs_registry_last_success_timestamp_seconds",
             "Unix time of the last successful registry request.", labels=[*m, "registry"]),
@@ -148,6 +157,8 @@ def _one_mount(f: dict[str, Any], state: MountState, alive: bool, now: float) ->
         for outcome in OUTCOMES:
             f["requests"].add_metric([mp, name, outcome], registry.get(outcome, 0.0))
         f["registry_bytes"].add_metric([mp, name], registry["bytes_received"])
+        for event in _MIRROR_EVENTS:
+            f["mirror"].add_metric([mp, name, event], registry.get(f"mirror_{event}", 0.0))
         for key in ("last_success", "last_failure"):
             if key in registry:
                 f[key].add_metric([mp, name], registry[key])
@@ -184,6 +195,9 @@ def _by_registry(entries: object) -> dict[str, dict[str, float]]:
         for outcome, n in _dict(entry.get("requests")).items():
             into[outcome] = into.get(outcome, 0.0) + _number(n)
         into["bytes_received"] += _number(entry.get("bytes_received"))
+        for event in _MIRROR_EVENTS:
+            key = f"mirror_{event}"
+            into[key] = into.get(key, 0.0) + _number(entry.get(key + "s"))
         for key in ("last_success", "last_failure"):
             if entry.get(key) is not None:
                 into[key] = max(into.get(key, 0.0), _number(entry.get(key)))

@@ -523,7 +523,8 @@ def daemon_argv(
     if config.client.plain_http:
         argv.append("--plain-http")
     for flag, value in (("--ca-file", config.client.ca_file), ("--cert", config.client.cert_file),
-                        ("--key", config.client.key_file), ("--config", kitops_home)):
+                        ("--key", config.client.key_file), ("--config", kitops_home),
+                        ("--hosts-dir", config.client.hosts_dir)):
         if value:
             argv += [flag, str(absolute(value))]
     sig = config.signature

@@ -42,6 +42,7 @@ from kitfs.errors import (
     IntegrityError,
     KitfsError,
     LocalStorageError,
+    MirrorDataError,
     UsageError,
 )
 from kitfs.modelkit import mediatypes as mt
@@ -224,10 +225,17 @@ async def _fetch(
             progress.update(prefix[0])
         try:
             fetched = await _download(client, repo, digest, size, f, prefix, progress)
-        except IntegrityError:
+        except IntegrityError as exc:
             if prefix is None or prefix[0] == 0:
                 await trio.to_thread.run_sync(f.truncate, 0)
-                raise
+                if not isinstance(exc, MirrorDataError):
+                    raise
+                # A mirror's bytes were refused: the next host serves them (once more).
+                log.warning("%s", exc)
+                fetched = await _download(client, repo, digest, size, f, None, progress)
+                await trio.to_thread.run_sync(_sync, f, ingest)
+                await trio.to_thread.run_sync(storage.adopt_blob, ingest, digest, BLOB_MODE)
+                return fetched
             # What an interrupted download left does not fit the rest: start over, once.
             log.warning("discarding %d bytes of %s left by an earlier pull", prefix[0], digest)
             await trio.to_thread.run_sync(f.truncate, 0)

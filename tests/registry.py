@@ -126,7 +126,8 @@ _FIELD = re.compile(r'(http\.[a-z.]+)=("(?:[^"\\]|\\.)*"|\S+)')
 
 
 def _write_config(root: Path, port: int, htpasswd: Path | None, access_log: bool,
-                  listen: str, tls: tuple[Path, Path] | None, request_log: bool) -> Path:
+                  listen: str, tls: tuple[Path, Path] | None, request_log: bool,
+                  proxy: str | None = None) -> Path:
     auth = ""
     if htpasswd is not None:
         auth = f"auth:\n  htpasswd:\n    realm: kitfs-test\n    path: {htpasswd}\n"
@@ -146,6 +147,7 @@ def _write_config(root: Path, port: int, htpasswd: Path | None, access_log: bool
         "  delete:\n    enabled: true\n"
         + http
         + auth
+        + (f"proxy:\n  remoteurl: {proxy}\n" if proxy else "")
     )
     return config
 
@@ -177,12 +179,14 @@ def start_registry(
     root: Path, *, username: str | None = None, password: str | None = None,
     access_log: bool = False, request_log: bool = False, listen: str = "127.0.0.1",
     name: str | None = None, tls: tuple[Path, Path] | None = None,
+    proxy: str | None = None,
 ) -> RegistryServer:
     """Start a registry; with `access_log` its log (server.log) lists every response's bytes,
     with `request_log` every answer with the client's address (`RegistryServer.requests`).
 
     It listens on `listen` (an address) and is named `name` (default: the address) in
-    `host`; `tls` (certificate, key) makes it speak HTTPS.
+    `host`; `tls` (certificate, key) makes it speak HTTPS. `proxy` (a registry's URL)
+    makes it a read-only pull-through cache of that registry.
     """
     if REGISTRY_BINARY is None:
         raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
@@ -195,7 +199,7 @@ def start_registry(
         htpasswd = root / "htpasswd"
         htpasswd.write_text(f"{username}:{hashed}\n")
     port = free_port(listen)
-    config = _write_config(root, port, htpasswd, access_log, listen, tls, request_log)
+    config = _write_config(root, port, htpasswd, access_log, listen, tls, request_log, proxy)
     log = root / "registry.log"
     env = dict(os.environ, OTEL_TRACES_EXPORTER="none")
     with log.open("wb") as out:

@@ -52,6 +52,10 @@ def add_network_options(p: argparse.ArgumentParser, *, tls_client: bool = True) 
                         "included (as kit's --proxy: it overrides HTTP_PROXY, HTTPS_PROXY "
                         "and NO_PROXY); http://[USER:PASSWORD@]HOST:PORT or https://...; "
                         f"also ${PROXY_ENV}")
+    g.add_argument("--hosts-dir", metavar="DIR",
+                   help="containerd-style hosts directory: DIR/REGISTRY/hosts.toml names "
+                        "mirrors to try first, and per-host TLS (default: $KITFS_HOSTS_DIR, "
+                        "else /etc/kitfs/certs.d if it exists; /etc/containerd/certs.d works)")
 
 
 def add_signature_options(p: argparse.ArgumentParser) -> None:
@@ -108,6 +112,7 @@ def client_options(args: argparse.Namespace) -> ClientOptions:
     for every request, else HTTP_PROXY / HTTPS_PROXY / NO_PROXY (oci/proxy.py)."""
     import os
 
+    from kitfs.oci.hosts import hosts_root
     from kitfs.oci.options import ClientOptions
     from kitfs.oci.proxy import Proxies
 
@@ -124,6 +129,7 @@ def client_options(args: argparse.Namespace) -> ClientOptions:
         retry_budget=timeout,
         kitops_home=getattr(args, "kitops_home", None),
         proxies=Proxies.from_environment(os.environ, *_explicit_proxy(args)),
+        hosts_dir=hosts_root(getattr(args, "hosts_dir", None), dict(os.environ)),
     )
 
 

@@ -133,12 +133,12 @@ async def _remove_remote(ref: Reference, options: ClientOptions) -> None:
         raise UsageError(f"--remote needs a reference with a registry, not "
                          f"{display_name(str(ref))}")
     async with RegistryClient(ref.registry, options) as client:
-        _, _, digest = await client.get_manifest(ref.repository, ref.target)
+        _, _, digest = await client.get_manifest(ref.repository, ref.target, origin=True)
         await client.delete_manifest(ref.repository, digest)
         print(f"Removed {ref} (digest {digest})")
         try:
             _, media_type, referrers = await client.get_manifest(
-                ref.repository, digest.replace(":", "-"))
+                ref.repository, digest.replace(":", "-"), origin=True)
             if media_type in INDEX_MEDIA_TYPES:
                 await client.delete_manifest(ref.repository, referrers)
         except NotFoundError:

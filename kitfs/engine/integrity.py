@@ -78,6 +78,9 @@ class Integrity:
         (one bad response from a flaky proxy must not take a model away until
         remount).
         """
+        if isinstance(error, IntegrityError):
+            for client in self.ctx.source.clients():  # a mirror's lie: the next host next time
+                client.refuse_mirror_bytes(layer.info.digest)
         if isinstance(error, IntegrityError) and not layer.geo.verified_by_chunk:
             self.poison(layer, str(error))
         self.ctx.note_error(str(error))

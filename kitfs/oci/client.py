@@ -32,6 +32,7 @@ from kitfs.errors import (
     IntegrityError,
     KitfsError,
     LocalStorageError,
+    MirrorDataError,
     NotFoundError,
     RegistryError,
     UnreachableError,
@@ -41,6 +42,8 @@ from kitfs.oci.auth import Credential, delete_scope, pull_scope, push_scope
 from kitfs.oci.blobtransport import Sink
 from kitfs.oci.credentials import lookup_credential
 from kitfs.oci.digest import THREADED_HASH_MIN, DigestVerifier, digest_of, short, split_digest
+from kitfs.oci.hosts import load_hosts
+from kitfs.oci.mirrors import Host, Route
 from kitfs.oci.options import ClientOptions
 from kitfs.oci.reference import is_digest
 from kitfs.oci.retry import RetryBudget
@@ -140,8 +143,13 @@ class RegistryClient:
                 return credential
             return await lookup_credential(registry, options.kitops_home)
 
-        self._session = RegistrySession(registry, options, transport, credentials)
-        self._locations: dict[str, _Location] = {}
+        # hosts.toml's mirrors (none with a transport given: that is a test's own wire).
+        entries = (load_hosts(options.hosts_dir, registry)
+                   if options.hosts_dir is not None and transport is None else None)
+        self._route = Route(registry, options, entries, transport, credentials)
+        self._session = self._route.origin.session
+        """The registry itself (hosts.toml's `server`): pushes, deletes, referrers, login."""
+        self._locations: dict[tuple[int, str], _Location] = {}
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -155,15 +163,15 @@ class RegistryClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._session.aclose()
+        await self._route.aclose()
 
     @property
     def stats(self) -> RequestStats:
         """Requests by outcome and bytes received so far (see oci/stats.py)."""
-        return self._session.stats
+        return self._route.stats
 
-    def _url(self, repo: str, tail: str) -> str:
-        return self._session.url(f"/v2/{repo}/{tail}")
+    def _url(self, repo: str, tail: str, session: RegistrySession | None = None) -> str:
+        return (session or self._session).url(f"/v2/{repo}/{tail}")
 
     def _name(self, repo: str, ref: str | None = None) -> str:
         text = f"{self.registry}/{repo}"
@@ -181,12 +189,26 @@ class RegistryClient:
 
     # -- manifests -------------------------------------------------------------------
 
-    async def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str, str]:
-        """(body, media type, digest); the digest is always computed from the body."""
+    async def get_manifest(
+        self, repo: str, ref: str, *, origin: bool = False
+    ) -> tuple[bytes, str, str]:
+        """(body, media type, digest); the digest is always computed from the body.
+
+        Asked of the hosts allowed to `resolve` only (hosts.toml), tags and digests alike:
+        a mirror trusted with blobs alone is never asked what a name means. `origin` asks
+        the registry itself: a read before a write (a cache may be stale)."""
+        if origin:
+            return await self._get_manifest(self._session, repo, ref)
+        return await self._route.first(
+            "resolve", lambda host: self._get_manifest(host.session, repo, ref))
+
+    async def _get_manifest(
+        self, session: RegistrySession, repo: str, ref: str
+    ) -> tuple[bytes, str, str]:
         what = f"fetching manifest {self._name(repo, ref)}"
-        response = await self._session.send(
+        response = await session.send(
             "GET",
-            self._url(repo, f"manifests/{ref}"),
+            self._url(repo, f"manifests/{ref}", session),
             what=what,
             scopes=(pull_scope(repo),),
             headers={"Accept": _ACCEPT_MANIFESTS},
@@ -296,11 +318,23 @@ class RegistryClient:
     # -- blobs -----------------------------------------------------------------------
 
     async def head_blob(self, repo: str, digest: str) -> int | None:
-        """The blob's size, or None when the repository does not have it."""
+        """The blob's size, or None when the repository does not have it (a mirror that
+        lacks it passes the question on to the next host)."""
         split_digest(digest)
-        response = await self._session.send(
+        last = self._route.candidates("pull", digest)[-1]
+
+        async def at(host: Host) -> int | None:
+            found = await self._head_blob(host.session, repo, digest)
+            if found is None and host is not last:
+                raise NotFoundError(f"{host.name} lacks blob {short(digest)}")
+            return found
+
+        return await self._route.first("pull", at, digest)
+
+    async def _head_blob(self, session: RegistrySession, repo: str, digest: str) -> int | None:
+        response = await session.send(
             "HEAD",
-            self._url(repo, f"blobs/{digest}"),
+            self._url(repo, f"blobs/{digest}", session),
             what=f"checking blob {short(digest)} in {self._name(repo)}",
             scopes=(pull_scope(repo),),
             ok=(200, 404),
@@ -322,11 +356,17 @@ class RegistryClient:
 
         `size`, the descriptor's, is checked like the digest (see stream_blob).
         """
-        parts: list[bytes] = []
-        async with self._stream(repo, digest, max_size=max_size, size=size) as chunks:
-            async for chunk in chunks:
-                parts.append(chunk)
-        return b"".join(parts)
+        while True:
+            parts: list[bytes] = []
+            try:
+                async with self._stream(repo, digest, max_size=max_size, size=size) as chunks:
+                    async for chunk in chunks:
+                        parts.append(chunk)
+                return b"".join(parts)
+            except MirrorDataError:
+                # Held whole, so a mirror's bad bytes are simply dropped: the mirrors
+                # that sent them are skipped now, the next try goes further down.
+                continue
 
     def stream_blob(
         self,
@@ -365,8 +405,23 @@ class RegistryClient:
         what = f"fetching blob {short(digest)} from {self._name(repo)}"
         start = prefix[0] if prefix is not None else 0
         body = _BlobBody(self, repo, digest, start, None, what, size=size)
+
+        def blame(exc: IntegrityError) -> IntegrityError:
+            """The blob's own check failed: a mirror's lie if one sent any of it."""
+            if self._route.distrust(body.served, digest):
+                return MirrorDataError(
+                    f"{exc} (served by a mirror, which is now skipped for this blob; "
+                    "reading it again takes it from the next host)")
+            return exc
+
         try:
-            await body.open()
+            try:
+                await body.open()
+            except IntegrityError as exc:
+                blamed = blame(exc)
+                if blamed is exc:
+                    raise
+                raise blamed from exc
             expected = size if size is not None else body.total
             if max_size is not None and expected is not None and expected > max_size:
                 raise RegistryError(
@@ -378,7 +433,7 @@ class RegistryClient:
                 prefix=prefix,
             )
             try:
-                async with aclosing(_verified(body, verifier, max_size, what)) as chunks:
+                async with aclosing(_verified(body, verifier, max_size, what, blame)) as chunks:
                     yield chunks
             finally:
                 verifier.abort()
@@ -449,14 +504,59 @@ class RegistryClient:
 
     async def _open_blob(
         self, repo: str, digest: str, headers: dict[str, str], what: str,
-        sink: Sink | None = None,
+        sink: Sink | None = None, served: set[int] | None = None,
+    ) -> tuple[httpx.Response, Host]:
+        """GET a blob (or a range of it) from the first host that serves it as asked.
+
+        A mirror that fails, or answers a range with the whole blob, is passed over (that
+        answer closed unread: see oci/mirrors.py); the last host's answer is taken as it
+        comes. `served` collects the hosts whose answer was taken; the host that answered
+        comes with the answer.
+        """
+        ranged = "Range" in headers
+        hosts = self._route.candidates("pull", digest, ranged=ranged)
+        for host in hosts[:-1]:
+            try:
+                response = await self._open_blob_at(host, repo, digest, headers, what, sink)
+            except KitfsError as exc:
+                self._route.failed(host, exc)
+                continue
+            whole = ranged and (response.status_code != 206
+                                or not response.headers.get("content-range"))
+            if whole or response.status_code not in (200, 206):
+                await response.aclose()  # unread: closes the connection
+                if whole and response.status_code == 200:
+                    self._route.whole_for_range(host, digest)
+                else:
+                    self._route.failed(host, RegistryError(
+                        f"{what}: {host.name} answered HTTP {response.status_code}"))
+                continue
+            if served is not None:
+                served.add(host.index)
+            self._route.served(host, digest)
+            return response, host
+        if served is not None:
+            served.add(hosts[-1].index)
+        return await self._open_blob_at(hosts[-1], repo, digest, headers, what, sink), hosts[-1]
+
+    def refuse_mirror_bytes(self, digest: str) -> bool:
+        """Bytes of `digest` that the caller checked itself (a range, against a chunk's
+        digest) did not match: the mirrors that sent bytes of it lately are skipped for
+        it from now on. True if there were any, so reading again takes the next host."""
+        return self._route.refuse(digest)
+
+    async def _open_blob_at(
+        self, host: Host, repo: str, digest: str, headers: dict[str, str], what: str,
+        sink: Sink | None,
     ) -> httpx.Response:
-        """GET a blob (or a range of it), reusing its storage redirect while it is fresh."""
+        """GET a blob from one host, reusing its storage redirect while it is fresh."""
+        session = host.session
         headers = {**_IDENTITY, **headers}
-        cached = self._locations.get(digest)
+        key = (host.index, digest)
+        cached = self._locations.get(key)
         if cached is not None and trio.current_time() < cached.expires:
             try:
-                return await self._session.send(
+                return await session.send(
                     "GET",
                     cached.url,
                     what=what,
@@ -469,10 +569,10 @@ class RegistryClient:
                 )
             except RegistryError:
                 # Expired or revoked presigned URL: ask the registry again.
-                self._locations.pop(digest, None)
-        response = await self._session.send(
+                self._locations.pop(key, None)
+        response = await session.send(
             "GET",
-            self._url(repo, f"blobs/{digest}"),
+            self._url(repo, f"blobs/{digest}", session),
             what=what,
             scopes=(pull_scope(repo),),
             headers=headers,
@@ -481,8 +581,8 @@ class RegistryClient:
             blob=sink or True,
         )
         final = response.request.url
-        if (final.scheme, final.host, final.port) != _origin(self._session.base):
-            self._locations[digest] = _Location(str(final), trio.current_time() + LOCATION_TTL)
+        if (final.scheme, final.host, final.port) != _origin(session.base):
+            self._locations[key] = _Location(str(final), trio.current_time() + LOCATION_TTL)
         return response
 
     async def _read_limited(self, response: httpx.Response, limit: int, what: str) -> bytes:
@@ -494,7 +594,7 @@ class RegistryClient:
             total = 0
             async for chunk in response.aiter_bytes():
                 total += len(chunk)
-                self._session.stats.received(len(chunk))
+                self.stats.received(len(chunk))
                 if total > limit:
                     raise RegistryError(f"{what}: answer is over the {limit} byte limit")
                 parts.append(chunk)
@@ -543,7 +643,7 @@ class RegistryClient:
                 raise LocalStorageError(f"{what}: cannot stat {path}: {exc.strerror}") from exc
             if actual != size:
                 raise LocalStorageError(f"{what}: {path} is {actual} bytes, expected {size}")
-            if await self.head_blob(repo, digest) is not None:
+            if await self._head_blob(self._session, repo, digest) is not None:
                 return False
             location = await self._start_upload(repo, digest, what, mount_from)
             if location is None:
@@ -566,7 +666,7 @@ class RegistryClient:
         what = f"pushing blob {short(digest)} to {self._name(repo)}"
         if digest_of(data, algorithm) != digest:
             raise IntegrityError(f"{what}: the data does not match its digest")
-        if await self.head_blob(repo, digest) is not None:
+        if await self._head_blob(self._session, repo, digest) is not None:
             return False
         location = await self._start_upload(repo, digest, what, None)
         if location is None:
@@ -686,13 +786,17 @@ class RegistryClient:
 
     async def list_tags(self, repo: str) -> list[str]:
         """Every tag of the repository, following Link pagination."""
+        return await self._route.first(
+            "resolve", lambda host: self._list_tags(host.session, repo))
+
+    async def _list_tags(self, session: RegistrySession, repo: str) -> list[str]:
         what = f"listing tags of {self._name(repo)}"
-        url: str | None = self._url(repo, "tags/list?n=1000")
+        url: str | None = self._url(repo, "tags/list?n=1000", session)
         tags: list[str] = []
         seen: set[str] = set()
         while url is not None and url not in seen:
             seen.add(url)
-            response = await self._session.send("GET", url, what=what, scopes=(pull_scope(repo),))
+            response = await session.send("GET", url, what=what, scopes=(pull_scope(repo),))
             body = _json_object(response.content, what)
             page = body.get("tags") or []
             if not isinstance(page, list):
@@ -726,7 +830,8 @@ class RegistryClient:
             manifests = _descriptors(response.content, what)
         else:
             try:
-                body, media_type, _ = await self.get_manifest(repo, f"{algorithm}-{hexpart}")
+                body, media_type, _ = await self.get_manifest(
+                    repo, f"{algorithm}-{hexpart}", origin=True)
             except NotFoundError:
                 return []
             if media_type not in INDEX_MEDIA_TYPES:
@@ -752,7 +857,7 @@ class RegistryClient:
         algorithm, hexpart = split_digest(subject_digest)
         fallback_tag = f"{algorithm}-{hexpart}"
         try:
-            body, media_type, _ = await self.get_manifest(repo, fallback_tag)
+            body, media_type, _ = await self.get_manifest(repo, fallback_tag, origin=True)
             index = json.loads(body) if media_type == OCI_INDEX else None
         except NotFoundError:
             index = None
@@ -806,6 +911,9 @@ class _BlobBody:
         self._budget: RetryBudget | None = None
         self.total: int | None = None
         """The blob's size, when the registry told it."""
+        self.served: set[int] = set()
+        """The hosts (mirrors.Route indices) whose answers the body was taken from."""
+        self._host: Host | None = None
 
     async def open(self) -> None:
         await self._request()
@@ -822,8 +930,8 @@ class _BlobBody:
             headers["Range"] = f"bytes={self._pos}-{last}"
         if self._sink is not None:
             self._sink.enabled = False  # an error body must not land in the caller's buffers
-        response = await self._client._open_blob(
-            self._repo, self._digest, headers, self._what, self._sink
+        response, self._host = await self._client._open_blob(
+            self._repo, self._digest, headers, self._what, self._sink, self.served
         )
         self._response = response
         try:
@@ -916,7 +1024,14 @@ class _BlobBody:
                     return  # the whole blob arrived (the digest check judges it)
                 if self._end is not None and body_end is not None and body_end <= self._pos:
                     raise RegistryError(f"{self._what}: past the end of the blob")
-            # Dropped connection or a body shorter than announced: resume from here.
+            # Dropped connection or a body shorter than announced: resume from here (a
+            # mirror that did this is left alone for a while: the next host resumes).
+            host, route = self._host, self._client._route
+            if host is not None and host is not route.candidates("pull", self._digest)[-1]:
+                self._client._route.failed(host, UnreachableError(
+                    f"{self._what}: {host.name} stopped sending"))
+                await self._request()
+                continue
             if failure is not None and not retryable_transport_error(failure):
                 raise self._client._failed(
                     _transport(failure, response, self._client.options, self._what), failure)
@@ -934,14 +1049,23 @@ class _BlobBody:
 
 
 async def _verified(
-    body: _BlobBody, verifier: DigestVerifier, max_size: int | None, what: str
+    body: _BlobBody, verifier: DigestVerifier, max_size: int | None, what: str,
+    blame: Callable[[IntegrityError], IntegrityError],
 ) -> AsyncGenerator[bytes, None]:
-    async for chunk in body:
-        if max_size is not None and verifier.received + len(chunk) > max_size:
-            raise RegistryError(f"{what}: blob is more than the {max_size} bytes expected here")
-        await verifier.update(chunk)
-        yield chunk
-    await verifier.verify()
+    """The body's chunks, checked; a failed check (size or digest) is `blame(error)`."""
+    try:
+        async for chunk in body:
+            if max_size is not None and verifier.received + len(chunk) > max_size:
+                raise RegistryError(
+                    f"{what}: blob is more than the {max_size} bytes expected here")
+            await verifier.update(chunk)
+            yield chunk
+        await verifier.verify()
+    except IntegrityError as exc:
+        blamed = blame(exc)
+        if blamed is exc:
+            raise
+        raise blamed from exc
 
 
 def _file_body(

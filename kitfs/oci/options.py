@@ -42,6 +42,9 @@ class ClientOptions:
     """Which proxy each connection goes through (--proxy, HTTP_PROXY, ...; see proxy.py).
     None by default: commands read the environment (commands/common.py), a library
     caller says what it wants."""
+    hosts_dir: str | None = None
+    """A containerd-style hosts directory (`<dir>/<registry>/hosts.toml`: mirrors, per-host
+    TLS); None: none. Commands resolve --hosts-dir / $KITFS_HOSTS_DIR / the default."""
     kitops_home: str | None = None
     """Overrides $KITOPS_HOME when looking up credentials."""
     metadata_cache: str | None = None

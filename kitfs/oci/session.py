@@ -15,7 +15,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
-from urllib.parse import urljoin
+from urllib.parse import urlencode, urljoin
 
 import httpx
 import trio
@@ -249,20 +249,36 @@ class RegistrySession:
         options: ClientOptions,
         transport: httpx.AsyncBaseTransport | None,
         credentials: CredentialSource,
+        *,
+        root: str | None = None,
+        namespace: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
+        """`root`, the API root (`https://mirror/v2`, or another path with override_path),
+        defaults to the registry's own; `namespace` adds `ns=` to every URL this session
+        builds, as containerd does for a host that is not the registry; `headers` (a
+        hosts.toml's) go with every request to this host."""
         self.registry = registry
         self.options = options
-        self.base = base_url(registry, options)
-        self._origin = httpx.URL(self.base)
+        self.root = root if root is not None else base_url(registry, options) + "/v2"
+        self._origin = httpx.URL(self.root)
+        self.base = f"{self._origin.scheme}://{self._origin.netloc.decode()}"
+        self.namespace = namespace
+        self.headers = headers
         self.http = make_http_client(options, transport)
-        self.auth = Authenticator(registry, credentials, self._send_token_request)
+        self.auth = Authenticator(self._origin.netloc.decode() if root is not None
+                                  else registry, credentials, self._send_token_request)
         self.stats = RequestStats(registry)
 
     async def aclose(self) -> None:
         await self.http.aclose()
 
     def url(self, path: str) -> str:
-        return self.base + path
+        """The URL of an API `path` ("/v2/..."), under this session's root."""
+        url = self.root + path.removeprefix("/v2")
+        if self.namespace is not None:
+            url += ("&" if "?" in url else "?") + urlencode({"ns": self.namespace})
+        return url
 
     def _same_origin(self, url: httpx.URL) -> bool:
         o = self._origin
@@ -431,7 +447,8 @@ class RegistrySession:
         target = httpx.URL(url)
         extensions = {BLOB_EXTENSION: blob} if blob is not False else None
         for _ in range(MAX_REDIRECTS + 1):
-            sent_headers = dict(headers)
+            sent_headers = self._host_headers(target)
+            sent_headers.update(headers)  # the request's own win, as in containerd
             if authenticate and self._same_origin(target):
                 value = await self.auth.authorization(scopes)
                 if value is not None:
@@ -450,6 +467,14 @@ class RegistrySession:
             if response.status_code == 303:
                 method, content = "GET", None
         raise RegistryError(f"{self.registry}: more than {MAX_REDIRECTS} redirects for {url}")
+
+    def _host_headers(self, target: httpx.URL) -> dict[str, str]:
+        """hosts.toml's headers for a request to this host (not to storage it redirects to)."""
+        out: dict[str, str] = {}
+        if self.headers and self._same_origin(target):
+            for name, value in self.headers:
+                out[name] = f"{out[name]}, {value}" if name in out else value
+        return out
 
     async def _raise_for(
         self, response: httpx.Response, what: str, scopes: tuple[str, ...], retries: int

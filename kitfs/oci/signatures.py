@@ -142,7 +142,7 @@ async def push_classic(
     existing_manifest: bytes | None = None
     existing_config: bytes | None = None
     with suppress(NotFoundError):
-        existing_manifest, _, _ = await client.get_manifest(repo, tag)
+        existing_manifest, _, _ = await client.get_manifest(repo, tag, origin=True)
     if existing_manifest is not None:
         config = _json(existing_manifest).get("config")
         config_digest = config.get("digest") if isinstance(config, dict) else None

@@ -42,6 +42,15 @@ class RequestStats:
     last_outcome: Outcome | None = None
     last_error: str | None = None
     answering: bool | None = None  # None: nothing asked yet
+    # Mirrors (hosts.toml; oci/mirrors.py): reads a mirror did not serve and the next host
+    # did; of them, ranges a mirror answered with the whole blob (a pull-through cache
+    # that had not cached it: the body is not read); and blobs whose bytes a mirror got
+    # wrong (refused: the next host serves them).
+    mirror_fallbacks: int = 0
+    mirror_full_answers: int = 0
+    mirror_bad_blobs: int = 0
+    mirrors: list[RequestStats] = field(default_factory=list)
+    """Each mirror's own requests (its `registry` is the mirror's host)."""
 
     def succeeded(self) -> None:
         self.requests["ok"] += 1
@@ -70,6 +79,10 @@ class RequestStats:
             "bytes_received": self.bytes_received, "last_success": self.last_success,
             "last_failure": self.last_failure, "last_outcome": self.last_outcome,
             "last_error": self.last_error, "answering": self.answering,
+            "mirror_fallbacks": self.mirror_fallbacks,
+            "mirror_full_answers": self.mirror_full_answers,
+            "mirror_bad_blobs": self.mirror_bad_blobs,
+            **({"mirrors": [m.to_json() for m in self.mirrors]} if self.mirrors else {}),
         }
 
 

@@ -73,6 +73,33 @@ def ssl_context(options: ClientOptions) -> ssl.SSLContext:
     return ctx
 
 
+def host_ssl_context(
+    options: ClientOptions,
+    ca: tuple[str, ...],
+    client: tuple[tuple[str, str], ...],
+    skip_verify: bool | None,
+) -> ssl.SSLContext:
+    """A hosts.toml host's TLS, as containerd builds it: the command's own (flags), with
+    the host's CAs added, its client certificates added and `skip_verify` deciding."""
+    ctx = ssl_context(options)
+    path = ""
+    try:
+        for path in ca:
+            ctx.load_verify_locations(cafile=path)
+        for path, key in client:
+            ctx.load_cert_chain(path, key or None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise UsageError(f"cannot load {path} (named in hosts.toml): {reason}") from exc
+    if skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif skip_verify is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = True
+    return ctx
+
+
 def timeouts(options: ClientOptions) -> httpx.Timeout:
     return httpx.Timeout(
         connect=options.connect_timeout,
@@ -152,14 +179,17 @@ def _httpx_proxy(proxy: Proxy, tls: ssl.SSLContext) -> httpx.Proxy:
     return httpx.Proxy(proxy.url, ssl_context=tls if proxy.scheme == "https" else None)
 
 
-def make_transport(options: ClientOptions) -> httpx.AsyncBaseTransport:
-    """The real network transport: HTTP/1.1, TLS per options, proxies, big socket reads.
+def make_transport(
+    options: ClientOptions, tls: ssl.SSLContext | None = None
+) -> httpx.AsyncBaseTransport:
+    """The real network transport: HTTP/1.1, TLS per options (or `tls`), proxies, big
+    socket reads.
 
     Blob bodies take the lean path in `blobtransport`; everything else is httpx's.
     Both ask `options.proxies` where each connection goes.
     """
     _BigReadHTTP11.ensure()
-    tls = ssl_context(options)
+    tls = tls if tls is not None else ssl_context(options)
     return BlobTransport(
         ProxyRouter(options, tls),
         tls,
