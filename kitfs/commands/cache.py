@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _warm(args: argparse.Namespace, root: Path) -> int:
     import logging
+    from dataclasses import replace
 
     from kitfs.commands.common import client_options, run_async
     from kitfs.engine.session import open_kit
@@ -126,9 +127,8 @@ def _warm(args: argparse.Namespace, root: Path) -> int:
                          "registry.example.com/team/llm:v1)")
     if not args.verbose:
         # Failures reach the user as cli.main's one line; the read path's warnings on the
-        # way would repeat it. The offline fallback's warning is the one to keep.
+        # way would repeat it.
         logging.getLogger("kitfs").setLevel(logging.CRITICAL)
-        logging.getLogger("kitfs.offline").setLevel(logging.WARNING)
     ref = parse_reference(args.reference)
     if ref.extra_tags:
         raise UsageError(f"{args.reference}: can not warm multiple tags")
@@ -136,7 +136,8 @@ def _warm(args: argparse.Namespace, root: Path) -> int:
         raise UsageError(f"{args.reference}: kitfs cache warm fetches from a registry; name "
                          "one (e.g. registry.example.com/team/llm:v1)")
     filters = FilterSet.parse(list(args.filter))
-    options = client_options(args)
+    # Never from the kept record: a warm fetches what REF means now, or fails saying why.
+    options = replace(client_options(args), offline_fallback=False)
     progress = Progress("warming", 0)
 
     async def main() -> WarmSummary:
@@ -171,7 +172,8 @@ are safe while mounts run: a removed chunk is simply fetched again.
   warm     fetch every chunk of REF (or what --filter selects) into the cache,
            verified, without mounting; again, it fetches only what is missing.
            What REF resolved to is kept: a mount of it then works with the
-           registry down (as resolved when warmed; the mount warns so)
+           registry down (as resolved when warmed; the mount warns so). warm
+           itself never uses that record: with the registry unreachable it fails
 
 examples:
   kitfs cache du
