@@ -38,7 +38,7 @@ import trio
 
 from kitfs.cache.fileformat import CacheError
 from kitfs.cache.tocs import TocCache
-from kitfs.errors import IntegrityError, KitfsError, UnreachableError
+from kitfs.errors import BlockedError, IntegrityError, KitfsError, UnreachableError
 from kitfs.oci.client import RegistryClient
 from kitfs.oci.digest import digest_of, short, split_digest
 from kitfs.oci.options import ClientOptions
@@ -89,8 +89,9 @@ def record_key(reference: Reference) -> str:
 
 
 def falls_back(exc: KitfsError) -> bool:
-    """Whether `exc` means the registry is not there, rather than that it said no."""
-    return isinstance(exc, UnreachableError) and "TLS" not in str(exc)
+    """Whether `exc` means the registry is not there, rather than that it said no, or that
+    something on the way would not let us through (BlockedError: TLS, a proxy, our pool)."""
+    return isinstance(exc, UnreachableError) and not isinstance(exc, BlockedError)
 
 
 class KeptMetadata:
