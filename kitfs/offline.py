@@ -121,6 +121,8 @@ class KeptMetadata:
         try:
             if self.records.get_blob(digest) != data:
                 self.records.put_blob(digest, data)
+            else:  # used again: gc keeps it (cache/tocs.py KEPT_MAX_AGE_S)
+                self.records.touch_blob(digest)
         except KitfsError as exc:  # a cache we cannot write costs the fallback, not the mount
             log.warning("cannot keep blob %s for offline use: %s", short(digest), exc)
 
