@@ -70,6 +70,14 @@ class UnreachableError(RegistryError):
     """The registry could not be reached, or stopped answering within the deadline."""
 
 
+class BlockedError(UnreachableError):
+    """Not reached, though it may well be up: its TLS could not be trusted (an impostor
+    looks the same), a proxy refused the tunnel or our credentials, or kitfs's own
+    connection pool had no room. kitfs/oci raises it where it knows the cause (the
+    exception's type, not its message); an offline fallback must not treat it as an
+    outage (kitfs/offline.py). A subclass, so re-raising as type(exc)(...) keeps it."""
+
+
 class IntegrityError(KitfsError):
     """Bytes did not match the digest or length that vouches for them."""
 

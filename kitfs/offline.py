@@ -8,7 +8,9 @@ then does not answer at all (connection refused, no connection or no answer
 within the timeout: `UnreachableError`), `resolve` falls back to that record,
 says so in a warning naming the time it was resolved, and serves the kept
 blobs; chunks come from the chunk cache as always, and whatever is not there
-fails at once instead of waiting for a registry known to be down.
+fails at once instead of waiting for a registry known to be down. Not
+`kitfs cache warm` (ClientOptions.offline_fallback): it keeps, but exists to
+fetch what the tag means now, so it fails instead.
 
 Never on any other error: a registry that answers "not found" or "denied"
 is telling the truth about the tag now (a deleted tag must not mount an old
@@ -36,7 +38,7 @@ import trio
 
 from kitfs.cache.fileformat import CacheError
 from kitfs.cache.tocs import TocCache
-from kitfs.errors import IntegrityError, KitfsError, UnreachableError
+from kitfs.errors import BlockedError, IntegrityError, KitfsError, UnreachableError
 from kitfs.oci.client import RegistryClient
 from kitfs.oci.digest import digest_of, short, split_digest
 from kitfs.oci.options import ClientOptions
@@ -87,8 +89,9 @@ def record_key(reference: Reference) -> str:
 
 
 def falls_back(exc: KitfsError) -> bool:
-    """Whether `exc` means the registry is not there, rather than that it said no."""
-    return isinstance(exc, UnreachableError) and "TLS" not in str(exc)
+    """Whether `exc` means the registry is not there, rather than that it said no, or that
+    something on the way would not let us through (BlockedError: TLS, a proxy, our pool)."""
+    return isinstance(exc, UnreachableError) and not isinstance(exc, BlockedError)
 
 
 class KeptMetadata:
@@ -118,6 +121,8 @@ class KeptMetadata:
         try:
             if self.records.get_blob(digest) != data:
                 self.records.put_blob(digest, data)
+            else:  # used again: gc keeps it (cache/tocs.py KEPT_MAX_AGE_S)
+                self.records.touch_blob(digest)
         except KitfsError as exc:  # a cache we cannot write costs the fallback, not the mount
             log.warning("cannot keep blob %s for offline use: %s", short(digest), exc)
 
@@ -146,9 +151,11 @@ class OfflineSource:
     """A registry source that keeps what it resolved, and falls back on it when the
     registry is unreachable (the module docstring says when, and why only then)."""
 
-    def __init__(self, inner: RegistrySource, cache_dir: Path) -> None:
+    def __init__(self, inner: RegistrySource, cache_dir: Path, *,
+                 fall_back: bool = True) -> None:
         self.reference = inner.reference
         self.inner = inner
+        self.fall_back = fall_back  # False: keep what resolved, but never serve it back
         self.kept = KeptMetadata(cache_dir)
         #: Set once resolve fell back: what it fell back to (None: the registry answered).
         self.offline: Resolved | None = None
@@ -158,7 +165,7 @@ class OfflineSource:
         try:
             manifest, media_type, digest = await self.inner.resolve()
         except KitfsError as exc:
-            if not falls_back(exc):
+            if not (self.fall_back and falls_back(exc)):
                 raise
             assert isinstance(exc, UnreachableError)
             return await self._fall_back(exc)
@@ -259,7 +266,8 @@ def open_source(
     source = open_plain_source(reference, options, where=where)
     if options.metadata_cache is None or not isinstance(source, RegistrySource):
         return source
-    return OfflineSource(source, Path(options.metadata_cache))
+    return OfflineSource(source, Path(options.metadata_cache),
+                         fall_back=options.offline_fallback)
 
 
 def offline_note(source: BlobSource) -> str | None:

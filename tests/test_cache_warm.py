@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -156,13 +157,14 @@ def test_a_filter_warms_only_the_layers_it_selects(logged: RegistryServer,
 
 
 async def warm_offline(ref: str, cache: Path) -> str:
-    """Whether a kitfs command would open `ref` with its registry down: "served" from what
-    is kept, or "refused"."""
-    proc = await trio.run_process(
-        [sys.executable, "-m", "kitfs.cli", "cache", "warm", ref, "--cache-dir", str(cache),
-         "--timeout", "5"], capture_stdout=True, capture_stderr=True, check=False)
-    if proc.returncode == 0:
-        assert b"registry unreachable" in proc.stderr
+    """Whether a kitfs command (unpack: warm itself never falls back) would open `ref` with
+    its registry down: "served" from what is kept, or "refused"."""
+    with tempfile.TemporaryDirectory() as into:
+        proc = await trio.run_process(
+            [sys.executable, "-m", "kitfs.cli", "unpack", ref, "-d", into, "--cache-dir",
+             str(cache), "--timeout", "5"], capture_stdout=True, capture_stderr=True,
+            check=False)
+    if proc.returncode == 0:  # with the registry down: from the kept record
         return "served"
     *said, error = proc.stderr.decode().strip().splitlines()
     assert error.startswith("kitfs: error: ") and "no usable record" in error, proc.stderr
@@ -205,7 +207,8 @@ def test_a_reference_never_warmed_or_tampered_with_fails_in_one_line_with_the_re
     cache = tmp_path / "cache"
     warm(tampered.ref, cache)
     registry.stop()
-    proc = kitfs("cache", "warm", kit.ref, "--cache-dir", str(cache), "--timeout", "5")
+    proc = kitfs("unpack", kit.ref, "-d", str(tmp_path / "out"), "--cache-dir", str(cache),
+                 "--timeout", "5")
     line = one_line_error(proc)
     assert "Connection refused" in line and "kitfs cache warm" in line
     # A kept manifest rewritten (a well-formed cache file, other bytes): not its digest,
@@ -217,6 +220,22 @@ def test_a_reference_never_warmed_or_tampered_with_fails_in_one_line_with_the_re
             write_frame(path.parent, path.name, BLOB_MAGIC,
                         memoryview(kept.replace(b'"layers"', b'"layers" ')))
     assert trio.run(lambda: warm_offline(tampered.ref, cache)) == "refused"
+
+
+def test_warm_with_the_registry_down_fails_and_never_warms_the_kept_record(
+        tmp_path: Path) -> None:
+    """warm fetches what the tag means now: with the registry unreachable it says so and
+    exits non-zero, even though the record a mount would fall back on is there."""
+    registry = start_registry(tmp_path / "registry")
+    kit = _kit_made(registry, "offline/rewarm")
+    cache = tmp_path / "cache"
+    warm(kit.ref, cache)
+    registry.stop()
+    proc = kitfs("cache", "warm", kit.ref, "--cache-dir", str(cache), "--timeout", "5")
+    line = one_line_error(proc)
+    assert "Connection refused" in line and "no usable record" not in line, line
+    assert "registry unreachable" not in proc.stdout + proc.stderr
+    assert trio.run(lambda: warm_offline(kit.ref, cache)) == "served"  # the record is there
 
 
 def test_a_deleted_tag_is_not_mounted_from_the_cache(registry: RegistryServer,

@@ -13,7 +13,11 @@
 Both use the chunk store's frame (32-byte header with length and xxh3, see
 `fileformat`; the JSON starts at byte 32) and the same temp + fdatasync +
 rename write, so a torn or bit-rotted record reads as absent and is rebuilt,
-never parsed half. Unlike chunks, a record may be replaced (a table of
+never parsed half. `kitfs cache du` counts the kept blobs and records, `clear`
+removes them with the chunks, and `gc` drops those no registry answer has
+used for KEPT_MAX_AGE_S (offline.py refreshes a kept file each time it would
+keep it again), so they stay bounded without an offline node losing what it
+needs to mount between two collections. Unlike chunks, a record may be replaced (a table of
 contents from a kitfs-packed referrer supersedes one built by walking
 headers); the rename makes that atomic too.
 
@@ -27,6 +31,9 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kitfs.cache.fileformat import (
@@ -45,6 +52,18 @@ from kitfs.cache.keys import digest_hex
 from kitfs.cache.ownership import secure_directory
 
 logger = logging.getLogger(__name__)
+
+#: `gc` removes kept blobs and resolved records not used online for this long (30 days).
+KEPT_MAX_AGE_S = 30 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class KeptFile:
+    """A file in blobs/ or resolved/ (a temporary one a crash left included)."""
+
+    path: Path
+    size: int
+    mtime_ns: int
 
 
 class TocCache:
@@ -90,6 +109,54 @@ class TocCache:
 
     def put_resolved(self, key: str, data: bytes) -> None:
         self._put(RESOLVED_MAGIC, key, data)
+
+    def touch_blob(self, digest: str) -> None:
+        """Mark a kept blob used now (gc keeps what was used within KEPT_MAX_AGE_S)."""
+        path = self._path(BLOB_MAGIC, digest)
+        try:
+            if self._ready(path.parent, create=False):
+                os.utime(path, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise cache_error(f"cannot touch cached record {path}", exc) from exc
+
+    def kept(self) -> list[KeptFile]:
+        """The files in blobs/ and resolved/ (what offline.py keeps); nothing is followed."""
+        found: list[KeptFile] = []
+        for magic in (BLOB_MAGIC, RESOLVED_MAGIC):
+            directory = self._dirs[magic]
+            try:
+                if not self._ready(directory, create=False):
+                    continue
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if stat.S_ISREG(st.st_mode):
+                            found.append(KeptFile(Path(entry.path), st.st_size,
+                                                  st.st_mtime_ns))
+            except OSError as exc:
+                raise cache_error(f"cannot list cached records in {directory}", exc) from exc
+        return found
+
+    def remove_kept(self, older_than_s: float | None = None) -> list[KeptFile]:
+        """Remove the kept files (only those unchanged for `older_than_s`, if given)."""
+        cutoff = None if older_than_s is None else time.time_ns() - int(older_than_s * 1e9)
+        removed: list[KeptFile] = []
+        for f in self.kept():
+            if cutoff is not None and f.mtime_ns >= cutoff:
+                continue
+            try:
+                os.unlink(f.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise cache_error(f"cannot remove cached record {f.path}", exc) from exc
+            removed.append(f)
+        return removed
 
     def _path(self, magic: bytes, layer_digest: str) -> Path:
         return self._dirs[magic] / f"{digest_hex(layer_digest)}.json"

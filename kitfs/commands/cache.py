@@ -64,6 +64,7 @@ def _emit(args: argparse.Namespace, doc: dict[str, object], text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kitfs.cache.tocs import KEPT_MAX_AGE_S, TocCache
     from kitfs.mounts import default_cache_dir
     from kitfs.units import human_bytes, parse_size
 
@@ -82,18 +83,28 @@ def run(args: argparse.Namespace) -> int:
         _emit(args, {"cache_dir": str(root), "bytes": 0, "chunks": 0, "exists": False},
               f"no kitfs cache at {root}")
         return 0
+    records = TocCache(root)  # the manifests and records offline.py keeps, beside the chunks
     if args.action == "du":
         usage = store.scan()
-        _emit(args, {"cache_dir": str(root), "bytes": usage.bytes, "chunks": usage.chunks},
-              f"{human_bytes(usage.bytes)} in {usage.chunks} chunks at {root}")
+        kept = records.kept()
+        kept_bytes = sum(f.size for f in kept)
+        _emit(args, {"cache_dir": str(root), "bytes": usage.bytes + kept_bytes,
+                     "chunks": usage.chunks, "chunk_bytes": usage.bytes,
+                     "kept_files": len(kept), "kept_bytes": kept_bytes},
+              f"{human_bytes(usage.bytes + kept_bytes)} in {usage.chunks} chunks and "
+              f"{len(kept)} kept manifests and records at {root}")
         return 0
     if args.action == "gc":
         result = store.gc(target)
+        expired = records.remove_kept(KEPT_MAX_AGE_S)
         usage = store.scan()
+        left = usage.bytes + sum(f.size for f in records.kept())
         _emit(args, {"cache_dir": str(root), "removed_chunks": result.removed_chunks,
-                     "removed_bytes": result.removed_bytes, "bytes": usage.bytes},
-              f"removed {result.removed_chunks} chunks ({human_bytes(result.removed_bytes)}); "
-              f"{human_bytes(usage.bytes)} left at {root}")
+                     "removed_bytes": result.removed_bytes, "removed_kept": len(expired),
+                     "bytes": left},
+              f"removed {result.removed_chunks} chunks ({human_bytes(result.removed_bytes)}) "
+              f"and {len(expired)} kept manifests and records unused for "
+              f"{KEPT_MAX_AGE_S / 86400:g} days; {human_bytes(left)} left at {root}")
         return 0
     if args.action == "verify":
         checked = store.verify()
@@ -104,13 +115,16 @@ def run(args: argparse.Namespace) -> int:
                  else ""))
         return 1 if checked.bad else 0
     removed = store.clear()
-    _emit(args, {"cache_dir": str(root), "removed_chunks": removed},
-          f"removed {removed} chunks from {root}")
+    cleared = records.remove_kept()
+    _emit(args, {"cache_dir": str(root), "removed_chunks": removed,
+                 "removed_kept": len(cleared)},
+          f"removed {removed} chunks and {len(cleared)} kept manifests and records from {root}")
     return 0
 
 
 def _warm(args: argparse.Namespace, root: Path) -> int:
     import logging
+    from dataclasses import replace
 
     from kitfs.commands.common import client_options, run_async
     from kitfs.engine.session import open_kit
@@ -126,9 +140,8 @@ def _warm(args: argparse.Namespace, root: Path) -> int:
                          "registry.example.com/team/llm:v1)")
     if not args.verbose:
         # Failures reach the user as cli.main's one line; the read path's warnings on the
-        # way would repeat it. The offline fallback's warning is the one to keep.
+        # way would repeat it.
         logging.getLogger("kitfs").setLevel(logging.CRITICAL)
-        logging.getLogger("kitfs.offline").setLevel(logging.WARNING)
     ref = parse_reference(args.reference)
     if ref.extra_tags:
         raise UsageError(f"{args.reference}: can not warm multiple tags")
@@ -136,7 +149,8 @@ def _warm(args: argparse.Namespace, root: Path) -> int:
         raise UsageError(f"{args.reference}: kitfs cache warm fetches from a registry; name "
                          "one (e.g. registry.example.com/team/llm:v1)")
     filters = FilterSet.parse(list(args.filter))
-    options = client_options(args)
+    # Never from the kept record: a warm fetches what REF means now, or fails saying why.
+    options = replace(client_options(args), offline_fallback=False)
     progress = Progress("warming", 0)
 
     async def main() -> WarmSummary:
@@ -164,14 +178,16 @@ COMMAND = Command(
 Every mount on a node shares one content-addressed chunk cache. These actions
 are safe while mounts run: a removed chunk is simply fetched again.
 
-  du       how much the cache holds
-  gc       evict least-recently-used chunks until it holds at most --max-size
+  du       how much the cache holds (chunks, and the manifests warm and mounts keep)
+  gc       evict least-recently-used chunks until it holds at most --max-size, and
+           kept manifests no registry answer has used for 30 days
   verify   check every chunk's checksum; remove bad ones (exit 1 if any)
-  clear    remove every chunk
+  clear    remove every chunk and kept manifest
   warm     fetch every chunk of REF (or what --filter selects) into the cache,
            verified, without mounting; again, it fetches only what is missing.
            What REF resolved to is kept: a mount of it then works with the
-           registry down (as resolved when warmed; the mount warns so)
+           registry down (as resolved when warmed; the mount warns so). warm
+           itself never uses that record: with the registry unreachable it fails
 
 examples:
   kitfs cache du

@@ -50,3 +50,7 @@ class ClientOptions:
     metadata_cache: str | None = None
     """A kitfs cache directory that keeps what each reference resolved to, to fall back
     on when the registry is unreachable (kitfs/offline.py; open_kit sets it)."""
+    offline_fallback: bool = True
+    """Whether an unreachable registry may be answered from `metadata_cache`. False for
+    `kitfs cache warm`: it exists to fetch what the tag means now, so an old record
+    would warm (and report) the wrong ModelKit; it still keeps what it resolved."""

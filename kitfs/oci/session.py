@@ -23,6 +23,7 @@ import trio
 from kitfs.errors import (
     AccessDeniedError,
     AuthError,
+    BlockedError,
     KitfsError,
     NotFoundError,
     RegistryBusyError,
@@ -102,21 +103,23 @@ def describe_transport_error(
         return UnreachableError(f"no connection to {host} within {options.connect_timeout:g}s")
     if isinstance(exc, httpx.ConnectError):
         if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate verify failed" in reason:
-            return UnreachableError(
+            return BlockedError(
                 f"TLS certificate of {host} not trusted ({reason}); pass a CA file, "
                 "or --tls-verify=false"
             )
         if "WRONG_VERSION_NUMBER" in reason or "record layer failure" in reason:
-            return UnreachableError(
+            return BlockedError(
                 f"{host} does not speak TLS; use --plain-http for a plain HTTP registry"
             )
+        if _tls_handshake_failed(exc):
+            return BlockedError(f"TLS handshake with {host} failed: {reason}")
         return UnreachableError(f"cannot connect to {host}: {reason}")
     if isinstance(exc, httpx.ReadTimeout):
         return UnreachableError(f"{host} sent nothing for {options.read_timeout:g}s")
     if isinstance(exc, httpx.WriteTimeout):
         return UnreachableError(f"{host} accepted nothing for {options.read_timeout:g}s")
     if isinstance(exc, httpx.PoolTimeout):
-        return UnreachableError(f"no free connection to {host} (too many requests in flight)")
+        return BlockedError(f"no free connection to {host} (too many requests in flight)")
     if isinstance(exc, httpx.RemoteProtocolError):
         if "peer closed connection" in reason:
             return UnreachableError(f"connection to {host} lost: {reason}")
@@ -138,14 +141,14 @@ def _through_proxy(
         # TLS to the proxy comes first; without a tunnel it is the only TLS there is.
         whose = f"proxy {proxy}" + (f" or {host}" if tunnel else "")
         if "WRONG_VERSION_NUMBER" in reason or "record layer failure" in reason:
-            return UnreachableError(f"{whose} does not speak TLS ({reason}); use an http:// "
-                                    "proxy URL" + (", or --plain-http" if tunnel else ""))
-        return UnreachableError(f"TLS certificate of {whose} not trusted ({reason}); "
+            return BlockedError(f"{whose} does not speak TLS ({reason}); use an http:// "
+                                "proxy URL" + (", or --plain-http" if tunnel else ""))
+        return BlockedError(f"TLS certificate of {whose} not trusted ({reason}); "
                                 "pass a CA file (--ca-file), or --tls-verify=false")
     if isinstance(exc, httpx.ProxyError):  # it answered CONNECT with something but 2xx
         if reason.startswith(("407", "401")):  # tinyproxy answers a CONNECT with 401
             return proxy_auth_error(proxy, f"HTTP {reason}")
-        return UnreachableError(f"proxy {proxy} refused a tunnel to {host}: {reason}")
+        return BlockedError(f"proxy {proxy} refused a tunnel to {host}: {reason}")
     if isinstance(exc, httpx.ConnectTimeout):
         return UnreachableError(
             f"no connection to {host} through proxy {proxy} within {options.connect_timeout:g}s")
@@ -158,18 +161,31 @@ def _through_proxy(
     return type(direct)(f"{direct} (through proxy {proxy})")
 
 
-def proxy_auth_error(proxy: Proxy, answer: str) -> UnreachableError:
+def proxy_auth_error(proxy: Proxy, answer: str) -> BlockedError:
     """A proxy that asked for credentials (`answer`: "HTTP 407 Proxy Authentication Required")."""
     if proxy.authorization is None:
-        return UnreachableError(
+        return BlockedError(
             f"proxy {proxy} wants credentials ({answer}); give them in its URL: "
             "http://USER:PASSWORD@HOST:PORT")
-    return UnreachableError(f"proxy {proxy} refused the credentials in its URL ({answer})")
+    return BlockedError(f"proxy {proxy} refused the credentials in its URL ({answer})")
 
 
 def proxy_for(url: httpx.URL | str, options: ClientOptions) -> Proxy | None:
     """The proxy a request to `url` went through, if any (for messages)."""
     return options.proxies.for_url(str(url))
+
+
+def _tls_handshake_failed(exc: BaseException) -> bool:
+    """Whether an ssl error is among the causes of `exc` (a failed connect: the handshake;
+    a connection dropped mid-body can also end in an ssl error, and is the network)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _tls_reason(reason: str) -> bool:
