@@ -160,6 +160,15 @@ dial_timeout = "1m30s"
     assert server.ca == (str(tmp_path / "certs/root.pem"),) and server.dial_timeout == 90.0
 
 
+def test_top_level_capabilities_restrict_only_a_named_server() -> None:
+    """containerd gives the implicit server pull, resolve and push whatever top-level
+    `capabilities` say: without `server` they must not lock the registry itself out."""
+    implicit = parse_hosts('capabilities = ["pull"]\n[host."https://m"]\n', "/d")
+    assert implicit[-1] == HostEntry(root=None, capabilities=CAPABILITIES)
+    named = parse_hosts('server = "https://s"\ncapabilities = ["pull"]\n', "/d")
+    assert named[-1].capabilities == frozenset({"pull"})
+
+
 def test_host_directories_with_ports_and_default(tmp_path: Path) -> None:
     for name, mirror in (("reg.example_5000_", "a"), ("reg.example:5000", "b"),
                          ("_default", "c"), ("other.example", "d")):
@@ -190,6 +199,10 @@ def test_host_directories_with_ports_and_default(tmp_path: Path) -> None:
     ('[host."https://m"]\n  ca = 3\n', "ca must be a string or a list of strings"),
     ('[host."https://m"]\n  client = [["a"]]\n', "is not a path or a [certificate, key]"),
     ('[host."https://m"]\n  dial_timeout = "soon"\n', "is not a duration"),
+    ('[host."https://[::1"]\n', "not a valid URL"),
+    ('[host."https://m:abc"]\n', "not a valid URL"),
+    ('[host."ftp://m"]\n', "not an http(s) URL"),
+    ('server = "https://m:99999999"\n', "not a valid URL"),
 ])
 def test_bad_hosts_file_is_one_line_error(tmp_path: Path, text: str, says: str) -> None:
     (tmp_path / "127.0.0.1_1_").mkdir()
