@@ -34,6 +34,7 @@ import trio
 from faultproxy import Corrupt, FaultProxy, Hang
 
 from helpers import kitfs, make_project, ok, one_line_error, source_files
+from kitfs.errors import IntegrityError
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.hosts import CAPABILITIES, HostEntry, load_hosts, parse_hosts
 from mounting import mounted
@@ -434,6 +435,32 @@ def test_lying_mirror_is_refused_and_the_next_host_used(
         assert unpacked(tmp_path / "out") == files
         # A pull-only mirror is never asked what a name means.
         assert not liar.requests(path="/manifests/")
+
+
+def test_lying_mirror_that_is_the_last_puller_is_an_integrity_error(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """The server may only resolve, so the liar is the one host able to pull: its bytes are
+    refused once and the read fails with an IntegrityError, instead of asking it again
+    forever."""
+    ref, _ = kit
+    digest, size = blob_digests(ref)[-1]
+    with FaultProxy(origin.host) as liar:
+        liar.add(Corrupt([0]), path=f"/blobs/{digest}")
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'server = "http://{origin.host}"\ncapabilities = ["resolve"]\n'
+                          f'[host."http://{liar.host}"]\n  capabilities = ["pull"]\n')
+
+        async def get() -> None:
+            options = ClientOptions(hosts_dir=str(hosts))
+            async with RegistryClient(origin.host, options) as client:
+                with trio.fail_after(60):  # a hang guard, not a timing
+                    await client.get_blob("mirrors/kit", digest, size=size)
+
+        with pytest.raises(IntegrityError) as failed:
+            trio.run(get)
+        assert "\n" not in str(failed.value) and "digest" in str(failed.value)
+        assert liar.blob_requests(digest) == 1
 
 
 def test_resolve_only_on_hosts_allowed_to(

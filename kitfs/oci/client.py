@@ -356,17 +356,21 @@ class RegistryClient:
 
         `size`, the descriptor's, is checked like the digest (see stream_blob).
         """
-        while True:
+        # Held whole, so a mirror's bad bytes are simply dropped: the mirrors that sent
+        # them are skipped now, the next try goes further down. Each try distrusts at
+        # least one host, so there are never more tries than hosts.
+        tries = len(self._route.hosts)
+        for attempt in range(tries):
             parts: list[bytes] = []
             try:
                 async with self._stream(repo, digest, max_size=max_size, size=size) as chunks:
                     async for chunk in chunks:
                         parts.append(chunk)
                 return b"".join(parts)
-            except MirrorDataError:
-                # Held whole, so a mirror's bad bytes are simply dropped: the mirrors
-                # that sent them are skipped now, the next try goes further down.
-                continue
+            except MirrorDataError as exc:
+                if attempt + 1 == tries:
+                    raise IntegrityError(str(exc)) from exc
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def stream_blob(
         self,

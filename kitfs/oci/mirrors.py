@@ -182,9 +182,11 @@ class Route:
 
     def distrust(self, hosts: set[int], digest: str) -> bool:
         """Mirrors among `hosts` that sent bytes of `digest` which did not match it are not
-        asked for it again for a while; True if there were any (a new try goes elsewhere)."""
+        asked for it again for a while. True only if a new try would go to a host that
+        sent none of them: a liar that is the last host able to pull is still asked (there
+        is nobody else), so saying "try again" then would loop forever."""
         until = trio.current_time() + DISTRUST_FOR
-        marked = False
+        marked: set[int] = set()
         for index in hosts:
             host = self.hosts[index]
             if host.mirror and host is not self.origin:
@@ -192,8 +194,8 @@ class Route:
                 self.stats.mirror_bad_blobs += 1
                 log.warning("mirror %s sent bytes of %s that do not match it; not using "
                             "it for that blob for %gs", host.name, digest[:19], DISTRUST_FOR)
-                marked = True
-        return marked
+                marked.add(index)
+        return bool(marked) and self.candidates("pull", digest)[-1].index not in marked
 
     def served(self, host: Host, digest: str) -> None:
         """`host` is sending bytes of `digest` (noted for mirrors only; bounded)."""
