@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import trio
-from faultproxy import Corrupt, FaultProxy, Hang
+from faultproxy import Corrupt, FaultProxy, Hang, Status
 
 from helpers import kitfs, make_project, ok, one_line_error, source_files
 from kitfs.errors import IntegrityError
@@ -460,6 +460,35 @@ def test_lying_mirror_that_is_the_last_puller_is_an_integrity_error(
         with pytest.raises(IntegrityError) as failed:
             trio.run(get)
         assert "\n" not in str(failed.value) and "digest" in str(failed.value)
+        assert liar.blob_requests(digest) == 1
+
+
+@pytest.mark.parametrize("claim", ["start", "total"])
+def test_mirrors_malformed_range_answer_takes_the_next_host(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path, claim: str
+) -> None:
+    """A mirror's 206 that starts elsewhere than asked, or claims a blob size the descriptor
+    denies, is the mirror's fault: the range comes from the registry, right, and the
+    mirror is not asked for that blob again (its size claim never fails the read)."""
+    ref, _ = kit
+    digest, size = blob_digests(ref)[0]
+    content_range = ("bytes 0-4095/" + str(size) if claim == "start"
+                     else f"bytes 1000-5095/{size + 1}")
+    with FaultProxy(origin.host) as liar:
+        liar.add(Status(206, b"\0" * 4096, {"Content-Range": content_range}),
+                 path=f"/blobs/{digest}")
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'[host."http://{liar.host}"]\n  capabilities = ["pull"]\n')
+
+        async def ranges() -> list[bytes]:
+            options = ClientOptions(hosts_dir=str(hosts))
+            async with RegistryClient(origin.host, options) as client:
+                return [await client.read_range("mirrors/kit", digest, 1000, 4096, size=size),
+                        await client.read_range("mirrors/kit", digest, 9000, 100, size=size)]
+
+        first, second = trio.run(ranges)
+        blob = origin_blob(origin, digest)
+        assert first == blob[1000:5096] and second == blob[9000:9100]
         assert liar.blob_requests(digest) == 1
 
 

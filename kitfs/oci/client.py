@@ -934,15 +934,23 @@ class _BlobBody:
             headers["Range"] = f"bytes={self._pos}-{last}"
         if self._sink is not None:
             self._sink.enabled = False  # an error body must not land in the caller's buffers
-        response, self._host = await self._client._open_blob(
-            self._repo, self._digest, headers, self._what, self._sink, self.served
-        )
-        self._response = response
-        try:
-            self._take_answer(response)
-        except KitfsError:
-            await self.aclose()
-            raise
+        route = self._client._route
+        while True:
+            response, host = await self._client._open_blob(
+                self._repo, self._digest, headers, self._what, self._sink, self.served
+            )
+            self._response, self._host = response, host
+            try:
+                self._take_answer(response)
+                return
+            except KitfsError as exc:
+                await self.aclose()
+                if not host.mirror or host is route.candidates("pull", self._digest)[-1]:
+                    raise
+                # A mirror's malformed answer (wrong range, wrong size) is the mirror's
+                # fault, not the blob's: skip it for this blob, ask the next host.
+                self.served.discard(host.index)
+                route.bad_answer(host, self._digest, exc)
 
     def _take_answer(self, response: httpx.Response) -> None:
         """Where this answer's body starts and ends, and what it says of the blob's size."""
@@ -956,22 +964,22 @@ class _BlobBody:
             raise RegistryError(
                 f"{what}: past the end of the blob{where}: the registry answered HTTP 416"
             )
+        # Nothing is kept from an answer until it passed every check: a mirror's claims
+        # must not outlive its refusal (the next host's answer is judged afresh).
+        expected_end: int | None
+        claimed: int | None
         if response.status_code == 206:
-            start, stop, total = _content_range(response.headers.get("content-range"), what)
+            start, stop, claimed = _content_range(response.headers.get("content-range"), what)
             if start != self._pos:
                 raise RegistryError(f"{what}: registry sent a range starting at {start}")
-            self._skip = 0
-            self._expected_end = stop
-            if total is not None:
-                self.total = total
+            skip, expected_end = 0, stop
         else:
-            self._skip = self._pos
-            self._expected_end = length
-            if length is not None:
-                self.total = length
-        self._check_size(self.total)
-        if self.total is not None and self._end is not None and self._end > self.total:
-            raise RegistryError(f"{what}: past the end of the blob ({self.total} bytes)")
+            skip, expected_end, claimed = self._pos, length, length
+        total = claimed if claimed is not None else self.total
+        self._check_size(total)
+        if total is not None and self._end is not None and self._end > total:
+            raise RegistryError(f"{what}: past the end of the blob ({total} bytes)")
+        self._skip, self._expected_end, self.total = skip, expected_end, total
         if self._sink is not None:
             # The body starts exactly where the sink's cursor is: receive in place.
             self._sink.enabled = self._skip == 0

@@ -180,6 +180,15 @@ class Route:
         log.info("mirror %s answered a range of %s with the whole blob; taking the range "
                  "from the next host", host.name, digest[:19])
 
+    def bad_answer(self, host: Host, digest: str, exc: KitfsError) -> None:
+        """`host`, a mirror, answered for `digest` in a way the registry must not (a range
+        that starts elsewhere, a size the descriptor denies): closed unread, the next
+        host asked, and that mirror not asked for the blob for a while."""
+        self.stats.mirror_fallbacks += 1
+        self._distrusted[(host.index, digest)] = trio.current_time() + DISTRUST_FOR
+        log.warning("mirror %s answered wrongly (%s); not using it for %s for %gs",
+                    host.name, exc, digest[:19], DISTRUST_FOR)
+
     def distrust(self, hosts: set[int], digest: str) -> bool:
         """Mirrors among `hosts` that sent bytes of `digest` which did not match it are not
         asked for it again for a while. True only if a new try would go to a host that
