@@ -35,8 +35,10 @@ from faultproxy import Corrupt, FaultProxy, Hang, Status
 
 from helpers import kitfs, make_project, ok, one_line_error, source_files
 from kitfs.errors import IntegrityError
+from kitfs.oci.auth import Credential
 from kitfs.oci.client import ClientOptions, RegistryClient
 from kitfs.oci.hosts import CAPABILITIES, HostEntry, load_hosts, parse_hosts
+from kitfs.oci.mirrors import Route
 from mounting import mounted
 from registry import RegistryServer, free_port, start_registry
 from scraping import scrape, value
@@ -577,6 +579,61 @@ def test_registry_credentials_never_reach_a_mirror(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_server_elsewhere_gets_its_own_credentials_only(
+    auth_registry: RegistryServer, kitops_home: Path, tmp_path: Path
+) -> None:
+    """`server` naming another host than the registry is sent that host's credentials,
+    never the registry's: a name whose server is the logged-in registry pulls with them,
+    and the logged-in registry's name pointed at a stranger sends it nothing."""
+    host = auth_registry.host
+    port = host.rpartition(":")[2]
+    ok(kitfs("login", host, "-u", str(auth_registry.username), "--password-stdin",
+             stdin=f"{auth_registry.password}\n"))
+    project = make_project(tmp_path / "p", weight_bytes=4 << 10)
+    ok(kitfs("pack", str(project), "-t", f"{host}/mirrors/server:v1"))
+    handler = type("Handler", (_Recorder,), {"seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        stranger = f"127.0.0.1:{server.server_address[1]}"
+        hosts = hosts_dir(tmp_path, f"localhost:{port}", f'server = "http://{host}"\n')
+        hosts_dir(tmp_path, host, f'server = "http://{stranger}"\n')
+        # Credentials stored for the host contacted, not for the name in the reference.
+        ok(unpack(f"localhost:{port}/mirrors/server:v1", tmp_path / "out",
+                  "--hosts-dir", str(hosts)))
+        assert unpacked(tmp_path / "out") == source_files(project)
+        one_line_error(kitfs("inspect", f"{host}/mirrors/server:v1", "--hosts-dir", str(hosts)))
+        assert handler.seen  # asked, and refused without credentials of its own
+        assert not [s for s in handler.seen if "authorization" in s], handler.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_docker_hubs_api_host_is_docker_io(kitops_home: Path) -> None:
+    """containerd's own docker.io hosts.toml: registry-1.docker.io is docker.io itself, so
+    no `?ns=` and docker.io's credentials; another host is a proxy with its own (none)."""
+    hub = Credential(username="hub", password="pw")
+
+    async def credentials() -> Credential | None:
+        return hub
+
+    async def creds() -> list[Credential | None]:
+        text = ('server = "https://registry-1.docker.io"\n'
+                '[host."https://public-mirror.example.com"]\n'
+                '[host."https://docker-mirror.internal"]\n')
+        route = Route("docker.io", ClientOptions(), parse_hosts(text, "/d"), None, credentials)
+        sessions = [h.session for h in route.hosts]
+        assert [s.namespace for s in sessions] == ["docker.io", "docker.io", None]
+        try:
+            return [await s.auth.credential() for s in sessions]
+        finally:
+            await route.aclose()
+
+    assert trio.run(creds) == [None, None, hub]
 
 
 def test_mount_refuses_a_lying_mirrors_ranges(

@@ -13,8 +13,9 @@ asked for ranges of the blob for a while (each such request makes it start
 fetching the whole blob from the origin again). A mirror whose bytes did not
 match their digest is not asked for that blob again for a while.
 
-Credentials: a mirror's session looks up credentials for the mirror's own
-host name, never the registry's, as containerd does per host.
+Credentials: each host's session looks up credentials for the host it
+contacts (a mirror's, or a `server` elsewhere), never the registry's, as
+containerd does per host; Docker Hub's API host counts as docker.io.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from kitfs.oci.auth import Credential, CredentialSource
 from kitfs.oci.credentials import lookup_credential
 from kitfs.oci.hosts import HostEntry
 from kitfs.oci.options import ClientOptions
+from kitfs.oci.reference import DOCKER_HUB_HOSTS
 from kitfs.oci.session import RegistrySession
 from kitfs.oci.stats import RequestStats
 from kitfs.oci.transport import host_ssl_context, make_transport
@@ -94,20 +96,20 @@ class Route:
         self.hosts: list[Host] = []
         for index, entry in enumerate(entries):
             opts = _host_options(options, entry)
-            netloc = entry.netloc
-            own = netloc is None or netloc == registry or not entry.mirror
+            contacted = entry.netloc or registry
+            own = _same_registry(contacted, registry)
             host_transport = transport
             if transport is None and (entry.ca or entry.client or entry.skip_verify is not None):
                 host_transport = make_transport(opts, host_ssl_context(
                     opts, entry.ca, entry.client, entry.skip_verify))
             session = RegistrySession(
                 registry, opts, host_transport,
-                credentials if own else _credentials_of(netloc or registry, options),
+                credentials if own else _credentials_of(contacted, options),
                 root=entry.root,
-                namespace=registry if netloc is not None and netloc != registry else None,
+                namespace=None if own else registry,
                 headers=entry.header,
             )
-            self.hosts.append(Host(index, entry, session, netloc or registry))
+            self.hosts.append(Host(index, entry, session, contacted))
         self.origin = self.hosts[-1]
         for host in self.hosts[:-1]:
             host.session.stats.registry = host.name
@@ -241,6 +243,12 @@ def _host_options(options: ClientOptions, entry: HostEntry) -> ClientOptions:
         connect_retry=0.0,
         server_error_retry=0.0,
     )
+
+
+def _same_registry(host: str, registry: str) -> bool:
+    """Whether `host` is the registry under another name (Docker Hub's API host serves
+    docker.io): its credentials, and no `?ns=` (containerd's isProxy)."""
+    return host == registry or (host in DOCKER_HUB_HOSTS and registry in DOCKER_HUB_HOSTS)
 
 
 def _credentials_of(host: str, options: ClientOptions) -> CredentialSource:
