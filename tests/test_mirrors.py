@@ -574,6 +574,7 @@ def test_registry_credentials_never_reach_a_mirror(
         assert unpacked(tmp_path / "out") == source_files(project)
         seen = handler.seen
         assert seen  # asked first, refused without its own credentials: next host
+        assert len(seen) == 1, seen  # and then left alone for a while, not asked each time
         assert all(s.get("x-tenant") == "a, b" for s in seen), seen  # hosts.toml's header
         assert not [s for s in seen if "authorization" in s], seen
     finally:
@@ -634,6 +635,22 @@ def test_docker_hubs_api_host_is_docker_io(kitops_home: Path) -> None:
             await route.aclose()
 
     assert trio.run(creds) == [None, None, hub]
+
+
+def test_refusing_mirror_is_named_in_the_error(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """The only host allowed to resolve is a mirror that denies us: the error names the
+    mirror to log in to, not the registry."""
+    ref, _ = kit
+    with FaultProxy(origin.host) as refusing:
+        refusing.add(Status(403))
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'server = "http://{origin.host}"\ncapabilities = ["pull"]\n'
+                          f'[host."http://{refusing.host}"]\n  capabilities = ["resolve"]\n')
+        line = one_line_error(kitfs("inspect", ref, "--hosts-dir", str(hosts),
+                                    home=tmp_path / "home"))
+        assert f"kit login {refusing.host}`" in line, line
 
 
 def test_mount_refuses_a_lying_mirrors_ranges(

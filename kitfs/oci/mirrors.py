@@ -162,17 +162,19 @@ class Route:
         return await call(hosts[-1])
 
     def failed(self, host: Host, exc: KitfsError) -> None:
-        """A mirror that did not serve: the next host is tried; one that is down or broken
-        (not merely missing the item, or refusing us) is skipped for a while."""
+        """A mirror that did not serve: the next host is tried; one that is down, broken or
+        refusing us (no credentials stored under its name: asking again will not change
+        that) is skipped for a while; one merely missing the item is not."""
         self.stats.mirror_fallbacks += 1
         if isinstance(exc, IntegrityError):
             log.warning("mirror %s sent bad data (%s); using the next host", host.name, exc)
             return
-        if not isinstance(exc, NotFoundError | AuthError):
-            host.down_until = trio.current_time() + DOWN_FOR
-            log.warning("mirror %s failed (%s); skipping it for %gs", host.name, exc, DOWN_FOR)
-        else:
+        if isinstance(exc, NotFoundError):
             log.debug("mirror %s: %s; trying the next host", host.name, exc)
+            return
+        host.down_until = trio.current_time() + DOWN_FOR
+        why = "refused us" if isinstance(exc, AuthError) else "failed"
+        log.warning("mirror %s %s (%s); skipping it for %gs", host.name, why, exc, DOWN_FOR)
 
     def whole_for_range(self, host: Host, digest: str) -> None:
         """`host` answered a range of `digest` with the whole blob (see the module)."""
