@@ -21,6 +21,7 @@ import hashlib
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -707,6 +708,63 @@ def test_mirror_tls_from_hosts_toml(
         assert len(cache.requests()) == served
     finally:
         cache.stop()
+
+
+class _PeerRecorder(BaseHTTPRequestHandler):
+    """An https mirror that asks for (but does not require) a client certificate, notes
+    whether one came, and has nothing (404)."""
+
+    peers: list[bool]
+
+    def do_GET(self) -> None:
+        self.peers.append(bool(self.connection.getpeercert()))  # type: ignore[attr-defined]
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_registry_client_certificate_never_reaches_a_mirror(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """--cert/--key are the registry's: a mirror that would accept them is never shown
+    them (only a hosts.toml `client` entry of its own would be)."""
+    ref, _ = kit
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cert)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    handler = type("Handler", (_PeerRecorder,), {"peers": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        mirror = f"127.0.0.1:{server.server_address[1]}"
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'[host."https://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+                          f'  ca = "{cert}"\n')
+        ok(kitfs("inspect", ref, "--hosts-dir", str(hosts), "--cert", str(cert),
+                 "--key", str(key), home=tmp_path / "home"))
+        assert handler.peers and not any(handler.peers), handler.peers
+        hosts_dir(tmp_path, origin.host,  # its own `client` entry: that one it is shown
+                  f'[host."https://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+                  f'  ca = "{cert}"\n  client = [["{cert}", "{key}"]]\n')
+        handler.peers.clear()
+        ok(kitfs("inspect", ref, "--hosts-dir", str(hosts), home=tmp_path / "home"))
+        assert handler.peers and all(handler.peers), handler.peers
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_pushes_go_to_the_registry_only(

@@ -229,15 +229,20 @@ class Route:
 
 
 def _host_options(options: ClientOptions, entry: HostEntry) -> ClientOptions:
-    """A mirror gets a share of the deadline and no retries of its own (the next host is
-    its retry); the last host gets the command's options, dial_timeout aside."""
+    """A mirror gets a share of the deadline, no retries of its own (the next host is its
+    retry) and no client certificate but its own; the last host gets the command's
+    options, dial_timeout aside."""
     if not entry.mirror:
         if entry.dial_timeout is None:
             return options
         return dataclasses.replace(options, connect_timeout=entry.dial_timeout)
     read = max(MIRROR_MIN_READ, options.read_timeout * MIRROR_SHARE)
+    # The registry's client certificate (--cert/--key) is the registry's business: a
+    # mirror gets only its own hosts.toml `client` entries.
     return dataclasses.replace(
         options,
+        cert_file=None,
+        key_file=None,
         connect_timeout=entry.dial_timeout or min(options.connect_timeout,
                                                   MIRROR_CONNECT_TIMEOUT),
         read_timeout=min(options.read_timeout, read),
