@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import trio
-from faultproxy import Corrupt, FaultProxy, Hang, Status
+from faultproxy import Corrupt, FaultProxy, Hang, Slow, Status
 
 from helpers import kitfs, make_project, ok, one_line_error, source_files
 from kitfs.errors import IntegrityError
@@ -532,6 +532,34 @@ def test_silent_mirror_then_origin(origin: RegistryServer, kit: tuple[str, dict[
         # A range it stalled on was resumed from the next host, never from the mirror.
         starts = {int(t.range.split("=")[1].split("-")[0]) for t in tried if t.range}
         assert not {start + (after_bytes or 0) for start in starts} & starts, tried
+
+
+def test_silent_then_trickling_mirror_leave_the_registry_its_time(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """A silent mirror and then one trickling bytes: each attempt gets a share of what is
+    left of the read's deadline, so the registry still serves the read within it."""
+    ref, _ = kit
+    digest, size = blob_digests(ref)[0]
+    with FaultProxy(origin.host) as silent, FaultProxy(origin.host) as trickle:
+        silent.add(Hang(60), path=f"/blobs/{digest}")
+        trickle.add(Slow(64 << 10), path=f"/blobs/{digest}")
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'[host."http://{silent.host}"]\n  capabilities = ["pull"]\n'
+                          f'[host."http://{trickle.host}"]\n  capabilities = ["pull"]\n')
+
+        async def read() -> bytes:
+            options = ClientOptions(hosts_dir=str(hosts))
+            async with RegistryClient(origin.host, options) as client:
+                # The read's deadline, as a mount gives one (the mirrors alone would
+                # take 7.5 s, a share of --timeout, and 16 s for this MiB).
+                with trio.fail_after(6):
+                    return await client.read_range("mirrors/kit", digest, 0, MiB, size=size)
+
+        got = trio.run(read)
+        assert got == origin_blob(origin, digest)[:MiB]
+        assert silent.blob_requests(digest) == 1 and trickle.blob_requests(digest) == 1
+        silent.close()
 
 
 class _Recorder(BaseHTTPRequestHandler):

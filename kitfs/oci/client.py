@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
@@ -509,19 +510,25 @@ class RegistryClient:
     async def _open_blob(
         self, repo: str, digest: str, headers: dict[str, str], what: str,
         sink: Sink | None = None, served: set[int] | None = None,
-    ) -> tuple[httpx.Response, Host]:
+    ) -> tuple[httpx.Response, Host, float]:
         """GET a blob (or a range of it) from the first host that serves it as asked.
 
         A mirror that fails, or answers a range with the whole blob, is passed over (that
         answer closed unread: see oci/mirrors.py); the last host's answer is taken as it
         comes. `served` collects the hosts whose answer was taken; the host that answered
-        comes with the answer.
+        comes with the answer, and with when its attempt must be over (a mirror's share of
+        the caller's deadline, see Route.attempt_deadline; inf for the last host).
         """
         ranged = "Range" in headers
         hosts = self._route.candidates("pull", digest, ranged=ranged)
         for host in hosts[:-1]:
+            deadline = self._route.attempt_deadline()
             try:
-                response = await self._open_blob_at(host, repo, digest, headers, what, sink)
+                with trio.move_on_at(deadline) as scope:
+                    response = await self._open_blob_at(host, repo, digest, headers, what,
+                                                        sink)
+                if scope.cancelled_caught:
+                    raise UnreachableError(f"{what}: {host.name} did not answer in time")
             except KitfsError as exc:
                 self._route.failed(host, exc)
                 continue
@@ -538,10 +545,11 @@ class RegistryClient:
             if served is not None:
                 served.add(host.index)
             self._route.served(host, digest)
-            return response, host
+            return response, host, deadline
         if served is not None:
             served.add(hosts[-1].index)
-        return await self._open_blob_at(hosts[-1], repo, digest, headers, what, sink), hosts[-1]
+        response = await self._open_blob_at(hosts[-1], repo, digest, headers, what, sink)
+        return response, hosts[-1], math.inf
 
     def refuse_mirror_bytes(self, digest: str) -> bool:
         """Bytes of `digest` that the caller checked itself (a range, against a chunk's
@@ -918,6 +926,8 @@ class _BlobBody:
         self.served: set[int] = set()
         """The hosts (mirrors.Route indices) whose answers the body was taken from."""
         self._host: Host | None = None
+        self._deadline = math.inf
+        """When the current answer's host must have sent it all (a mirror's share)."""
 
     async def open(self) -> None:
         await self._request()
@@ -936,7 +946,7 @@ class _BlobBody:
             self._sink.enabled = False  # an error body must not land in the caller's buffers
         route = self._client._route
         while True:
-            response, host = await self._client._open_blob(
+            response, host, self._deadline = await self._client._open_blob(
                 self._repo, self._digest, headers, self._what, self._sink, self.served
             )
             self._response, self._host = response, host
@@ -1007,9 +1017,20 @@ class _BlobBody:
                 continue
             received = 0
             failure: Exception | None = None
+            late = False
             try:
                 async with aclosing(_raw(response)) as raws:
-                    async for raw in raws:
+                    while True:
+                        if self._deadline == math.inf:
+                            raw = await anext(raws, None)
+                        else:
+                            # A mirror's share of the read's deadline: trickling or
+                            # stalled, it gives way to the next host in time.
+                            with trio.move_on_at(self._deadline) as scope:
+                                raw = await anext(raws, None)
+                            late = scope.cancelled_caught
+                        if raw is None or late:
+                            break
                         chunk = raw
                         received += len(chunk)
                         self._client.stats.received(len(chunk))
@@ -1031,17 +1052,19 @@ class _BlobBody:
                 failure = exc
             await self.aclose()
             body_end = self._expected_end
-            if failure is None:
+            if failure is None and not late:
                 if self._end is None and (body_end is None or self._pos >= body_end):
                     return  # the whole blob arrived (the digest check judges it)
                 if self._end is not None and body_end is not None and body_end <= self._pos:
                     raise RegistryError(f"{self._what}: past the end of the blob")
-            # Dropped connection or a body shorter than announced: resume from here (a
-            # mirror that did this is left alone for a while: the next host resumes).
+            # Dropped connection, a body shorter than announced or a mirror past its
+            # share: resume from here (a mirror that did this is left alone for a while:
+            # the next host resumes).
             host, route = self._host, self._client._route
             if host is not None and host is not route.candidates("pull", self._digest)[-1]:
                 self._client._route.failed(host, UnreachableError(
-                    f"{self._what}: {host.name} stopped sending"))
+                    f"{self._what}: {host.name} "
+                    + ("too slow for its share of the deadline" if late else "stopped sending")))
                 await self._request()
                 continue
             if failure is not None and not retryable_transport_error(failure):

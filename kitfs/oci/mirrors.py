@@ -52,7 +52,8 @@ MIRROR_CONNECT_TIMEOUT = 1.0
 """Seconds a mirror gets to accept a connection (hosts.toml's dial_timeout overrides):
 a dead mirror costs a read this much, not the registry's connect timeout."""
 MIRROR_SHARE = 0.25
-"""The share of the read timeout a mirror may stay silent before the next host is tried."""
+"""The share of the read timeout a mirror may stay silent before the next host is tried,
+and of what is left of a read's deadline that one mirror attempt may take in all."""
 MIRROR_MIN_READ = 1.0
 DOWN_FOR = 30.0
 """Seconds a mirror that failed (unreachable, silent, 5xx) is skipped."""
@@ -175,6 +176,13 @@ class Route:
         host.down_until = trio.current_time() + DOWN_FOR
         why = "refused us" if isinstance(exc, AuthError) else "failed"
         log.warning("mirror %s %s (%s); skipping it for %gs", host.name, why, exc, DOWN_FOR)
+
+    def attempt_deadline(self) -> float:
+        """When a mirror attempt starting now must have finished (answer and body): a share
+        of what is left of the caller's deadline, so a trickling mirror, or several
+        silent ones in a row, leave the registry most of it (inf without a deadline)."""
+        now = trio.current_time()
+        return now + (trio.current_effective_deadline() - now) * MIRROR_SHARE
 
     def whole_for_range(self, host: Host, digest: str) -> None:
         """`host` answered a range of `digest` with the whole blob (see the module)."""
