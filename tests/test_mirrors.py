@@ -21,6 +21,7 @@ import hashlib
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -31,11 +32,14 @@ from typing import Any
 
 import pytest
 import trio
-from faultproxy import Corrupt, FaultProxy, Hang
+from faultproxy import Corrupt, FaultProxy, Hang, Slow, Status
 
 from helpers import kitfs, make_project, ok, one_line_error, source_files
+from kitfs.errors import IntegrityError
+from kitfs.oci.auth import Credential
 from kitfs.oci.client import ClientOptions, RegistryClient
-from kitfs.oci.hosts import CAPABILITIES, HostEntry, load_hosts, parse_hosts
+from kitfs.oci.hosts import CAPABILITIES, HostEntry, HostsError, load_hosts, parse_hosts
+from kitfs.oci.mirrors import Route
 from mounting import mounted
 from registry import RegistryServer, free_port, start_registry
 from scraping import scrape, value
@@ -160,6 +164,15 @@ dial_timeout = "1m30s"
     assert server.ca == (str(tmp_path / "certs/root.pem"),) and server.dial_timeout == 90.0
 
 
+def test_top_level_capabilities_restrict_only_a_named_server() -> None:
+    """containerd gives the implicit server pull, resolve and push whatever top-level
+    `capabilities` say: without `server` they must not lock the registry itself out."""
+    implicit = parse_hosts('capabilities = ["pull"]\n[host."https://m"]\n', "/d")
+    assert implicit[-1] == HostEntry(root=None, capabilities=CAPABILITIES)
+    named = parse_hosts('server = "https://s"\ncapabilities = ["pull"]\n', "/d")
+    assert named[-1].capabilities == frozenset({"pull"})
+
+
 def test_host_directories_with_ports_and_default(tmp_path: Path) -> None:
     for name, mirror in (("reg.example_5000_", "a"), ("reg.example:5000", "b"),
                          ("_default", "c"), ("other.example", "d")):
@@ -196,6 +209,20 @@ def test_bad_hosts_file_is_one_line_error(tmp_path: Path, text: str, says: str) 
     (tmp_path / "127.0.0.1_1_" / "hosts.toml").write_text(text)
     line = one_line_error(kitfs("inspect", "127.0.0.1:1/x/y:z", "--hosts-dir", str(tmp_path)))
     assert says in line and "hosts.toml" in line
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ('[host."https://[::1"]\n', "not a valid URL"),
+    ('[host."https://m:abc"]\n', "not a valid URL"),
+    ('[host."ftp://m"]\n', "not an http(s) URL"),
+    ('server = "https://m:99999999"\n', "not a valid URL"),
+])
+def test_bad_host_urls_are_hosts_errors(text: str, says: str) -> None:
+    """HostsError is the CLI's one-line error (above); these were internal errors."""
+    with pytest.raises(HostsError) as failed:
+        parse_hosts(text, "/d", where="/d/hosts.toml")
+    assert says in str(failed.value) and "\n" not in str(failed.value)
+    assert str(failed.value).startswith("/d/hosts.toml: ")
 
 
 def test_missing_ca_file_is_one_line_error(tmp_path: Path) -> None:
@@ -423,6 +450,61 @@ def test_lying_mirror_is_refused_and_the_next_host_used(
         assert not liar.requests(path="/manifests/")
 
 
+def test_lying_mirror_that_is_the_last_puller_is_an_integrity_error(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """The server may only resolve, so the liar is the one host able to pull: its bytes are
+    refused once and the read fails with an IntegrityError, instead of asking it again
+    forever."""
+    ref, _ = kit
+    digest, size = blob_digests(ref)[-1]
+    with FaultProxy(origin.host) as liar:
+        liar.add(Corrupt([0]), path=f"/blobs/{digest}")
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'server = "http://{origin.host}"\ncapabilities = ["resolve"]\n'
+                          f'[host."http://{liar.host}"]\n  capabilities = ["pull"]\n')
+
+        async def get() -> None:
+            options = ClientOptions(hosts_dir=str(hosts))
+            async with RegistryClient(origin.host, options) as client:
+                with trio.fail_after(60):  # a hang guard, not a timing
+                    await client.get_blob("mirrors/kit", digest, size=size)
+
+        with pytest.raises(IntegrityError) as failed:
+            trio.run(get)
+        assert "\n" not in str(failed.value) and "digest" in str(failed.value)
+        assert liar.blob_requests(digest) == 1
+
+
+@pytest.mark.parametrize("claim", ["start", "total"])
+def test_mirrors_malformed_range_answer_takes_the_next_host(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path, claim: str
+) -> None:
+    """A mirror's 206 that starts elsewhere than asked, or claims a blob size the descriptor
+    denies, is the mirror's fault: the range comes from the registry, right, and the
+    mirror is not asked for that blob again (its size claim never fails the read)."""
+    ref, _ = kit
+    digest, size = blob_digests(ref)[0]
+    content_range = ("bytes 0-4095/" + str(size) if claim == "start"
+                     else f"bytes 1000-5095/{size + 1}")
+    with FaultProxy(origin.host) as liar:
+        liar.add(Status(206, b"\0" * 4096, {"Content-Range": content_range}),
+                 path=f"/blobs/{digest}")
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'[host."http://{liar.host}"]\n  capabilities = ["pull"]\n')
+
+        async def ranges() -> list[bytes]:
+            options = ClientOptions(hosts_dir=str(hosts))
+            async with RegistryClient(origin.host, options) as client:
+                return [await client.read_range("mirrors/kit", digest, 1000, 4096, size=size),
+                        await client.read_range("mirrors/kit", digest, 9000, 100, size=size)]
+
+        first, second = trio.run(ranges)
+        blob = origin_blob(origin, digest)
+        assert first == blob[1000:5096] and second == blob[9000:9100]
+        assert liar.blob_requests(digest) == 1
+
+
 def test_resolve_only_on_hosts_allowed_to(
     origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -460,6 +542,34 @@ def test_silent_mirror_then_origin(origin: RegistryServer, kit: tuple[str, dict[
         # A range it stalled on was resumed from the next host, never from the mirror.
         starts = {int(t.range.split("=")[1].split("-")[0]) for t in tried if t.range}
         assert not {start + (after_bytes or 0) for start in starts} & starts, tried
+
+
+def test_silent_then_trickling_mirror_leave_the_registry_its_time(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """A silent mirror and then one trickling bytes: each attempt gets a share of what is
+    left of the read's deadline, so the registry still serves the read within it."""
+    ref, _ = kit
+    digest, size = blob_digests(ref)[0]
+    with FaultProxy(origin.host) as silent, FaultProxy(origin.host) as trickle:
+        silent.add(Hang(60), path=f"/blobs/{digest}")
+        trickle.add(Slow(64 << 10), path=f"/blobs/{digest}")
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'[host."http://{silent.host}"]\n  capabilities = ["pull"]\n'
+                          f'[host."http://{trickle.host}"]\n  capabilities = ["pull"]\n')
+
+        async def read() -> bytes:
+            options = ClientOptions(hosts_dir=str(hosts))
+            async with RegistryClient(origin.host, options) as client:
+                # The read's deadline, as a mount gives one (the mirrors alone would
+                # take 7.5 s, a share of --timeout, and 16 s for this MiB).
+                with trio.fail_after(4):
+                    return await client.read_range("mirrors/kit", digest, 0, MiB, size=size)
+
+        got = trio.run(read)
+        assert got == origin_blob(origin, digest)[:MiB]
+        assert silent.blob_requests(digest) == 1 and trickle.blob_requests(digest) == 1
+        silent.close()
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -503,11 +613,81 @@ def test_registry_credentials_never_reach_a_mirror(
         assert unpacked(tmp_path / "out") == source_files(project)
         seen = handler.seen
         assert seen  # asked first, refused without its own credentials: next host
+        assert len(seen) == 1, seen  # and then left alone for a while, not asked each time
         assert all(s.get("x-tenant") == "a, b" for s in seen), seen  # hosts.toml's header
         assert not [s for s in seen if "authorization" in s], seen
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_server_elsewhere_gets_its_own_credentials_only(
+    auth_registry: RegistryServer, kitops_home: Path, tmp_path: Path
+) -> None:
+    """`server` naming another host than the registry is sent that host's credentials,
+    never the registry's: a name whose server is the logged-in registry pulls with them,
+    and the logged-in registry's name pointed at a stranger sends it nothing."""
+    host = auth_registry.host
+    port = host.rpartition(":")[2]
+    ok(kitfs("login", host, "-u", str(auth_registry.username), "--password-stdin",
+             stdin=f"{auth_registry.password}\n"))
+    project = make_project(tmp_path / "p", weight_bytes=4 << 10)
+    ok(kitfs("pack", str(project), "-t", f"{host}/mirrors/server:v1"))
+    handler = type("Handler", (_Recorder,), {"seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        stranger = f"127.0.0.1:{server.server_address[1]}"
+        hosts = hosts_dir(tmp_path, f"localhost:{port}", f'server = "http://{host}"\n')
+        hosts_dir(tmp_path, host, f'server = "http://{stranger}"\n')
+        # Credentials stored for the host contacted, not for the name in the reference.
+        ok(kitfs("inspect", f"localhost:{port}/mirrors/server:v1", "--hosts-dir", str(hosts)))
+        one_line_error(kitfs("inspect", f"{host}/mirrors/server:v1", "--hosts-dir", str(hosts)))
+        assert handler.seen  # asked, and refused without credentials of its own
+        assert not [s for s in handler.seen if "authorization" in s], handler.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_docker_hubs_api_host_is_docker_io(kitops_home: Path) -> None:
+    """containerd's own docker.io hosts.toml: registry-1.docker.io is docker.io itself, so
+    no `?ns=` and docker.io's credentials; another host is a proxy with its own (none)."""
+    hub = Credential(username="hub", password="pw")
+
+    async def credentials() -> Credential | None:
+        return hub
+
+    async def creds() -> list[Credential | None]:
+        text = ('server = "https://registry-1.docker.io"\n'
+                '[host."https://public-mirror.example.com"]\n'
+                '[host."https://docker-mirror.internal"]\n')
+        route = Route("docker.io", ClientOptions(), parse_hosts(text, "/d"), None, credentials)
+        sessions = [h.session for h in route.hosts]
+        assert [s.namespace for s in sessions] == ["docker.io", "docker.io", None]
+        try:
+            return [await s.auth.credential() for s in sessions]
+        finally:
+            await route.aclose()
+
+    assert trio.run(creds) == [None, None, hub]
+
+
+def test_refusing_mirror_is_named_in_the_error(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """The only host allowed to resolve is a mirror that denies us: the error names the
+    mirror to log in to, not the registry."""
+    ref, _ = kit
+    with FaultProxy(origin.host) as refusing:
+        refusing.add(Status(403))
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'server = "http://{origin.host}"\ncapabilities = ["pull"]\n'
+                          f'[host."http://{refusing.host}"]\n  capabilities = ["resolve"]\n')
+        line = one_line_error(kitfs("inspect", ref, "--hosts-dir", str(hosts),
+                                    home=tmp_path / "home"))
+        assert f"kit login {refusing.host}`" in line, line
 
 
 def test_mount_refuses_a_lying_mirrors_ranges(
@@ -564,6 +744,63 @@ def test_mirror_tls_from_hosts_toml(
         assert len(cache.requests()) == served
     finally:
         cache.stop()
+
+
+class _PeerRecorder(BaseHTTPRequestHandler):
+    """An https mirror that asks for (but does not require) a client certificate, notes
+    whether one came, and has nothing (404)."""
+
+    peers: list[bool]
+
+    def do_GET(self) -> None:
+        self.peers.append(bool(self.connection.getpeercert()))  # type: ignore[attr-defined]
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_registry_client_certificate_never_reaches_a_mirror(
+    origin: RegistryServer, kit: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """--cert/--key are the registry's: a mirror that would accept them is never shown
+    them (only a hosts.toml `client` entry of its own would be)."""
+    ref, _ = kit
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cert)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    handler = type("Handler", (_PeerRecorder,), {"peers": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        mirror = f"127.0.0.1:{server.server_address[1]}"
+        hosts = hosts_dir(tmp_path, origin.host,
+                          f'[host."https://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+                          f'  ca = "{cert}"\n')
+        ok(kitfs("inspect", ref, "--hosts-dir", str(hosts), "--cert", str(cert),
+                 "--key", str(key), home=tmp_path / "home"))
+        assert handler.peers and not any(handler.peers), handler.peers
+        hosts_dir(tmp_path, origin.host,  # its own `client` entry: that one it is shown
+                  f'[host."https://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
+                  f'  ca = "{cert}"\n  client = [["{cert}", "{key}"]]\n')
+        handler.peers.clear()
+        ok(kitfs("inspect", ref, "--hosts-dir", str(hosts), home=tmp_path / "home"))
+        assert handler.peers and all(handler.peers), handler.peers
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_pushes_go_to_the_registry_only(

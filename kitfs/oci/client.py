@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
@@ -356,17 +357,21 @@ class RegistryClient:
 
         `size`, the descriptor's, is checked like the digest (see stream_blob).
         """
-        while True:
+        # Held whole, so a mirror's bad bytes are simply dropped: the mirrors that sent
+        # them are skipped now, the next try goes further down. Each try distrusts at
+        # least one host, so there are never more tries than hosts.
+        tries = len(self._route.hosts)
+        for attempt in range(tries):
             parts: list[bytes] = []
             try:
                 async with self._stream(repo, digest, max_size=max_size, size=size) as chunks:
                     async for chunk in chunks:
                         parts.append(chunk)
                 return b"".join(parts)
-            except MirrorDataError:
-                # Held whole, so a mirror's bad bytes are simply dropped: the mirrors
-                # that sent them are skipped now, the next try goes further down.
-                continue
+            except MirrorDataError as exc:
+                if attempt + 1 == tries:
+                    raise IntegrityError(str(exc)) from exc
+        raise AssertionError("unreachable: the last try returns or raises")
 
     def stream_blob(
         self,
@@ -505,19 +510,25 @@ class RegistryClient:
     async def _open_blob(
         self, repo: str, digest: str, headers: dict[str, str], what: str,
         sink: Sink | None = None, served: set[int] | None = None,
-    ) -> tuple[httpx.Response, Host]:
+    ) -> tuple[httpx.Response, Host, float]:
         """GET a blob (or a range of it) from the first host that serves it as asked.
 
         A mirror that fails, or answers a range with the whole blob, is passed over (that
         answer closed unread: see oci/mirrors.py); the last host's answer is taken as it
         comes. `served` collects the hosts whose answer was taken; the host that answered
-        comes with the answer.
+        comes with the answer, and with when its attempt must be over (a mirror's share of
+        the caller's deadline, see Route.attempt_deadline; inf for the last host).
         """
         ranged = "Range" in headers
         hosts = self._route.candidates("pull", digest, ranged=ranged)
         for host in hosts[:-1]:
+            deadline = self._route.attempt_deadline()
             try:
-                response = await self._open_blob_at(host, repo, digest, headers, what, sink)
+                with trio.move_on_at(deadline) as scope:
+                    response = await self._open_blob_at(host, repo, digest, headers, what,
+                                                        sink)
+                if scope.cancelled_caught:
+                    raise UnreachableError(f"{what}: {host.name} did not answer in time")
             except KitfsError as exc:
                 self._route.failed(host, exc)
                 continue
@@ -534,10 +545,11 @@ class RegistryClient:
             if served is not None:
                 served.add(host.index)
             self._route.served(host, digest)
-            return response, host
+            return response, host, deadline
         if served is not None:
             served.add(hosts[-1].index)
-        return await self._open_blob_at(hosts[-1], repo, digest, headers, what, sink), hosts[-1]
+        response = await self._open_blob_at(hosts[-1], repo, digest, headers, what, sink)
+        return response, hosts[-1], math.inf
 
     def refuse_mirror_bytes(self, digest: str) -> bool:
         """Bytes of `digest` that the caller checked itself (a range, against a chunk's
@@ -914,6 +926,8 @@ class _BlobBody:
         self.served: set[int] = set()
         """The hosts (mirrors.Route indices) whose answers the body was taken from."""
         self._host: Host | None = None
+        self._deadline = math.inf
+        """When the current answer's host must have sent it all (a mirror's share)."""
 
     async def open(self) -> None:
         await self._request()
@@ -930,15 +944,23 @@ class _BlobBody:
             headers["Range"] = f"bytes={self._pos}-{last}"
         if self._sink is not None:
             self._sink.enabled = False  # an error body must not land in the caller's buffers
-        response, self._host = await self._client._open_blob(
-            self._repo, self._digest, headers, self._what, self._sink, self.served
-        )
-        self._response = response
-        try:
-            self._take_answer(response)
-        except KitfsError:
-            await self.aclose()
-            raise
+        route = self._client._route
+        while True:
+            response, host, self._deadline = await self._client._open_blob(
+                self._repo, self._digest, headers, self._what, self._sink, self.served
+            )
+            self._response, self._host = response, host
+            try:
+                self._take_answer(response)
+                return
+            except KitfsError as exc:
+                await self.aclose()
+                if not host.mirror or host is route.candidates("pull", self._digest)[-1]:
+                    raise
+                # A mirror's malformed answer (wrong range, wrong size) is the mirror's
+                # fault, not the blob's: skip it for this blob, ask the next host.
+                self.served.discard(host.index)
+                route.bad_answer(host, self._digest, exc)
 
     def _take_answer(self, response: httpx.Response) -> None:
         """Where this answer's body starts and ends, and what it says of the blob's size."""
@@ -952,22 +974,22 @@ class _BlobBody:
             raise RegistryError(
                 f"{what}: past the end of the blob{where}: the registry answered HTTP 416"
             )
+        # Nothing is kept from an answer until it passed every check: a mirror's claims
+        # must not outlive its refusal (the next host's answer is judged afresh).
+        expected_end: int | None
+        claimed: int | None
         if response.status_code == 206:
-            start, stop, total = _content_range(response.headers.get("content-range"), what)
+            start, stop, claimed = _content_range(response.headers.get("content-range"), what)
             if start != self._pos:
                 raise RegistryError(f"{what}: registry sent a range starting at {start}")
-            self._skip = 0
-            self._expected_end = stop
-            if total is not None:
-                self.total = total
+            skip, expected_end = 0, stop
         else:
-            self._skip = self._pos
-            self._expected_end = length
-            if length is not None:
-                self.total = length
-        self._check_size(self.total)
-        if self.total is not None and self._end is not None and self._end > self.total:
-            raise RegistryError(f"{what}: past the end of the blob ({self.total} bytes)")
+            skip, expected_end, claimed = self._pos, length, length
+        total = claimed if claimed is not None else self.total
+        self._check_size(total)
+        if total is not None and self._end is not None and self._end > total:
+            raise RegistryError(f"{what}: past the end of the blob ({total} bytes)")
+        self._skip, self._expected_end, self.total = skip, expected_end, total
         if self._sink is not None:
             # The body starts exactly where the sink's cursor is: receive in place.
             self._sink.enabled = self._skip == 0
@@ -995,9 +1017,20 @@ class _BlobBody:
                 continue
             received = 0
             failure: Exception | None = None
+            late = False
             try:
                 async with aclosing(_raw(response)) as raws:
-                    async for raw in raws:
+                    while True:
+                        if self._deadline == math.inf:
+                            raw = await anext(raws, None)
+                        else:
+                            # A mirror's share of the read's deadline: trickling or
+                            # stalled, it gives way to the next host in time.
+                            with trio.move_on_at(self._deadline) as scope:
+                                raw = await anext(raws, None)
+                            late = scope.cancelled_caught
+                        if raw is None or late:
+                            break
                         chunk = raw
                         received += len(chunk)
                         self._client.stats.received(len(chunk))
@@ -1019,17 +1052,19 @@ class _BlobBody:
                 failure = exc
             await self.aclose()
             body_end = self._expected_end
-            if failure is None:
+            if failure is None and not late:
                 if self._end is None and (body_end is None or self._pos >= body_end):
                     return  # the whole blob arrived (the digest check judges it)
                 if self._end is not None and body_end is not None and body_end <= self._pos:
                     raise RegistryError(f"{self._what}: past the end of the blob")
-            # Dropped connection or a body shorter than announced: resume from here (a
-            # mirror that did this is left alone for a while: the next host resumes).
+            # Dropped connection, a body shorter than announced or a mirror past its
+            # share: resume from here (a mirror that did this is left alone for a while:
+            # the next host resumes).
             host, route = self._host, self._client._route
             if host is not None and host is not route.candidates("pull", self._digest)[-1]:
                 self._client._route.failed(host, UnreachableError(
-                    f"{self._what}: {host.name} stopped sending"))
+                    f"{self._what}: {host.name} "
+                    + ("too slow for its share of the deadline" if late else "stopped sending")))
                 await self._request()
                 continue
             if failure is not None and not retryable_transport_error(failure):

@@ -148,6 +148,10 @@ def parse_hosts(text: str, base_dir: str, *, where: str = "hosts.toml") -> list[
     if server is not None and not isinstance(server, str):
         raise HostsError(f"{where}: 'server' must be a string")
     top = {k: v for k, v in document.items() if k not in ("server", "host")}
+    if server is None:
+        # containerd: the implicit server (the registry itself) may pull, resolve and
+        # push whatever top-level `capabilities` say; they only restrict a named server.
+        top.pop("capabilities", None)
     entries.append(_entry(server or None, top, base_dir, f"{where}: server", mirror=False))
     return entries
 
@@ -173,10 +177,14 @@ def _entry(url: str | None, table: dict[str, Any], base_dir: str, where: str, *,
 
 
 def _root(url: str, override_path: bool, where: str) -> str:
-    if not url.startswith("http"):
+    if "://" not in url:
         url = "https://" + url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise HostsError(f"{where}: not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HostsError(f"{where}: not an http(s) URL")
     path = os.path.normpath(parts.path).rstrip("/") if parts.path else ""
     if not override_path and not path.endswith("/v2"):

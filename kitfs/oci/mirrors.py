@@ -13,8 +13,9 @@ asked for ranges of the blob for a while (each such request makes it start
 fetching the whole blob from the origin again). A mirror whose bytes did not
 match their digest is not asked for that blob again for a while.
 
-Credentials: a mirror's session looks up credentials for the mirror's own
-host name, never the registry's, as containerd does per host.
+Credentials: each host's session looks up credentials for the host it
+contacts (a mirror's, or a `server` elsewhere), never the registry's, as
+containerd does per host; Docker Hub's API host counts as docker.io.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from kitfs.oci.auth import Credential, CredentialSource
 from kitfs.oci.credentials import lookup_credential
 from kitfs.oci.hosts import HostEntry
 from kitfs.oci.options import ClientOptions
+from kitfs.oci.reference import DOCKER_HUB_HOSTS
 from kitfs.oci.session import RegistrySession
 from kitfs.oci.stats import RequestStats
 from kitfs.oci.transport import host_ssl_context, make_transport
@@ -50,7 +52,8 @@ MIRROR_CONNECT_TIMEOUT = 1.0
 """Seconds a mirror gets to accept a connection (hosts.toml's dial_timeout overrides):
 a dead mirror costs a read this much, not the registry's connect timeout."""
 MIRROR_SHARE = 0.25
-"""The share of the read timeout a mirror may stay silent before the next host is tried."""
+"""The share of the read timeout a mirror may stay silent before the next host is tried,
+and of what is left of a read's deadline that one mirror attempt may take in all."""
 MIRROR_MIN_READ = 1.0
 DOWN_FOR = 30.0
 """Seconds a mirror that failed (unreachable, silent, 5xx) is skipped."""
@@ -94,20 +97,20 @@ class Route:
         self.hosts: list[Host] = []
         for index, entry in enumerate(entries):
             opts = _host_options(options, entry)
-            netloc = entry.netloc
-            own = netloc is None or netloc == registry or not entry.mirror
+            contacted = entry.netloc or registry
+            own = _same_registry(contacted, registry)
             host_transport = transport
             if transport is None and (entry.ca or entry.client or entry.skip_verify is not None):
                 host_transport = make_transport(opts, host_ssl_context(
                     opts, entry.ca, entry.client, entry.skip_verify))
             session = RegistrySession(
                 registry, opts, host_transport,
-                credentials if own else _credentials_of(netloc or registry, options),
+                credentials if own else _credentials_of(contacted, options),
                 root=entry.root,
-                namespace=registry if netloc is not None and netloc != registry else None,
+                namespace=None if own else registry,
                 headers=entry.header,
             )
-            self.hosts.append(Host(index, entry, session, netloc or registry))
+            self.hosts.append(Host(index, entry, session, contacted))
         self.origin = self.hosts[-1]
         for host in self.hosts[:-1]:
             host.session.stats.registry = host.name
@@ -160,17 +163,26 @@ class Route:
         return await call(hosts[-1])
 
     def failed(self, host: Host, exc: KitfsError) -> None:
-        """A mirror that did not serve: the next host is tried; one that is down or broken
-        (not merely missing the item, or refusing us) is skipped for a while."""
+        """A mirror that did not serve: the next host is tried; one that is down, broken or
+        refusing us (no credentials stored under its name: asking again will not change
+        that) is skipped for a while; one merely missing the item is not."""
         self.stats.mirror_fallbacks += 1
         if isinstance(exc, IntegrityError):
             log.warning("mirror %s sent bad data (%s); using the next host", host.name, exc)
             return
-        if not isinstance(exc, NotFoundError | AuthError):
-            host.down_until = trio.current_time() + DOWN_FOR
-            log.warning("mirror %s failed (%s); skipping it for %gs", host.name, exc, DOWN_FOR)
-        else:
+        if isinstance(exc, NotFoundError):
             log.debug("mirror %s: %s; trying the next host", host.name, exc)
+            return
+        host.down_until = trio.current_time() + DOWN_FOR
+        why = "refused us" if isinstance(exc, AuthError) else "failed"
+        log.warning("mirror %s %s (%s); skipping it for %gs", host.name, why, exc, DOWN_FOR)
+
+    def attempt_deadline(self) -> float:
+        """When a mirror attempt starting now must have finished (answer and body): a share
+        of what is left of the caller's deadline, so a trickling mirror, or several
+        silent ones in a row, leave the registry most of it (inf without a deadline)."""
+        now = trio.current_time()
+        return now + (trio.current_effective_deadline() - now) * MIRROR_SHARE
 
     def whole_for_range(self, host: Host, digest: str) -> None:
         """`host` answered a range of `digest` with the whole blob (see the module)."""
@@ -180,11 +192,22 @@ class Route:
         log.info("mirror %s answered a range of %s with the whole blob; taking the range "
                  "from the next host", host.name, digest[:19])
 
+    def bad_answer(self, host: Host, digest: str, exc: KitfsError) -> None:
+        """`host`, a mirror, answered for `digest` in a way the registry must not (a range
+        that starts elsewhere, a size the descriptor denies): closed unread, the next
+        host asked, and that mirror not asked for the blob for a while."""
+        self.stats.mirror_fallbacks += 1
+        self._distrusted[(host.index, digest)] = trio.current_time() + DISTRUST_FOR
+        log.warning("mirror %s answered wrongly (%s); not using it for %s for %gs",
+                    host.name, exc, digest[:19], DISTRUST_FOR)
+
     def distrust(self, hosts: set[int], digest: str) -> bool:
         """Mirrors among `hosts` that sent bytes of `digest` which did not match it are not
-        asked for it again for a while; True if there were any (a new try goes elsewhere)."""
+        asked for it again for a while. True only if a new try would go to a host that
+        sent none of them: a liar that is the last host able to pull is still asked (there
+        is nobody else), so saying "try again" then would loop forever."""
         until = trio.current_time() + DISTRUST_FOR
-        marked = False
+        marked: set[int] = set()
         for index in hosts:
             host = self.hosts[index]
             if host.mirror and host is not self.origin:
@@ -192,8 +215,8 @@ class Route:
                 self.stats.mirror_bad_blobs += 1
                 log.warning("mirror %s sent bytes of %s that do not match it; not using "
                             "it for that blob for %gs", host.name, digest[:19], DISTRUST_FOR)
-                marked = True
-        return marked
+                marked.add(index)
+        return bool(marked) and self.candidates("pull", digest)[-1].index not in marked
 
     def served(self, host: Host, digest: str) -> None:
         """`host` is sending bytes of `digest` (noted for mirrors only; bounded)."""
@@ -214,15 +237,20 @@ class Route:
 
 
 def _host_options(options: ClientOptions, entry: HostEntry) -> ClientOptions:
-    """A mirror gets a share of the deadline and no retries of its own (the next host is
-    its retry); the last host gets the command's options, dial_timeout aside."""
+    """A mirror gets a share of the deadline, no retries of its own (the next host is its
+    retry) and no client certificate but its own; the last host gets the command's
+    options, dial_timeout aside."""
     if not entry.mirror:
         if entry.dial_timeout is None:
             return options
         return dataclasses.replace(options, connect_timeout=entry.dial_timeout)
     read = max(MIRROR_MIN_READ, options.read_timeout * MIRROR_SHARE)
+    # The registry's client certificate (--cert/--key) is the registry's business: a
+    # mirror gets only its own hosts.toml `client` entries.
     return dataclasses.replace(
         options,
+        cert_file=None,
+        key_file=None,
         connect_timeout=entry.dial_timeout or min(options.connect_timeout,
                                                   MIRROR_CONNECT_TIMEOUT),
         read_timeout=min(options.read_timeout, read),
@@ -230,6 +258,12 @@ def _host_options(options: ClientOptions, entry: HostEntry) -> ClientOptions:
         connect_retry=0.0,
         server_error_retry=0.0,
     )
+
+
+def _same_registry(host: str, registry: str) -> bool:
+    """Whether `host` is the registry under another name (Docker Hub's API host serves
+    docker.io): its credentials, and no `?ns=` (containerd's isProxy)."""
+    return host == registry or (host in DOCKER_HUB_HOSTS and registry in DOCKER_HUB_HOSTS)
 
 
 def _credentials_of(host: str, options: ClientOptions) -> CredentialSource:

@@ -524,12 +524,13 @@ class RegistrySession:
         if status in (401, 403):
             cred: Credential | None = await self.auth.credential()
             if cred is None:
+                # The host asked (a mirror's own name where it is one), not the registry.
                 return AuthError(
                     f"{what}: access denied (HTTP {status}){suffix}; the registry may need "
-                    f"`kit login {self.registry}`"
+                    f"`kit login {self.auth.registry}`"
                 )
             if status == 401 and self.auth.scheme == "basic":
-                return AuthError(f"wrong username or password for {self.registry}")
+                return AuthError(f"wrong username or password for {self.auth.registry}")
             denied = AccessDeniedError if status == 403 else AuthError
             return denied(
                 f"{what}: access denied (HTTP {status}) for the stored credentials{suffix}"
