@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,3 +39,12 @@ def kitops_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("KITOPS_HOME", str(home))
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
     return home
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests that Ctrl-C a `kitfs` child need its SIGINT at the default, as a terminal gives
+    it. A shell that starts `pytest &` without job control has it ignored, and children
+    (xdist workers, then each `kitfs`) inherit that; a handler of our own is reset at exec."""
+    if (signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            and threading.current_thread() is threading.main_thread()):
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -44,6 +44,7 @@ from opening import opened, read_file
 
 from helpers import kitfs
 from kitfs.cache.fileformat import CHUNK_MAGIC, write_frame
+from kitfs.engine import reader
 from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import OpenedKit
 from kitfs.errors import FormatError, IntegrityError, KitfsError
@@ -267,13 +268,16 @@ def weights_kit(registry: RegistryServer, tmp_path_factory: pytest.TempPathFacto
 @pytest.mark.parametrize("work", ["prefetch", "readahead", "foreground"])
 async def test_no_registry_fault_ends_the_engine(
     registry: RegistryServer, weights_kit: tuple[str, bytes], tmp_path: Path,
-    fault: str, work: str
+    fault: str, work: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Whatever the registry does to background prefetch, readahead or a reader, reads fail
     with a kitfs error or return the right bytes, and once it behaves every byte reads
     right: nothing escaped into the nursery (which would end the daemon). Before: a 416
     with a Content-Length and no body raised httpx.ResponseNotRead into the root nursery."""
     ref, weights = weights_kit
+    # Failed reads are remembered for a while; waiting out the default 2 s, 18 times over,
+    # tests nothing more than waiting out a shorter memory.
+    monkeypatch.setattr(reader, "FAILED_READ_MEMORY_S", 0.2)
     config = EngineConfig(chunk_size=1 << 20, read_timeout=3, memory_bytes=16 << 20,
                           prefetch="model" if work == "prefetch" else "none")
     with FaultProxy(registry.host) as proxy:
@@ -304,7 +308,7 @@ async def test_no_registry_fault_ends_the_engine(
             with trio.fail_after(15):  # requests that hung before the clear end first
                 while kit.engine.ctx.flights:
                     await trio.sleep(0.05)
-            await trio.sleep(2.1)  # past FAILED_READ_MEMORY_S
+            await trio.sleep(0.3)  # past FAILED_READ_MEMORY_S
             assert await read_file(kit, "model/w.safetensors") == weights
             assert layer.state != "poisoned"
 

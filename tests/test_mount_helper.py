@@ -42,6 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.fuse,
+    # /sbin/mount.fuse.kitfs is one file for the whole machine: one worker installs it
+    pytest.mark.xdist_group("mount-helper"),
     pytest.mark.skipif(
         not os.path.exists("/dev/fuse") or shutil.which("mount") is None or os.geteuid() != 0,
         reason="needs /dev/fuse, util-linux mount and root (to write /sbin/mount.fuse.kitfs)",
