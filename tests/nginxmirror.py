@@ -29,6 +29,22 @@ class Nginx:
         path = self.state / name
         return path.read_text() if path.exists() else ""
 
+    def settled(self, name: str = "access.log", quiet: float = 0.3,
+                timeout: float = 10.0) -> str:
+        """The log once nothing has been added to it for `quiet` seconds: nginx writes a
+        request's line after its answer has gone out, so a client that just got its
+        answer may read the log before the line is there."""
+        deadline = time.monotonic() + timeout
+        text, since = self.log(name), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.log(name)
+            if now != text:
+                text, since = now, time.monotonic()
+            elif text and time.monotonic() - since >= quiet:
+                break
+        return text
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()

@@ -127,7 +127,7 @@ def test_a_malformed_digest_is_passed_through_uncached(setup: Setup) -> None:
         for _ in range(2):
             assert get(setup.mirror.url + path, {"Range": "bytes=0-9"})[0] == 404
         assert setup.hits[path] == 2
-    lines = [line for line in setup.mirror.log().splitlines() if "sha256:abcd " in line]
+    lines = [line for line in setup.mirror.settled().splitlines() if "sha256:abcd " in line]
     assert len(lines) == 2 and all("cache=- " in line for line in lines)
 
 
