@@ -264,6 +264,26 @@ async def test_cosigns_keyless_bundle(registry: RegistryServer) -> None:
     assert "expired" in error
 
 
+async def test_flags_from_cosigns_variables(registry: RegistryServer, tmp_path: Path) -> None:
+    """cosign reads every flag from COSIGN_<FLAG>; `kitfs sign` / `kitfs verify` do too, so a
+    script that sets them for cosign works unchanged."""
+    repo = "sig/env"
+    digest = await image(registry, repo)
+    key, pub = keypair(tmp_path, "ecdsa")
+    ref = f"{registry.host}/{repo}:v1"
+    assert digest in ok(kitfs("sign", ref, env=env(COSIGN_KEY=str(key))))
+    line = ok(verify(ref, COSIGN_KEY=str(pub), COSIGN_INSECURE_IGNORE_TLOG="true"))
+    assert line.startswith(f"{digest}: bundle signature")
+    # a flag given wins over the variable
+    (tmp_path / "other").mkdir()
+    _, other = keypair(tmp_path / "other", "ed25519")
+    assert "does not verify" in one_line_error(verify(
+        ref, "--key", str(other), COSIGN_KEY=str(pub), COSIGN_INSECURE_IGNORE_TLOG="1"), 1)
+    assert "is not a boolean" in one_line_error(verify(
+        ref, COSIGN_KEY=str(pub), COSIGN_INSECURE_IGNORE_TLOG="maybe"), 2)
+    assert "$COSIGN_KEY" in one_line_error(kitfs("sign", ref, env=env()), 2)
+
+
 def test_bad_input_is_one_line(tmp_path: Path, registry: RegistryServer) -> None:
     ref = f"{registry.host}/sig/none:v1"
     garbage = tmp_path / "garbage.pub"

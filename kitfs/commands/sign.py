@@ -29,9 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="REF",
                    help="REGISTRY/REPO[:TAG|@DIGEST]: the manifest to sign (any, a ModelKit "
                         "or not)")
-    p.add_argument("--key", dest="cosign_key", metavar="KEY", required=True,
-                   help="cosign private key file (`cosign generate-key-pair`'s cosign.key); "
-                        f"its password comes from ${PASSWORD_ENV}, else a terminal prompt")
+    p.add_argument("--key", dest="cosign_key", metavar="KEY",
+                   help="cosign private key file (`cosign generate-key-pair`'s cosign.key; "
+                        "default: $COSIGN_KEY, as cosign); its password comes from "
+                        f"${PASSWORD_ENV}, else a terminal prompt")
     p.add_argument("--bundle-format", choices=("new", "classic"), default="new",
                    help="new (default, as cosign 3): a sigstore bundle attached as an OCI "
                         "referrer; classic: a layer of the `sha256-<hex>.sig` image")
@@ -47,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
     if ref.is_local:
         raise UsageError(f"sign needs a reference with a registry, not {args.reference!r} "
                          "(e.g. registry.example.com/team/model:v1)")
-    key = _load_key(Path(args.cosign_key))
+    import os
+
+    path = args.cosign_key or os.environ.get("COSIGN_KEY", "").strip()
+    if not path:
+        raise UsageError("sign needs --key cosign.key (or $COSIGN_KEY)")
+    key = _load_key(Path(path))
     options = client_options(args)
     print(run_async(lambda: _sign(ref, options, key, args.bundle_format)))
     return 0

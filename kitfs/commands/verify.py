@@ -45,17 +45,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from kitfs.enforcement import flags_requirement
     from kitfs.oci.reference import parse_reference
-    from kitfs.signing.flags import VERIFY_FLAGS, SignatureFlags
+    from kitfs.signing.flags import VERIFY_FLAGS, SignatureFlags, cosign_environment
 
     ref = parse_reference(args.reference)
     if ref.is_local:
         raise UsageError(f"verify needs a reference with a registry, not {args.reference!r} "
                          "(e.g. registry.example.com/team/model:v1)")
-    flags = SignatureFlags(key=args.cosign_key, identity=args.certificate_identity,
-                           issuer=args.certificate_oidc_issuer, trusted_root=args.trusted_root,
-                           ignore_tlog=args.insecure_ignore_tlog)
+    flags = cosign_environment(SignatureFlags(
+        key=args.cosign_key, identity=args.certificate_identity,
+        issuer=args.certificate_oidc_issuer, trusted_root=args.trusted_root,
+        ignore_tlog=args.insecure_ignore_tlog), os.environ)
     if not flags.given:
         raise UsageError("give --key PUB, or --certificate-identity and "
                          "--certificate-oidc-issuer (one of the two ways)")
@@ -93,6 +96,10 @@ naming the digest, the signature format and the key or identity when at least
 one signature verifies; otherwise one line saying why (no signature, wrong key,
 digest mismatch, tampered, identity mismatch, expired certificate, untrusted)
 and exit 1. Works on any manifest, not only ModelKits, and needs no cosign.
+
+Each flag not given is read from cosign's variable for it, as cosign does:
+COSIGN_KEY, COSIGN_CERTIFICATE_IDENTITY, COSIGN_CERTIFICATE_OIDC_ISSUER,
+COSIGN_TRUSTED_ROOT, COSIGN_INSECURE_IGNORE_TLOG.
 
 Nothing is fetched from Sigstore's services: keyless signatures and Rekor
 entries are checked against --trusted-root (the trusted_root.json cosign

@@ -8,6 +8,7 @@ MountConfig holding one before it starts anything.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kitfs.errors import UsageError
@@ -82,6 +83,23 @@ class SignatureFlags:
                     f"{names.ignore_tlog} to accept keyed signatures without one "
                     "(`kitfs sign` makes those)")
         return None
+
+
+def cosign_environment(flags: SignatureFlags, environ: Mapping[str, str]) -> SignatureFlags:
+    """`flags` with what was not given on the command line taken from cosign's variables:
+    cosign reads every flag from COSIGN_<FLAG> (its viper binding, options/root.go), so
+    `COSIGN_KEY=cosign.pub cosign verify REF` works, and so must `kitfs verify REF`."""
+    def get(name: str) -> str | None:
+        return environ.get(name, "").strip() or None
+
+    return SignatureFlags(
+        key=flags.key or get("COSIGN_KEY"),
+        identity=flags.identity or get("COSIGN_CERTIFICATE_IDENTITY"),
+        issuer=flags.issuer or get("COSIGN_CERTIFICATE_OIDC_ISSUER"),
+        trusted_root=flags.trusted_root or get("COSIGN_TRUSTED_ROOT"),
+        ignore_tlog=flags.ignore_tlog or parse_bool(
+            environ.get("COSIGN_INSECURE_IGNORE_TLOG", ""), "COSIGN_INSECURE_IGNORE_TLOG"),
+    )
 
 
 def parse_bool(text: str, name: str) -> bool:
