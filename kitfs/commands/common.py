@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from kitfs.oci.options import ClientOptions
     from kitfs.oci.reference import Reference
     from kitfs.oci.source import Where
-    from kitfs.signing.flags import SignatureFlags
+    from kitfs.signing.flags import FlagNames, SignatureFlags
 
     T = TypeVar("T")
 
@@ -58,24 +58,24 @@ def add_network_options(p: argparse.ArgumentParser, *, tls_client: bool = True) 
                         "else /etc/kitfs/certs.d if it exists; /etc/containerd/certs.d works)")
 
 
-def add_signature_options(p: argparse.ArgumentParser) -> None:
-    """mount's and unpack's signature requirement (verify's flags, renamed where kit's
-    --key already means the TLS client key)."""
-    g = p.add_argument_group(
-        "signature required (cosign-compatible; the node's /etc/kitfs/policy.yaml applies too)")
-    g.add_argument("--signature-key", metavar="PUB",
-                   help="refuse the ModelKit unless signed with this cosign public key "
-                        "(PEM: ECDSA, RSA or Ed25519)")
-    g.add_argument("--signature-identity", metavar="ID",
-                   help="keyless: refuse unless signed by this identity (certificate SAN)")
-    g.add_argument("--signature-issuer", metavar="ISSUER",
-                   help="keyless: the OIDC issuer that must have vouched for the identity")
-    g.add_argument("--trusted-root", metavar="FILE",
-                   help="sigstore trusted_root.json (keyless; and checks a keyed "
-                        "signature's transparency-log entry)")
-    g.add_argument("--insecure-ignore-tlog", action="store_true",
-                   help="with --signature-key: accept signatures without a transparency-log "
-                        "entry (what `kitfs sign` makes)")
+def add_signature_options(p: argparse.ArgumentParser, names: FlagNames, title: str) -> None:
+    """Who must have signed, spelled as `names` says: verify's flags are cosign's, mount's
+    and unpack's are renamed where kit's --key already means the TLS client key. The
+    parsed values land under the same names either way (signature_flags reads them)."""
+    g = p.add_argument_group(title)
+    g.add_argument(names.key, dest="signature_key", metavar="PUB",
+                   help="a cosign public key file (PEM: ECDSA, RSA or Ed25519), e.g. cosign.pub")
+    g.add_argument(names.identity, dest="signature_identity", metavar="ID",
+                   help="keyless: the signer's identity (certificate SAN, exact match)")
+    g.add_argument(names.issuer, dest="signature_issuer", metavar="ISSUER",
+                   help="keyless: the OIDC issuer that vouched for the identity "
+                        "(e.g. https://github.com/login/oauth)")
+    g.add_argument(names.trusted_root, dest="trusted_root", metavar="FILE",
+                   help="sigstore trusted_root.json: Fulcio CAs, Rekor and CT log keys "
+                        "(needed for keyless, and to check a keyed signature's Rekor entry)")
+    g.add_argument(names.ignore_tlog, dest="insecure_ignore_tlog", action="store_true",
+                   help="accept keyed signatures without a transparency-log entry (as "
+                        "cosign's flag; what `kitfs sign` makes)")
 
 
 def absolute_path(text: str) -> Path:

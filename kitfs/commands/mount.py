@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     # `mount -f` through mount.fuse.kitfs: every check a mount makes, then no mount.
     p.add_argument("--check-only", action="store_true", help=argparse.SUPPRESS)
-    add_signature_options(p)
+    add_signature_options(p, MOUNT_FLAGS, "signature required (cosign-compatible; the "
+                          "node's /etc/kitfs/policy.yaml applies too)")
     add_network_options(p)
 
 

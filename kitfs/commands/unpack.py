@@ -14,6 +14,7 @@ from kitfs.commands.common import (
     signature_flags,
 )
 from kitfs.errors import UsageError
+from kitfs.signing.flags import MOUNT_FLAGS
 
 #: kit's deprecated shorthand flags and the filter type each stands for (pkg/cmd/unpack/cmd.go).
 SHORTHANDS = ("kitfile", "model", "datasets", "code", "docs", "prompts")
@@ -40,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="the shared chunk cache, as for mount (default: $KITFS_CACHE_DIR, "
                         "else /var/cache/kitfs for root, else $XDG_CACHE_HOME/kitfs)")
-    add_signature_options(p)
+    add_signature_options(p, MOUNT_FLAGS, "signature required (cosign-compatible; the "
+                          "node's /etc/kitfs/policy.yaml applies too)")
     add_network_options(p)
 
 
@@ -66,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     from kitfs.mounts import default_cache_dir
     from kitfs.oci.reference import parse_reference
     from kitfs.progress import Progress
-    from kitfs.signing.flags import MOUNT_FLAGS
     from kitfs.unpack import UnpackOptions, engine_config, unpack
 
     if not args.verbose:

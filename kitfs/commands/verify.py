@@ -13,8 +13,15 @@ from __future__ import annotations
 import argparse
 
 from kitfs.commands.command import Command
-from kitfs.commands.common import add_network_options, client_options, run_async
+from kitfs.commands.common import (
+    add_network_options,
+    add_signature_options,
+    client_options,
+    run_async,
+    signature_flags,
+)
 from kitfs.errors import UsageError
+from kitfs.signing.flags import VERIFY_FLAGS
 
 TYPE_CHECKING = False  # typing's, without importing typing: command.py says why
 if TYPE_CHECKING:
@@ -27,20 +34,7 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("reference", metavar="REF",
                    help="REGISTRY/REPO[:TAG|@DIGEST]: any manifest, a ModelKit or not")
-    g = p.add_argument_group("who must have signed (--key, or an identity)")
-    g.add_argument("--key", dest="cosign_key", metavar="PUB",
-                   help="cosign public key file (PEM: ECDSA, RSA or Ed25519), e.g. cosign.pub")
-    g.add_argument("--certificate-identity", metavar="ID",
-                   help="keyless: the signer's identity (certificate SAN, exact match)")
-    g.add_argument("--certificate-oidc-issuer", metavar="ISSUER",
-                   help="keyless: the OIDC issuer that vouched for the identity "
-                        "(e.g. https://github.com/login/oauth)")
-    g.add_argument("--trusted-root", metavar="FILE",
-                   help="sigstore trusted_root.json: Fulcio CAs, Rekor and CT log keys "
-                        "(needed for keyless, and to check a keyed signature's Rekor entry)")
-    g.add_argument("--insecure-ignore-tlog", action="store_true",
-                   help="accept signatures without checking a transparency-log entry "
-                        "(as cosign's flag; needed for what `kitfs sign` makes)")
+    add_signature_options(p, VERIFY_FLAGS, "who must have signed (--key, or an identity)")
     add_network_options(p, tls_client=False)
 
 
@@ -49,16 +43,13 @@ def run(args: argparse.Namespace) -> int:
 
     from kitfs.enforcement import flags_requirement
     from kitfs.oci.reference import parse_reference
-    from kitfs.signing.flags import VERIFY_FLAGS, SignatureFlags, cosign_environment
+    from kitfs.signing.flags import cosign_environment
 
     ref = parse_reference(args.reference)
     if ref.is_local:
         raise UsageError(f"verify needs a reference with a registry, not {args.reference!r} "
                          "(e.g. registry.example.com/team/model:v1)")
-    flags = cosign_environment(SignatureFlags(
-        key=args.cosign_key, identity=args.certificate_identity,
-        issuer=args.certificate_oidc_issuer, trusted_root=args.trusted_root,
-        ignore_tlog=args.insecure_ignore_tlog), os.environ)
+    flags = cosign_environment(signature_flags(args), os.environ)
     if not flags.given:
         raise UsageError("give --key PUB, or --certificate-identity and "
                          "--certificate-oidc-issuer (one of the two ways)")

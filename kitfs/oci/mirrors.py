@@ -229,12 +229,6 @@ class Route:
         """The caller found bytes of `digest` wrong: distrust the mirrors that sent any."""
         return self.distrust(self._served.pop(digest, set()), digest)
 
-    def distrusted(self, digest: str) -> bool:
-        """Whether some mirror is being kept away from `digest` now."""
-        now = trio.current_time()
-        return any(until > now and key[1] == digest
-                   for key, until in self._distrusted.items())
-
 
 def _host_options(options: ClientOptions, entry: HostEntry) -> ClientOptions:
     """A mirror gets a share of the deadline, no retries of its own (the next host is its
