@@ -30,7 +30,6 @@ import pyfuse3
 import trio
 
 from kitfs.buffers import trim_memory, tune_malloc
-from kitfs.enforcement import signature_gate
 from kitfs.engine.api import FileReader
 from kitfs.engine.reader import EngineConfig
 from kitfs.engine.session import open_kit
@@ -51,7 +50,7 @@ from kitfs.mounts import (
 from kitfs.oci.client import RegistryClient
 from kitfs.oci.reference import Reference, parse_reference
 from kitfs.offline import offline_note
-from kitfs.signing.flags import MOUNT_FLAGS
+from kitfs.signing.flags import MOUNT_FLAGS, signatures_asked
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,11 @@ async def _serve_kit(
         prefetch=config.prefetch, verify=config.verify, read_timeout=config.request_timeout,
         memory_bytes=config.memory,
     )
-    gate = signature_gate(config.signature, MOUNT_FLAGS, config.client)
+    gate = None
+    if signatures_asked(config.signature, os.environ):
+        from kitfs.enforcement import signature_gate
+
+        gate = signature_gate(config.signature, MOUNT_FLAGS, config.client)
     async with open_kit(
         reference, config.client, config.cache_dir, filters=filters, config=engine_config,
         cache_budget=config.cache_size, gate=gate,

@@ -24,7 +24,6 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from kitfs.errors import KitfsError, NotFoundError, PolicyError, SignatureError, UsageError
 from kitfs.oci.client import INDEX_MEDIA_TYPES, RegistryClient
@@ -37,7 +36,7 @@ from kitfs.oci.signatures import (
     signature_client,
     signature_repository,
 )
-from kitfs.signing.flags import FlagNames, SignatureFlags
+from kitfs.signing.flags import NODE_POLICY, POLICY_ENV, FlagNames, SignatureFlags
 from kitfs.signing.policy import (
     Policy,
     Requirement,
@@ -51,10 +50,6 @@ from kitfs.signing.verdict import Verdict
 
 log = logging.getLogger(__name__)
 
-#: The node's policy: it applies whenever it exists.
-NODE_POLICY = Path("/etc/kitfs/policy.yaml")
-#: Another policy file that must hold as well (it adds to the node's, never replaces it).
-POLICY_ENV = "KITFS_POLICY"
 #: Policies, keys and trusted roots are kilobytes; a bigger file is a mistake.
 MAX_FILE = 16 << 20
 

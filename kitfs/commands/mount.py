@@ -114,13 +114,17 @@ def _signature_required(reference: str, signature: SignatureFlags) -> bool:
     """Whether what this mount serves may need a signature (enforcement.may_require).
     Reading the flags' files and the policies now fails a bad key, trusted root or policy,
     or a reference a policy rejects, before a daemon starts (`mount -f` included)."""
-
-    from kitfs.enforcement import POLICY_ENV, flags_requirement, load_policies, may_require
-    from kitfs.oci.reference import parse_reference
-    from kitfs.signing.policy import policy_name
+    from kitfs.signing.flags import POLICY_ENV, signatures_asked
 
     if os.environ.get(POLICY_ENV):  # the daemon runs in /: it gets the path made absolute
         os.environ[POLICY_ENV] = os.path.abspath(os.environ[POLICY_ENV])
+    if not signatures_asked(signature, os.environ):
+        return False
+
+    from kitfs.enforcement import flags_requirement, load_policies, may_require
+    from kitfs.oci.reference import parse_reference
+    from kitfs.signing.policy import policy_name
+
     flags_requirement(signature, MOUNT_FLAGS)
     policies = load_policies(os.environ)
     ref = parse_reference(reference)

@@ -14,7 +14,7 @@ from kitfs.commands.common import (
     signature_flags,
 )
 from kitfs.errors import UsageError
-from kitfs.signing.flags import MOUNT_FLAGS
+from kitfs.signing.flags import MOUNT_FLAGS, signatures_asked
 
 #: kit's deprecated shorthand flags and the filter type each stands for (pkg/cmd/unpack/cmd.go).
 SHORTHANDS = ("kitfile", "model", "datasets", "code", "docs", "prompts")
@@ -57,12 +57,12 @@ def filter_texts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import os
     import sys
 
     import trio
 
     from kitfs.buffers import trim_memory, tune_malloc
-    from kitfs.enforcement import signature_gate
     from kitfs.engine.session import open_kit
     from kitfs.modelkit.filters import FilterSet
     from kitfs.mounts import default_cache_dir
@@ -86,7 +86,11 @@ def run(args: argparse.Namespace) -> int:
     unpacking = UnpackOptions(overwrite=args.overwrite, ignore_existing=args.ignore_existing)
     signature = signature_flags(args)
     # kitfs-init names the settings as its COSIGN_* variables (initcontainer.INIT_NAMES)
-    gate = signature_gate(signature, getattr(args, "signature_names", MOUNT_FLAGS), options)
+    gate = None
+    if signatures_asked(signature, os.environ):
+        from kitfs.enforcement import signature_gate
+
+        gate = signature_gate(signature, getattr(args, "signature_names", MOUNT_FLAGS), options)
     progress = Progress("unpacking", 0)
 
     trim = tune_malloc()  # chunks pass through by the thousand: keep the heap flat
