@@ -222,6 +222,8 @@ async def recheck_registries(clients: Sequence[RegistryClient], interval: float)
                     log.info("registry %s answers again", client.registry)
                 except KitfsError as exc:
                     log.debug("registry %s still failing: %s", client.registry, exc)
+                except Exception:  # a health probe must never take the mount down
+                    log.exception("asking registry %s again failed", client.registry)
 
 
 def _tree_time_ns(inspection: Inspection) -> int:

@@ -44,7 +44,7 @@ from kitfs.signing.policy import (
     policy_name,
     requirement_from_flags,
 )
-from kitfs.signing.refusal import SignatureRefused, most_telling
+from kitfs.signing.refusal import SignatureRefused, first_pass
 from kitfs.signing.trust import FoundSignatures, check_signatures
 from kitfs.signing.verdict import Verdict
 
@@ -107,8 +107,6 @@ class SignatureGate:
     policies: tuple[Policy, ...] = ()
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     passed: list[str] = field(default_factory=list)
-    #: Every digest that passed, in the order checked (the ModelKit, then its parents).
-    checked: list[str] = field(default_factory=list)
 
     def requirements(self, ref: Reference) -> list[Requirement]:
         """What `ref` must carry; PolicyRejected when a policy forbids it outright."""
@@ -122,7 +120,6 @@ class SignatureGate:
         requirements = self.requirements(ref)
         if not requirements:
             log.info("%s: %s is not required to be signed", ref, short(digest))
-            self.checked.append(digest)
             return
         if ref.is_local and not self.environ.get(COSIGN_REPOSITORY_ENV, "").strip():
             raise SignatureError(
@@ -131,11 +128,10 @@ class SignatureGate:
                 f"${COSIGN_REPOSITORY_ENV} to where its signatures are")
         registry, repo = signature_repository(ref, self.environ)
         try:
-            async with RegistryClient(registry, self.options) as client, \
-                    signature_client(client, registry) as target:
-                found = await fetch_signatures(target, repo, digest)
+            async with RegistryClient(registry, self.options) as client:
+                found = await fetch_signatures(client, repo, digest)
                 for requirement in requirements:
-                    verdict = await self._judge(found, digest, requirement, ref, target, repo)
+                    verdict = await self._judge(found, digest, requirement, ref, client, repo)
                     line = verdict.describe() + (
                         "" if verdict.tlog_checked else " [transparency log not checked]")
                     log.info("%s: signature verified (%s): %s", ref, requirement.origin, line)
@@ -145,7 +141,6 @@ class SignatureGate:
         except KitfsError as exc:
             raise SignatureError(f"{ref}: cannot read its signatures from {registry}/{repo} "
                                  f"(signature required): {exc}") from None
-        self.checked.append(digest)
 
     async def _judge(self, found: FoundSignatures, digest: str, requirement: Requirement,
                      ref: Reference, client: RegistryClient, repo: str) -> Verdict:
@@ -194,13 +189,7 @@ class SignatureGate:
 
 
 def _first_trust(found: FoundSignatures, digest: str, requirement: Requirement) -> Verdict:
-    refusals: list[SignatureRefused] = []
-    for trust in requirement.trusts:
-        try:
-            return check_signatures(found, digest, trust)
-        except SignatureRefused as refusal:
-            refusals.append(refusal)
-    raise most_telling(refusals, digest)
+    return first_pass(requirement.trusts, lambda t: check_signatures(found, digest, t), digest)
 
 
 def may_require(flags: SignatureFlags, policies: tuple[Policy, ...]) -> bool:

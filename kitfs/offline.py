@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ class Resolved:
             found = cls(str(doc["reference"]), str(doc["digest"]), str(doc["mediaType"]),
                         float(doc["resolvedAt"]))
             split_digest(found.digest)
+            if not (math.isfinite(found.at) and 0 <= found.at < 1e11):
+                return None  # not a time: the warning naming it could not be written
         except (ValueError, KeyError, TypeError, KitfsError):
             return None
         return found

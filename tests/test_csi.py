@@ -949,6 +949,7 @@ def test_the_mounter_runs_only_daemon_mounts_within_its_bounds(mounter: Mounter,
          "mountpoint": str(tmp_path)},  # the old protocol: a command line
         [good],
         "not json",
+        "[" * 100_000,  # nested past Python's recursion limit
     ]
     for request in refused:
         answer = mounter.ask(request)

@@ -216,6 +216,8 @@ def test_bad_hosts_file_is_one_line_error(tmp_path: Path, text: str, says: str) 
     ('[host."https://m:abc"]\n', "not a valid URL"),
     ('[host."ftp://m"]\n', "not an http(s) URL"),
     ('server = "https://m:99999999"\n', "not a valid URL"),
+    ('[host."https://m".header]\n  x-team = "équipe"\n', "not ASCII"),
+    ('[host."https://m".header]\n  "x team" = "a"\n', "not an HTTP token"),
 ])
 def test_bad_host_urls_are_hosts_errors(text: str, says: str) -> None:
     """HostsError is the CLI's one-line error (above); these were internal errors."""

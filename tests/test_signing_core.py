@@ -759,3 +759,30 @@ def test_bundle_log_entries_must_describe_the_envelope() -> None:
     message = refused(Reason.UNTRUSTED, keyless.verify_bundle_logged, logged(forged),
                       signer.public(), VALID_DIGEST, root)
     assert "another signature" in message
+
+
+def test_a_junk_signature_beside_a_valid_one_does_not_hide_it() -> None:
+    """Anyone who can attach to a digest can attach junk: a bundle whose base64 is not
+    ASCII, a classic layer whose annotations are a list. Each is refused in one line, and
+    the valid signature next to them still passes."""
+    from kitfs.signing.trust import FoundSignatures, Trust, check_signatures
+
+    signer = keys.generate_private_key()
+    good = classic.sign_classic(signer, "r/x", VALID_DIGEST)
+    junk_bundle = json.dumps({
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "dsseEnvelope": {"payload": "é", "payloadType": "x", "signatures": [{"sig": "é"}]},
+    }).encode()
+    junk_layer = classic.ClassicSignature.from_layer(
+        {"mediaType": classic.SIMPLESIGNING_MEDIA_TYPE, "annotations": ["a"]}, b"{}")
+    odd_sig = classic.ClassicSignature.from_layer(
+        {"mediaType": classic.SIMPLESIGNING_MEDIA_TYPE,
+         "annotations": {classic.ANNOTATION_SIGNATURE: "é"}}, good.payload)
+    trust = Trust(key=signer.public(), ignore_tlog=True)
+    found = FoundSignatures(
+        (junk_layer, odd_sig, classic.ClassicSignature.from_layer(good.descriptor, good.payload)),
+        (junk_bundle,))
+    assert check_signatures(found, VALID_DIGEST, trust).format == "classic"
+    with pytest.raises(SignatureRefused):
+        check_signatures(FoundSignatures((junk_layer, odd_sig), (junk_bundle,)), VALID_DIGEST,
+                         trust)

@@ -20,7 +20,7 @@ from kitfs.commands.common import (
     client_options,
     daemon_env,
 )
-from kitfs.csi.mounter import LAUNCH_WAIT
+from kitfs.csi import LAUNCH_WAIT
 from kitfs.errors import UsageError
 from kitfs.units import parse_cache_size
 

@@ -95,8 +95,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     mountpoint = absolute_mountpoint(args.mountpoint)
     options = client_options(args)
     signature = signature_flags(args)
-    verify: VerifyMode = args.verify or (
-        "strict" if _signature_required(args.reference, signature) else "lazy")
+    required = _signature_required(args.reference, signature)  # even with --verify given
+    verify: VerifyMode = args.verify or ("strict" if required else "lazy")
     return MountConfig(
         reference=args.reference, mountpoint=mountpoint,
         cache_dir=absolute_path(args.cache_dir) if args.cache_dir

@@ -14,3 +14,8 @@ from __future__ import annotations
 #: The CSI driver name: reverse-domain, as the spec asks; the CSIDriver object and
 #: every pod's `csi.driver` field name it.
 DRIVER_NAME = "kitfs.kitops.org"
+#: How long the mounter waits for a daemon's ready line (resolving, fetching the
+#: manifest and mounting take seconds) before it stops the daemon; kubelet retries a
+#: publish that fails. `kitfs csi mounter --launch-wait` changes it. Here, not in
+#: mounter.py, so that `kitfs --help` need not import the mounter to show it.
+LAUNCH_WAIT = 300.0

@@ -45,6 +45,7 @@ from types import FrameType
 from typing import Any, get_args
 
 from kitfs.cache.memory import DEFAULT_MEMORY_TIER_BYTES
+from kitfs.csi import LAUNCH_WAIT
 from kitfs.csi.volumes import is_canonical, is_key
 from kitfs.engine.api import PrefetchMode, VerifyMode
 from kitfs.errors import KitfsError, UsageError
@@ -65,7 +66,6 @@ from kitfs.oci.reference import parse_reference
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOCKET = "unix:///run/kitfs/mounter.sock"
 #: The protocol this mounter speaks (see the module's docstring on versions).
 PROTOCOL = 1
 #: A request is a few paths and options: far below this.
@@ -73,10 +73,6 @@ MAX_REQUEST = 1 << 20
 #: For the request to arrive once connected.
 REQUEST_WAIT = 30.0
 CONNECT_WAIT = 10.0
-#: How long the mounter waits for a daemon's ready line (resolving, fetching the
-#: manifest and mounting take seconds) before it stops the daemon; kubelet retries a
-#: publish that fails. `kitfs csi mounter --launch-wait` changes it.
-LAUNCH_WAIT = 300.0
 #: The driver waits this much longer, to read the mounter's own answer at its deadline.
 ANSWER_MARGIN = 30.0
 #: How often the mounter collects daemons that ended (between connections).
@@ -352,7 +348,7 @@ def _answer(conn: socket.socket, children: _Children, bounds: Bounds) -> None:
         raw = _recv_line(conn)
         try:
             request = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Refused("the request is not one line of JSON") from None
         argv, env, mountpoint = check_request(request, bounds)
     except Refused as exc:
@@ -371,6 +367,10 @@ def _serve_one(conn: socket.socket, children: _Children, bounds: Bounds) -> None
             _answer(conn, children, bounds)
         except OSError as exc:
             log.warning("a request failed: %s", exc)
+        except Exception as exc:  # the driver gets an answer, not a hung-up socket
+            log.exception("a request failed")
+            with contextlib.suppress(OSError):
+                conn.sendall(f"error 70 internal error: {type(exc).__name__}\n".encode())
 
 
 def _listen(path: Path) -> socket.socket:

@@ -237,6 +237,10 @@ def _client(value: Any, base_dir: str, where: str) -> tuple[tuple[str, str], ...
     return tuple(pairs)
 
 
+#: RFC 9110 token: what a header name may be.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def _header(value: Any, where: str) -> tuple[tuple[str, str], ...]:
     if value is None:
         return ()
@@ -244,9 +248,12 @@ def _header(value: Any, where: str) -> tuple[tuple[str, str], ...]:
         raise HostsError(f"{where}: header must be a table")
     out: list[tuple[str, str]] = []
     for name, values in value.items():
+        if not _TOKEN.fullmatch(name):
+            raise HostsError(f"{where}: header name {name!r} is not an HTTP token")
         for v in _strings(values, f"{where}: header {name!r}"):
-            if "\n" in v or "\r" in v:
-                raise HostsError(f"{where}: header {name!r} holds a line break")
+            if "\n" in v or "\r" in v or not v.isascii():
+                raise HostsError(f"{where}: header {name!r} holds a line break or a "
+                                 "character that is not ASCII")
             out.append((name, v))
     return tuple(out)
 

@@ -58,7 +58,9 @@ class ClassicSignature:
 
     @classmethod
     def from_layer(cls, descriptor: Mapping[str, Any], blob: bytes) -> ClassicSignature:
-        annotations = descriptor.get("annotations") or {}
+        annotations = descriptor.get("annotations")
+        if not isinstance(annotations, Mapping):
+            annotations = {}
         return cls(
             payload=blob,
             annotations={k: v for k, v in annotations.items() if isinstance(v, str)},
@@ -87,7 +89,7 @@ def verify_classic(sig: ClassicSignature, key: PublicKey, manifest_digest: str) 
         )
     try:
         raw = base64.b64decode(sig.signature_b64, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, and non-ASCII text
         raise SignatureRefused(
             Reason.NOT_A_SIGNATURE, f"{ANNOTATION_SIGNATURE} is not base64"
         ) from None

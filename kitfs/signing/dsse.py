@@ -8,7 +8,6 @@ re-encoding the envelope cannot change what was signed.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ class Envelope:
             )
             if not isinstance(payload_type, str):
                 raise TypeError("payloadType is not a string")
-        except (KeyError, TypeError, AttributeError, binascii.Error) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:  # binascii.Error too
             raise SignatureRefused(
                 Reason.NOT_A_SIGNATURE, f"malformed DSSE envelope ({e})"
             ) from None

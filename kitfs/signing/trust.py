@@ -16,7 +16,7 @@ from kitfs.signing.bundle import parse_bundle, verify_bundle
 from kitfs.signing.classic import ClassicSignature, verify_classic
 from kitfs.signing.keyless import Identity
 from kitfs.signing.keys import PublicKey
-from kitfs.signing.refusal import first_pass
+from kitfs.signing.refusal import Reason, SignatureRefused, first_pass
 from kitfs.signing.trustroot import TrustedRoot
 from kitfs.signing.verdict import Verdict
 
@@ -27,10 +27,6 @@ class FoundSignatures:
 
     classic: tuple[ClassicSignature, ...]
     bundles: tuple[bytes, ...]  # sigstore bundle JSON, as attached
-
-    @property
-    def count(self) -> int:
-        return len(self.classic) + len(self.bundles)
 
 
 @dataclass(frozen=True)
@@ -82,4 +78,15 @@ def check_signatures(found: FoundSignatures, digest: str, trust: Trust) -> Verdi
         *(partial(trust._check_bundle, data, digest) for data in found.bundles),
         *(partial(trust._check_classic, sig, digest) for sig in found.classic),
     ]
-    return first_pass(checks, lambda check: check(), digest)
+    return first_pass(checks, _judged, digest)
+
+
+def _judged(check: Callable[[], Verdict]) -> Verdict:
+    """One signature's verdict; whatever else a signature made by anybody can make the
+    parsers raise is that signature refused, never the end of the search (a junk
+    signature attached beside a valid one must not hide it)."""
+    try:
+        return check()
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise SignatureRefused(Reason.NOT_A_SIGNATURE,
+                               f"malformed signature ({type(exc).__name__}: {exc})") from None
