@@ -620,7 +620,8 @@ def await_daemon(starting: Starting, timeout: float | None = None) -> str:
 
 
 def launch_daemon(argv: Sequence[str], mountpoint: Path,
-                  env: Mapping[str, str] | None = None) -> tuple[str, Path | None]:
+                  env: Mapping[str, str] | None = None,
+                  timeout: float | None = None) -> tuple[str, Path | None]:
     """Start a daemon (spawn_daemon) and wait for its one line (await_daemon), so that a
     caller in another process reads exactly what start_daemon would. The daemon gets
     `env`, or this process's environment (HTTP_PROXY and the like included, so it
@@ -633,7 +634,7 @@ def launch_daemon(argv: Sequence[str], mountpoint: Path,
         starting = spawn_daemon(argv, mountpoint, env)
     except MountError as exc:
         return f"error 1 {exc}", earlier
-    return await_daemon(starting), earlier
+    return await_daemon(starting, timeout), earlier
 
 
 def daemon_result(line: str, mountpoint: Path) -> MountState:
@@ -668,9 +669,11 @@ def _daemon_error(kind: str, message: str) -> KitfsError:
 
 
 def start_daemon(
-    argv: Sequence[str], mountpoint: Path, env: Mapping[str, str] | None = None
+    argv: Sequence[str], mountpoint: Path, env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
 ) -> tuple[MountState, Path | None]:
     """Start a daemon here and return once it is mounted: its state and the earlier log
-    kept (launch_daemon); its failure raised as a MountError."""
-    line, earlier = launch_daemon(argv, mountpoint, env)
+    kept (launch_daemon); its failure raised as a MountError. `timeout`: a daemon silent
+    that long is stopped and that is the failure (None: wait as long as it lives)."""
+    line, earlier = launch_daemon(argv, mountpoint, env, timeout)
     return daemon_result(line, mountpoint), earlier

@@ -480,3 +480,20 @@ def test_cache_scope_node_is_warned_about_at_start(tmp_path: Path) -> None:
         server.terminate()
         server.wait(RPC_JOIN)
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_the_drivers_hosts_dir_reaches_the_mounters_daemons(tmp_path: Path) -> None:
+    """`kitfs csi --hosts-dir` (registry mirrors) goes to daemons the mounter starts too."""
+    from kitfs.csi.mounter import Bounds, check_request, mount_request
+    from kitfs.mounts import MountConfig
+    from kitfs.oci.options import ClientOptions
+
+    key = "0" * 24
+    staging, cache, state = tmp_path / "staging", tmp_path / "cache", tmp_path / "state"
+    config = MountConfig(reference=f"127.0.0.1:5000/org/model:v1@sha256:{'a' * 64}",
+                         mountpoint=staging / key / "mnt", cache_dir=cache,
+                         client=ClientOptions(hosts_dir="/etc/kitfs/certs.d"))
+    request = mount_request(config, key, home=None, verbose=0, env={})
+    argv, _, _ = check_request(request, Bounds(staging_dir=staging, cache_dir=cache,
+                                               state_dir=state))
+    assert argv[argv.index("--hosts-dir") + 1] == "/etc/kitfs/certs.d"

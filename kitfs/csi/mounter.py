@@ -122,7 +122,8 @@ def mount_request(config: MountConfig, key: str, *, home: str | None, verbose: i
             "cache_size": config.cache_size, "timeout": client.read_timeout,
             "tls_verify": client.tls_verify, "plain_http": client.plain_http,
             "ca_file": client.ca_file, "cert_file": client.cert_file,
-            "key_file": client.key_file, "verbose": verbose, "env": allowed_env(env)}
+            "key_file": client.key_file, "hosts_dir": client.hosts_dir,
+            "verbose": verbose, "env": allowed_env(env)}
 
 
 _REQUIRED = object()
@@ -204,6 +205,9 @@ def check_request(request: object, bounds: Bounds) -> tuple[list[str], dict[str,
         ca_file=_path(_get(request, "ca_file", str, None), "ca_file"),
         cert_file=_path(_get(request, "cert_file", str, None), "cert_file"),
         key_file=_path(_get(request, "key_file", str, None), "key_file"),
+        # registry mirrors (hosts.toml): a later, optional field; a mounter without it
+        # reads its own /etc/kitfs/certs.d or $KITFS_HOSTS_DIR
+        hosts_dir=_path(_get(request, "hosts_dir", str, None), "hosts_dir"),
         read_timeout=float(timeout))
     mountpoint = bounds.staging_dir / key / "mnt"
     config = MountConfig(

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import grpc
 import trio
 
-from kitfs.csi import binds, csi_pb2, csi_pb2_grpc
+from kitfs.csi import LAUNCH_WAIT, binds, csi_pb2, csi_pb2_grpc
 from kitfs.csi.codes import CsiError, answer_unimplemented, invalid, rpc
 from kitfs.csi.mounter import mount_request, request_daemon
 from kitfs.csi.volumes import (
@@ -352,7 +352,10 @@ class Node:
         try:
             if self.config.mounter is None:
                 argv = daemon_argv(config, kitops_home=kit_home, verbose=self.config.verbose)
-                state, _ = start_daemon(argv, mountpoint, self.config.daemon_env)
+                # bounded as the mounter bounds it: a daemon that never says ready must
+                # not hold this volume's locks and a publish slot forever
+                state, _ = start_daemon(argv, mountpoint, self.config.daemon_env,
+                                        timeout=LAUNCH_WAIT)
             else:  # fields, not flags: the mounter builds the command line itself
                 env = self.config.daemon_env
                 request = mount_request(config, key, home=kit_home, verbose=self.config.verbose,
