@@ -338,7 +338,7 @@ async def test_referrers_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                           "2026-01-01T00:00:00Z")
         found = await fetch_signatures(client, "org/img", digest)
     assert fake.count("PUT", f"/manifests/{digest.replace(':', '-')}") == 0
-    assert found.count == 1 and not found.classic
+    assert len(found.bundles) == 1 and not found.classic
     verdict = check_signatures(found, digest, Trust(key=key.public(), ignore_tlog=True))
     assert verdict.format == "bundle" and verdict.manifest_digest == digest
 
